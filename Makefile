@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build by default; GPU users: make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast style quality bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/train/debug/dpo_cpu.sh
+
+test: install
+	$(PY) -m pytest -q tests
+
+style: install
+	$(VENV)/bin/ruff format open_instruct tests scripts
+	$(VENV)/bin/ruff check --fix open_instruct tests scripts
+
+quality: install
+	$(VENV)/bin/ruff check open_instruct tests scripts
+	$(VENV)/bin/ruff format --check open_instruct tests scripts
+
+clean:
+	rm -rf $(VENV) .demo output .pytest_cache

@@ -1,0 +1,159 @@
+"""Command-line and YAML parsing for :class:`~open_instruct.config.DPOArguments`.
+
+``prog [config.yaml] [--flag value ...]``: the YAML file (the only positional argument) sets values, flags override it.
+Booleans accept ``--flag``, ``--flag true`` and ``--flag false``. Unknown flags and unknown YAML keys are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from open_instruct.config import DPOArguments, UserError
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def str_to_bool(text: str) -> bool:
+    """Parse a boolean flag value."""
+    lowered = str(text).strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(element type, is_list) of a field annotation such as ``int | None`` or ``list[str]``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(inner[0])
+    if origin is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _optional_number(kind: type):
+    def parse(text: str):
+        if str(text).lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(message)
+
+
+def _alias_map(cls: type = DPOArguments) -> dict[str, str]:
+    """Every accepted name (field names and legacy aliases) -> field name."""
+    names = {}
+    for f in dataclasses.fields(cls):
+        names[f.name] = f.name
+        for alias in f.metadata.get("aliases", ()):
+            names[alias] = f.name
+    return names
+
+
+def build_parser(cls: type = DPOArguments) -> argparse.ArgumentParser:
+    """An argparse parser with one option per dataclass field (plus its aliases)."""
+    parser = _Parser(prog="dpo_tune_cache", allow_abbrev=False, description=cls.__doc__)
+    parser.add_argument("config_file", nargs="?", help="YAML recipe; flags given after it override its values")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, is_list = _base_type(hints[f.name])
+        names = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
+        options: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        if kind is bool:
+            options.update(nargs="?", const=True, type=str_to_bool, metavar="BOOL")
+        elif is_list:
+            options.update(nargs="+", type=kind)
+        elif kind in (int, float):
+            options.update(type=_optional_number(kind))
+        else:
+            options.update(type=str)
+        if "choices" in f.metadata:
+            options["choices"] = f.metadata["choices"]
+        parser.add_argument(*names, **options)
+    return parser
+
+
+def _normalize_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Map aliases to field names, a ``dataset_mixer`` mapping to a mixer list, and reject unknown keys."""
+    names = _alias_map()
+    values: dict[str, Any] = {}
+    unknown = []
+    for key, value in raw.items():
+        if key in ("dataset_mixer", "dataset_eval_mixer"):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: {key} must be a mapping of dataset -> amount")
+            target = "mixer_list" if key == "dataset_mixer" else "eval_mixer_list"
+            values[target] = [str(x) for item in value.items() for x in item]
+            continue
+        if key not in names:
+            unknown.append(key)
+            continue
+        values[names[key]] = value
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
+    return values
+
+
+def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
+    kind, is_list = _base_type(annotation)
+    try:
+        if value is None:
+            return None
+        if is_list:
+            items = value if isinstance(value, list) else str(value).split()
+            return [kind(v) for v in items]
+        if kind is bool:
+            return value if isinstance(value, bool) else str_to_bool(value)
+        if kind in (int, float, str):
+            return kind(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+        raise UserError(f"{source}: {name}: {err}") from err
+    return value
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Field values from a YAML recipe, aliases resolved and types checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of flag names to values")
+    values = _normalize_yaml(raw, str(path))
+    hints = typing.get_type_hints(DPOArguments)
+    return {k: _coerce(v, hints[k], k, str(path)) for k, v in values.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> DPOArguments:
+    """Parse a YAML recipe (optional) and flags into validated-by-type DPOArguments."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if namespace.config_file:
+        values.update(load_yaml_config(namespace.config_file))
+    values.update({k: v for k, v in vars(namespace).items() if k != "config_file"})
+    for name in ("mixer_list", "eval_mixer_list"):
+        if isinstance(values.get(name), str):  # a JSON mapping given on the command line
+            values[name] = [str(x) for item in json.loads(values[name]).items() for x in item]
+    return DPOArguments(**values)

@@ -1,0 +1,229 @@
+"""Every flag of the DPO recipe as one typed dataclass, with its validation.
+
+Flag names follow allenai/open-instruct so existing launch scripts keep working; legacy spellings are listed in each
+field's ``aliases`` metadata and accepted by the command-line and YAML parsers in :mod:`open_instruct.cli`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class UserError(Exception):
+    """A problem with the user's input (flags, files, rows): reported as one line and a non-zero exit."""
+
+
+def _f(default: Any, help: str, aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None) -> Any:
+    meta: dict[str, Any] = {"help": help, "aliases": aliases}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LOSS_TYPES = ("dpo", "dpo_norm", "robust", "ipo", "hinge", "simpo", "wpo")
+SCHEDULERS = ("linear", "cosine", "constant")
+DATASET_FORMATS = ("auto", "messages", "prompt_chosen_rejected", "hh_rlhf", "shp")
+CHAT_TEMPLATES = ("tulu", "zephyr", "chatml", "olmo")
+
+
+def default_reference_cache_dir() -> str:
+    """The reference log-prob cache folder: $REFERENCE_LOGPROBS_CACHE_PATH, else ~/.cache/open_instruct/..."""
+    return os.environ.get(
+        "REFERENCE_LOGPROBS_CACHE_PATH", str(Path.home() / ".cache" / "open_instruct" / "reference_logprobs")
+    )
+
+
+@dataclass
+class DPOArguments:
+    """All settings of one DPO run. Defaults follow the Tulu 3 DPO recipe (dpo_norm, beta 5)."""
+
+    # --- experiment -------------------------------------------------------------------------------------------
+    exp_name: str = _f("dpo", "Name of the run (wandb run name, hub repo name).")
+    seed: int = _f(42, "Random seed for data order, dropout and synthetic data.")
+    output_dir: str = _f("output/dpo", "Where metrics, checkpoints and the final model go.")
+    logging_steps: int = _f(1, "Log metrics every N optimizer steps.")
+    checkpointing_steps: str | None = _f(None, "Save the training state every N optimizer steps, or 'epoch'.")
+    keep_last_n_checkpoints: int = _f(3, "Keep this many step checkpoints (-1: all).")
+    resume_from_checkpoint: str | None = _f(None, "A step_N checkpoint folder to resume from.")
+    skip_nonfinite_batches: int = _f(0, "Tolerate up to N batches with a NaN/Inf loss (skipped and counted).")
+    with_tracking: bool = _f(False, "Log metrics and the config to wandb.", aliases=("report_to_wandb",))
+    wandb_project: str = _f("open_instruct_internal", "wandb project.", aliases=("wandb_project_name",))
+    wandb_entity: str | None = _f(None, "wandb entity (team or user).")
+    push_to_hub: bool = _f(False, "Upload the final model to the Hugging Face Hub.")
+    hf_entity: str | None = _f(None, "Hub user or organisation to push to.")
+    hf_repo_id: str | None = _f(None, "Hub repo id (default: <hf_entity>/<exp_name>).")
+    hf_repo_revision: str | None = _f(None, "Hub branch to push to (created if missing).")
+    hf_repo_private: bool = _f(True, "Create the Hub repo as private.")
+
+    # --- model ------------------------------------------------------------------------------------------------
+    model_name_or_path: str | None = _f(None, "Local folder or hub id of the SFT model.")
+    model_revision: str | None = _f(None, "Model revision (branch, tag or commit) on the hub.")
+    tokenizer_name_or_path: str | None = _f(
+        None, "Tokenizer folder or hub id (default: the model's).", aliases=("tokenizer_name",)
+    )
+    tokenizer_revision: str | None = _f(None, "Tokenizer revision on the hub (default: the model revision).")
+    use_slow_tokenizer: bool = _f(False, "Use the slow (Python) tokenizer instead of the fast one.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub repo to run.")
+    attn_implementation: str | None = _f(
+        None, "Attention kernel: flash_attention_3, flash_attention_2, sdpa or eager (default: best available)."
+    )
+    low_cpu_mem_usage: bool = _f(False, "Load weights without a full extra copy in CPU memory.")
+    additional_model_arguments: str | None = _f(None, "JSON object of extra from_pretrained keyword arguments.")
+    mixed_precision: str | None = _f(
+        None, "no, bf16 or fp16 (default: what accelerate launch says, else no).", choices=("no", "bf16", "fp16")
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward to save memory.")
+    activation_memory_budget: float = _f(1.0, "Below 1.0 turns on gradient checkpointing.")
+    use_liger_kernel: bool = _f(False, "Liger fused kernels (CUDA only; falls back to chunked log-probs on CPU).")
+    use_lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
+    use_qlora: bool = _f(False, "QLoRA: 4-bit NF4 base model (needs CUDA and bitsandbytes).")
+    lora_rank: int = _f(64, "LoRA rank.")
+    lora_alpha: float = _f(16, "LoRA alpha.")
+    lora_dropout: float = _f(0.1, "LoRA dropout.")
+    lora_target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Modules that get adapters."
+    )
+    merge_lora: bool = _f(False, "Also save merged full weights after LoRA training.")
+    load_balancing_loss: bool = _f(False, "Add the MoE router load-balancing loss.")
+    load_balancing_weight: float = _f(0.001, "Weight of the load-balancing loss.")
+
+    # --- data -------------------------------------------------------------------------------------------------
+    mixer_list: list[str] = _f(
+        [], "Pairs of DATASET AMOUNT (fraction with a decimal point, or row count).", aliases=("dataset_mixer_list",)
+    )
+    mixer_list_splits: list[str] = _f(["train"], "Split per dataset (one for all, or one each).",
+                                      aliases=("dataset_mixer_list_splits",))
+    eval_mixer_list: list[str] = _f([], "Evaluation datasets, same form as --mixer_list.",
+                                    aliases=("dataset_mixer_eval_list",))
+    eval_mixer_list_splits: list[str] = _f(["test"], "Split per evaluation dataset.",
+                                           aliases=("dataset_mixer_eval_list_splits",))
+    eval_fraction: float = _f(0.0, "Hold out this fraction of the training mix for evaluation.")
+    eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and at the end).")
+    dataset_format: str = _f("auto", "Row format of every dataset (auto: detected from columns).",
+                             choices=DATASET_FORMATS)
+    skip_invalid_rows: bool = _f(False, "Drop malformed rows with a summary instead of stopping.")
+    chat_template_name: str | None = _f(None, "One of our chat templates instead of the tokenizer's.",
+                                        choices=CHAT_TEMPLATES)
+    add_bos: bool = _f(False, "Prepend the BOS token when the chat template does not.")
+    max_seq_length: int = _f(2048, "Maximum tokens per sequence (prompt + reply).")
+    max_train_samples: int | None = _f(None, "Use at most this many training pairs.")
+    cache_dataset_only: bool = _f(False, "Prepare and cache the tokenized dataset, then exit.")
+    dataset_local_cache_dir: str = _f("local_dataset_cache", "Where prepared (tokenized) datasets are cached.")
+    reference_logprobs_cache_path: str = _f(
+        "", "Folder of the reference log-prob cache (default: $REFERENCE_LOGPROBS_CACHE_PATH or ~/.cache/...)."
+    )
+    packing: bool = _f(False, "Padding-free batches: sequences laid end to end.", aliases=("padding_free",))
+    max_tokens_per_batch: int | None = _f(None, "Token budget per packed micro-batch.")
+    group_by_length: bool = _f(False, "Batch pairs of similar length (padded path).")
+    reference_batch_size: int | None = _f(None, "Batch size of the reference pass (default: 2x training).")
+
+    # --- optimisation -----------------------------------------------------------------------------------------
+    per_device_train_batch_size: int = _f(1, "Pairs per device per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(5e-7, "Peak learning rate.")
+    lr_scheduler_type: str = _f("linear", "Schedule after warmup.", choices=SCHEDULERS)
+    warmup_ratio: float = _f(0.1, "Fraction of optimizer steps spent warming up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(-1.0, "Clip gradients to this norm (<= 0: no clipping).", aliases=("clip_grad_norm",))
+    num_epochs: int = _f(1, "Epochs over the training mix.", aliases=("num_train_epochs",))
+    max_train_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides num_epochs).")
+
+    # --- loss -------------------------------------------------------------------------------------------------
+    loss_type: str = _f("dpo_norm", "Preference loss.", aliases=("dpo_loss_type",), choices=LOSS_TYPES)
+    beta: float = _f(5.0, "DPO beta (inverse temperature).", aliases=("dpo_beta",))
+    label_smoothing: float = _f(0.0, "Conservative DPO / robust: assumed label noise.", aliases=("dpo_label_smoothing",))
+    gamma_beta_ratio: float = _f(0.3, "SimPO target margin divided by beta.", aliases=("dpo_gamma_beta_ratio",))
+    nll_loss_weight: float = _f(0.0, "RPO: weight of the chosen reply's NLL added to the loss.")
+    reference_free: bool = _f(False, "Use a zero reference (skips the reference pass).")
+    separate_forward: bool = _f(False, "Run chosen and rejected in two forwards (less activation memory).",
+                                aliases=("concatenated_forward_false",))
+    logprob_chunk_size: int = _f(1024, "Tokens per chunk of the output projection in the chunked log-probs.")
+
+    # --- distributed ------------------------------------------------------------------------------------------
+    zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (0-3) when no DeepSpeed config is given.")
+    offload_optimizer: bool = _f(False, "ZeRO: offload optimizer state to CPU.")
+    offload_param: bool = _f(False, "ZeRO-3: offload parameters to CPU.")
+    deepspeed_config: str | None = _f(None, "Path of a DeepSpeed JSON config (overrides --zero_stage).")
+    timeout: int = _f(1800, "Seconds before a collective operation times out.")
+
+    def __post_init__(self) -> None:
+        if not self.reference_logprobs_cache_path:
+            self.reference_logprobs_cache_path = default_reference_cache_dir()
+
+    @property
+    def length_normalized(self) -> bool:
+        """Whether the loss compares per-token averages rather than sums of log-probs."""
+        return self.loss_type in ("dpo_norm", "ipo", "simpo")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares against the reference model (else the cache pass is skipped)."""
+        return not self.reference_free and self.loss_type != "simpo"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain values, for the run's config file and the tracker (never holds a token)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# Flags declared above whose behaviour is not built yet. Passing a non-default value is an error, never ignored.
+NOT_YET_SUPPORTED: tuple[str, ...] = (
+    "checkpointing_steps", "resume_from_checkpoint", "skip_nonfinite_batches", "push_to_hub",
+    "use_liger_kernel", "separate_forward", "nll_loss_weight",
+    "use_lora", "use_qlora", "merge_lora", "load_balancing_loss",
+    "eval_mixer_list", "eval_fraction", "eval_steps",
+    "cache_dataset_only", "packing", "max_tokens_per_batch", "group_by_length",
+    "zero_stage", "offload_optimizer", "offload_param", "deepspeed_config",
+)
+
+
+def validate(args: DPOArguments) -> None:
+    """Reject out-of-range or inconsistent settings with one clear message, before any work starts."""
+    problems = []
+    if args.model_name_or_path is None:
+        problems.append("--model_name_or_path is required")
+    if not args.mixer_list and not args.cache_dataset_only:
+        problems.append("--mixer_list is required (pairs of DATASET AMOUNT)")
+    if len(args.mixer_list) % 2:
+        problems.append(f"--mixer_list takes pairs of DATASET AMOUNT, got {len(args.mixer_list)} values")
+    if len(args.eval_mixer_list) % 2:
+        problems.append(f"--eval_mixer_list takes pairs of DATASET AMOUNT, got {len(args.eval_mixer_list)} values")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps",
+                 "num_epochs", "logprob_chunk_size"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_train_steps", "max_train_samples", "reference_batch_size", "max_tokens_per_batch", "eval_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name} must be >= 1, got {value}")
+    if args.learning_rate < 0:
+        problems.append(f"--learning_rate must be >= 0, got {args.learning_rate}")
+    if args.beta <= 0:
+        problems.append(f"--beta must be > 0, got {args.beta}")
+    if not 0.0 <= args.warmup_ratio <= 1.0:
+        problems.append(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    if args.weight_decay < 0:
+        problems.append(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if not 0.0 <= args.label_smoothing < 0.5:
+        problems.append(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if not 0.0 <= args.eval_fraction < 1.0:
+        problems.append(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.nll_loss_weight < 0:
+        problems.append(f"--nll_loss_weight must be >= 0, got {args.nll_loss_weight}")
+    if not 0.0 < args.activation_memory_budget <= 1.0:
+        problems.append(f"--activation_memory_budget must be in (0, 1], got {args.activation_memory_budget}")
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
+            problems.append(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
+    if args.zero_stage is not None and args.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"--zero_stage must be 0, 1, 2 or 3, got {args.zero_stage}")
+    defaults = DPOArguments(reference_logprobs_cache_path="unused")
+    for name in NOT_YET_SUPPORTED:
+        if getattr(args, name) != getattr(defaults, name):
+            problems.append(f"--{name} is not supported yet in this version")
+    if problems:
+        raise UserError("invalid configuration: " + "; ".join(problems))

@@ -1,0 +1,118 @@
+"""Per-sequence log-probabilities of the label tokens, without ever holding full-vocabulary logits by default.
+
+Two implementations with one contract (``sequence_logprobs``):
+- ``full``: the model's own logits, fp32 log-softmax, gather. Simple; memory ``[N, L, V]``. For tests and small vocabs.
+- ``chunked``: the decoder's hidden states at label positions only, times the output embedding in chunks of tokens;
+  each chunk's logits are recomputed in the backward (activation checkpointing), so at most ``[chunk, V]`` logits exist
+  at once. The output layer is called as a module, so ZeRO-3 gathers its (partitioned) weight through its own hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from open_instruct.data.tokenize import IGNORE_INDEX
+
+# Config fields that change logits after the output projection; the chunked path does not apply them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass
+class SequenceLogprobs:
+    """Log-probs of the label tokens: per sequence ``sums``/``counts`` ``[N]``, per token ``token_logps`` ``[T]``."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    token_logps: torch.Tensor
+    token_seq: torch.Tensor
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Average log-prob per label token ``[N]`` (0 for a sequence without labels)."""
+        return self.sums / self.counts.clamp(min=1).to(self.sums.dtype)
+
+
+def unwrap_model(model: Any) -> Any:
+    """The Hugging Face model inside DDP / DeepSpeed / PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def supports_chunked(model: Any) -> bool:
+    """Whether the chunked path reproduces this model's logits (no softcapping or scaling after the head)."""
+    config = unwrap_model(model).config
+    return not any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
+def _targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets ``[N, L-1]`` and their mask."""
+    targets = labels[:, 1:]
+    return targets, targets != IGNORE_INDEX
+
+
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _reduce(token_logps: torch.Tensor, mask: torch.Tensor) -> SequenceLogprobs:
+    n = mask.shape[0]
+    token_seq = torch.arange(n, device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, token_seq, token_logps)
+    return SequenceLogprobs(sums=sums, counts=mask.sum(-1), token_logps=token_logps, token_seq=token_seq)
+
+
+def full_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  **forward_kwargs: Any) -> SequenceLogprobs:
+    """Reference implementation: the whole ``[N, L, V]`` logits, fp32."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs).logits
+    targets, mask = _targets(labels)
+    token_logps = _token_logps(logits[:, :-1][mask], targets[mask])
+    return _reduce(token_logps, mask)
+
+
+def decoder_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          **forward_kwargs: Any) -> torch.Tensor:
+    """Final hidden states ``[N, L, H]`` from the model's decoder, skipping the output projection."""
+    inner = unwrap_model(model)
+    decoder = getattr(inner, inner.base_model_prefix)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
+    return out.last_hidden_state
+
+
+def chunked_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                     chunk_size: int = 1024, **forward_kwargs: Any) -> SequenceLogprobs:
+    """Memory-lean implementation: output projection only at label positions, ``chunk_size`` tokens at a time."""
+    hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
+    targets, mask = _targets(labels)
+    selected = hidden[:, :-1][mask]  # [T, H]
+    selected_targets = targets[mask]  # [T]
+    head = unwrap_model(model).get_output_embeddings()
+
+    def project(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _token_logps(head(h), t)
+
+    pieces = []
+    for start in range(0, selected.shape[0], chunk_size):
+        h, t = selected[start:start + chunk_size], selected_targets[start:start + chunk_size]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(project, h, t, use_reentrant=False))
+        else:
+            pieces.append(project(h, t))
+    token_logps = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
+    return _reduce(token_logps, mask)
+
+
+def sequence_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      impl: str = "chunked", chunk_size: int = 1024, **forward_kwargs: Any) -> SequenceLogprobs:
+    """Log-probs of the label tokens of each row of ``input_ids`` ``[N, L]`` with the chosen implementation."""
+    if impl == "chunked" and supports_chunked(model):
+        return chunked_logprobs(model, input_ids, attention_mask, labels, chunk_size, **forward_kwargs)
+    return full_logprobs(model, input_ids, attention_mask, labels, **forward_kwargs)

@@ -1,0 +1,143 @@
+"""The training loop: micro-batches, accumulation, optimizer steps, metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from open_instruct.logprobs import SequenceLogprobs
+from open_instruct.losses import LossFn, LossSettings, PreferenceLogps
+from open_instruct.reference_cache import ReferenceLogps
+from open_instruct.tracking import MetricsLogger
+
+# Metrics averaged over the pairs of an optimizer step (summed here, divided by the pair count when logged).
+PAIR_METRICS = ("train_loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected",
+                "rewards/average", "rewards/accuracy", "rewards/margin")
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs to know beyond its components."""
+
+    num_epochs: int
+    max_train_steps: int
+    gradient_accumulation_steps: int
+    max_grad_norm: float
+    logging_steps: int
+    length_normalized: bool
+    loss_settings: LossSettings
+
+
+@dataclass
+class StepMetrics:
+    """Sums over the micro-batches of one logging interval."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    pairs: int = 0
+    tokens: int = 0
+
+    def add(self, values: dict[str, torch.Tensor], pairs: int, tokens: int) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.pairs += pairs
+        self.tokens += tokens
+
+
+def policy_logps(lp: SequenceLogprobs, length_normalized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) ``[B]`` from the concatenated forward's ``[2B]`` log-probs."""
+    values = lp.means if length_normalized else lp.sums
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+def preference_step(
+    model: Any, batch: dict[str, torch.Tensor], logprob_fn: Any, loss_fn: LossFn, reference: ReferenceLogps | None,
+    settings: LoopSettings,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one micro-batch (mean over its pairs) and the per-pair metric sums."""
+    lp = logprob_fn(model, batch)
+    chosen, rejected = policy_logps(lp, settings.length_normalized)
+    if reference is None:
+        ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
+    else:
+        ref_chosen, ref_rejected = reference.lookup(batch["index"], settings.length_normalized)
+    out = loss_fn(PreferenceLogps(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype)),
+                  settings.loss_settings)
+    loss = out.losses.mean()
+    metrics = {
+        "train_loss": out.losses.detach().sum(),
+        "logps/chosen": chosen.detach().sum(),
+        "logps/rejected": rejected.detach().sum(),
+    }
+    if out.chosen_rewards is not None:
+        c, r = out.chosen_rewards, out.rejected_rewards
+        metrics.update({
+            "rewards/chosen": c.sum(), "rewards/rejected": r.sum(), "rewards/average": ((c + r) / 2).sum(),
+            "rewards/accuracy": (c > r).float().sum(), "rewards/margin": (c - r).sum(),
+        })
+    return loss, metrics
+
+
+def _reduce_across_ranks(accelerator: Any, interval: StepMetrics) -> tuple[dict[str, float], int, int]:
+    names = sorted(interval.sums)
+    local = torch.tensor([interval.sums[n] for n in names] + [interval.pairs, interval.tokens], dtype=torch.float64,
+                         device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").cpu().tolist()
+    pairs, tokens = int(total[-2]), int(total[-1])
+    return {n: total[i] / max(pairs, 1) for i, n in enumerate(names)}, pairs, tokens
+
+
+def train_loop(
+    accelerator: Any, model: Any, optimizer: Any, scheduler: Any, dataloader: Any, reference: ReferenceLogps | None,
+    logprob_fn: Any, loss_fn: LossFn, settings: LoopSettings, logger: MetricsLogger,
+) -> dict[str, Any]:
+    """Train until ``max_train_steps`` optimizer steps; returns the last logged metrics."""
+    model.train()
+    steps_per_epoch = max(1, math.ceil(len(dataloader) / settings.gradient_accumulation_steps))
+    step, tokens_total, last = 0, 0, {}
+    interval = StepMetrics()
+    start = interval_start = time.perf_counter()
+    bar = tqdm(total=settings.max_train_steps, desc="training", unit="step",
+               disable=not accelerator.is_local_main_process)
+    for epoch in range(settings.num_epochs):
+        if hasattr(dataloader, "set_epoch"):
+            dataloader.set_epoch(epoch)
+        for batch in dataloader:
+            with accelerator.accumulate(model):
+                loss, metrics = preference_step(model, batch, logprob_fn, loss_fn, reference, settings)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and settings.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            interval.add(metrics, pairs=batch["index"].shape[0], tokens=int(batch["attention_mask"].sum()))
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % settings.logging_steps == 0 or step == settings.max_train_steps:
+                averages, _, tokens = _reduce_across_ranks(accelerator, interval)
+                now = time.perf_counter()
+                tokens_total += tokens
+                last = {
+                    "training_step": step,
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "epoch": step / steps_per_epoch,
+                    **averages,
+                    "token_count": tokens_total,
+                    "perf/tokens_per_second_step": tokens / max(now - interval_start, 1e-9),
+                    "perf/tokens_per_second_avg": tokens_total / max(now - start, 1e-9),
+                }
+                logger.log(last)
+                interval, interval_start = StepMetrics(), now
+            if step >= settings.max_train_steps:
+                bar.close()
+                return last
+    bar.close()
+    return last
