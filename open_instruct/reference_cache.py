@@ -127,7 +127,8 @@ def compute(model: Any, dataloader: Any, accelerator: Any, logprob_fn: LogprobFn
     model.eval()
     table = torch.full((rows, 4), float("nan"), dtype=torch.float32)
     start, done = time.perf_counter(), 0
-    bar = tqdm(total=rows, desc="reference log-probs", unit="pair", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=rows, desc="reference log-probs", unit="pair",
+               disable=None if accelerator.is_local_main_process else True)  # None: off when not a terminal
     for batch in dataloader:
         lp = logprob_fn(model, batch)
         half = batch["index"].shape[0]

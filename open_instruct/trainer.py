@@ -103,7 +103,7 @@ def train_loop(
     interval = StepMetrics()
     start = interval_start = time.perf_counter()
     bar = tqdm(total=settings.max_train_steps, desc="training", unit="step",
-               disable=not accelerator.is_local_main_process)
+               disable=None if accelerator.is_local_main_process else True)
     for epoch in range(settings.num_epochs):
         if hasattr(dataloader, "set_epoch"):
             dataloader.set_epoch(epoch)
