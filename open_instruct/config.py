@@ -172,7 +172,6 @@ class DPOArguments:
 
 # Flags declared above whose behaviour is not built yet. Passing a non-default value is an error, never ignored.
 NOT_YET_SUPPORTED: tuple[str, ...] = (
-    "checkpointing_steps", "resume_from_checkpoint", "skip_nonfinite_batches", "push_to_hub",
     "use_liger_kernel", "separate_forward", "nll_loss_weight",
     "use_lora", "use_qlora", "merge_lora", "load_balancing_loss",
     "eval_mixer_list", "eval_fraction", "eval_steps",
@@ -219,6 +218,13 @@ def validate(args: DPOArguments) -> None:
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             problems.append(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
+    if args.skip_nonfinite_batches < 0:
+        problems.append(f"--skip_nonfinite_batches must be >= 0, got {args.skip_nonfinite_batches}")
+    if args.keep_last_n_checkpoints < -1 or args.keep_last_n_checkpoints == 0:
+        problems.append(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {args.keep_last_n_checkpoints}")
+    for name in ("hf_entity", "hf_repo_id", "hf_repo_revision"):
+        if getattr(args, name) is not None and not args.push_to_hub:
+            problems.append(f"--{name} only applies with --push_to_hub")
     if args.zero_stage is not None and args.zero_stage not in (0, 1, 2, 3):
         problems.append(f"--zero_stage must be 0, 1, 2 or 3, got {args.zero_stage}")
     defaults = DPOArguments(reference_logprobs_cache_path="unused")

@@ -53,9 +53,11 @@ def run(args: DPOArguments) -> Path:
     from open_instruct.checkpointing import save_final_model
     from open_instruct.data.collate import PaddedPairCollator
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
+    from open_instruct.hub import push_final_model
     from open_instruct.logprobs import sequence_logprobs
     from open_instruct.losses import LossSettings, get_loss
     from open_instruct.modeling import load_model, load_tokenizer
+    from open_instruct.resume import run_signature, start_or_resume
     from open_instruct.tracking import MetricsLogger
     from open_instruct.trainer import LoopSettings, train_loop
 
@@ -103,19 +105,24 @@ def run(args: DPOArguments) -> Path:
 
     # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash.
     reference = None
+    data_hash = reference_cache.dataset_fingerprint(data.records)
     if args.needs_reference:
         ref_loader = accelerator.prepare_data_loader(DataLoader(
             data.records, batch_size=args.reference_batch_size or 2 * args.per_device_train_batch_size,
             shuffle=False, collate_fn=collate))
         key = reference_cache.fingerprint({
             "model": reference_cache.model_fingerprint(args.model_name_or_path, args.model_revision),
-            "data": reference_cache.dataset_fingerprint(data.records),
+            "data": data_hash,
             "mixed_precision": accelerator.mixed_precision, "logprobs": "v1",
         })
         reference = reference_cache.get_reference(model, ref_loader, accelerator, logprob_fn, len(data.records),
                                                   args.reference_logprobs_cache_path, key)
 
-    # 5. Training.
+    # 5. Training, from the newest complete checkpoint when there is one (after the reference pass: it must see the
+    # untouched weights).
+    logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
+    signature = run_signature(args, len(data.records), data_hash, total_steps, accelerator.num_processes)
+    faults = start_or_resume(args, accelerator, signature, logger)
     if args.with_tracking:
         accelerator.init_trackers(args.wandb_project, config=run_config,
                                   init_kwargs={"wandb": {"name": args.exp_name, "entity": args.wandb_entity}})
@@ -124,12 +131,14 @@ def run(args: DPOArguments) -> Path:
         max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, length_normalized=length_normalized,
         loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio),
     )
-    logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
-    train_loop(accelerator, model, optimizer, scheduler, train_loader, reference, logprob_fn, loss_fn, settings, logger)
+    train_loop(accelerator, model, optimizer, scheduler, train_loader, reference, logprob_fn, loss_fn, settings, logger,
+               faults)
 
     # 6. Final checkpoint in Hugging Face format.
     save_final_model(accelerator, model, tokenizer, output_dir)
     accelerator.print(f"saved the final model to {output_dir}")
+    if args.push_to_hub and accelerator.is_main_process:
+        push_final_model(output_dir, args)
     accelerator.end_training()
     return output_dir
 

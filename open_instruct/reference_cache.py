@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from open_instruct.config import UserError
 from open_instruct.logprobs import SequenceLogprobs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sizes and sha256 recorded
 
 
 @dataclass
@@ -92,29 +92,50 @@ def cache_file(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir).expanduser() / f"{key}.pt"
 
 
+def table_checksum(table: torch.Tensor) -> str:
+    """sha256 of the table's raw bytes (float32, row-major)."""
+    return hashlib.sha256(table.contiguous().to(torch.float32).numpy().tobytes()).hexdigest()
+
+
 def save(path: Path, key: str, reference: ReferenceLogps) -> None:
-    """Write atomically: a temporary name in the same folder, then rename."""
+    """Write atomically (a temporary name in the same folder, then rename), with the key, sizes and a checksum."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = reference.as_tensor()
+    table = reference.as_tensor().to(torch.float32).contiguous()
+    payload = {"version": FORMAT_VERSION, "key": key, "rows": table.shape[0], "columns": table.shape[1],
+               "nbytes": table.numel() * table.element_size(), "sha256": table_checksum(table), "table": table}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"version": FORMAT_VERSION, "key": key, "rows": table.shape[0], "table": table}, tmp)
+    torch.save(payload, tmp)
     os.replace(tmp, path)
 
 
-def load(path: Path, key: str, rows: int) -> ReferenceLogps | None:
-    """The cached values, or None when the file is missing or does not match this key and size."""
+def check(path: Path, key: str, rows: int) -> tuple[ReferenceLogps | None, str]:
+    """(the cached values, "") when the file is whole and matches ``key`` and ``rows``; else (None, what is wrong)."""
     if not path.is_file():
-        return None
+        return None, "missing"
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged file is rebuilt, never used
-        return None
-    if payload.get("version") != FORMAT_VERSION or payload.get("key") != key or payload.get("rows") != rows:
-        return None
-    table = payload["table"]
-    if table.shape != (rows, 4) or not torch.isfinite(table).all():
-        return None
-    return ReferenceLogps.from_tensor(table)
+    except Exception as err:  # truncated or overwritten files fail here in many ways
+        return None, f"unreadable ({type(err).__name__}; truncated or damaged, {path.stat().st_size} bytes)"
+    if not isinstance(payload, dict) or payload.get("version") != FORMAT_VERSION:
+        return None, "written by another version of the cache format"
+    if payload.get("key") != key:
+        return None, "its key does not match this model and data"
+    table = payload.get("table")
+    expected = {"rows": rows, "columns": 4, "nbytes": rows * 4 * 4}
+    found = {"rows": payload.get("rows"), "columns": payload.get("columns"), "nbytes": payload.get("nbytes")}
+    if found != expected or not isinstance(table, torch.Tensor) or tuple(table.shape) != (rows, 4):
+        shape = tuple(table.shape) if isinstance(table, torch.Tensor) else None
+        return None, f"sizes do not match: expected {expected}, recorded {found}, table shape {shape}"
+    if payload.get("sha256") != table_checksum(table):
+        return None, "checksum mismatch (the table was altered or damaged)"
+    if not torch.isfinite(table).all():
+        return None, "holds NaN/Inf values"
+    return ReferenceLogps.from_tensor(table), ""
+
+
+def load(path: Path, key: str, rows: int) -> ReferenceLogps | None:
+    """The cached values, or None when the file is missing, damaged or does not match this key and size."""
+    return check(path, key, rows)[0]
 
 
 LogprobFn = Callable[[Any, dict[str, torch.Tensor]], SequenceLogprobs]
@@ -152,10 +173,12 @@ def get_reference(
 ) -> ReferenceLogps:
     """Load the cache for ``key`` if it is valid, else compute it and let the main process save it."""
     path = cache_file(cache_dir, key)
-    cached = load(path, key, rows)
+    cached, problem = check(path, key, rows)
     if cached is not None:
         accelerator.print(f"reference log-probs: loaded from cache {path}")
         return cached
+    if problem != "missing":
+        accelerator.print(f"warning: reference cache {path} not used: {problem}; rebuilding it")
     accelerator.print(f"reference log-probs: computing ({rows} pairs); cache {path}")
     reference = compute(model, dataloader, accelerator, logprob_fn, rows)
     if accelerator.is_main_process:

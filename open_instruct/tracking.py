@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _row_step(line: str) -> float:
+    """The row's training_step; a line a kill cut short counts as after every step (dropped)."""
+    try:
+        return json.loads(line).get("training_step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
 class MetricsLogger:
     """Writes each metrics dict once, from the main process only."""
 
@@ -48,3 +57,15 @@ class MetricsLogger:
             self.accelerator.print(console_line(row))
         if self.use_wandb:
             self.accelerator.log(row, step=row["training_step"])
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after optimizer step ``step`` (a resumed run logs them again); atomic rewrite."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if _row_step(line) <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from open_instruct.checkpointing import CheckpointPolicy, TrainerState, restore_rng, save_checkpoint
 from open_instruct.logprobs import SequenceLogprobs
 from open_instruct.losses import LossFn, LossSettings, PreferenceLogps
+from open_instruct.nonfinite import NonFiniteGuard
 from open_instruct.reference_cache import ReferenceLogps
 from open_instruct.tracking import MetricsLogger
 
@@ -92,31 +94,64 @@ def _reduce_across_ranks(accelerator: Any, interval: StepMetrics) -> tuple[dict[
     return {n: total[i] / max(pairs, 1) for i, n in enumerate(names)}, pairs, tokens
 
 
+@dataclass
+class FaultTolerance:
+    """Checkpointing, resume and the non-finite guard (all optional): see :mod:`open_instruct.checkpointing`."""
+
+    policy: CheckpointPolicy | None = None
+    resume_state: TrainerState | None = None
+    resume_rng: Any = None
+    guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
+    signature: dict[str, Any] = field(default_factory=dict)
+
+
+def _epoch_loader(accelerator: Any, dataloader: Any, epoch: int, skip: int) -> Any:
+    """The dataloader for ``epoch`` (same seeded order as ever), without its first ``skip`` micro-batches."""
+    if hasattr(dataloader, "set_epoch"):
+        dataloader.set_epoch(epoch)
+    return accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+
+
 def train_loop(
     accelerator: Any, model: Any, optimizer: Any, scheduler: Any, dataloader: Any, reference: ReferenceLogps | None,
     logprob_fn: Any, loss_fn: LossFn, settings: LoopSettings, logger: MetricsLogger,
+    faults: FaultTolerance | None = None,
 ) -> dict[str, Any]:
     """Train until ``max_train_steps`` optimizer steps; returns the last logged metrics."""
+    faults = faults or FaultTolerance()
+    state = faults.resume_state or TrainerState()
+    state.signature = faults.signature
+    faults.guard.skipped = state.nonfinite_skipped
+    pending_rng = faults.resume_rng
     model.train()
     steps_per_epoch = max(1, math.ceil(len(dataloader) / settings.gradient_accumulation_steps))
-    step, tokens_total, last = 0, 0, {}
+    step, tokens_total, last = state.step, state.tokens_total, {}
     interval = StepMetrics()
     start = interval_start = time.perf_counter()
-    bar = tqdm(total=settings.max_train_steps, desc="training", unit="step",
+    bar = tqdm(total=settings.max_train_steps, initial=step, desc="training", unit="step",
                disable=None if accelerator.is_local_main_process else True)
-    for epoch in range(settings.num_epochs):
-        if hasattr(dataloader, "set_epoch"):
-            dataloader.set_epoch(epoch)
-        for batch in dataloader:
+    for epoch in range(state.epoch, settings.num_epochs):
+        if step >= settings.max_train_steps:
+            break
+        seen = state.batches_in_epoch if epoch == state.epoch else 0
+        for batch in _epoch_loader(accelerator, dataloader, epoch, seen):
+            if pending_rng is not None:  # after the resumed iterator drew its seed, as the original run's had
+                restore_rng(pending_rng)
+                pending_rng = None
+            seen += 1
             with accelerator.accumulate(model):
                 loss, metrics = preference_step(model, batch, logprob_fn, loss_fn, reference, settings)
-                accelerator.backward(loss)
+                loss = faults.guard.maybe_inject(loss, step + 1)
+                finite = faults.guard.check(accelerator, loss, batch["index"], step + 1)
+                if finite:
+                    accelerator.backward(loss)
                 if accelerator.sync_gradients and settings.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            interval.add(metrics, pairs=batch["index"].shape[0], tokens=int(batch["attention_mask"].sum()))
+            if finite:
+                interval.add(metrics, pairs=batch["index"].shape[0], tokens=int(batch["attention_mask"].sum()))
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -131,11 +166,20 @@ def train_loop(
                     "epoch": step / steps_per_epoch,
                     **averages,
                     "token_count": tokens_total,
+                    "nonfinite_skipped": faults.guard.skipped,
                     "perf/tokens_per_second_step": tokens / max(now - interval_start, 1e-9),
                     "perf/tokens_per_second_avg": tokens_total / max(now - start, 1e-9),
                 }
                 logger.log(last)
                 interval, interval_start = StepMetrics(), now
+            end_of_epoch = seen >= len(dataloader)
+            if faults.policy is not None and faults.policy.due(step, end_of_epoch):
+                # Logging above always ran at a checkpoint step when logging_steps divides it; otherwise the
+                # interval's sums since the last log are lost on resume, which only affects one logged average.
+                position = (epoch + 1, 0) if end_of_epoch else (epoch, seen)
+                state = TrainerState(step, *position, tokens_total, faults.guard.skipped, faults.signature)
+                path = save_checkpoint(accelerator, model, faults.policy, state)
+                accelerator.print(f"saved checkpoint {path}")
             if step >= settings.max_train_steps:
                 bar.close()
                 return last

@@ -1,0 +1,59 @@
+"""Push the final model to the Hugging Face Hub (``--push_to_hub``).
+
+The token comes from huggingface_hub's usual sources (``HF_TOKEN``, ``hf auth login``); it is never a flag, never
+printed and never written to the run's files. ``HF_ENDPOINT`` points the client at another Hub (tests use a loopback
+server).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from open_instruct.config import DPOArguments, UserError
+
+# What a final checkpoint folder holds besides the model that should not go to the Hub: training state, caches and
+# anything hidden (temporary files).
+IGNORE_PATTERNS = ["step_*", "step_*/**", ".*", "**/.*", "wandb/**", "*.tmp"]
+
+
+def hub_repo_id(args: DPOArguments, whoami: str | None = None) -> str:
+    """``--hf_repo_id`` (``name`` or ``owner/name``, default ``--exp_name``) under ``--hf_entity`` or the token's user."""
+    name = args.hf_repo_id or args.exp_name
+    if "/" in name:
+        return name
+    entity = args.hf_entity or whoami
+    if not entity:
+        raise UserError("--push_to_hub needs --hf_entity or an owner/name --hf_repo_id (or a token to look up the user)")
+    return f"{entity}/{name}"
+
+
+def push_folder(folder: str | Path, repo_id: str, revision: str | None = None, private: bool = True,
+                commit_message: str = "DPO final model") -> str:
+    """Create the repo (and branch) if missing, upload ``folder`` minus training leftovers; returns the web URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=commit_message,
+                          ignore_patterns=IGNORE_PATTERNS)
+    except HfHubHTTPError as err:  # its message names the URL and the status, never the token
+        raise UserError(f"push to the Hub ({repo_id}) failed: {err}") from err
+    url = f"{api.endpoint}/{repo_id}"
+    return f"{url}/tree/{revision}" if revision else url
+
+
+def push_final_model(output_dir: str | Path, args: DPOArguments) -> str:
+    """Upload the final model in ``output_dir`` as the flags say and print its URL."""
+    whoami = None
+    if "/" not in (args.hf_repo_id or "") and not args.hf_entity:
+        from huggingface_hub import HfApi
+
+        whoami = HfApi().whoami()["name"]
+    repo_id = hub_repo_id(args, whoami)
+    url = push_folder(output_dir, repo_id, args.hf_repo_revision, args.hf_repo_private)
+    print(f"pushed the final model to {url}")
+    return url

@@ -1,0 +1,62 @@
+"""Deciding how a run starts: fresh, or exactly where a checkpoint left off (the recipe calls this once).
+
+Test hooks, read here and nowhere else: ``OPEN_INSTRUCT_TEST_CHECKPOINT_DELAY=STEP:SECONDS`` (wait that long between
+writing checkpoint ``step_STEP``'s files and its ``COMPLETED`` marker, so a test can kill the process mid-checkpoint) and
+``OPEN_INSTRUCT_TEST_NAN_AT_STEP`` (see :mod:`open_instruct.nonfinite`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from open_instruct.checkpointing import CheckpointPolicy, load_checkpoint, resolve_resume
+from open_instruct.config import DPOArguments
+from open_instruct.nonfinite import NonFiniteGuard, injected_nan_step
+from open_instruct.tracking import MetricsLogger
+from open_instruct.trainer import FaultTolerance
+
+DELAY_ENV = "OPEN_INSTRUCT_TEST_CHECKPOINT_DELAY"
+
+
+def _test_write_delay() -> tuple[int, float] | None:
+    value = os.environ.get(DELAY_ENV, "").strip()
+    if not value:
+        return None
+    step, seconds = value.split(":")
+    return int(step), float(seconds)
+
+
+def run_signature(args: DPOArguments, num_pairs: int, data_hash: str, total_steps: int, world_size: int) -> dict:
+    """What must not change between a run and its resume for the continuation to be exact."""
+    return {"data": data_hash, "num_pairs": num_pairs, "seed": args.seed, "world_size": world_size,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "total_optimizer_steps": total_steps,
+            "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type,
+            "warmup_ratio": args.warmup_ratio}
+
+
+def start_or_resume(args: DPOArguments, accelerator: Any, signature: dict[str, Any],
+                    logger: MetricsLogger) -> FaultTolerance:
+    """Checkpoint policy, guard, and (when a checkpoint applies) the restored state: weights, optimizer, schedule,
+    sampler, RNG and counters. Call after the reference pass, which must see the untouched weights."""
+    output_dir = Path(args.output_dir)
+    policy = None
+    if args.checkpointing_steps:
+        policy = CheckpointPolicy.from_flag(output_dir, args.checkpointing_steps, args.keep_last_n_checkpoints,
+                                            _test_write_delay())
+    faults = FaultTolerance(policy=policy, signature=signature,
+                            guard=NonFiniteGuard(args.skip_nonfinite_batches, injected_nan_step()))
+    path, notes = resolve_resume(output_dir, args.resume_from_checkpoint)
+    if notes:
+        accelerator.print(notes)
+    if path is None:
+        logger.truncate_after(0)  # a fresh start: an earlier attempt's rows would duplicate steps
+        return faults
+    faults.resume_state, faults.resume_rng = load_checkpoint(accelerator, path, signature)
+    # Rows logged after this checkpoint (before the kill) are logged again by the resumed run: drop them.
+    logger.truncate_after(faults.resume_state.step)
+    accelerator.print(f"resumed at optimizer step {faults.resume_state.step} (epoch {faults.resume_state.epoch}, "
+                      f"{faults.resume_state.batches_in_epoch} micro-batches into it)")
+    return faults
