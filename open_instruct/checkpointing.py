@@ -193,7 +193,8 @@ def model_is_finite(accelerator: Any, model: Any) -> bool:
     """Whether every parameter on every rank is finite (ZeRO shards are checked where they live)."""
     bad = torch.zeros(1, device=accelerator.device)
     for param in model.parameters():
-        if param.numel() and not torch.isfinite(param.detach()).all():
+        data = getattr(param, "ds_tensor", param).detach()  # ZeRO-3: this rank's shard
+        if data.numel() and not torch.isfinite(data).all():
             bad += 1
             break
     return float(accelerator.reduce(bad, reduction="sum")) == 0
@@ -207,7 +208,7 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, output_dir: s
     """
     output_dir = Path(output_dir)
     if not model_is_finite(accelerator, model):
-        raise RuntimeError("the trained model has NaN/Inf weights; the final model was not written")
+        raise UserError("the trained model has NaN/Inf weights; the final model was not written")
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = output_dir / ".final_model.tmp"

@@ -41,6 +41,11 @@ def start_or_resume(args: DPOArguments, accelerator: Any, signature: dict[str, A
                     logger: MetricsLogger) -> FaultTolerance:
     """Checkpoint policy, guard, and (when a checkpoint applies) the restored state: weights, optimizer, schedule,
     sampler, RNG and counters. Call after the reference pass, which must see the untouched weights."""
+    from accelerate.utils import set_seed
+
+    # Training's random streams (dropout) must not depend on whether the reference pass ran or came from the cache:
+    # its data iterator draws from the global generator. A resume then restores the checkpoint's streams.
+    set_seed(args.seed)
     output_dir = Path(args.output_dir)
     policy = None
     if args.checkpointing_steps:

@@ -134,8 +134,11 @@ def train_loop(
         if step >= settings.max_train_steps:
             break
         seen = state.batches_in_epoch if epoch == state.epoch else 0
+        if pending_rng is not None and seen == 0:  # saved at an epoch's end: before this epoch's iterator, as then
+            restore_rng(pending_rng)
+            pending_rng = None
         for batch in _epoch_loader(accelerator, dataloader, epoch, seen):
-            if pending_rng is not None:  # after the resumed iterator drew its seed, as the original run's had
+            if pending_rng is not None:  # saved mid-epoch: after the iterator drew its seed, as the original's had
                 restore_rng(pending_rng)
                 pending_rng = None
             seen += 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,13 +21,25 @@ from open_instruct.checkpointing import COMPLETED
 pytestmark = pytest.mark.slow
 
 # 64 pairs, 8 per micro-batch, 2 micro-batches per step, 2 epochs: 4 steps per epoch, 8 in all. Checkpoints at steps
-# 3 (mid epoch 0) and 6 (mid epoch 1), so a resume from step 3 skips into an epoch and then crosses an epoch boundary.
-RUN = {"gradient_accumulation_steps": "2", "num_epochs": "2", "checkpointing_steps": "3",
+# 2 and 6 (mid-epoch: the resume skips into an epoch, then crosses a boundary) and 4 (an epoch's end). The model has
+# attention dropout, so equal losses also show that the random streams continue exactly.
+RUN = {"gradient_accumulation_steps": "2", "num_epochs": "2", "checkpointing_steps": "2",
        "keep_last_n_checkpoints": "-1", "loss_type": "dpo"}
 
 
-def _args(tiny_model_dir: Path, synthetic_data, out: Path, **extra) -> list[str]:
-    return small_run_args(tiny_model_dir, synthetic_data[0], out, **{**RUN, **extra})
+@pytest.fixture(scope="module")
+def dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with attention dropout 0.1 (a copy)."""
+    path = tmp_path_factory.mktemp("dropout") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["attention_dropout"] = 0.1
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _args(model_dir: Path, synthetic_data, out: Path, **extra) -> list[str]:
+    return small_run_args(model_dir, synthetic_data[0], out, **{**RUN, **extra})
 
 
 def _popen(args: list[str], cache: Path, **env_extra) -> subprocess.Popen:
@@ -59,12 +73,13 @@ def _losses(out: Path) -> dict[int, tuple[float, float]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, synthetic_data, tmp_path_factory) -> tuple[Path, Path]:
+def uninterrupted(dropout_model_dir, synthetic_data, tmp_path_factory) -> tuple[Path, Path]:
     """(output dir, reference cache dir) of the run nothing interrupts."""
     out, cache = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("cache")
-    result = run_cli(_args(tiny_model_dir, synthetic_data, out), cache)
+    result = run_cli(_args(dropout_model_dir, synthetic_data, out), cache)
     assert result.returncode == 0, result.stderr
     assert sorted(_losses(out)) == list(range(1, 9))
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_2", "step_4", "step_6", "step_8"]
     return out, cache
 
 
@@ -80,13 +95,13 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
-def test_kill_after_checkpoint_then_rerun_matches_uninterrupted(tiny_model_dir, synthetic_data, uninterrupted,
+def test_kill_after_checkpoint_then_rerun_matches_uninterrupted(dropout_model_dir, synthetic_data, uninterrupted,
                                                                tmp_path):
     reference_out, cache = uninterrupted
     out = tmp_path / "run"
-    args = _args(tiny_model_dir, synthetic_data, out)
+    args = _args(dropout_model_dir, synthetic_data, out)
     proc = _popen(args, cache)
-    _kill_when(proc, lambda: (out / "step_3" / COMPLETED).is_file())
+    _kill_when(proc, lambda: (out / "step_2" / COMPLETED).is_file())
     assert not (out / "model.safetensors").exists()
     result = run_cli(args, cache)  # the same command again
     assert result.returncode == 0, result.stderr
@@ -94,28 +109,28 @@ def test_kill_after_checkpoint_then_rerun_matches_uninterrupted(tiny_model_dir, 
     _assert_same_run(out, reference_out)
 
 
-def test_kill_during_checkpoint_write_resumes_from_the_one_before(tiny_model_dir, synthetic_data, uninterrupted,
+def test_kill_during_checkpoint_write_resumes_from_the_one_before(dropout_model_dir, synthetic_data, uninterrupted,
                                                                  tmp_path):
     reference_out, cache = uninterrupted
     out = tmp_path / "run"
-    args = _args(tiny_model_dir, synthetic_data, out)
+    args = _args(dropout_model_dir, synthetic_data, out)
     # The test hook holds step_6's COMPLETED marker back for 10 minutes: the kill lands mid-checkpoint every time.
     proc = _popen(args, cache, OPEN_INSTRUCT_TEST_CHECKPOINT_DELAY="6:600")
     _kill_when(proc, lambda: (out / "step_6" / "trainer_state.json").is_file())
-    assert (out / "step_3" / COMPLETED).is_file() and not (out / "step_6" / COMPLETED).exists()
+    assert (out / "step_4" / COMPLETED).is_file() and not (out / "step_6" / COMPLETED).exists()
     assert [r["training_step"] for r in read_metrics(out)][-1] == 6  # steps 4-6 logged before the kill
     result = run_cli(args, cache)
     assert result.returncode == 0, result.stderr
     assert f"ignoring incomplete checkpoint {out / 'step_6'}" in result.stdout
-    assert f"resuming from {out / 'step_3'}" in result.stdout
+    assert f"resuming from {out / 'step_4'}" in result.stdout  # an epoch's end
     _assert_same_run(out, reference_out)
     assert (out / "step_6" / COMPLETED).is_file()  # rewritten whole by the resumed run
 
 
-def test_resume_with_changed_batch_settings_is_refused(tiny_model_dir, synthetic_data, uninterrupted, tmp_path):
+def test_resume_with_changed_batch_settings_is_refused(dropout_model_dir, synthetic_data, uninterrupted, tmp_path):
     reference_out, cache = uninterrupted
-    args = _args(tiny_model_dir, synthetic_data, tmp_path / "x", per_device_train_batch_size="4",
-                 resume_from_checkpoint=str(reference_out / "step_3"))
+    args = _args(dropout_model_dir, synthetic_data, tmp_path / "x", per_device_train_batch_size="4",
+                 resume_from_checkpoint=str(reference_out / "step_2"))
     result = run_cli(args, cache)
     assert result.returncode == 2
     assert "cannot resume exactly" in result.stderr and "per_device_train_batch_size: checkpoint 8 vs now 4" in \
@@ -133,7 +148,7 @@ def test_kill_during_reference_pass_leaves_no_cache(tiny_model_dir, synthetic_da
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not cache.exists() or list(cache.iterdir()) == [], "a killed reference pass left a file behind"
-    result = run_cli(args, cache)
+    result = run_cli([*args, "--reference_batch_size", "64"], cache)  # same cache key, faster pass
     assert result.returncode == 0, result.stderr
     assert "reference log-probs: computing" in result.stdout
     files = list(cache.iterdir())
