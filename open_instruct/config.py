@@ -176,7 +176,7 @@ NOT_YET_SUPPORTED: tuple[str, ...] = (
     "use_liger_kernel", "separate_forward", "nll_loss_weight",
     "use_lora", "use_qlora", "merge_lora", "load_balancing_loss",
     "eval_mixer_list", "eval_fraction", "eval_steps",
-    "cache_dataset_only", "packing", "max_tokens_per_batch", "group_by_length",
+    "packing", "max_tokens_per_batch", "group_by_length",
     "zero_stage", "offload_optimizer", "offload_param", "deepspeed_config",
 )
 
@@ -184,9 +184,9 @@ NOT_YET_SUPPORTED: tuple[str, ...] = (
 def validate(args: DPOArguments) -> None:
     """Reject out-of-range or inconsistent settings with one clear message, before any work starts."""
     problems = []
-    if args.model_name_or_path is None:
-        problems.append("--model_name_or_path is required")
-    if not args.mixer_list and not args.cache_dataset_only:
+    if args.model_name_or_path is None and not (args.cache_dataset_only and args.tokenizer_name_or_path):
+        problems.append("--model_name_or_path is required (--cache_dataset_only needs only --tokenizer_name_or_path)")
+    if not args.mixer_list:
         problems.append("--mixer_list is required (pairs of DATASET AMOUNT)")
     if len(args.mixer_list) % 2:
         problems.append(f"--mixer_list takes pairs of DATASET AMOUNT, got {len(args.mixer_list)} values")

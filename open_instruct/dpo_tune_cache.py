@@ -53,6 +53,7 @@ def run(args: DPOArguments) -> Path:
     from open_instruct.checkpointing import save_final_model
     from open_instruct.data.collate import PaddedPairCollator
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
+    from open_instruct.data.statistics import format_summary
     from open_instruct.logprobs import sequence_logprobs
     from open_instruct.losses import LossSettings, get_loss
     from open_instruct.modeling import load_model, load_tokenizer
@@ -68,11 +69,14 @@ def run(args: DPOArguments) -> Path:
 
     # 2. Tokenizer and data: every row is checked before the model is loaded.
     tokenizer = load_tokenizer(args)
-    data = prepare_preference_data(args, tokenizer)
-    accelerator.print(f"data: {data.statistics['kept']} pairs kept, dropped {data.statistics['dropped'] or 'none'}, "
-                      f"{data.statistics['truncated']} truncated")
+    with accelerator.main_process_first():  # the main process prepares and caches; the others load its cache
+        data = prepare_preference_data(args, tokenizer)
+    accelerator.print(format_summary(data.statistics))
     if accelerator.is_main_process:
         write_statistics(data.statistics, output_dir)
+    if args.cache_dataset_only:
+        accelerator.print(f"--cache_dataset_only: prepared data cached at {data.statistics['cache']['path']}")
+        return output_dir
 
     # 3. Model, optimizer, schedule, dataloaders, under accelerate (DeepSpeed ZeRO when configured).
     model = load_model(args, tokenizer)
