@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,16 @@ def save(cache_dir: str | Path, key: str, train: list[dict], evaluation: list[di
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    datasets.Dataset.from_list(train).save_to_disk(str(tmp / "train"))
-    if evaluation:
-        datasets.Dataset.from_list(evaluation).save_to_disk(str(tmp / "eval"))
+    quiet = not sys.stderr.isatty() and not datasets.are_progress_bars_disabled()  # bars only on terminals
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        datasets.Dataset.from_list(train).save_to_disk(str(tmp / "train"))
+        if evaluation:
+            datasets.Dataset.from_list(evaluation).save_to_disk(str(tmp / "eval"))
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
     (tmp / "statistics.json").write_text(json.dumps(stats, indent=2, default=str))
     old = path.with_name(f".{key}.{os.getpid()}.old")
     if path.exists():
