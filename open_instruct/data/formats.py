@@ -197,4 +197,9 @@ def missing_columns(columns: list[str], format_name: str) -> list[str]:
 
 def normalize(row: dict[str, Any], format_name: str, notes: Counter | None = None) -> Pair:
     """One raw row in the named format -> the normal form (raises RowError); repairs are counted in ``notes``."""
-    return FORMATS[format_name][0](row, notes)
+    parser, required = FORMATS[format_name]
+    missing = [name for name in required if name not in row]
+    if missing:
+        raise RowError(MISSING_FIELD, f"missing field(s) {', '.join(missing)}; found {', '.join(sorted(row)) or 'none'}; "
+                       f"expected {', '.join(required)}")
+    return parser(row, notes)

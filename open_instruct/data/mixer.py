@@ -16,7 +16,9 @@ from typing import Any
 
 from open_instruct.config import UserError
 from open_instruct.data.formats import FORMATS, RowError, detect_format, missing_columns, normalize
-from open_instruct.data.sources import load_rows
+from open_instruct.data.sources import LOCAL_SUFFIXES, load_rows
+
+__all__ = ["LOCAL_SUFFIXES", "MixEntry", "build_mix", "build_train_eval_mix", "parse_mixer_list"]
 
 
 @dataclass(frozen=True)

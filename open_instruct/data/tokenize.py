@@ -77,6 +77,17 @@ def _prompt_length(ids: list[int], offsets: list[tuple[int, int]] | None, bounda
     return n
 
 
+def tokenize_side(
+    tokenizer: Any, prompt: list[dict[str, str]], reply: list[dict[str, str]], add_bos: bool
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one prompt + reply, labels IGNORE_INDEX outside the reply; no length limit."""
+    pair = {"index": 0, "prompt": prompt, "chosen": reply, "rejected": reply}
+    records, _ = tokenize_pairs(tokenizer, [pair], max_seq_length=1 << 62, add_bos=add_bos)
+    if not records:
+        raise UserError("the reply renders to no tokens")
+    return records[0]["chosen_input_ids"], records[0]["chosen_labels"]
+
+
 def tokenize_pairs(
     tokenizer: Any, pairs: list[dict[str, Any]], max_seq_length: int, add_bos: bool = False
 ) -> tuple[list[dict[str, Any]], TokenizeStats]:
