@@ -25,8 +25,9 @@ from open_instruct.config import DPOArguments, UserError, validate
 def preflight(args: DPOArguments) -> None:
     """Cheap checks of every input path, before any process group, model or dataset is touched."""
     from open_instruct.data.mixer import LOCAL_SUFFIXES
-    from open_instruct.modeling import check_model_path
+    from open_instruct.modeling import check_model_options, check_model_path
 
+    check_model_options(args)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
     check_model_path(args.model_name_or_path, "model")
     check_model_path(args.tokenizer_name_or_path, "tokenizer")
     for name in args.mixer_list[0::2] + args.eval_mixer_list[0::2]:
@@ -69,13 +70,12 @@ def run(args: DPOArguments) -> Path:
     from open_instruct.logprobs import sequence_logprobs
     from open_instruct.lora import adapters_disabled
     from open_instruct.losses import LossSettings, get_loss
-    from open_instruct.modeling import check_model_options, load_model, load_tokenizer, reference_identity
+    from open_instruct.modeling import load_model, load_tokenizer, reference_identity
     from open_instruct.tracking import MetricsLogger
     from open_instruct.trainer import LoopSettings, train_loop
 
     # 1. Config, seed, accelerator.
     loss_fn, length_normalized = get_loss(args.loss_type)
-    check_model_options(args)
     accelerator = build_accelerator(args)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
