@@ -107,10 +107,9 @@ def merged_model(peft_model: Any, state_dict: dict[str, torch.Tensor]) -> Any:
         raise RuntimeError(f"merging LoRA: weights missing from the saved state: {meta_left[:5]}")
     if unexpected:
         raise RuntimeError(f"merging LoRA: unexpected weights in the saved state: {unexpected[:5]}")
-    merged = skeleton.merge_and_unload()
-    if getattr(config, "tie_word_embeddings", False):
-        merged.tie_weights()
-    return merged
+    if getattr(config, "tie_word_embeddings", False):  # assign=True loaded the two names as separate tensors
+        skeleton.get_base_model().tie_weights()
+    return skeleton.merge_and_unload()
 
 
 def save_lora_model(accelerator: Any, model: Any, tokenizer: Any, output_dir: str | Path, merge: bool) -> Path:

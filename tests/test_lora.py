@@ -156,3 +156,25 @@ def test_lora_cli_run_saves_adapter_and_merged_model(tiny_model_dir, synthetic_d
     for name, value in original.items():
         targeted = any(f".{t}." in name for t in TARGETS)
         assert torch.equal(saved[name], value) != targeted, name  # only adapted modules moved
+
+
+def test_merged_save_keeps_tied_embeddings(tmp_path):
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from open_instruct.data.synthetic import build_tokenizer
+    from open_instruct.lora import LoraSettings, apply_lora, save_lora_model
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = apply_lora(LlamaForCausalLM(config), LoraSettings(rank=4, dropout=0.0))
+    _randomize_adapters(model)
+    save_lora_model(Accelerator(cpu=True), model, tokenizer, tmp_path, merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.model.embed_tokens.weight
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(full_logprobs(merged, **batch).sums, full_logprobs(model.eval(), **batch).sums,
+                                   rtol=1e-4, atol=1e-4)
