@@ -62,9 +62,12 @@ def apply_lora(model: Any, settings: LoraSettings) -> Any:
 
 def find_peft_model(model: Any) -> Any | None:
     """The ``PeftModel`` inside DDP / DeepSpeed wrappers, or None when the model has no adapters."""
-    while hasattr(model, "module") and not hasattr(model, "disable_adapter"):
+    from peft import PeftModel
+
+    # isinstance, not hasattr: DeepSpeedEngine forwards unknown attributes to the module it wraps.
+    while not isinstance(model, PeftModel) and hasattr(model, "module"):
         model = model.module
-    return model if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else None
+    return model if isinstance(model, PeftModel) else None
 
 
 def describe(model: Any) -> str:
