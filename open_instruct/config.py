@@ -72,7 +72,9 @@ class DPOArguments:
     attn_implementation: str | None = _f(
         None, "Attention kernel: flash_attention_3, flash_attention_2, sdpa or eager (default: best available)."
     )
-    low_cpu_mem_usage: bool = _f(False, "Load weights without a full extra copy in CPU memory.")
+    low_cpu_mem_usage: bool = _f(
+        False, "Load weights without a full extra copy in CPU memory (always the case with transformers >= 5)."
+    )
     additional_model_arguments: str | None = _f(None, "JSON object of extra from_pretrained keyword arguments.")
     mixed_precision: str | None = _f(
         None, "no, bf16 or fp16 (default: what accelerate launch says, else no).", choices=("no", "bf16", "fp16")
@@ -81,14 +83,15 @@ class DPOArguments:
     activation_memory_budget: float = _f(1.0, "Below 1.0 turns on gradient checkpointing.")
     use_liger_kernel: bool = _f(False, "Liger fused kernels (CUDA only; falls back to chunked log-probs on CPU).")
     use_lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
-    use_qlora: bool = _f(False, "QLoRA: 4-bit NF4 base model (needs CUDA and bitsandbytes).")
+    use_qlora: bool = _f(False, "QLoRA: LoRA on a 4-bit NF4 base model (needs CUDA and bitsandbytes; implies LoRA).")
     lora_rank: int = _f(64, "LoRA rank.")
     lora_alpha: float = _f(16, "LoRA alpha.")
     lora_dropout: float = _f(0.1, "LoRA dropout.")
     lora_target_modules: list[str] = _f(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Modules that get adapters."
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module-name suffixes that get adapters (or all-linear)."
     )
-    merge_lora: bool = _f(False, "Also save merged full weights after LoRA training.")
+    merge_lora: bool = _f(False, "Also save merged full weights (into <output_dir>/merged) after LoRA training.")
     load_balancing_loss: bool = _f(False, "Add the MoE router load-balancing loss.")
     load_balancing_weight: float = _f(0.001, "Weight of the load-balancing loss.")
 
@@ -174,11 +177,31 @@ class DPOArguments:
 NOT_YET_SUPPORTED: tuple[str, ...] = (
     "checkpointing_steps", "resume_from_checkpoint", "skip_nonfinite_batches", "push_to_hub",
     "use_liger_kernel", "separate_forward", "nll_loss_weight",
-    "use_lora", "use_qlora", "merge_lora", "load_balancing_loss",
     "eval_mixer_list", "eval_fraction", "eval_steps",
     "packing", "max_tokens_per_batch", "group_by_length",
     "zero_stage", "offload_optimizer", "offload_param", "deepspeed_config",
 )
+
+
+def _model_option_problems(args: DPOArguments) -> list[str]:
+    """Inconsistent LoRA / MoE / model-loading flags."""
+    problems = []
+    if args.lora_rank < 1:
+        problems.append(f"--lora_rank must be >= 1, got {args.lora_rank}")
+    if args.lora_alpha <= 0:
+        problems.append(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not args.lora_target_modules:
+        problems.append("--lora_target_modules needs at least one module name")
+    if args.merge_lora and not (args.use_lora or args.use_qlora):
+        problems.append("--merge_lora needs --use_lora")
+    if args.merge_lora and args.use_qlora:
+        problems.append("--merge_lora with --use_qlora is not supported (the base is 4-bit): merge the saved adapter "
+                        "into a bf16 copy of the base model with peft's merge_and_unload")
+    if args.load_balancing_weight < 0:
+        problems.append(f"--load_balancing_weight must be >= 0, got {args.load_balancing_weight}")
+    return problems
 
 
 def validate(args: DPOArguments) -> None:
@@ -219,6 +242,7 @@ def validate(args: DPOArguments) -> None:
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             problems.append(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
+    problems.extend(_model_option_problems(args))
     if args.zero_stage is not None and args.zero_stage not in (0, 1, 2, 3):
         problems.append(f"--zero_stage must be 0, 1, 2 or 3, got {args.zero_stage}")
     defaults = DPOArguments(reference_logprobs_cache_path="unused")

@@ -25,8 +25,9 @@ from open_instruct.config import DPOArguments, UserError, validate
 def preflight(args: DPOArguments) -> None:
     """Cheap checks of every input path, before any process group, model or dataset is touched."""
     from open_instruct.data.sources import is_data_file
-    from open_instruct.modeling import check_model_path
+    from open_instruct.modeling import check_model_options, check_model_path
 
+    check_model_options(args)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
     check_model_path(args.model_name_or_path, "model")
     check_model_path(args.tokenizer_name_or_path, "tokenizer")
     for name in args.mixer_list[0::2] + args.eval_mixer_list[0::2]:
@@ -68,8 +69,9 @@ def run(args: DPOArguments) -> Path:
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
     from open_instruct.data.statistics import format_summary
     from open_instruct.logprobs import sequence_logprobs
+    from open_instruct.lora import adapters_disabled
     from open_instruct.losses import LossSettings, get_loss
-    from open_instruct.modeling import load_model, load_tokenizer
+    from open_instruct.modeling import load_model, load_tokenizer, reference_identity
     from open_instruct.tracking import MetricsLogger
     from open_instruct.trainer import LoopSettings, train_loop
 
@@ -92,8 +94,9 @@ def run(args: DPOArguments) -> Path:
         return output_dir
 
     # 3. Model, optimizer, schedule, dataloaders, under accelerate (DeepSpeed ZeRO when configured).
-    model = load_model(args, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    model = load_model(args, tokenizer, log=accelerator.print)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     collate = PaddedPairCollator(tokenizer.pad_token_id)
     train_loader = DataLoader(data.records, batch_size=args.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)
@@ -126,11 +129,13 @@ def run(args: DPOArguments) -> Path:
             shuffle=False, collate_fn=collate))
         key = reference_cache.fingerprint({
             "model": reference_cache.model_fingerprint(args.model_name_or_path, args.model_revision),
+            "model_options": reference_identity(args, model),
             "data": reference_cache.dataset_fingerprint(data.records),
             "mixed_precision": accelerator.mixed_precision, "logprobs": "v1",
         })
-        reference = reference_cache.get_reference(model, ref_loader, accelerator, logprob_fn, len(data.records),
-                                                  args.reference_logprobs_cache_path, key)
+        with adapters_disabled(model):  # LoRA: the reference is the base model
+            reference = reference_cache.get_reference(model, ref_loader, accelerator, logprob_fn,
+                                                      len(data.records), args.reference_logprobs_cache_path, key)
 
     # 5. Training.
     if args.with_tracking:
@@ -140,12 +145,13 @@ def run(args: DPOArguments) -> Path:
         num_epochs=num_epochs, max_train_steps=total_steps, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, length_normalized=length_normalized,
         loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio),
+        load_balancing_weight=args.load_balancing_weight if args.load_balancing_loss else None,
     )
     logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
     train_loop(accelerator, model, optimizer, scheduler, train_loader, reference, logprob_fn, loss_fn, settings, logger)
 
     # 6. Final checkpoint in Hugging Face format.
-    save_final_model(accelerator, model, tokenizer, output_dir)
+    save_final_model(accelerator, model, tokenizer, output_dir, merge_lora=args.merge_lora)
     accelerator.print(f"saved the final model to {output_dir}")
     accelerator.end_training()
     return output_dir

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from open_instruct.logprobs import SequenceLogprobs
 from open_instruct.losses import LossFn, LossSettings, PreferenceLogps
+from open_instruct.moe import capture_router_logits
 from open_instruct.reference_cache import ReferenceLogps
 from open_instruct.tracking import MetricsLogger
 
@@ -31,6 +32,7 @@ class LoopSettings:
     logging_steps: int
     length_normalized: bool
     loss_settings: LossSettings
+    load_balancing_weight: float | None = None  # set: add the MoE router load-balancing loss, log it as aux_loss
 
 
 @dataclass
@@ -60,7 +62,8 @@ def preference_step(
     settings: LoopSettings,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch (mean over its pairs) and the per-pair metric sums."""
-    lp = logprob_fn(model, batch)
+    with capture_router_logits(model, enabled=settings.load_balancing_weight is not None) as router:
+        lp = logprob_fn(model, batch)
     chosen, rejected = policy_logps(lp, settings.length_normalized)
     if reference is None:
         ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
@@ -80,6 +83,10 @@ def preference_step(
             "rewards/chosen": c.sum(), "rewards/rejected": r.sum(), "rewards/average": ((c + r) / 2).sum(),
             "rewards/accuracy": (c > r).float().sum(), "rewards/margin": (c - r).sum(),
         })
+    aux_loss = router.aux_loss()
+    if aux_loss is not None:
+        loss = loss + settings.load_balancing_weight * aux_loss
+        metrics["aux_loss"] = aux_loss.detach() * chosen.shape[0]  # a per-pair sum, like the other metrics
     return loss, metrics
 
 
