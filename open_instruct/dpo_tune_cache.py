@@ -54,6 +54,7 @@ def run(args: DPOArguments) -> Path:
     from open_instruct.data.collate import PaddedPairCollator
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
     from open_instruct.logprobs import sequence_logprobs
+    from open_instruct.logprobs_liger import resolve_logprob_impl
     from open_instruct.losses import LossSettings, get_loss
     from open_instruct.modeling import load_model, load_tokenizer
     from open_instruct.tracking import MetricsLogger
@@ -76,6 +77,7 @@ def run(args: DPOArguments) -> Path:
 
     # 3. Model, optimizer, schedule, dataloaders, under accelerate (DeepSpeed ZeRO when configured).
     model = load_model(args, tokenizer)
+    logprob_impl = resolve_logprob_impl(args.use_liger_kernel, model, accelerator.device, accelerator.print)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     collate = PaddedPairCollator(tokenizer.pad_token_id)
     train_loader = DataLoader(data.records, batch_size=args.per_device_train_batch_size, shuffle=True,
@@ -99,7 +101,7 @@ def run(args: DPOArguments) -> Path:
 
     def logprob_fn(m, batch):
         return sequence_logprobs(m, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                 chunk_size=args.logprob_chunk_size)
+                                 impl=logprob_impl, chunk_size=args.logprob_chunk_size)
 
     # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash.
     reference = None
@@ -122,7 +124,8 @@ def run(args: DPOArguments) -> Path:
     settings = LoopSettings(
         num_epochs=num_epochs, max_train_steps=total_steps, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, length_normalized=length_normalized,
-        loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio),
+        loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio, args.nll_loss_weight),
+        separate_forward=args.separate_forward,
     )
     logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
     train_loop(accelerator, model, optimizer, scheduler, train_loader, reference, logprob_fn, loss_fn, settings, logger)
