@@ -296,3 +296,32 @@ def test_matches_trl_cpo_loss(trl_name, ours, smoothing):
     for g_ours, g_trl in zip(torch.autograd.grad(out.losses.sum(), [v["mc"], v["mr"]]),
                              torch.autograd.grad(trl_losses.sum(), [v["mc"], v["mr"]])):
         torch.testing.assert_close(g_ours, g_trl, rtol=1e-10, atol=1e-12)
+
+
+# ---- the flags end to end: one short CLI run each ----
+
+def test_cli_wpo_with_nll_separate_forward_and_liger_fallback(tiny_model_dir, synthetic_data, tmp_path):
+    from conftest import read_metrics, run_cli, small_run_args
+
+    out = tmp_path / "out"
+    args = small_run_args(tiny_model_dir, synthetic_data[0], out, loss_type="wpo", beta="0.1", max_train_steps="2",
+                          nll_loss_weight="0.5")
+    result = run_cli(args + ["--separate_forward", "--use_liger_kernel"], tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "falling back to the chunked log-probs" in result.stdout + result.stderr
+    rows = read_metrics(out)
+    assert rows and all(math.isfinite(r["train_loss"]) and r["nll_loss"] > 0 for r in rows)
+
+
+def test_cli_simpo_skips_the_reference_pass(tiny_model_dir, synthetic_data, tmp_path):
+    from conftest import read_metrics, run_cli, small_run_args
+
+    out = tmp_path / "out"
+    args = small_run_args(tiny_model_dir, synthetic_data[0], out, loss_type="simpo", beta="2", max_train_steps="2",
+                          gamma_beta_ratio="0.5")
+    result = run_cli(args, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reference log-probs" not in result.stdout + result.stderr
+    assert not (tmp_path / "cache").exists()
+    rows = read_metrics(out)
+    assert rows and "rewards/accuracy" in rows[-1] and "nll_loss" not in rows[-1]
