@@ -57,7 +57,7 @@ def measure(variant: str, pairs: int, seq_len: int, prompt_len: int, vocab: int,
     seconds = time.perf_counter() - start
     peak = _rss_bytes()
     return {"variant": variant, "peak_gib": (peak - before) / GIB, "baseline_gib": before / GIB,
-            "seconds": seconds, "mean_logp": float(lp.means.mean()), "label_tokens": int(lp.counts.sum())}
+            "seconds": seconds, "mean_logp": float(lp.means.detach().mean()), "label_tokens": int(lp.counts.sum())}
 
 
 def _available_bytes() -> int:
