@@ -143,8 +143,9 @@ class DPOArguments:
     gamma_beta_ratio: float = _f(0.3, "SimPO target margin divided by beta.", aliases=("dpo_gamma_beta_ratio",))
     nll_loss_weight: float = _f(0.0, "RPO: weight of the chosen reply's NLL added to the loss.")
     reference_free: bool = _f(False, "Use a zero reference (skips the reference pass).")
-    separate_forward: bool = _f(False, "Run chosen and rejected in two forwards (less activation memory).",
-                                aliases=("concatenated_forward_false",))
+    separate_forward: bool = _f(
+        False, "Run chosen and rejected in two forwards, each padded to its own length (lower peak per forward).",
+        aliases=("concatenated_forward_false",))
     logprob_chunk_size: int = _f(1024, "Tokens per chunk of the output projection in the chunked log-probs.")
 
     # --- distributed ------------------------------------------------------------------------------------------
@@ -176,7 +177,6 @@ class DPOArguments:
 # Flags declared above whose behaviour is not built yet. Passing a non-default value is an error, never ignored.
 NOT_YET_SUPPORTED: tuple[str, ...] = (
     "checkpointing_steps", "resume_from_checkpoint", "skip_nonfinite_batches", "push_to_hub",
-    "use_liger_kernel", "separate_forward", "nll_loss_weight",
     "eval_mixer_list", "eval_fraction", "eval_steps",
     "packing", "max_tokens_per_batch", "group_by_length",
     "zero_stage", "offload_optimizer", "offload_param", "deepspeed_config",
@@ -235,6 +235,10 @@ def validate(args: DPOArguments) -> None:
         problems.append(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if not 0.0 <= args.eval_fraction < 1.0:
         problems.append(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.label_smoothing > 0 and args.loss_type in ("ipo", "hinge"):
+        problems.append(f"--label_smoothing has no meaning for --loss_type {args.loss_type}")
+    if args.gamma_beta_ratio != DPOArguments.gamma_beta_ratio and args.loss_type != "simpo":
+        problems.append("--gamma_beta_ratio is the SimPO margin; it needs --loss_type simpo")
     if args.nll_loss_weight < 0:
         problems.append(f"--nll_loss_weight must be >= 0, got {args.nll_loss_weight}")
     if not 0.0 < args.activation_memory_budget <= 1.0:

@@ -69,6 +69,7 @@ def run(args: DPOArguments) -> Path:
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
     from open_instruct.data.statistics import format_summary
     from open_instruct.logprobs import sequence_logprobs
+    from open_instruct.logprobs_liger import resolve_logprob_impl
     from open_instruct.lora import adapters_disabled
     from open_instruct.losses import LossSettings, get_loss
     from open_instruct.modeling import load_model, load_tokenizer, reference_identity
@@ -95,6 +96,7 @@ def run(args: DPOArguments) -> Path:
 
     # 3. Model, optimizer, schedule, dataloaders, under accelerate (DeepSpeed ZeRO when configured).
     model = load_model(args, tokenizer, log=accelerator.print)
+    logprob_impl = resolve_logprob_impl(args.use_liger_kernel, model, accelerator.device, accelerator.print)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     collate = PaddedPairCollator(tokenizer.pad_token_id)
@@ -119,7 +121,7 @@ def run(args: DPOArguments) -> Path:
 
     def logprob_fn(m, batch):
         return sequence_logprobs(m, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                 chunk_size=args.logprob_chunk_size)
+                                 impl=logprob_impl, chunk_size=args.logprob_chunk_size)
 
     # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash.
     reference = None
@@ -144,7 +146,8 @@ def run(args: DPOArguments) -> Path:
     settings = LoopSettings(
         num_epochs=num_epochs, max_train_steps=total_steps, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, length_normalized=length_normalized,
-        loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio),
+        loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio, args.nll_loss_weight),
+        separate_forward=args.separate_forward,
         load_balancing_weight=args.load_balancing_weight if args.load_balancing_loss else None,
     )
     logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from open_instruct.logprobs import SequenceLogprobs
+from open_instruct.logprobs import SequenceLogprobs, pair_logprobs
 from open_instruct.losses import LossFn, LossSettings, PreferenceLogps
 from open_instruct.moe import capture_router_logits
 from open_instruct.reference_cache import ReferenceLogps
@@ -32,6 +32,7 @@ class LoopSettings:
     logging_steps: int
     length_normalized: bool
     loss_settings: LossSettings
+    separate_forward: bool = False
     load_balancing_weight: float | None = None  # set: add the MoE router load-balancing loss, log it as aux_loss
 
 
@@ -63,20 +64,23 @@ def preference_step(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch (mean over its pairs) and the per-pair metric sums."""
     with capture_router_logits(model, enabled=settings.load_balancing_weight is not None) as router:
-        lp = logprob_fn(model, batch)
+        lp = pair_logprobs(model, batch, logprob_fn, settings.separate_forward)
     chosen, rejected = policy_logps(lp, settings.length_normalized)
+    chosen_mean, rejected_mean = policy_logps(lp, length_normalized=True)
     if reference is None:
         ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
     else:
         ref_chosen, ref_rejected = reference.lookup(batch["index"], settings.length_normalized)
-    out = loss_fn(PreferenceLogps(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype)),
-                  settings.loss_settings)
+    out = loss_fn(PreferenceLogps(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype),
+                                  chosen_mean, rejected_mean), settings.loss_settings)
     loss = out.losses.mean()
     metrics = {
         "train_loss": out.losses.detach().sum(),
         "logps/chosen": chosen.detach().sum(),
         "logps/rejected": rejected.detach().sum(),
     }
+    if out.nll is not None:
+        metrics["nll_loss"] = out.nll.sum()
     if out.chosen_rewards is not None:
         c, r = out.chosen_rewards, out.rejected_rewards
         metrics.update({
