@@ -22,6 +22,20 @@ from open_instruct.cli import parse_args
 from open_instruct.config import DPOArguments, UserError, validate
 
 
+def preflight(args: DPOArguments) -> None:
+    """Cheap checks of every input path, before any process group, model or dataset is touched."""
+    from open_instruct.data.sources import is_data_file
+    from open_instruct.modeling import check_model_options, check_model_path
+
+    check_model_options(args)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
+    check_model_path(args.model_name_or_path, "model")
+    check_model_path(args.tokenizer_name_or_path, "tokenizer")
+    for name in args.mixer_list[0::2] + args.eval_mixer_list[0::2]:
+        path = Path(name).expanduser()
+        if (is_data_file(path) or name.startswith((".", "/", "~"))) and not path.exists():
+            raise UserError(f"dataset file not found: {name}")
+
+
 def build_accelerator(args: DPOArguments):
     """accelerate's Accelerator for this run (DeepSpeed when launched with it)."""
     from accelerate import Accelerator
@@ -53,10 +67,13 @@ def run(args: DPOArguments) -> Path:
     from open_instruct.checkpointing import save_final_model
     from open_instruct.data.collate import PaddedPairCollator
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
+    from open_instruct.data.statistics import format_summary
     from open_instruct.hub import push_final_model
     from open_instruct.logprobs import sequence_logprobs
+    from open_instruct.logprobs_liger import resolve_logprob_impl
+    from open_instruct.lora import adapters_disabled
     from open_instruct.losses import LossSettings, get_loss
-    from open_instruct.modeling import load_model, load_tokenizer
+    from open_instruct.modeling import load_model, load_tokenizer, reference_identity
     from open_instruct.resume import run_signature, start_or_resume
     from open_instruct.tracking import MetricsLogger
     from open_instruct.trainer import LoopSettings, train_loop
@@ -70,15 +87,20 @@ def run(args: DPOArguments) -> Path:
 
     # 2. Tokenizer and data: every row is checked before the model is loaded.
     tokenizer = load_tokenizer(args)
-    data = prepare_preference_data(args, tokenizer)
-    accelerator.print(f"data: {data.statistics['kept']} pairs kept, dropped {data.statistics['dropped'] or 'none'}, "
-                      f"{data.statistics['truncated']} truncated")
+    with accelerator.main_process_first():  # the main process prepares and caches; the others load its cache
+        data = prepare_preference_data(args, tokenizer)
+    accelerator.print(format_summary(data.statistics))
     if accelerator.is_main_process:
         write_statistics(data.statistics, output_dir)
+    if args.cache_dataset_only:
+        accelerator.print(f"--cache_dataset_only: prepared data cached at {data.statistics['cache']['path']}")
+        return output_dir
 
     # 3. Model, optimizer, schedule, dataloaders, under accelerate (DeepSpeed ZeRO when configured).
-    model = load_model(args, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    model = load_model(args, tokenizer, log=accelerator.print)
+    logprob_impl = resolve_logprob_impl(args.use_liger_kernel, model, accelerator.device, accelerator.print)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     collate = PaddedPairCollator(tokenizer.pad_token_id)
     train_loader = DataLoader(data.records, batch_size=args.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)
@@ -101,7 +123,7 @@ def run(args: DPOArguments) -> Path:
 
     def logprob_fn(m, batch):
         return sequence_logprobs(m, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                 chunk_size=args.logprob_chunk_size)
+                                 impl=logprob_impl, chunk_size=args.logprob_chunk_size)
 
     # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash.
     reference = None
@@ -112,11 +134,13 @@ def run(args: DPOArguments) -> Path:
             shuffle=False, collate_fn=collate))
         key = reference_cache.fingerprint({
             "model": reference_cache.model_fingerprint(args.model_name_or_path, args.model_revision),
+            "model_options": reference_identity(args, model),
             "data": data_hash,
             "mixed_precision": accelerator.mixed_precision, "logprobs": "v1",
         })
-        reference = reference_cache.get_reference(model, ref_loader, accelerator, logprob_fn, len(data.records),
-                                                  args.reference_logprobs_cache_path, key)
+        with adapters_disabled(model):  # LoRA: the reference is the base model
+            reference = reference_cache.get_reference(model, ref_loader, accelerator, logprob_fn,
+                                                      len(data.records), args.reference_logprobs_cache_path, key)
 
     # 5. Training, from the newest complete checkpoint when there is one (after the reference pass: it must see the
     # untouched weights).
@@ -129,13 +153,15 @@ def run(args: DPOArguments) -> Path:
     settings = LoopSettings(
         num_epochs=num_epochs, max_train_steps=total_steps, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, length_normalized=length_normalized,
-        loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio),
+        loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio, args.nll_loss_weight),
+        separate_forward=args.separate_forward,
+        load_balancing_weight=args.load_balancing_weight if args.load_balancing_loss else None,
     )
     train_loop(accelerator, model, optimizer, scheduler, train_loader, reference, logprob_fn, loss_fn, settings, logger,
                faults)
 
     # 6. Final checkpoint in Hugging Face format.
-    save_final_model(accelerator, model, tokenizer, output_dir)
+    save_final_model(accelerator, model, tokenizer, output_dir, merge_lora=args.merge_lora)
     accelerator.print(f"saved the final model to {output_dir}")
     if args.push_to_hub and accelerator.is_main_process:
         push_final_model(output_dir, args)
@@ -148,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_args(argv)
         validate(args)
+        preflight(args)
         run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

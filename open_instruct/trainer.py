@@ -11,8 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from open_instruct.checkpointing import CheckpointPolicy, TrainerState, restore_rng, save_checkpoint
-from open_instruct.logprobs import SequenceLogprobs
+from open_instruct.logprobs import SequenceLogprobs, pair_logprobs
 from open_instruct.losses import LossFn, LossSettings, PreferenceLogps
+from open_instruct.moe import capture_router_logits
 from open_instruct.nonfinite import NonFiniteGuard
 from open_instruct.reference_cache import ReferenceLogps
 from open_instruct.tracking import MetricsLogger
@@ -33,6 +34,8 @@ class LoopSettings:
     logging_steps: int
     length_normalized: bool
     loss_settings: LossSettings
+    separate_forward: bool = False
+    load_balancing_weight: float | None = None  # set: add the MoE router load-balancing loss, log it as aux_loss
 
 
 @dataclass
@@ -62,26 +65,34 @@ def preference_step(
     settings: LoopSettings,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch (mean over its pairs) and the per-pair metric sums."""
-    lp = logprob_fn(model, batch)
+    with capture_router_logits(model, enabled=settings.load_balancing_weight is not None) as router:
+        lp = pair_logprobs(model, batch, logprob_fn, settings.separate_forward)
     chosen, rejected = policy_logps(lp, settings.length_normalized)
+    chosen_mean, rejected_mean = policy_logps(lp, length_normalized=True)
     if reference is None:
         ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
     else:
         ref_chosen, ref_rejected = reference.lookup(batch["index"], settings.length_normalized)
-    out = loss_fn(PreferenceLogps(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype)),
-                  settings.loss_settings)
+    out = loss_fn(PreferenceLogps(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype),
+                                  chosen_mean, rejected_mean), settings.loss_settings)
     loss = out.losses.mean()
     metrics = {
         "train_loss": out.losses.detach().sum(),
         "logps/chosen": chosen.detach().sum(),
         "logps/rejected": rejected.detach().sum(),
     }
+    if out.nll is not None:
+        metrics["nll_loss"] = out.nll.sum()
     if out.chosen_rewards is not None:
         c, r = out.chosen_rewards, out.rejected_rewards
         metrics.update({
             "rewards/chosen": c.sum(), "rewards/rejected": r.sum(), "rewards/average": ((c + r) / 2).sum(),
             "rewards/accuracy": (c > r).float().sum(), "rewards/margin": (c - r).sum(),
         })
+    aux_loss = router.aux_loss()
+    if aux_loss is not None:
+        loss = loss + settings.load_balancing_weight * aux_loss
+        metrics["aux_loss"] = aux_loss.detach() * chosen.shape[0]  # a per-pair sum, like the other metrics
     return loss, metrics
 
 
