@@ -68,7 +68,7 @@ def run(args: DPOArguments) -> Path:
     from open_instruct.data.collate import PaddedPairCollator
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
     from open_instruct.data.statistics import format_summary
-    from open_instruct.hub import push_final_model
+    from open_instruct.hub import push_final_model, resolve_repo_id
     from open_instruct.logprobs import sequence_logprobs
     from open_instruct.logprobs_liger import resolve_logprob_impl
     from open_instruct.lora import adapters_disabled
@@ -84,6 +84,7 @@ def run(args: DPOArguments) -> Path:
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    hub_repo = resolve_repo_id(args) if args.push_to_hub and accelerator.is_main_process else None
 
     # 2. Tokenizer and data: every row is checked before the model is loaded.
     tokenizer = load_tokenizer(args)
@@ -164,7 +165,7 @@ def run(args: DPOArguments) -> Path:
     save_final_model(accelerator, model, tokenizer, output_dir, merge_lora=args.merge_lora)
     accelerator.print(f"saved the final model to {output_dir}")
     if args.push_to_hub and accelerator.is_main_process:
-        push_final_model(output_dir, args)
+        push_final_model(output_dir, args, hub_repo)
     accelerator.end_training()
     return output_dir
 

@@ -46,14 +46,22 @@ def push_folder(folder: str | Path, repo_id: str, revision: str | None = None, p
     return f"{url}/tree/{revision}" if revision else url
 
 
-def push_final_model(output_dir: str | Path, args: DPOArguments) -> str:
-    """Upload the final model in ``output_dir`` as the flags say and print its URL."""
+def resolve_repo_id(args: DPOArguments) -> str:
+    """The target repo, looking up the token's user when no owner is given (call before training: fails early)."""
     whoami = None
     if "/" not in (args.hf_repo_id or "") and not args.hf_entity:
         from huggingface_hub import HfApi
 
-        whoami = HfApi().whoami()["name"]
-    repo_id = hub_repo_id(args, whoami)
-    url = push_folder(output_dir, repo_id, args.hf_repo_revision, args.hf_repo_private)
+        try:
+            whoami = HfApi().whoami()["name"]
+        except Exception as err:  # no token, offline, bad token: the user needs the reason, not a traceback
+            raise UserError(f"--push_to_hub: cannot look up the Hub user ({type(err).__name__}); pass --hf_entity "
+                            "or an owner/name --hf_repo_id, and set HF_TOKEN") from None
+    return hub_repo_id(args, whoami)
+
+
+def push_final_model(output_dir: str | Path, args: DPOArguments, repo_id: str | None = None) -> str:
+    """Upload the final model in ``output_dir`` as the flags say and print its URL."""
+    url = push_folder(output_dir, repo_id or resolve_repo_id(args), args.hf_repo_revision, args.hf_repo_private)
     print(f"pushed the final model to {url}")
     return url

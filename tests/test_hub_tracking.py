@@ -122,3 +122,33 @@ def test_plot_command_writes_a_png(tracked_run, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (1500, 800)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({"hf_entity": "org"}, "org/dpo"),
+    ({"hf_entity": "org", "hf_repo_id": "name"}, "org/name"),
+    ({"hf_entity": "org", "hf_repo_id": "other/name"}, "other/name"),
+    ({}, "fake-user/dpo"),  # the token's user, looked up on the Hub
+])
+def test_repo_id_resolution(flags, expected, monkeypatch):
+    from huggingface_hub import constants
+
+    from open_instruct.config import DPOArguments
+    from open_instruct.hub import resolve_repo_id
+
+    args = DPOArguments(push_to_hub=True, reference_logprobs_cache_path="unused", **flags)
+    with FakeHub() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        assert resolve_repo_id(args) == expected
+
+
+def test_push_without_owner_or_token_fails_before_training(tiny_model_dir, synthetic_data, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    env_args = small_run_args(tiny_model_dir, synthetic_data[0], out, push_to_hub=True)
+    result = run_cli(env_args, tmp_path / "cache")  # HF_HUB_OFFLINE=1: the user lookup cannot succeed
+    assert result.returncode == 2
+    assert "--push_to_hub: cannot look up the Hub user" in result.stderr
+    assert not (out / "metrics.jsonl").exists()
