@@ -273,5 +273,6 @@ def run_dpo(sft_checkpoint: str | os.PathLike, train_config: TrainingConfig | No
         args.model_name_or_path = str(state_dict_to_folder(checkpoint, tokenizer_name, model_config,
                                                            Path(train.output_dir) / "initial_model"))
         args.tokenizer_name_or_path = args.model_name_or_path
+    dpo_tune_cache.preflight(args)
     with fresh_accelerate_state():
         return Path(dpo_tune_cache.run(args))

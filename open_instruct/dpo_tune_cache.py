@@ -23,6 +23,19 @@ from open_instruct.cli import parse_args
 from open_instruct.config import DPOArguments, UserError, validate
 
 
+def preflight(args: DPOArguments) -> None:
+    """Cheap checks of every input path, before any process group, model or dataset is touched."""
+    from open_instruct.data.mixer import LOCAL_SUFFIXES
+    from open_instruct.modeling import check_model_path
+
+    check_model_path(args.model_name_or_path, "model")
+    check_model_path(args.tokenizer_name_or_path, "tokenizer")
+    for name in args.mixer_list[0::2] + args.eval_mixer_list[0::2]:
+        path = Path(name).expanduser()
+        if (path.suffix in LOCAL_SUFFIXES or name.startswith((".", "/", "~"))) and not path.exists():
+            raise UserError(f"dataset file not found: {name}")
+
+
 def build_accelerator(args: DPOArguments):
     """accelerate's Accelerator for this run (DeepSpeed when launched with it)."""
     from accelerate import Accelerator
@@ -162,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_args(argv)
         validate(args)
+        preflight(args)
         run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -26,6 +26,7 @@ from open_instruct.api import (
     training_arguments,
 )
 from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.dpo_tune_cache import preflight
 
 # Flags that only mean something for a preference loss: passing one to SFT is an error, never ignored.
 DPO_ONLY = ("loss_type", "beta", "label_smoothing", "gamma_beta_ratio", "nll_loss_weight", "reference_free",
@@ -149,6 +150,7 @@ def run_sft(pretrain_checkpoint: str | os.PathLike, train_config: TrainingConfig
         args.model_name_or_path = str(state_dict_to_folder(str(pretrain_checkpoint), tokenizer_name, model_config,
                                                            Path(train.output_dir) / "initial_model"))
         args.tokenizer_name_or_path = args.model_name_or_path
+    preflight(args)
     with fresh_accelerate_state():
         return Path(run(args))
 
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_args(argv)
         check_sft_arguments(args)
+        preflight(args)
         run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -91,4 +91,9 @@ def detect_format(columns: list[str], first_row: dict[str, Any] | None = None) -
 
 def normalize(row: dict[str, Any], format_name: str) -> Pair:
     """One raw row in the named format -> the normal form (raises RowError)."""
-    return FORMATS[format_name][0](row)
+    parser, required = FORMATS[format_name]
+    missing = [name for name in required if name not in row]
+    if missing:
+        raise RowError(f"missing field(s) {', '.join(missing)}; found {', '.join(sorted(row)) or 'none'}; "
+                       f"expected {', '.join(required)}")
+    return parser(row)
