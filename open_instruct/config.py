@@ -102,7 +102,7 @@ class DPOArguments:
                                     aliases=("dataset_mixer_eval_list",))
     eval_mixer_list_splits: list[str] = _f(["test"], "Split per evaluation dataset.",
                                            aliases=("dataset_mixer_eval_list_splits",))
-    eval_fraction: float = _f(0.0, "Hold out this fraction of the training mix for evaluation.")
+    eval_fraction: float = _f(0.0, "Hold out this fraction of each training dataset's valid rows for evaluation.")
     eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and at the end); needs an evaluation set.")
     dataset_format: str = _f("auto", "Row format of every dataset (auto: detected from columns).",
                              choices=DATASET_FORMATS)
@@ -176,7 +176,7 @@ NOT_YET_SUPPORTED: tuple[str, ...] = (
     "checkpointing_steps", "resume_from_checkpoint", "skip_nonfinite_batches", "push_to_hub",
     "use_liger_kernel", "separate_forward", "nll_loss_weight",
     "use_lora", "use_qlora", "merge_lora", "load_balancing_loss",
-    "cache_dataset_only", "packing", "max_tokens_per_batch", "group_by_length",
+    "packing", "max_tokens_per_batch", "group_by_length",
     "zero_stage", "offload_optimizer", "offload_param", "deepspeed_config",
 )
 
@@ -184,9 +184,9 @@ NOT_YET_SUPPORTED: tuple[str, ...] = (
 def validate(args: DPOArguments) -> None:
     """Reject out-of-range or inconsistent settings with one clear message, before any work starts."""
     problems = []
-    if args.model_name_or_path is None:
-        problems.append("--model_name_or_path is required")
-    if not args.mixer_list and not args.cache_dataset_only:
+    if args.model_name_or_path is None and not (args.cache_dataset_only and args.tokenizer_name_or_path):
+        problems.append("--model_name_or_path is required (--cache_dataset_only needs only --tokenizer_name_or_path)")
+    if not args.mixer_list:
         problems.append("--mixer_list is required (pairs of DATASET AMOUNT)")
     if len(args.mixer_list) % 2:
         problems.append(f"--mixer_list takes pairs of DATASET AMOUNT, got {len(args.mixer_list)} values")

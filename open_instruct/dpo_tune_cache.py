@@ -25,14 +25,14 @@ from open_instruct.config import DPOArguments, UserError, validate
 
 def preflight(args: DPOArguments) -> None:
     """Cheap checks of every input path, before any process group, model or dataset is touched."""
-    from open_instruct.data.mixer import LOCAL_SUFFIXES
+    from open_instruct.data.sources import is_data_file
     from open_instruct.modeling import check_model_path
 
     check_model_path(args.model_name_or_path, "model")
     check_model_path(args.tokenizer_name_or_path, "tokenizer")
     for name in args.mixer_list[0::2] + args.eval_mixer_list[0::2]:
         path = Path(name).expanduser()
-        if (path.suffix in LOCAL_SUFFIXES or name.startswith((".", "/", "~"))) and not path.exists():
+        if (is_data_file(path) or name.startswith((".", "/", "~"))) and not path.exists():
             raise UserError(f"dataset file not found: {name}")
 
 
@@ -77,6 +77,7 @@ def run(args: DPOArguments) -> Path:
     from open_instruct.checkpointing import save_final_model
     from open_instruct.data.collate import PaddedPairCollator
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
+    from open_instruct.data.statistics import format_summary
     from open_instruct.logprobs import sequence_logprobs
     from open_instruct.losses import LossSettings, get_loss
     from open_instruct.modeling import load_model, load_tokenizer
@@ -92,13 +93,15 @@ def run(args: DPOArguments) -> Path:
 
     # 2. Tokenizer and data: every row is checked before the model is loaded.
     tokenizer = load_tokenizer(args)
-    data = prepare_preference_data(args, tokenizer)
-    accelerator.print(f"data: {data.statistics['kept']} pairs kept, dropped {data.statistics['dropped'] or 'none'}, "
-                      f"{data.statistics['truncated']} truncated")
+    with accelerator.main_process_first():  # the main process prepares and caches; the others load its cache
+        data = prepare_preference_data(args, tokenizer)
+    accelerator.print(format_summary(data.statistics))
     if accelerator.is_main_process:
         write_statistics(data.statistics, output_dir)
-    data.records, eval_records = eval_loop.prepare_eval_records(
-        args, data.records, lambda a, mix, splits: prepare_preference_data(a, tokenizer, mix, splits).records)
+    if args.cache_dataset_only:
+        accelerator.print(f"--cache_dataset_only: prepared data cached at {data.statistics['cache']['path']}")
+        return output_dir
+    eval_records = data.eval_records or None
     if eval_records is not None:
         accelerator.print(f"evaluation: {len(eval_records)} pairs, {len(data.records)} for training")
 

@@ -1,7 +1,8 @@
 """Evaluation during training: the held-out set, and its loss and reward metrics every ``--eval_steps`` steps.
 
-The evaluation set is either its own mix (``--eval_mixer_list``) or a seeded fraction held out of the training mix
-(``--eval_fraction``). Each rank evaluates its shard of the set; the per-example values are gathered into one table
+The evaluation set is either its own mix (``--eval_mixer_list``) or a seeded fraction held out of the training data
+(``--eval_fraction``); for DPO the data layer builds it (``PreparedData.eval_records``), for SFT
+:func:`prepare_eval_records` does. Each rank evaluates its shard of the set; the per-example values are gathered into one table
 keyed by dataset ``index``, so the padding accelerate adds to even out the last batch is counted once, and every rank
 ends with the same numbers.
 """

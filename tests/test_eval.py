@@ -117,5 +117,6 @@ def test_eval_fraction_through_the_cli(tiny_model_dir, synthetic_data, tmp_path)
     result = run_cli(small_run_args(tiny_model_dir, synthetic_data[0], out, eval_fraction="0.25",
                                     max_train_steps="2"), tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "evaluation: 16 pairs, 48 for training" in result.stdout
+    # A quarter of the 256 valid rows is held out before the 64 training pairs are drawn from the rest.
+    assert "evaluation: 64 pairs, 64 for training" in result.stdout
     assert [r["training_step"] for r in read_metrics(out) if "eval/loss" in r] == [2]

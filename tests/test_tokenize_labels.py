@@ -54,7 +54,7 @@ def test_truncation_and_drops(tokenizer):
     records, stats = tokenize_pairs(tokenizer, pairs, max_seq_length=12)
     assert [r["index"] for r in records] == [0, 1]
     assert stats.truncated == 1 and stats.kept == 2
-    assert stats.dropped == {"prompt alone reaches max_seq_length": 1}
+    assert stats.dropped == {"prompt_too_long": 1}
     cut = records[1]
     assert len(cut["chosen_input_ids"]) == 12
     assert sum(1 for t in cut["chosen_labels"] if t != IGNORE_INDEX) == 12 - 6
