@@ -15,13 +15,13 @@ from open_instruct.eval_loop import hold_out
 
 @pytest.fixture(scope="module")
 def eval_run(tiny_model_dir, synthetic_data, tmp_path_factory):
-    """One CLI run: 8 steps, evaluation on 32 held-out pairs every 3 steps; then the same run again (cache hits)."""
+    """One CLI run: 8 steps, evaluation on the 64 held-out pairs every 3 steps; then the same run again (cache hits)."""
     train, test = synthetic_data
     tmp = tmp_path_factory.mktemp("eval_run")
-    args = small_run_args(tiny_model_dir, train, tmp / "out", eval_mixer_list=[str(test), "32"], eval_steps="3")
+    args = small_run_args(tiny_model_dir, train, tmp / "out", eval_mixer_list=[str(test), "1.0"], eval_steps="3")
     first = run_cli(args, tmp / "cache")
     assert first.returncode == 0, first.stderr[-3000:]
-    again = run_cli(small_run_args(tiny_model_dir, train, tmp / "out2", eval_mixer_list=[str(test), "32"],
+    again = run_cli(small_run_args(tiny_model_dir, train, tmp / "out2", eval_mixer_list=[str(test), "1.0"],
                                    eval_steps="3"), tmp / "cache")
     assert again.returncode == 0, again.stderr[-3000:]
     return tmp, first, again
@@ -45,7 +45,7 @@ def _eval_records(model_dir, test_file):
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.modeling import load_tokenizer
 
-    args = DPOArguments(model_name_or_path=str(model_dir), mixer_list=[str(test_file), "32"], max_seq_length=64,
+    args = DPOArguments(model_name_or_path=str(model_dir), mixer_list=[str(test_file), "1.0"], max_seq_length=64,
                         seed=1, reference_logprobs_cache_path="unused")
     return prepare_preference_data(args, load_tokenizer(args)).records
 

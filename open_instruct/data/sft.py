@@ -21,11 +21,11 @@ Message = dict[str, str]
 
 def _messages(value: Any) -> list[Message]:
     if not isinstance(value, list) or not value:
-        raise RowError("field 'messages' must be a non-empty list of {role, content} messages")
+        raise RowError("bad_messages", "field 'messages' must be a non-empty list of {role, content} messages")
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
                 message.get("content"), str):
-            raise RowError(f"field 'messages' message {i} must have a string 'role' and 'content'")
+            raise RowError("bad_messages", f"field 'messages' message {i} must have a string 'role' and 'content'")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -37,10 +37,10 @@ def conversation(row: dict[str, Any]) -> list[Message]:
         try:
             pair = normalize(row, detect_format(list(row), row))
         except RowError as err:
-            raise RowError(f"expected a 'messages' list or a preference row: {err}") from None
+            raise RowError(err.reason, f"expected a 'messages' list or a preference row: {err}") from None
         messages = pair["prompt"] + pair["chosen"]
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise RowError("the conversation has no non-empty assistant turn to learn from")
+        raise RowError("no_assistant_turn", "the conversation has no non-empty assistant turn to learn from")
     return messages
 
 
