@@ -105,8 +105,8 @@ class DPOArguments:
                                     aliases=("dataset_mixer_eval_list",))
     eval_mixer_list_splits: list[str] = _f(["test"], "Split per evaluation dataset.",
                                            aliases=("dataset_mixer_eval_list_splits",))
-    eval_fraction: float = _f(0.0, "Hold out this fraction of the training mix for evaluation.")
-    eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and at the end).")
+    eval_fraction: float = _f(0.0, "Hold out this fraction of each training dataset's valid rows for evaluation.")
+    eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and at the end); needs an evaluation set.")
     dataset_format: str = _f("auto", "Row format of every dataset (auto: detected from columns).",
                              choices=DATASET_FORMATS)
     skip_invalid_rows: bool = _f(False, "Drop malformed rows with a summary instead of stopping.")
@@ -114,6 +114,9 @@ class DPOArguments:
                                         choices=CHAT_TEMPLATES)
     add_bos: bool = _f(False, "Prepend the BOS token when the chat template does not.")
     max_seq_length: int = _f(2048, "Maximum tokens per sequence (prompt + reply).")
+    max_response_length: int | None = _f(
+        None, "Cut each reply to at most N tokens, EOS included (TRL's max_completion_length).",
+        aliases=("max_completion_length",))
     max_train_samples: int | None = _f(None, "Use at most this many training pairs.")
     cache_dataset_only: bool = _f(False, "Prepare and cache the tokenized dataset, then exit.")
     dataset_local_cache_dir: str = _f("local_dataset_cache", "Where prepared (tokenized) datasets are cached.")
@@ -131,6 +134,7 @@ class DPOArguments:
     learning_rate: float = _f(5e-7, "Peak learning rate.")
     lr_scheduler_type: str = _f("linear", "Schedule after warmup.", choices=SCHEDULERS)
     warmup_ratio: float = _f(0.1, "Fraction of optimizer steps spent warming up.")
+    warmup_steps: int | None = _f(None, "Optimizer steps spent warming up (overrides --warmup_ratio).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(-1.0, "Clip gradients to this norm (<= 0: no clipping).", aliases=("clip_grad_norm",))
     num_epochs: int = _f(1, "Epochs over the training mix.", aliases=("num_train_epochs",))
@@ -176,7 +180,6 @@ class DPOArguments:
 
 # Flags declared above whose behaviour is not built yet. Passing a non-default value is an error, never ignored.
 NOT_YET_SUPPORTED: tuple[str, ...] = (
-    "eval_mixer_list", "eval_fraction", "eval_steps",
     "packing", "max_tokens_per_batch", "group_by_length",
     "zero_stage", "offload_optimizer", "offload_param", "deepspeed_config",
 )
@@ -218,7 +221,7 @@ def validate(args: DPOArguments) -> None:
                  "num_epochs", "logprob_chunk_size"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_train_steps", "max_train_samples", "reference_batch_size", "max_tokens_per_batch", "eval_steps"):
+    for name in ("max_train_steps", "max_train_samples", "max_response_length", "reference_batch_size", "max_tokens_per_batch", "eval_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1, got {value}")
@@ -238,6 +241,12 @@ def validate(args: DPOArguments) -> None:
         problems.append(f"--label_smoothing has no meaning for --loss_type {args.loss_type}")
     if args.gamma_beta_ratio != DPOArguments.gamma_beta_ratio and args.loss_type != "simpo":
         problems.append("--gamma_beta_ratio is the SimPO margin; it needs --loss_type simpo")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        problems.append(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if args.eval_mixer_list and args.eval_fraction > 0:
+        problems.append("--eval_mixer_list and --eval_fraction both define the evaluation set; pass one of them")
+    if args.eval_steps is not None and not args.eval_mixer_list and args.eval_fraction == 0:
+        problems.append("--eval_steps needs an evaluation set: pass --eval_mixer_list or --eval_fraction")
     if args.nll_loss_weight < 0:
         problems.append(f"--nll_loss_weight must be >= 0, got {args.nll_loss_weight}")
     if not 0.0 < args.activation_memory_budget <= 1.0:

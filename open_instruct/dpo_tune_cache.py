@@ -12,6 +12,7 @@ import math
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a file: import the package, not this folder's modules by bare name
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -57,13 +58,23 @@ def optimizer_steps(num_pairs: int, args: DPOArguments, world_size: int) -> tupl
     return per_epoch, args.max_train_steps or per_epoch * args.num_epochs
 
 
+def build_scheduler(args: DPOArguments, optimizer: Any, total_steps: int, num_processes: int) -> Any:
+    """The learning-rate schedule: warmup (``--warmup_steps``, else ``--warmup_ratio``), then ``--lr_scheduler_type``."""
+    from transformers import get_scheduler
+
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
+    schedule = "constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type
+    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+    return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes)
+
+
 def run(args: DPOArguments) -> Path:
     """Train one DPO model; returns the folder holding the final checkpoint."""
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
-    from transformers import get_scheduler
 
-    from open_instruct import reference_cache
+    from open_instruct import eval_loop, reference_cache
     from open_instruct.checkpointing import save_final_model
     from open_instruct.data.collate import PaddedPairCollator
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
@@ -96,6 +107,9 @@ def run(args: DPOArguments) -> Path:
     if args.cache_dataset_only:
         accelerator.print(f"--cache_dataset_only: prepared data cached at {data.statistics['cache']['path']}")
         return output_dir
+    eval_records = data.eval_records or None
+    if eval_records is not None:
+        accelerator.print(f"evaluation: {len(eval_records)} pairs, {len(data.records)} for training")
 
     # 3. Model, optimizer, schedule, dataloaders, under accelerate (DeepSpeed ZeRO when configured).
     model = load_model(args, tokenizer, log=accelerator.print)
@@ -106,11 +120,7 @@ def run(args: DPOArguments) -> Path:
     train_loader = DataLoader(data.records, batch_size=args.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)
     steps_per_epoch, total_steps = optimizer_steps(len(data.records), args, accelerator.num_processes)
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    schedule = "constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type
-    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps * accelerator.num_processes,
-                              num_training_steps=total_steps * accelerator.num_processes)
+    scheduler = build_scheduler(args, optimizer, total_steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     num_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -126,22 +136,30 @@ def run(args: DPOArguments) -> Path:
         return sequence_logprobs(m, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                  impl=logprob_impl, chunk_size=args.logprob_chunk_size)
 
-    # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash.
-    reference = None
-    data_hash = reference_cache.dataset_fingerprint(data.records)
-    if args.needs_reference:
-        ref_loader = accelerator.prepare_data_loader(DataLoader(
-            data.records, batch_size=args.reference_batch_size or 2 * args.per_device_train_batch_size,
+    # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash
+    #    (for the evaluation set too, before any training step changes the policy).
+    data_hash = reference_cache.dataset_fingerprint(data.records)  # also identifies the run for exact resume
+
+    def ordered_loader(records):
+        return accelerator.prepare_data_loader(DataLoader(
+            records, batch_size=args.reference_batch_size or 2 * args.per_device_train_batch_size,
             shuffle=False, collate_fn=collate))
+
+    def reference_for(records):
+        if not args.needs_reference:
+            return None
         key = reference_cache.fingerprint({
             "model": reference_cache.model_fingerprint(args.model_name_or_path, args.model_revision),
             "model_options": reference_identity(args, model),
-            "data": data_hash,
+            "data": data_hash if records is data.records else reference_cache.dataset_fingerprint(records),
             "mixed_precision": accelerator.mixed_precision, "logprobs": "v1",
         })
         with adapters_disabled(model):  # LoRA: the reference is the base model
-            reference = reference_cache.get_reference(model, ref_loader, accelerator, logprob_fn,
-                                                      len(data.records), args.reference_logprobs_cache_path, key)
+            return reference_cache.get_reference(model, ordered_loader(records), accelerator, logprob_fn,
+                                                 len(records), args.reference_logprobs_cache_path, key)
+
+    reference = reference_for(data.records)
+    eval_reference = reference_for(eval_records) if eval_records is not None else None
 
     # 5. Training, from the newest complete checkpoint when there is one (after the reference pass: it must see the
     # untouched weights).
@@ -155,11 +173,15 @@ def run(args: DPOArguments) -> Path:
         num_epochs=num_epochs, max_train_steps=total_steps, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, length_normalized=length_normalized,
         loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio, args.nll_loss_weight),
-        separate_forward=args.separate_forward,
+        separate_forward=args.separate_forward, eval_steps=args.eval_steps,
         load_balancing_weight=args.load_balancing_weight if args.load_balancing_loss else None,
     )
+    evaluate = None
+    if eval_records is not None:
+        evaluate = eval_loop.PreferenceEvaluator(accelerator, model, ordered_loader(eval_records), len(eval_records),
+                                                 eval_reference, logprob_fn, loss_fn, settings, logger)
     train_loop(accelerator, model, optimizer, scheduler, train_loader, reference, logprob_fn, loss_fn, settings, logger,
-               faults)
+               evaluate=evaluate, faults=faults)
 
     # 6. Final checkpoint in Hugging Face format.
     save_final_model(accelerator, model, tokenizer, output_dir, merge_lora=args.merge_lora)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 
 from open_instruct.checkpointing import CheckpointPolicy, TrainerState, restore_rng, save_checkpoint
 from open_instruct.logprobs import SequenceLogprobs, pair_logprobs
-from open_instruct.losses import LossFn, LossSettings, PreferenceLogps
+from open_instruct.losses import LossFn, LossOutput, LossSettings, PreferenceLogps
 from open_instruct.moe import capture_router_logits
 from open_instruct.nonfinite import NonFiniteGuard
 from open_instruct.reference_cache import ReferenceLogps
@@ -21,6 +22,9 @@ from open_instruct.tracking import MetricsLogger
 # Metrics averaged over the pairs of an optimizer step (summed here, divided by the pair count when logged).
 PAIR_METRICS = ("train_loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected",
                 "rewards/average", "rewards/accuracy", "rewards/margin")
+
+
+StepFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
 
 
 @dataclass
@@ -36,6 +40,7 @@ class LoopSettings:
     loss_settings: LossSettings
     separate_forward: bool = False
     load_balancing_weight: float | None = None  # set: add the MoE router load-balancing loss, log it as aux_loss
+    eval_steps: int | None = None
 
 
 @dataclass
@@ -60,13 +65,12 @@ def policy_logps(lp: SequenceLogprobs, length_normalized: bool) -> tuple[torch.T
     return values[:half], values[half:]
 
 
-def preference_step(
+def pair_losses(
     model: Any, batch: dict[str, torch.Tensor], logprob_fn: Any, loss_fn: LossFn, reference: ReferenceLogps | None,
     settings: LoopSettings,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one micro-batch (mean over its pairs) and the per-pair metric sums."""
-    with capture_router_logits(model, enabled=settings.load_balancing_weight is not None) as router:
-        lp = pair_logprobs(model, batch, logprob_fn, settings.separate_forward)
+) -> tuple[torch.Tensor, torch.Tensor, LossOutput]:
+    """Policy (chosen, rejected) log-probs ``[B]`` and the loss output of one micro-batch (training and evaluation)."""
+    lp = pair_logprobs(model, batch, logprob_fn, settings.separate_forward)
     chosen, rejected = policy_logps(lp, settings.length_normalized)
     chosen_mean, rejected_mean = policy_logps(lp, length_normalized=True)
     if reference is None:
@@ -75,6 +79,16 @@ def preference_step(
         ref_chosen, ref_rejected = reference.lookup(batch["index"], settings.length_normalized)
     out = loss_fn(PreferenceLogps(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype),
                                   chosen_mean, rejected_mean), settings.loss_settings)
+    return chosen, rejected, out
+
+
+def preference_step(
+    model: Any, batch: dict[str, torch.Tensor], logprob_fn: Any, loss_fn: LossFn, reference: ReferenceLogps | None,
+    settings: LoopSettings,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one micro-batch (mean over its pairs) and the per-pair metric sums."""
+    with capture_router_logits(model, enabled=settings.load_balancing_weight is not None) as router:
+        chosen, rejected, out = pair_losses(model, batch, logprob_fn, loss_fn, reference, settings)
     loss = out.losses.mean()
     metrics = {
         "train_loss": out.losses.detach().sum(),
@@ -126,14 +140,33 @@ def _epoch_loader(accelerator: Any, dataloader: Any, epoch: int, skip: int) -> A
 def train_loop(
     accelerator: Any, model: Any, optimizer: Any, scheduler: Any, dataloader: Any, reference: ReferenceLogps | None,
     logprob_fn: Any, loss_fn: LossFn, settings: LoopSettings, logger: MetricsLogger,
+    evaluate: Callable[[int], Any] | None = None, step_fn: StepFn | None = None,
     faults: FaultTolerance | None = None,
 ) -> dict[str, Any]:
-    """Train until ``max_train_steps`` optimizer steps; returns the last logged metrics."""
+    """Train until ``max_train_steps`` optimizer steps; returns the last logged metrics.
+
+    ``evaluate(step)`` runs every ``settings.eval_steps`` steps and after the last one. ``step_fn`` replaces the
+    preference loss (SFT uses it): ``(model, batch) -> (loss, metric sums, count)``, the sums divided by the summed
+    counts when logged. ``faults``: checkpoints, resume state and the non-finite guard.
+    """
     faults = faults or FaultTolerance()
     state = faults.resume_state or TrainerState()
     state.signature = faults.signature
     faults.guard.skipped = state.nonfinite_skipped
     pending_rng = faults.resume_rng
+    if step_fn is None:
+        def step_fn(m: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+            loss, metrics = preference_step(m, batch, logprob_fn, loss_fn, reference, settings)
+            return loss, metrics, batch["index"].shape[0]
+
+    evaluated_at = -1
+
+    def maybe_evaluate(step: int, last_step: bool) -> None:
+        nonlocal evaluated_at
+        if evaluate is not None and (last_step or (settings.eval_steps and step % settings.eval_steps == 0)):
+            evaluate(step)
+            evaluated_at = step
+
     model.train()
     steps_per_epoch = max(1, math.ceil(len(dataloader) / settings.gradient_accumulation_steps))
     step, tokens_total, last = state.step, state.tokens_total, {}
@@ -154,7 +187,7 @@ def train_loop(
                 pending_rng = None
             seen += 1
             with accelerator.accumulate(model):
-                loss, metrics = preference_step(model, batch, logprob_fn, loss_fn, reference, settings)
+                loss, metrics, count = step_fn(model, batch)
                 loss = faults.guard.maybe_inject(loss, step + 1)
                 finite = faults.guard.check(accelerator, loss, batch["index"], step + 1)
                 if finite:
@@ -165,7 +198,7 @@ def train_loop(
                 scheduler.step()
                 optimizer.zero_grad()
             if finite:
-                interval.add(metrics, pairs=batch["index"].shape[0], tokens=int(batch["attention_mask"].sum()))
+                interval.add(metrics, pairs=count, tokens=int(batch["attention_mask"].sum()))
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -186,6 +219,7 @@ def train_loop(
                 }
                 logger.log(last)
                 interval, interval_start = StepMetrics(), now
+            maybe_evaluate(step, last_step=step >= settings.max_train_steps)
             end_of_epoch = seen >= len(dataloader)
             if faults.policy is not None and faults.policy.due(step, end_of_epoch):
                 # Logging above always ran at a checkpoint step when logging_steps divides it; otherwise the
@@ -198,4 +232,6 @@ def train_loop(
                 bar.close()
                 return last
     bar.close()
+    if evaluated_at != step:  # the data ran out before max_train_steps: evaluate the end state too
+        maybe_evaluate(step, last_step=True)
     return last
