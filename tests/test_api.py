@@ -59,7 +59,7 @@ def test_run_dpo_and_the_cli_give_the_same_metrics(tiny_model_dir, synthetic_dat
     ({"extra": {"not_a_flag": 1}}, "unknown setting.*not_a_flag"),
     ({"eval_every": 5}, "eval_every needs an evaluation set"),
     ({"learning_rate": -1.0}, "--learning_rate must be >= 0"),
-    ({"save_every": 10}, "--checkpointing_steps"),  # mapped, and refused until checkpointing lands
+    ({"save_every": 0}, "--checkpointing_steps must be a positive integer"),  # mapped to the CLI flag
 ])
 def test_config_errors_are_clear(train_kwargs, message, tmp_path):
     train = TrainingConfig(output_dir=str(tmp_path), **train_kwargs)
