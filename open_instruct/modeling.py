@@ -59,7 +59,10 @@ def load_model(args: DPOArguments, tokenizer: Any) -> Any:
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load model {args.model_name_or_path!r}: {err}") from err
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    embedding = model.get_input_embeddings().weight
+    # Under ZeRO-3 each rank holds an empty shard (shape [0]); ds_shape is the full shape. transformers gathers the
+    # partitioned weights inside resize_token_embeddings.
+    if len(tokenizer) > getattr(embedding, "ds_shape", embedding.shape)[0]:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
     if args.gradient_checkpointing or args.activation_memory_budget < 1.0:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
