@@ -79,9 +79,11 @@ def _losses(out: Path) -> list[float]:
 def report_timings(request):
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter and TIMINGS:
-        reporter.write_line("distributed test launches: " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items())
-                            + f" (total {sum(TIMINGS.values()):.0f}s)")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter and capture and TIMINGS:
+        with capture.global_and_fixture_disabled():  # shown even when the tests pass
+            reporter.write_line("\ndistributed test launches: " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items())
+                                + f" (total {sum(TIMINGS.values()):.0f}s)")
 
 
 @pytest.fixture(scope="module")
