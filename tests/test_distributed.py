@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, cli_env, read_metrics, small_run_args
 
 from open_instruct.config import DPOArguments, UserError
 from open_instruct.distributed import (
@@ -24,8 +25,6 @@ from open_instruct.distributed import (
     build_deepspeed_config,
     resolve_deepspeed_config,
 )
-
-from conftest import ROOT, cli_env, read_metrics, small_run_args
 
 TIMINGS: dict[str, float] = {}
 # lr 1e-3 on the tiny model over 8 steps; clipping at 0.5 engages (checked below), so a dropped setting would show.
@@ -151,6 +150,36 @@ def test_zero3_with_accumulation_matches_and_saves_full_model(tiny_model_dir, sy
         off = (saved[name] - weight).abs().max().item()
         assert off <= max(2e-4, 0.02 * moved), f"{name}: {off} away from the trained weights (update {moved})"
     assert max((trained[n] - initial[n]).abs().max().item() for n in trained) > 1e-3
+
+
+@pytest.mark.slow
+def test_zero3_grows_partitioned_embeddings_for_an_added_token(tmp_path, synthetic_data):
+    """A model one row short of its tokenizer, loaded partitioned (ZeRO-3 init): the embeddings grow to a multiple of
+    8 with the mean row, and the gathered final save holds exactly that (learning rate 0: nothing else changes)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from open_instruct.data.synthetic import write_tiny_model
+
+    vocab = len(AutoTokenizer.from_pretrained(write_tiny_model(tmp_path / "probe", seed=0)))
+    model_dir = write_tiny_model(tmp_path / "short", seed=0, vocab_size=vocab - 1)
+    initial = load_file(model_dir / "model.safetensors")
+    out = tmp_path / "out"
+    flags = _flags(model_dir, synthetic_data[0], out, per_device_train_batch_size="4", learning_rate="0",
+                   max_train_steps="1", zero_stage="3")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "open_instruct/dpo_tune_cache.py", *flags]
+    _run("zero3 embedding resize", [command], _env(tmp_path / "cache"))
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    rows = -(-vocab // 8) * 8
+    assert saved.config.vocab_size == rows
+    for name, weight in (("model.embed_tokens.weight", saved.get_input_embeddings().weight),
+                         ("lm_head.weight", saved.get_output_embeddings().weight)):
+        old = initial[name]
+        assert weight.shape == (rows, old.shape[1]), name
+        torch.testing.assert_close(weight[: vocab - 1], old, rtol=0, atol=0)
+        torch.testing.assert_close(weight[vocab - 1:], old.mean(0).expand(rows - vocab + 1, -1), rtol=1e-6,
+                                   atol=1e-6)
 
 
 # --- the config logic, without processes -------------------------------------------------------------------------
