@@ -171,12 +171,25 @@ def deepspeed_plugin(args: DPOArguments, env: dict[str, str] | None = None) -> A
     return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=config["zero_optimization"].get("stage") == 3)
 
 
+def _check_launcher_flags(args: DPOArguments, env: dict[str, str]) -> None:
+    """``accelerate launch --gradient_accumulation_steps / --gradient_clipping`` would silently replace our flags."""
+    launcher_gas = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if launcher_gas is not None and int(launcher_gas) != args.gradient_accumulation_steps:
+        raise UserError(f"accelerate launch --gradient_accumulation_steps {launcher_gas} disagrees with the recipe's "
+                        f"--gradient_accumulation_steps {args.gradient_accumulation_steps}; set it in one place")
+    launcher_clip = env.get("ACCELERATE_GRADIENT_CLIPPING")
+    if launcher_clip not in (None, "auto") and float(launcher_clip) != max(args.max_grad_norm, 0.0):
+        raise UserError(f"accelerate launch --gradient_clipping {launcher_clip} disagrees with the recipe's "
+                        f"--max_grad_norm {args.max_grad_norm}; set it in one place")
+
+
 def accelerator_options(args: DPOArguments, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``Accelerator``: the DeepSpeed plugin, and the process-group settings a CPU-only
     machine needs (accelerate picks no backend there, so several processes would each train alone)."""
     import torch
 
     env = dict(os.environ) if env is None else env
+    _check_launcher_flags(args, env)
     plugin = deepspeed_plugin(args, env)
     several = int(env.get("WORLD_SIZE", "1")) > 1
     cpu_only = not torch.cuda.is_available()

@@ -153,6 +153,17 @@ def test_zero3_with_accumulation_matches_and_saves_full_model(tiny_model_dir, sy
 
 
 @pytest.mark.slow
+def test_plain_data_parallel_on_cpu_matches(tiny_model_dir, synthetic_data, baseline, tmp_path):
+    """No DeepSpeed: 2 processes under torchrun are one data-parallel job (gloo), not two runs training alone."""
+    flags = _flags(tiny_model_dir, synthetic_data[0], tmp_path / "out", per_device_train_batch_size="2",
+                   gradient_accumulation_steps="2")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "open_instruct/dpo_tune_cache.py", *flags]
+    _run("ddp torchrun", [command], _env(tmp_path / "cache"))
+    _check_against_baseline(tmp_path, baseline)
+
+
+@pytest.mark.slow
 def test_zero3_grows_partitioned_embeddings_for_an_added_token(tmp_path, synthetic_data):
     """A model one row short of its tokenizer, loaded partitioned (ZeRO-3 init): the embeddings grow to a multiple of
     8 with the mean row, and the gathered final save holds exactly that (learning rate 0: nothing else changes)."""
@@ -292,3 +303,12 @@ def test_cpu_process_group_settings():
     assert accelerator_options(_args(), env=several) == {"deepspeed_plugin": None, "cpu": True, "backend": None}
     options = accelerator_options(_args(zero_stage=2), env=several)
     assert options["backend"] == "gloo" and options["cpu"] is False and options["deepspeed_plugin"] is not None
+
+
+def test_launcher_accumulation_or_clipping_that_disagrees_is_an_error():
+    with pytest.raises(UserError, match="--gradient_accumulation_steps 4 disagrees"):
+        accelerator_options(_args(gradient_accumulation_steps=2), env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
+    with pytest.raises(UserError, match="--gradient_clipping 1.0 disagrees"):
+        accelerator_options(_args(), env={"ACCELERATE_GRADIENT_CLIPPING": "1.0"})
+    accelerator_options(_args(gradient_accumulation_steps=4, max_grad_norm=1.0),
+                        env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4", "ACCELERATE_GRADIENT_CLIPPING": "1.0"})
