@@ -226,7 +226,7 @@ def dpo_arguments(model: str, train: TrainingConfig, dpo: DPOConfig, dataset: Pr
         raise UserError(f"max_length and max_prompt_length must be >= 1, got {dpo.max_length}, {dpo.max_prompt_length}")
     values.update(model_name_or_path=model, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
                   loss_type=dpo.loss_type, gamma_beta_ratio=dpo.gamma_beta_ratio, reference_free=dpo.reference_free,
-                  max_seq_length=dpo.max_prompt_length + dpo.max_length)
+                  max_seq_length=dpo.max_prompt_length + dpo.max_length, max_response_length=dpo.max_length)
     if dpo.reference_cache_dir:
         values["reference_logprobs_cache_path"] = dpo.reference_cache_dir
     if tokenizer_name:

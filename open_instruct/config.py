@@ -114,6 +114,9 @@ class DPOArguments:
                                         choices=CHAT_TEMPLATES)
     add_bos: bool = _f(False, "Prepend the BOS token when the chat template does not.")
     max_seq_length: int = _f(2048, "Maximum tokens per sequence (prompt + reply).")
+    max_response_length: int | None = _f(
+        None, "Cut each reply to at most N tokens, EOS included (TRL's max_completion_length).",
+        aliases=("max_completion_length",))
     max_train_samples: int | None = _f(None, "Use at most this many training pairs.")
     cache_dataset_only: bool = _f(False, "Prepare and cache the tokenized dataset, then exit.")
     dataset_local_cache_dir: str = _f("local_dataset_cache", "Where prepared (tokenized) datasets are cached.")
@@ -218,7 +221,7 @@ def validate(args: DPOArguments) -> None:
                  "num_epochs", "logprob_chunk_size"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_train_steps", "max_train_samples", "reference_batch_size", "max_tokens_per_batch", "eval_steps"):
+    for name in ("max_train_steps", "max_train_samples", "max_response_length", "reference_batch_size", "max_tokens_per_batch", "eval_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1, got {value}")

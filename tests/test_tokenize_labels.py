@@ -58,3 +58,16 @@ def test_truncation_and_drops(tokenizer):
     cut = records[1]
     assert len(cut["chosen_input_ids"]) == 12
     assert sum(1 for t in cut["chosen_labels"] if t != IGNORE_INDEX) == 12 - 6
+
+
+def test_max_response_length_cuts_each_reply(tokenizer):
+    pairs = [pair(3, 20, 0), pair(3, 2, 1)]
+    records, stats = tokenize_pairs(tokenizer, pairs, max_seq_length=100, max_response_length=5)
+    long_reply, short_reply = records
+    # The long chosen reply (20 words + EOS) keeps exactly its first 5 tokens; its prompt is untouched.
+    assert [t for t in long_reply["chosen_labels"] if t != IGNORE_INDEX] == tokenizer.convert_tokens_to_ids(["dog"] * 5)
+    assert len(long_reply["chosen_input_ids"]) == 6 + 5
+    # Short replies (2 words + EOS, 1 word + EOS) are kept whole.
+    assert sum(1 for t in short_reply["chosen_labels"] if t != IGNORE_INDEX) == 3
+    assert sum(1 for t in long_reply["rejected_labels"] if t != IGNORE_INDEX) == 2
+    assert stats.truncated == 1

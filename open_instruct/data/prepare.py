@@ -38,6 +38,7 @@ def _key_inputs(args: DPOArguments, tokenizer: Any, train: list[MixEntry], evalu
         "train": describe(train), "eval": describe(evaluation), "eval_fraction": args.eval_fraction,
         "format": args.dataset_format, "skip_invalid_rows": args.skip_invalid_rows, "seed": args.seed,
         "max_train_samples": args.max_train_samples, "max_seq_length": args.max_seq_length,
+        "max_response_length": args.max_response_length,
         "add_bos": args.add_bos, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
     }
 
@@ -52,14 +53,16 @@ def _cap(pairs: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict
 
 def _tokenize_mix(args: DPOArguments, tokenizer: Any, train_pairs: list, eval_pairs: list,
                   mix_stats: dict[str, Any]) -> tuple[list, list, dict[str, Any]]:
-    records, tok_stats = tokenize_pairs(tokenizer, train_pairs, args.max_seq_length, args.add_bos)
+    records, tok_stats = tokenize_pairs(tokenizer, train_pairs, args.max_seq_length, args.add_bos,
+                                       args.max_response_length)
     if not records:
         raise UserError(f"no trainable pairs left out of {len(train_pairs)} (dropped: {tok_stats.dropped}); "
                         f"check --max_seq_length {args.max_seq_length}")
     stats = build_statistics(mix_stats, len(train_pairs), tok_stats, records)
     eval_records: list[dict[str, Any]] = []
     if eval_pairs:
-        eval_records, eval_tok = tokenize_pairs(tokenizer, eval_pairs, args.max_seq_length, args.add_bos)
+        eval_records, eval_tok = tokenize_pairs(tokenizer, eval_pairs, args.max_seq_length, args.add_bos,
+                                                   args.max_response_length)
         stats["eval"] = {"pairs": len(eval_pairs), "kept": eval_tok.kept, "dropped": eval_tok.dropped,
                          "truncated": eval_tok.truncated}
     return records, eval_records, stats

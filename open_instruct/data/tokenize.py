@@ -89,11 +89,12 @@ def tokenize_side(
 
 
 def tokenize_pairs(
-    tokenizer: Any, pairs: list[dict[str, Any]], max_seq_length: int, add_bos: bool = False
+    tokenizer: Any, pairs: list[dict[str, Any]], max_seq_length: int, add_bos: bool = False,
+    max_response_length: int | None = None,
 ) -> tuple[list[dict[str, Any]], TokenizeStats]:
     """Tokenize normalized pairs into ``{index, chosen_input_ids, chosen_labels, rejected_input_ids,
     rejected_labels}``; a pair whose prompt alone fills ``max_seq_length`` is dropped, longer replies are cut at the
-    end. ``index`` is renumbered 0..kept-1 in order (the reference cache is a table by index)."""
+    end (at ``max_response_length`` reply tokens too, when given). ``index`` is renumbered 0..kept-1 in order (the reference cache is a table by index)."""
     stats = TokenizeStats()
     eos, bos = tokenizer.eos_token, tokenizer.bos_token_id
     prompts, fulls = [], []
@@ -124,6 +125,8 @@ def tokenize_pairs(
             if n_prompt >= max_seq_length:
                 drop_reason = PROMPT_TOO_LONG
                 break
+            if max_response_length is not None and len(ids) - n_prompt > max_response_length:
+                ids, was_cut = ids[:n_prompt + max_response_length], True
             if len(ids) > max_seq_length:
                 ids, was_cut = ids[:max_seq_length], True
             if n_prompt >= len(ids):
