@@ -153,10 +153,10 @@ class DPOArguments:
     logprob_chunk_size: int = _f(1024, "Tokens per chunk of the output projection in the chunked log-probs.")
 
     # --- distributed ------------------------------------------------------------------------------------------
-    zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (0-3) when no DeepSpeed config is given.")
+    zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (0-3); with --deepspeed_config it overrides the file's.")
     offload_optimizer: bool = _f(False, "ZeRO: offload optimizer state to CPU.")
     offload_param: bool = _f(False, "ZeRO-3: offload parameters to CPU.")
-    deepspeed_config: str | None = _f(None, "Path of a DeepSpeed JSON config (overrides --zero_stage).")
+    deepspeed_config: str | None = _f(None, "Path of a DeepSpeed JSON config ('auto' fields are filled from our flags).")
     timeout: int = _f(1800, "Seconds before a collective operation times out.")
 
     def __post_init__(self) -> None:
@@ -181,7 +181,6 @@ class DPOArguments:
 # Flags declared above whose behaviour is not built yet. Passing a non-default value is an error, never ignored.
 NOT_YET_SUPPORTED: tuple[str, ...] = (
     "packing", "max_tokens_per_batch", "group_by_length",
-    "zero_stage", "offload_optimizer", "offload_param", "deepspeed_config",
 )
 
 

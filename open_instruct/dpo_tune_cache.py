@@ -38,16 +38,21 @@ def preflight(args: DPOArguments) -> None:
 
 
 def build_accelerator(args: DPOArguments):
-    """accelerate's Accelerator for this run (DeepSpeed when launched with it)."""
+    """accelerate's Accelerator for this run (DeepSpeed ZeRO from the flags, a config file or the launcher)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
+    from open_instruct.distributed import accelerator_options
+
+    options = accelerator_options(args)
+    group = {"backend": options["backend"]} if options["backend"] else {}
     return Accelerator(
+        deepspeed_plugin=options["deepspeed_plugin"], cpu=options["cpu"],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with="wandb" if args.with_tracking else None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout), **group)],
     )
 
 

@@ -12,6 +12,7 @@ Three implementations with one contract (``sequence_logprobs``):
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,11 +85,27 @@ def full_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 def decoder_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           **forward_kwargs: Any) -> torch.Tensor:
-    """Final hidden states ``[N, L, H]`` from the model's decoder, skipping the output projection."""
+    """Final hidden states ``[N, L, H]`` from the model's decoder, skipping the output projection.
+
+    A wrapped model (DeepSpeed engine, DDP) is called through the wrapper, never around it: the wrapper's forward does
+    per-forward bookkeeping (DeepSpeed >= 0.19 advances ZeRO's gradient-accumulation micro-step there; without it
+    each micro-batch's gradients replace the previous ones instead of adding up). The decoder's output is taken with
+    a forward hook, and the head runs on one position per row only (``logits_to_keep=1``).
+    """
     inner = unwrap_model(model)
     decoder = getattr(inner, inner.base_model_prefix)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
-    return out.last_hidden_state
+    if model is inner:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       **forward_kwargs).last_hidden_state
+    captured: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda _module, _args, out: captured.append(out.last_hidden_state))
+    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+        forward_kwargs = {"logits_to_keep": 1, **forward_kwargs}
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def chunked_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
