@@ -183,3 +183,35 @@ def test_skip_nonfinite_batches_tolerates_and_counts(tiny_model_dir, synthetic_d
     assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 1]
     assert all(isinstance(r["train_loss"], float) for r in (rows[0], rows[2]))
     assert (out / "model.safetensors").is_file()
+
+
+def test_two_process_zero2_resume_matches_uninterrupted(tiny_model_dir, synthetic_data, tmp_path):
+    """torchrun, 2 CPU processes, DeepSpeed ZeRO-2: resuming mid-epoch from a copy of step_4 continues exactly."""
+    import socket
+
+    def launch(out: Path) -> subprocess.CompletedProcess:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        flags = small_run_args(tiny_model_dir, synthetic_data[0], out, mixer_list=[str(synthetic_data[0]), "40"],
+                               per_device_train_batch_size="4", gradient_accumulation_steps="2", num_epochs="2",
+                               checkpointing_steps="2", keep_last_n_checkpoints="-1", zero_stage="2",
+                               reference_batch_size="8")
+        env = {**cli_env(tmp_path / "cache"), "DS_ACCELERATOR": "cpu", "ACCELERATE_LOG_LEVEL": "error"}
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(port), "open_instruct/dpo_tune_cache.py", *flags], env=env,
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch(full)
+    assert json.loads((full / "step_4" / "trainer_state.json").read_text())["batches_in_epoch"] == 2  # mid-epoch
+    resumed.mkdir()
+    shutil.copytree(full / "step_4", resumed / "step_4")
+    result = launch(resumed)
+    assert "resumed at optimizer step 4 (epoch 1, 2 micro-batches into it)" in result.stdout
+    expected, got = _losses(full), _losses(resumed)
+    assert sorted(got) == [5, 6]
+    for step in got:
+        assert got[step][0] == pytest.approx(expected[step][0], abs=1e-6), f"train_loss differs at step {step}"
