@@ -117,9 +117,12 @@ class DPOArguments:
     reference_logprobs_cache_path: str = _f(
         "", "Folder of the reference log-prob cache (default: $REFERENCE_LOGPROBS_CACHE_PATH or ~/.cache/...)."
     )
-    packing: bool = _f(False, "Padding-free batches: sequences laid end to end.", aliases=("padding_free",))
-    max_tokens_per_batch: int | None = _f(None, "Token budget per packed micro-batch.")
-    group_by_length: bool = _f(False, "Batch pairs of similar length (padded path).")
+    packing: bool = _f(False, "Padding-free batches: a micro-batch's sequences laid end to end in one row, each "
+                       "attending only to itself (also for the reference pass).", aliases=("padding_free",))
+    max_tokens_per_batch: int | None = _f(
+        None, "Token budget per micro-batch (packed: real tokens; padded: rows x longest): micro-batches hold as many "
+        "pairs as fit, instead of --per_device_train_batch_size pairs.")
+    group_by_length: bool = _f(False, "Batch pairs of similar length, batches still in shuffled order (less padding).")
     reference_batch_size: int | None = _f(None, "Batch size of the reference pass (default: 2x training).")
 
     # --- optimisation -----------------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ NOT_YET_SUPPORTED: tuple[str, ...] = (
     "use_liger_kernel", "separate_forward", "nll_loss_weight",
     "use_lora", "use_qlora", "merge_lora", "load_balancing_loss",
     "eval_mixer_list", "eval_fraction", "eval_steps",
-    "cache_dataset_only", "packing", "max_tokens_per_batch", "group_by_length",
+    "cache_dataset_only",
     "zero_stage", "offload_optimizer", "offload_param", "deepspeed_config",
 )
 

@@ -36,9 +36,12 @@ def build_accelerator(args: DPOArguments):
     )
 
 
-def optimizer_steps(num_pairs: int, args: DPOArguments, world_size: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) for this many pairs on this many ranks."""
-    batches_per_rank = math.ceil(math.ceil(num_pairs / args.per_device_train_batch_size) / world_size)
+def optimizer_steps(num_pairs: int, args: DPOArguments, world_size: int,
+                    num_batches: int | None = None) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for this many pairs (or micro-batches) on this many ranks."""
+    if num_batches is None:
+        num_batches = math.ceil(num_pairs / args.per_device_train_batch_size)
+    batches_per_rank = math.ceil(num_batches / world_size)
     per_epoch = max(1, math.ceil(batches_per_rank / args.gradient_accumulation_steps))
     return per_epoch, args.max_train_steps or per_epoch * args.num_epochs
 
@@ -46,16 +49,17 @@ def optimizer_steps(num_pairs: int, args: DPOArguments, world_size: int) -> tupl
 def run(args: DPOArguments) -> Path:
     """Train one DPO model; returns the folder holding the final checkpoint."""
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
     from open_instruct import reference_cache
     from open_instruct.checkpointing import save_final_model
-    from open_instruct.data.collate import PaddedPairCollator
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
+    from open_instruct.data.sampler import pair_dataloader
     from open_instruct.logprobs import sequence_logprobs
     from open_instruct.losses import LossSettings, get_loss
     from open_instruct.modeling import load_model, load_tokenizer
+    from open_instruct.packing import packed_sequence_logprobs, prepare_model_for_packing
+    from open_instruct.perf import FlopCounter, peak_flops
     from open_instruct.tracking import MetricsLogger
     from open_instruct.trainer import LoopSettings, train_loop
 
@@ -76,11 +80,14 @@ def run(args: DPOArguments) -> Path:
 
     # 3. Model, optimizer, schedule, dataloaders, under accelerate (DeepSpeed ZeRO when configured).
     model = load_model(args, tokenizer)
+    if args.packing:
+        accelerator.print(f"packing: attention {prepare_model_for_packing(model)}")
+    flop_counter = FlopCounter(model)  # before ZeRO-3 partitions the weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    collate = PaddedPairCollator(tokenizer.pad_token_id)
-    train_loader = DataLoader(data.records, batch_size=args.per_device_train_batch_size, shuffle=True,
-                              collate_fn=collate)
-    steps_per_epoch, total_steps = optimizer_steps(len(data.records), args, accelerator.num_processes)
+    train_loader = pair_dataloader(data.records, tokenizer.pad_token_id, args.per_device_train_batch_size, args.seed,
+                                   args.packing, args.max_tokens_per_batch, args.group_by_length)
+    steps_per_epoch, total_steps = optimizer_steps(len(data.records), args, accelerator.num_processes,
+                                                   len(train_loader))
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     schedule = "constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
@@ -98,15 +105,17 @@ def run(args: DPOArguments) -> Path:
         (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
 
     def logprob_fn(m, batch):
+        if args.packing:
+            return packed_sequence_logprobs(m, batch, chunk_size=args.logprob_chunk_size)
         return sequence_logprobs(m, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                  chunk_size=args.logprob_chunk_size)
 
     # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash.
     reference = None
     if args.needs_reference:
-        ref_loader = accelerator.prepare_data_loader(DataLoader(
-            data.records, batch_size=args.reference_batch_size or 2 * args.per_device_train_batch_size,
-            shuffle=False, collate_fn=collate))
+        ref_loader = accelerator.prepare_data_loader(pair_dataloader(
+            data.records, tokenizer.pad_token_id, args.reference_batch_size or 2 * args.per_device_train_batch_size,
+            args.seed, packing=args.packing, shuffle=False))
         key = reference_cache.fingerprint({
             "model": reference_cache.model_fingerprint(args.model_name_or_path, args.model_revision),
             "data": reference_cache.dataset_fingerprint(data.records),
@@ -123,6 +132,7 @@ def run(args: DPOArguments) -> Path:
         num_epochs=num_epochs, max_train_steps=total_steps, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, length_normalized=length_normalized,
         loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio),
+        flops_fn=flop_counter, peak_flops=peak_flops(accelerator.device),
     )
     logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
     train_loop(accelerator, model, optimizer, scheduler, train_loader, reference, logprob_fn, loss_fn, settings, logger)
