@@ -82,7 +82,8 @@ class PairBatchSampler:
     def __init__(self, records: list[dict[str, Any]], seed: int, batch_size: int, max_tokens: int | None = None,
                  group_by_length: bool = False, packed: bool = False, shuffle: bool = True) -> None:
         self.chosen, self.rejected = pair_lengths(records)
-        self.lengths = [c + r for c, r in zip(self.chosen, self.rejected)]
+        # What a pair costs: its real tokens when packed, its longer side when padded (rows pad to the longest).
+        self.lengths = [c + r if packed else max(c, r) for c, r in zip(self.chosen, self.rejected)]
         # Not named batch_size: accelerate's sharding then treats batches as variable-length lists, which they are.
         self.seed, self.pairs_per_batch, self.max_tokens = seed, batch_size, max_tokens
         self.group_by_length, self.shuffle, self.epoch = group_by_length, shuffle, 0
