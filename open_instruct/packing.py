@@ -44,11 +44,12 @@ def varlen_sdpa_attention(
         return out.transpose(1, 2).contiguous(), None
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
-    bounds = cu_seq_lens_q.tolist()
+    # One split (its backward is one concatenation), not per-sequence slicing: each slice's backward would
+    # allocate and zero a gradient the size of the whole row.
+    lengths = cu_seq_lens_q.diff().tolist()
     pieces = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
-                                       scale=scaling, is_causal=True)
-        for s, e in zip(bounds[:-1], bounds[1:]) if e > s
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
     return out.transpose(1, 2).contiguous(), None
