@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -145,10 +146,26 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     return {k: _coerce(v, hints[k], k, str(path)) for k, v in values.items()}
 
 
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """``--flag -1e-5`` -> ``--flag=-1e-5``: argparse would take a negative number in exponent form for an option."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-"):
+            try:
+                float(token)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={token}"
+                continue
+        out.append(token)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> DPOArguments:
     """Parse a YAML recipe (optional) and flags into validated-by-type DPOArguments."""
     parser = build_parser()
-    namespace = parser.parse_args(argv)
+    namespace = parser.parse_args(_attach_negative_numbers(list(sys.argv[1:] if argv is None else argv)))
     values: dict[str, Any] = {}
     if namespace.config_file:
         values.update(load_yaml_config(namespace.config_file))

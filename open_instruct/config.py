@@ -72,7 +72,9 @@ class DPOArguments:
     attn_implementation: str | None = _f(
         None, "Attention kernel: flash_attention_3, flash_attention_2, sdpa or eager (default: best available)."
     )
-    low_cpu_mem_usage: bool = _f(False, "Load weights without a full extra copy in CPU memory.")
+    low_cpu_mem_usage: bool = _f(
+        False, "Load weights without a full extra copy in CPU memory (always the case with transformers >= 5)."
+    )
     additional_model_arguments: str | None = _f(None, "JSON object of extra from_pretrained keyword arguments.")
     mixed_precision: str | None = _f(
         None, "no, bf16 or fp16 (default: what accelerate launch says, else no).", choices=("no", "bf16", "fp16")
@@ -81,14 +83,15 @@ class DPOArguments:
     activation_memory_budget: float = _f(1.0, "Below 1.0 turns on gradient checkpointing.")
     use_liger_kernel: bool = _f(False, "Liger fused kernels (CUDA only; falls back to chunked log-probs on CPU).")
     use_lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
-    use_qlora: bool = _f(False, "QLoRA: 4-bit NF4 base model (needs CUDA and bitsandbytes).")
+    use_qlora: bool = _f(False, "QLoRA: LoRA on a 4-bit NF4 base model (needs CUDA and bitsandbytes; implies LoRA).")
     lora_rank: int = _f(64, "LoRA rank.")
     lora_alpha: float = _f(16, "LoRA alpha.")
     lora_dropout: float = _f(0.1, "LoRA dropout.")
     lora_target_modules: list[str] = _f(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Modules that get adapters."
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module-name suffixes that get adapters (or all-linear)."
     )
-    merge_lora: bool = _f(False, "Also save merged full weights after LoRA training.")
+    merge_lora: bool = _f(False, "Also save merged full weights (into <output_dir>/merged) after LoRA training.")
     load_balancing_loss: bool = _f(False, "Add the MoE router load-balancing loss.")
     load_balancing_weight: float = _f(0.001, "Weight of the load-balancing loss.")
 
@@ -102,8 +105,8 @@ class DPOArguments:
                                     aliases=("dataset_mixer_eval_list",))
     eval_mixer_list_splits: list[str] = _f(["test"], "Split per evaluation dataset.",
                                            aliases=("dataset_mixer_eval_list_splits",))
-    eval_fraction: float = _f(0.0, "Hold out this fraction of the training mix for evaluation.")
-    eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and at the end).")
+    eval_fraction: float = _f(0.0, "Hold out this fraction of each training dataset's valid rows for evaluation.")
+    eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and at the end); needs an evaluation set.")
     dataset_format: str = _f("auto", "Row format of every dataset (auto: detected from columns).",
                              choices=DATASET_FORMATS)
     skip_invalid_rows: bool = _f(False, "Drop malformed rows with a summary instead of stopping.")
@@ -111,6 +114,9 @@ class DPOArguments:
                                         choices=CHAT_TEMPLATES)
     add_bos: bool = _f(False, "Prepend the BOS token when the chat template does not.")
     max_seq_length: int = _f(2048, "Maximum tokens per sequence (prompt + reply).")
+    max_response_length: int | None = _f(
+        None, "Cut each reply to at most N tokens, EOS included (TRL's max_completion_length).",
+        aliases=("max_completion_length",))
     max_train_samples: int | None = _f(None, "Use at most this many training pairs.")
     cache_dataset_only: bool = _f(False, "Prepare and cache the tokenized dataset, then exit.")
     dataset_local_cache_dir: str = _f("local_dataset_cache", "Where prepared (tokenized) datasets are cached.")
@@ -131,6 +137,7 @@ class DPOArguments:
     learning_rate: float = _f(5e-7, "Peak learning rate.")
     lr_scheduler_type: str = _f("linear", "Schedule after warmup.", choices=SCHEDULERS)
     warmup_ratio: float = _f(0.1, "Fraction of optimizer steps spent warming up.")
+    warmup_steps: int | None = _f(None, "Optimizer steps spent warming up (overrides --warmup_ratio).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(-1.0, "Clip gradients to this norm (<= 0: no clipping).", aliases=("clip_grad_norm",))
     num_epochs: int = _f(1, "Epochs over the training mix.", aliases=("num_train_epochs",))
@@ -143,15 +150,16 @@ class DPOArguments:
     gamma_beta_ratio: float = _f(0.3, "SimPO target margin divided by beta.", aliases=("dpo_gamma_beta_ratio",))
     nll_loss_weight: float = _f(0.0, "RPO: weight of the chosen reply's NLL added to the loss.")
     reference_free: bool = _f(False, "Use a zero reference (skips the reference pass).")
-    separate_forward: bool = _f(False, "Run chosen and rejected in two forwards (less activation memory).",
-                                aliases=("concatenated_forward_false",))
+    separate_forward: bool = _f(
+        False, "Run chosen and rejected in two forwards, each padded to its own length (lower peak per forward).",
+        aliases=("concatenated_forward_false",))
     logprob_chunk_size: int = _f(1024, "Tokens per chunk of the output projection in the chunked log-probs.")
 
     # --- distributed ------------------------------------------------------------------------------------------
-    zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (0-3) when no DeepSpeed config is given.")
+    zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (0-3); with --deepspeed_config it overrides the file's.")
     offload_optimizer: bool = _f(False, "ZeRO: offload optimizer state to CPU.")
     offload_param: bool = _f(False, "ZeRO-3: offload parameters to CPU.")
-    deepspeed_config: str | None = _f(None, "Path of a DeepSpeed JSON config (overrides --zero_stage).")
+    deepspeed_config: str | None = _f(None, "Path of a DeepSpeed JSON config ('auto' fields are filled from our flags).")
     timeout: int = _f(1800, "Seconds before a collective operation times out.")
 
     def __post_init__(self) -> None:
@@ -176,20 +184,36 @@ class DPOArguments:
 # Flags declared above whose behaviour is not built yet. Passing a non-default value is an error, never ignored.
 NOT_YET_SUPPORTED: tuple[str, ...] = (
     "checkpointing_steps", "resume_from_checkpoint", "skip_nonfinite_batches", "push_to_hub",
-    "use_liger_kernel", "separate_forward", "nll_loss_weight",
-    "use_lora", "use_qlora", "merge_lora", "load_balancing_loss",
-    "eval_mixer_list", "eval_fraction", "eval_steps",
-    "cache_dataset_only",
-    "zero_stage", "offload_optimizer", "offload_param", "deepspeed_config",
 )
+
+
+def _model_option_problems(args: DPOArguments) -> list[str]:
+    """Inconsistent LoRA / MoE / model-loading flags."""
+    problems = []
+    if args.lora_rank < 1:
+        problems.append(f"--lora_rank must be >= 1, got {args.lora_rank}")
+    if args.lora_alpha <= 0:
+        problems.append(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not args.lora_target_modules:
+        problems.append("--lora_target_modules needs at least one module name")
+    if args.merge_lora and not (args.use_lora or args.use_qlora):
+        problems.append("--merge_lora needs --use_lora")
+    if args.merge_lora and args.use_qlora:
+        problems.append("--merge_lora with --use_qlora is not supported (the base is 4-bit): merge the saved adapter "
+                        "into a bf16 copy of the base model with peft's merge_and_unload")
+    if args.load_balancing_weight < 0:
+        problems.append(f"--load_balancing_weight must be >= 0, got {args.load_balancing_weight}")
+    return problems
 
 
 def validate(args: DPOArguments) -> None:
     """Reject out-of-range or inconsistent settings with one clear message, before any work starts."""
     problems = []
-    if args.model_name_or_path is None:
-        problems.append("--model_name_or_path is required")
-    if not args.mixer_list and not args.cache_dataset_only:
+    if args.model_name_or_path is None and not (args.cache_dataset_only and args.tokenizer_name_or_path):
+        problems.append("--model_name_or_path is required (--cache_dataset_only needs only --tokenizer_name_or_path)")
+    if not args.mixer_list:
         problems.append("--mixer_list is required (pairs of DATASET AMOUNT)")
     if len(args.mixer_list) % 2:
         problems.append(f"--mixer_list takes pairs of DATASET AMOUNT, got {len(args.mixer_list)} values")
@@ -199,7 +223,7 @@ def validate(args: DPOArguments) -> None:
                  "num_epochs", "logprob_chunk_size"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_train_steps", "max_train_samples", "reference_batch_size", "max_tokens_per_batch", "eval_steps"):
+    for name in ("max_train_steps", "max_train_samples", "max_response_length", "reference_batch_size", "max_tokens_per_batch", "eval_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1, got {value}")
@@ -215,6 +239,16 @@ def validate(args: DPOArguments) -> None:
         problems.append(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if not 0.0 <= args.eval_fraction < 1.0:
         problems.append(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.label_smoothing > 0 and args.loss_type in ("ipo", "hinge"):
+        problems.append(f"--label_smoothing has no meaning for --loss_type {args.loss_type}")
+    if args.gamma_beta_ratio != DPOArguments.gamma_beta_ratio and args.loss_type != "simpo":
+        problems.append("--gamma_beta_ratio is the SimPO margin; it needs --loss_type simpo")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        problems.append(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if args.eval_mixer_list and args.eval_fraction > 0:
+        problems.append("--eval_mixer_list and --eval_fraction both define the evaluation set; pass one of them")
+    if args.eval_steps is not None and not args.eval_mixer_list and args.eval_fraction == 0:
+        problems.append("--eval_steps needs an evaluation set: pass --eval_mixer_list or --eval_fraction")
     if args.nll_loss_weight < 0:
         problems.append(f"--nll_loss_weight must be >= 0, got {args.nll_loss_weight}")
     if not 0.0 < args.activation_memory_budget <= 1.0:
@@ -222,11 +256,14 @@ def validate(args: DPOArguments) -> None:
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             problems.append(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
+    problems.extend(_model_option_problems(args))
     if args.zero_stage is not None and args.zero_stage not in (0, 1, 2, 3):
         problems.append(f"--zero_stage must be 0, 1, 2 or 3, got {args.zero_stage}")
     defaults = DPOArguments(reference_logprobs_cache_path="unused")
     for name in NOT_YET_SUPPORTED:
         if getattr(args, name) != getattr(defaults, name):
             problems.append(f"--{name} is not supported yet in this version")
+    if args.packing and args.separate_forward:
+        problems.append("--separate_forward splits padded rows; it does not apply to --packing (one row per batch)")
     if problems:
         raise UserError("invalid configuration: " + "; ".join(problems))

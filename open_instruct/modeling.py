@@ -1,14 +1,20 @@
-"""Load the tokenizer and the policy model from a local folder or a hub id."""
+"""Load the tokenizer and the policy model: revisions, attention kernel, quantization, embedding growth, LoRA."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from open_instruct.config import DPOArguments, UserError
+
+ATTN_IMPLEMENTATIONS = ("flash_attention_3", "flash_attention_2", "sdpa", "eager", "flex_attention")
+EMBEDDING_MULTIPLE = 8
 
 
 def _looks_local(name: str) -> bool:
@@ -19,6 +25,67 @@ def check_model_path(name: str | None, what: str = "model") -> None:
     """A local-looking path that does not exist is an error before anything loads."""
     if name and _looks_local(name) and not Path(name).expanduser().exists():
         raise UserError(f"{what} path not found: {name}")
+
+
+def parse_additional_model_arguments(text: str | None) -> dict[str, Any]:
+    """``--additional_model_arguments`` as a dict; anything but a JSON object is a clear error."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--additional_model_arguments is not valid JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise UserError(f"--additional_model_arguments must be a JSON object, got {type(value).__name__}: {text!r}")
+    return value
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def _flash_available(version: int) -> bool:
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    return bool(is_flash_attn_3_available() if version == 3 else is_flash_attn_2_available())
+
+
+def resolve_attn_implementation(requested: str | None) -> tuple[str, str]:
+    """(attention implementation, why): the requested one if usable, else the best available one.
+
+    Best: flash-attention 3 on Hopper (compute capability 9.x), flash-attention 2 on Ampere or newer, when the package
+    is installed; otherwise PyTorch's sdpa. ``eager`` only on request.
+    """
+    capability = _cuda_capability()
+    if requested is not None:
+        if requested not in ATTN_IMPLEMENTATIONS:
+            raise UserError(f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {requested!r}")
+        if requested.startswith("flash_attention"):
+            version = int(requested[-1])
+            if capability is None:
+                raise UserError(f"--attn_implementation {requested} needs a CUDA GPU; none found (use sdpa)")
+            if not _flash_available(version):
+                package = "flash_attn_3 (flash_attn_interface)" if version == 3 else "flash-attn"
+                raise UserError(f"--attn_implementation {requested}: package {package} is not installed or unusable")
+        return requested, "requested"
+    if capability is None:
+        return "sdpa", "default: no CUDA device"
+    if capability[0] == 9 and _flash_available(3):
+        return "flash_attention_3", f"default: compute capability {capability[0]}.{capability[1]}"
+    if capability[0] >= 8 and _flash_available(2):
+        return "flash_attention_2", f"default: compute capability {capability[0]}.{capability[1]}"
+    return "sdpa", f"default: no usable flash-attention for compute capability {capability[0]}.{capability[1]}"
+
+
+def check_model_options(args: DPOArguments) -> None:
+    """Environment checks of the model flags (CUDA, packages, attention), run before any data or model work."""
+    parse_additional_model_arguments(args.additional_model_arguments)
+    resolve_attn_implementation(args.attn_implementation)
+    if args.use_qlora:
+        if not torch.cuda.is_available():
+            raise UserError("--use_qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); none found on this machine")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--use_qlora needs bitsandbytes: pip install 'open_instruct[qlora]'")
 
 
 def load_tokenizer(args: DPOArguments) -> Any:
@@ -45,23 +112,97 @@ def load_tokenizer(args: DPOArguments) -> Any:
     return tokenizer
 
 
-def load_model(args: DPOArguments, tokenizer: Any) -> Any:
-    """The policy model; its embeddings grow (to a multiple of 8) when the tokenizer gained tokens."""
+def _quantization_config() -> Any:
+    from transformers import BitsAndBytesConfig
+
+    # quant_storage bf16 lets ZeRO-3 / FSDP shard the packed 4-bit weights like ordinary bf16 tensors.
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+
+
+def grow_embeddings(model: Any, min_rows: int, multiple: int = EMBEDDING_MULTIPLE) -> tuple[int, int]:
+    """Grow input and output embeddings to ``min_rows`` rounded up to ``multiple``; new rows get the mean of the old.
+
+    The mean row gives an added token (e.g. a pad token) an average embedding and, in the output layer, an average
+    logit, so the model's distribution over the old vocabulary barely moves. Works on ZeRO-3-partitioned weights.
+    Returns (old rows, new rows).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    old = model.get_input_embeddings().num_embeddings  # num_embeddings stays right when ZeRO-3 empties .weight
+    if min_rows <= old:
+        return old, old
+    model.resize_token_embeddings(min_rows, pad_to_multiple_of=multiple, mean_resizing=False)
+    params = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not params[0]:
+        params.append(head.weight)
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    else:
+        gathered = nullcontext()
+    with gathered, torch.no_grad():
+        for weight in params:
+            weight[old:] = weight[:old].float().mean(dim=0).to(weight.dtype)
+    return old, model.get_input_embeddings().num_embeddings
+
+
+def load_model(args: DPOArguments, tokenizer: Any, log: Callable[[str], None] = print) -> Any:
+    """The policy model; its embeddings grow (to a multiple of 8) when the tokenizer gained tokens; LoRA if asked."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(args.model_name_or_path)
-    extra = json.loads(args.additional_model_arguments) if args.additional_model_arguments else {}
+    extra = parse_additional_model_arguments(args.additional_model_arguments)
+    attn, why = resolve_attn_implementation(args.attn_implementation)
+    log(f"model: attention implementation {attn} ({why})")
+    options: dict[str, Any] = {"dtype": torch.float32}
+    if args.use_qlora:
+        check_model_options(args)
+        options = {"dtype": torch.bfloat16, "quantization_config": _quantization_config(),
+                   "device_map": {"": torch.cuda.current_device()}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             args.model_name_or_path, revision=args.model_revision, trust_remote_code=args.trust_remote_code,
-            attn_implementation=args.attn_implementation or "sdpa", low_cpu_mem_usage=args.low_cpu_mem_usage,
-            dtype=torch.float32, **extra,
+            attn_implementation=attn, low_cpu_mem_usage=args.low_cpu_mem_usage, **{**options, **extra},
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise UserError(f"could not load model {args.model_name_or_path!r}: {err}") from err
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
-    if args.gradient_checkpointing or args.activation_memory_budget < 1.0:
+    if args.load_balancing_loss:
+        from open_instruct.moe import require_moe
+
+        experts, top_k = require_moe(model.config, args.model_name_or_path)
+        log(f"model: MoE with {experts} experts, top-{top_k}; load-balancing loss weight {args.load_balancing_weight}")
+    old, new = grow_embeddings(model, len(tokenizer))
+    if new != old:
+        log(f"model: embeddings grown from {old} to {new} rows for a tokenizer of {len(tokenizer)} tokens "
+            f"(new rows = mean of the old ones)")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if (args.gradient_checkpointing or args.activation_memory_budget < 1.0) and not args.use_qlora:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if args.use_lora or args.use_qlora:
+        from open_instruct.lora import LoraSettings, apply_lora, describe
+
+        model = apply_lora(model, LoraSettings(
+            rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+            target_modules=tuple(args.lora_target_modules), quantized=args.use_qlora,
+            gradient_checkpointing=args.gradient_checkpointing or args.activation_memory_budget < 1.0,
+        ))
+        log(f"model: {'QLoRA (4-bit NF4 base)' if args.use_qlora else 'LoRA'}: {describe(model)}")
     return model
+
+
+def reference_identity(args: DPOArguments, model: Any) -> dict[str, Any]:
+    """Model settings that change reference log-probs, for the reference-cache key (the weights are hashed apart)."""
+    from open_instruct.logprobs import unwrap_model
+
+    return {
+        "model_revision": args.model_revision,
+        "tokenizer_revision": args.tokenizer_revision,
+        "additional_model_arguments": parse_additional_model_arguments(args.additional_model_arguments),
+        "quantization": "nf4-double-bf16" if args.use_qlora else None,
+        "vocab_rows": unwrap_model(model).get_input_embeddings().num_embeddings,
+    }

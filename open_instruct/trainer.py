@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from open_instruct.logprobs import SequenceLogprobs
-from open_instruct.losses import LossFn, LossSettings, PreferenceLogps
+from open_instruct.logprobs import SequenceLogprobs, pair_logprobs
+from open_instruct.losses import LossFn, LossOutput, LossSettings, PreferenceLogps
+from open_instruct.moe import capture_router_logits
 from open_instruct.perf import mfu
 from open_instruct.reference_cache import ReferenceLogps
 from open_instruct.tracking import MetricsLogger
@@ -19,6 +21,9 @@ from open_instruct.tracking import MetricsLogger
 # Metrics averaged over the pairs of an optimizer step (summed here, divided by the pair count when logged).
 PAIR_METRICS = ("train_loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected",
                 "rewards/average", "rewards/accuracy", "rewards/margin")
+
+
+StepFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
 
 
 @dataclass
@@ -32,6 +37,9 @@ class LoopSettings:
     logging_steps: int
     length_normalized: bool
     loss_settings: LossSettings
+    separate_forward: bool = False
+    load_balancing_weight: float | None = None  # set: add the MoE router load-balancing loss, log it as aux_loss
+    eval_steps: int | None = None
     flops_fn: Any = None  # batch -> training FLOPs (open_instruct.perf.FlopCounter); with peak_flops, logs MFU
     peak_flops: float | None = None  # the device's peak FLOP/s; None (CPU, unknown GPU): no perf/mfu_step
 
@@ -59,31 +67,48 @@ def policy_logps(lp: SequenceLogprobs, length_normalized: bool) -> tuple[torch.T
     return values[:half], values[half:]
 
 
+def pair_losses(
+    model: Any, batch: dict[str, torch.Tensor], logprob_fn: Any, loss_fn: LossFn, reference: ReferenceLogps | None,
+    settings: LoopSettings,
+) -> tuple[torch.Tensor, torch.Tensor, LossOutput]:
+    """Policy (chosen, rejected) log-probs ``[B]`` and the loss output of one micro-batch (training and evaluation)."""
+    lp = pair_logprobs(model, batch, logprob_fn, settings.separate_forward)
+    chosen, rejected = policy_logps(lp, settings.length_normalized)
+    chosen_mean, rejected_mean = policy_logps(lp, length_normalized=True)
+    if reference is None:
+        ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
+    else:
+        ref_chosen, ref_rejected = reference.lookup(batch["index"], settings.length_normalized)
+    out = loss_fn(PreferenceLogps(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype),
+                                  chosen_mean, rejected_mean), settings.loss_settings)
+    return chosen, rejected, out
+
+
 def preference_step(
     model: Any, batch: dict[str, torch.Tensor], logprob_fn: Any, loss_fn: LossFn, reference: ReferenceLogps | None,
     settings: LoopSettings,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch (mean over its pairs) and the per-pair metric sums."""
-    lp = logprob_fn(model, batch)
-    chosen, rejected = policy_logps(lp, settings.length_normalized)
-    if reference is None:
-        ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
-    else:
-        ref_chosen, ref_rejected = reference.lookup(batch["index"], settings.length_normalized)
-    out = loss_fn(PreferenceLogps(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype)),
-                  settings.loss_settings)
+    with capture_router_logits(model, enabled=settings.load_balancing_weight is not None) as router:
+        chosen, rejected, out = pair_losses(model, batch, logprob_fn, loss_fn, reference, settings)
     loss = out.losses.mean()
     metrics = {
         "train_loss": out.losses.detach().sum(),
         "logps/chosen": chosen.detach().sum(),
         "logps/rejected": rejected.detach().sum(),
     }
+    if out.nll is not None:
+        metrics["nll_loss"] = out.nll.sum()
     if out.chosen_rewards is not None:
         c, r = out.chosen_rewards, out.rejected_rewards
         metrics.update({
             "rewards/chosen": c.sum(), "rewards/rejected": r.sum(), "rewards/average": ((c + r) / 2).sum(),
             "rewards/accuracy": (c > r).float().sum(), "rewards/margin": (c - r).sum(),
         })
+    aux_loss = router.aux_loss()
+    if aux_loss is not None:
+        loss = loss + settings.load_balancing_weight * aux_loss
+        metrics["aux_loss"] = aux_loss.detach() * chosen.shape[0]  # a per-pair sum, like the other metrics
     return loss, metrics
 
 
@@ -99,8 +124,27 @@ def _reduce_across_ranks(accelerator: Any, interval: StepMetrics) -> tuple[dict[
 def train_loop(
     accelerator: Any, model: Any, optimizer: Any, scheduler: Any, dataloader: Any, reference: ReferenceLogps | None,
     logprob_fn: Any, loss_fn: LossFn, settings: LoopSettings, logger: MetricsLogger,
+    evaluate: Callable[[int], Any] | None = None, step_fn: StepFn | None = None,
 ) -> dict[str, Any]:
-    """Train until ``max_train_steps`` optimizer steps; returns the last logged metrics."""
+    """Train until ``max_train_steps`` optimizer steps; returns the last logged metrics.
+
+    ``evaluate(step)`` runs every ``settings.eval_steps`` steps and after the last one. ``step_fn`` replaces the
+    preference loss (SFT uses it): ``(model, batch) -> (loss, metric sums, count)``, the sums divided by the summed
+    counts when logged.
+    """
+    if step_fn is None:
+        def step_fn(m: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+            loss, metrics = preference_step(m, batch, logprob_fn, loss_fn, reference, settings)
+            return loss, metrics, batch["index"].shape[0]
+
+    evaluated_at = -1
+
+    def maybe_evaluate(step: int, last_step: bool) -> None:
+        nonlocal evaluated_at
+        if evaluate is not None and (last_step or (settings.eval_steps and step % settings.eval_steps == 0)):
+            evaluate(step)
+            evaluated_at = step
+
     model.train()
     steps_per_epoch = max(1, math.ceil(len(dataloader) / settings.gradient_accumulation_steps))
     step, tokens_total, last = 0, 0, {}
@@ -113,14 +157,14 @@ def train_loop(
             dataloader.set_epoch(epoch)
         for batch in dataloader:
             with accelerator.accumulate(model):
-                loss, metrics = preference_step(model, batch, logprob_fn, loss_fn, reference, settings)
+                loss, metrics, count = step_fn(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and settings.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            interval.add(metrics, pairs=batch["index"].shape[0], tokens=int(batch["attention_mask"].sum()))
+            interval.add(metrics, pairs=count, tokens=int(batch["attention_mask"].sum()))
             if settings.peak_flops and settings.flops_fn is not None:
                 interval.flops += settings.flops_fn(batch)
             if not accelerator.sync_gradients:
@@ -145,8 +189,11 @@ def train_loop(
                                                 accelerator.num_processes)
                 logger.log(last)
                 interval, interval_start = StepMetrics(), now
+            maybe_evaluate(step, last_step=step >= settings.max_train_steps)
             if step >= settings.max_train_steps:
                 bar.close()
                 return last
     bar.close()
+    if evaluated_at != step:  # the data ran out before max_train_steps: evaluate the end state too
+        maybe_evaluate(step, last_step=True)
     return last

@@ -1,23 +1,24 @@
 """``--mixer_list NAME AMOUNT ...`` -> one list of normalized preference pairs, each with a global ``index``.
 
-AMOUNT: a number with a decimal point is a fraction of the dataset (above 1.0 it upsamples), an integer is a row count
-(above the dataset's size it upsamples: whole repeats plus a seeded remainder). Local ``.jsonl``/``.json``/``.parquet``
-files and folders of them are read directly (so errors can name file and line); anything else goes to
-``datasets.load_dataset``. The result is deterministic for a given seed.
+AMOUNT: a number with a decimal point is a fraction of the dataset's valid rows (above 1.0 it upsamples), an integer
+is a row count (above the dataset's size it upsamples: whole repeats plus a seeded remainder). Rows come from
+:func:`open_instruct.data.sources.load_rows`. Every row is validated in one pass before anything expensive happens.
+The result is deterministic for a given seed and mixer list. An evaluation mix comes either from its own mixer list or
+from a held-out fraction of the training datasets' rows (held out before upsampling, so no row is in both).
 """
 
 from __future__ import annotations
 
-import json
 import random
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from open_instruct.config import UserError
-from open_instruct.data.formats import FORMATS, RowError, detect_format, normalize
+from open_instruct.data.formats import FORMATS, RowError, detect_format, missing_columns, normalize
+from open_instruct.data.sources import LOCAL_SUFFIXES, load_rows
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+__all__ = ["LOCAL_SUFFIXES", "MixEntry", "build_mix", "build_train_eval_mix", "parse_mixer_list"]
 
 
 @dataclass(frozen=True)
@@ -29,27 +30,42 @@ class MixEntry:
     split: str
 
 
-def parse_mixer_list(values: list[str], splits: list[str]) -> list[MixEntry]:
+def _amount_value(amount: str) -> float | None:
+    """An integer count, or a fraction written with a decimal point; None for anything else."""
+    try:
+        return float(int(amount))
+    except ValueError:
+        pass
+    try:
+        return float(amount) if "." in amount else None
+    except ValueError:
+        return None
+
+
+def parse_mixer_list(values: list[str], splits: list[str], flag: str = "--mixer_list") -> list[MixEntry]:
     """Pairs of NAME AMOUNT plus one split for all or one split each -> entries."""
+    if len(values) % 2:
+        raise UserError(f"{flag} takes pairs of DATASET AMOUNT, got {len(values)} values")
     names, amounts = values[0::2], values[1::2]
     if len(splits) not in (1, len(names)):
-        raise UserError(f"--mixer_list_splits needs 1 or {len(names)} values, got {len(splits)}")
+        raise UserError(f"{flag}_splits needs 1 or {len(names)} values (one per dataset), got {len(splits)}")
     split_list = splits * len(names) if len(splits) == 1 else splits
     for name, amount in zip(names, amounts):
-        try:
-            float(amount)
-        except ValueError:
-            raise UserError(f"--mixer_list: amount for {name!r} must be a number, got {amount!r}") from None
-        if float(amount) <= 0:
-            raise UserError(f"--mixer_list: amount for {name!r} must be > 0, got {amount!r}")
+        value = _amount_value(amount)
+        if value is None:
+            raise UserError(f"{flag}: amount for {name!r} must be a fraction with a decimal point (0.5, 1.0) "
+                            f"or a row count (1000), got {amount!r}")
+        if value <= 0:
+            raise UserError(f"{flag}: amount for {name!r} must be > 0, got {amount!r}")
     return [MixEntry(n, a, s) for n, a, s in zip(names, amounts, split_list)]
 
 
 def target_rows(amount: str, size: int) -> int:
-    """How many rows an AMOUNT takes from a dataset of ``size`` rows."""
-    if "." in amount or "e" in amount.lower():
+    """How many rows an AMOUNT takes from a dataset of ``size`` rows (an integer is a count, else a fraction)."""
+    try:
+        return int(amount)
+    except ValueError:
         return int(round(float(amount) * size))
-    return int(amount)
 
 
 def sample_indices(size: int, n: int, rng: random.Random) -> list[int]:
@@ -60,97 +76,109 @@ def sample_indices(size: int, n: int, rng: random.Random) -> list[int]:
     return list(range(size)) * repeats + sorted(rng.sample(range(size), remainder))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{line_number}: malformed JSON: {err.msg}") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+def _summary(counts: Counter) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
 
 
-def _read_local(path: Path) -> list[dict[str, Any]]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
-        if not files:
-            raise UserError(f"dataset folder {path} holds no .jsonl, .json or .parquet files")
-        return [row for f in files for row in _read_local(f)]
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path)
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of rows")
-        return data
-    import pyarrow.parquet as pq
+def normalize_rows(name: str, rows: list[dict[str, Any]], format_name: str,
+                   skip_invalid: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Check every row of one dataset in one pass; returns (valid pairs, report with counts per failure reason).
 
-    return pq.read_table(path).to_pylist()
-
-
-def load_rows(name: str, split: str) -> list[dict[str, Any]]:
-    """All raw rows of one dataset: a local file or folder, else a ``datasets.load_dataset`` name."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return _read_local(path)
-    if path.suffix in LOCAL_SUFFIXES or name.startswith((".", "/", "~")):
-        raise UserError(f"dataset file not found: {name}")
-    import datasets
-
-    try:
-        return list(datasets.load_dataset(name, split=split))
-    except Exception as err:  # hub errors come in many types; the user needs the name and the reason
-        raise UserError(f"could not load dataset {name!r} (split {split!r}): {err}") from err
-
-
-def normalize_rows(name: str, rows: list[dict[str, Any]], format_name: str, skip_invalid: bool) -> tuple[list, dict]:
-    """Validate every row before any expensive work; returns (pairs, counts of dropped rows per reason)."""
-    if not rows:
-        return [], {}
+    Each pair carries ``source`` (``(name, row number)``). Without ``skip_invalid`` any invalid row is an error that
+    names the first one and counts all of them by reason.
+    """
     if format_name not in ("auto", *FORMATS):
-        raise UserError(f"--dataset_format {format_name} is not supported yet; use one of auto, {', '.join(FORMATS)}")
+        raise UserError(f"--dataset_format must be auto or one of {', '.join(FORMATS)}, got {format_name!r}")
+    report: dict[str, Any] = {"name": name, "format": format_name, "rows": len(rows), "valid": 0,
+                              "invalid": {}, "notes": {}}
+    if not rows:
+        return [], report
+    columns = list(rows[0].keys())
     if format_name == "auto":
         try:
-            format_name = detect_format(list(rows[0].keys()), rows[0])
+            format_name = detect_format(columns, rows[0])
         except RowError as err:
             raise UserError(f"{name}: row 0: {err}") from None
-    pairs, dropped = [], {}
+    elif missing := missing_columns(columns, format_name):
+        raise UserError(f"{name}: --dataset_format {format_name} needs column(s) {', '.join(missing)}; "
+                        f"the dataset has {', '.join(sorted(columns))}")
+    report["format"] = format_name
+    pairs, invalid, notes, first_error = [], Counter(), Counter(), None
     for i, row in enumerate(rows):
+        row_notes: Counter = Counter()
         try:
-            pairs.append(normalize(row, format_name))
+            pair = normalize(row, format_name, row_notes)
         except RowError as err:
-            if not skip_invalid:
-                raise UserError(f"{name}: row {i}: {err} (--skip_invalid_rows drops such rows)") from None
-            dropped[str(err)] = dropped.get(str(err), 0) + 1
-            pairs.append(None)
-    return pairs, dropped
+            invalid[err.reason] += 1
+            first_error = first_error or f"{name}: row {i}: {err.reason}: {err}"
+            continue
+        notes.update(row_notes)
+        pairs.append({**pair, "source": (name, i)})
+    if invalid and not skip_invalid:
+        raise UserError(f"{first_error} ({sum(invalid.values())} invalid of {len(rows)} rows: "
+                        f"{_summary(invalid)}; --skip_invalid_rows drops them)")
+    report.update(valid=len(pairs), invalid=dict(invalid), notes=dict(notes))
+    return pairs, report
 
 
-def build_mix(
-    entries: list[MixEntry], seed: int, format_name: str = "auto", skip_invalid: bool = False
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Load, validate and mix the datasets; each pair gets its global ``index``. Returns (pairs, statistics)."""
-    rng = random.Random(seed)
-    mixed: list[dict[str, Any]] = []
-    stats: dict[str, Any] = {"datasets": []}
+def _load_valid(entries: list[MixEntry], format_name: str, skip_invalid: bool) -> list[tuple[list, dict]]:
+    loaded = []
     for entry in entries:
-        rows = load_rows(entry.name, entry.split)
-        pairs, dropped = normalize_rows(entry.name, rows, format_name, skip_invalid)
-        valid = [p for p in pairs if p is not None]
-        n = target_rows(entry.amount, len(valid))
-        chosen = sample_indices(len(valid), n, rng)
-        mixed.extend(valid[i] for i in chosen)
-        stats["datasets"].append({"name": entry.name, "rows": len(rows), "valid": len(valid), "taken": len(chosen),
-                                  "dropped_invalid": dropped})
-    for index, pair in enumerate(mixed):
-        mixed[index] = {"index": index, **pair}
-    return mixed, stats
+        pairs, report = normalize_rows(entry.name, load_rows(entry.name, entry.split), format_name, skip_invalid)
+        if not pairs:
+            raise UserError(f"{entry.name} (split {entry.split!r}): no valid rows to take {entry.amount} from")
+        loaded.append((pairs, {**report, "split": entry.split, "amount": entry.amount}))
+    return loaded
+
+
+def _mix(loaded: list[tuple[list, dict]], rng: random.Random) -> list[dict[str, Any]]:
+    mixed: list[dict[str, Any]] = []
+    for pairs, report in loaded:
+        taken = sample_indices(len(pairs), target_rows(report["amount"], len(pairs)), rng)
+        report["taken"] = len(taken)
+        mixed.extend(pairs[i] for i in taken)
+    return [{"index": index, **pair} for index, pair in enumerate(mixed)]
+
+
+def build_mix(entries: list[MixEntry], seed: int, format_name: str = "auto",
+              skip_invalid: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Load, validate and mix the datasets; each pair gets its global ``index``. Returns (pairs, statistics)."""
+    pairs, _, stats = build_train_eval_mix(entries, [], 0.0, seed, format_name, skip_invalid)
+    return pairs, stats
+
+
+def hold_out(pairs: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split valid rows into (kept, held out): ``round(fraction * len)`` seeded rows held out, order preserved."""
+    n_out = int(round(fraction * len(pairs)))
+    if fraction > 0 and (n_out == 0 or n_out == len(pairs)):
+        raise UserError(f"--eval_fraction {fraction} of {len(pairs)} rows leaves an empty training or evaluation set")
+    out = set(random.Random(seed).sample(range(len(pairs)), n_out))
+    return [p for i, p in enumerate(pairs) if i not in out], [p for i, p in enumerate(pairs) if i in out]
+
+
+def build_train_eval_mix(
+    train_entries: list[MixEntry], eval_entries: list[MixEntry], eval_fraction: float, seed: int,
+    format_name: str = "auto", skip_invalid: bool = False,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """(training pairs, evaluation pairs, statistics). The evaluation mix is ``eval_entries`` or, with
+    ``eval_fraction`` > 0, that fraction of each training dataset's valid rows, held out before upsampling.
+    Both lists carry their own ``index`` from 0."""
+    if eval_entries and eval_fraction > 0:
+        raise UserError("give --eval_mixer_list or --eval_fraction, not both")
+    loaded = _load_valid(train_entries, format_name, skip_invalid)
+    held: list[dict[str, Any]] = []
+    if eval_fraction > 0:
+        for number, (pairs, report) in enumerate(loaded):
+            kept, out = hold_out(pairs, eval_fraction, seed + 1 + number)
+            loaded[number] = (kept, {**report, "held_out_for_eval": len(out)})
+            held.extend(out)
+    rng = random.Random(seed)
+    train = _mix(loaded, rng)
+    stats: dict[str, Any] = {"datasets": [report for _, report in loaded]}
+    if eval_entries:
+        eval_loaded = _load_valid(eval_entries, format_name, skip_invalid)
+        evaluation = _mix(eval_loaded, rng)
+        stats["eval_datasets"] = [report for _, report in eval_loaded]
+    else:
+        evaluation = [{**pair, "index": index} for index, pair in enumerate(held)]
+    return train, evaluation, stats

@@ -1,8 +1,11 @@
 """Render pairs with the chat template, tokenize, put labels on the final reply only, truncate, filter.
 
 The whole conversation is rendered and tokenized in one piece, and the label boundary is found from character
-offsets: the ids are exactly those the chat template gives for the full conversation, so no token can merge or split
-differently at the prompt/reply boundary than it would at inference.
+offsets, so the ids are exactly those the chat template gives for the full conversation: no token merges or splits
+differently at the prompt/reply boundary than it would for the conversation as a whole. A token that straddles the
+boundary (prompt text and reply text in one token) is labelled, so no reply character goes untrained; such pairs are
+counted. BOS: added only with ``add_bos`` and only when the rendered text does not start with it. EOS: a reply that
+already ends with the EOS text loses it, since every template appends its own.
 """
 
 from __future__ import annotations
@@ -13,15 +16,21 @@ from typing import Any
 from open_instruct.config import UserError
 
 IGNORE_INDEX = -100
+BATCH = 512  # texts per fast-tokenizer call: big enough for its Rust parallelism, small enough for memory
+
+PROMPT_TOO_LONG = "prompt_too_long"
+NO_REPLY_TOKENS = "no_reply_tokens"
 
 
 @dataclass
 class TokenizeStats:
-    """What tokenization kept, dropped and cut."""
+    """What tokenization kept, dropped (by reason) and cut."""
 
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
+    boundary_merges: int = 0
+    eos_stripped: int = 0
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -32,66 +41,105 @@ def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _encode_with_boundary(tokenizer: Any, prompt_text: str, full_text: str) -> tuple[list[int], int]:
-    """(ids of the full text, number of leading ids that belong to the prompt)."""
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
-        boundary = len(prompt_text)
-        n_prompt = sum(1 for start, end in enc["offset_mapping"] if start < boundary)
-        return enc["input_ids"], n_prompt
+def _strip_eos(reply: list[dict[str, str]], eos: str | None) -> tuple[list[dict[str, str]], bool]:
+    content = reply[0]["content"]
+    if eos and content.rstrip().endswith(eos):
+        return [{**reply[0], "content": content.rstrip()[: -len(eos)]}], True
+    return reply, False
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+    """Token ids of each text without added special tokens, and character offsets when the tokenizer is fast."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts], None
+    ids, offsets = [], []
+    for start in range(0, len(texts), BATCH):
+        # The Rust tokenizer directly: what the fast tokenizer's __call__ runs, without building dicts per text.
+        for encoding in backend.encode_batch(texts[start:start + BATCH], add_special_tokens=False):
+            ids.append(encoding.ids)
+            offsets.append(encoding.offsets)
+    return ids, offsets
+
+
+def _prompt_length(ids: list[int], offsets: list[tuple[int, int]] | None, boundary: int,
+                   prompt_ids: list[int] | None) -> int:
+    """How many leading ids lie wholly inside the prompt's ``boundary`` characters."""
+    if offsets is not None:
+        n = 0
+        while n < len(offsets) and offsets[n][1] <= boundary:
+            n += 1
+        return n
     # Slow tokenizers have no offsets: the prompt is the common prefix of the prompt's ids and the whole's ids.
-    ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    n_prompt = 0
-    while n_prompt < min(len(ids), len(prompt_ids)) and ids[n_prompt] == prompt_ids[n_prompt]:
-        n_prompt += 1
-    return ids, n_prompt
+    n = 0
+    while n < min(len(ids), len(prompt_ids)) and ids[n] == prompt_ids[n]:
+        n += 1
+    return n
 
 
 def tokenize_side(
     tokenizer: Any, prompt: list[dict[str, str]], reply: list[dict[str, str]], add_bos: bool
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of prompt + reply, labels IGNORE_INDEX outside the reply."""
-    prompt_text = render(tokenizer, prompt, add_generation_prompt=True)
-    full_text = render(tokenizer, prompt + reply, add_generation_prompt=False)
-    if not full_text.startswith(prompt_text):
-        raise UserError("the chat template renders the prompt differently when a reply follows; "
-                        "pick another with --chat_template_name")
-    ids, n_prompt = _encode_with_boundary(tokenizer, prompt_text, full_text)
-    bos = tokenizer.bos_token_id
-    if add_bos and bos is not None and (not ids or ids[0] != bos):
-        ids, n_prompt = [bos] + ids, n_prompt + 1
-    labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-    return ids, labels
+    """(input_ids, labels) of one prompt + reply, labels IGNORE_INDEX outside the reply; no length limit."""
+    pair = {"index": 0, "prompt": prompt, "chosen": reply, "rejected": reply}
+    records, _ = tokenize_pairs(tokenizer, [pair], max_seq_length=1 << 62, add_bos=add_bos)
+    if not records:
+        raise UserError("the reply renders to no tokens")
+    return records[0]["chosen_input_ids"], records[0]["chosen_labels"]
 
 
 def tokenize_pairs(
-    tokenizer: Any, pairs: list[dict[str, Any]], max_seq_length: int, add_bos: bool = False
+    tokenizer: Any, pairs: list[dict[str, Any]], max_seq_length: int, add_bos: bool = False,
+    max_response_length: int | None = None,
 ) -> tuple[list[dict[str, Any]], TokenizeStats]:
-    """Tokenize normalized pairs; drop those with no reply tokens left, cut replies past ``max_seq_length``."""
+    """Tokenize normalized pairs into ``{index, chosen_input_ids, chosen_labels, rejected_input_ids,
+    rejected_labels}``; a pair whose prompt alone fills ``max_seq_length`` is dropped, longer replies are cut at the
+    end (at ``max_response_length`` reply tokens too, when given). ``index`` is renumbered 0..kept-1 in order (the reference cache is a table by index)."""
     stats = TokenizeStats()
-    out = []
+    eos, bos = tokenizer.eos_token, tokenizer.bos_token_id
+    prompts, fulls = [], []
     for pair in pairs:
-        record: dict[str, Any] = {"index": pair["index"]}
-        drop_reason = None
-        was_cut = False
+        prompt_text = render(tokenizer, pair["prompt"], add_generation_prompt=True)
+        prompts.append(prompt_text)
         for side in ("chosen", "rejected"):
-            ids, labels = tokenize_side(tokenizer, pair["prompt"], pair[side], add_bos)
-            n_prompt = sum(1 for label in labels if label == IGNORE_INDEX)
+            reply, stripped = _strip_eos(pair[side], eos)
+            stats.eos_stripped += stripped
+            full_text = render(tokenizer, pair["prompt"] + reply, add_generation_prompt=False)
+            if not full_text.startswith(prompt_text):
+                raise UserError("the chat template renders the prompt differently when a reply follows, so the "
+                                "reply cannot be labelled alone; pick another with --chat_template_name")
+            fulls.append(full_text)
+    full_ids, full_offsets = _encode(tokenizer, fulls)
+    prompt_ids = None if full_offsets is not None else _encode(tokenizer, prompts)[0]
+    out = []
+    for p, _pair in enumerate(pairs):
+        record: dict[str, Any] = {}
+        drop_reason, was_cut, merged = None, False, False
+        for s, side in enumerate(("chosen", "rejected")):
+            ids = full_ids[2 * p + s]
+            offsets = full_offsets[2 * p + s] if full_offsets is not None else None
+            n_prompt = _prompt_length(ids, offsets, len(prompts[p]), prompt_ids[p] if prompt_ids else None)
+            merged |= offsets is not None and n_prompt < len(offsets) and offsets[n_prompt][0] < len(prompts[p])
+            if add_bos and bos is not None and (not ids or ids[0] != bos):
+                ids, n_prompt = [bos] + ids, n_prompt + 1
             if n_prompt >= max_seq_length:
-                drop_reason = "prompt alone reaches max_seq_length"
+                drop_reason = PROMPT_TOO_LONG
                 break
+            if max_response_length is not None and len(ids) - n_prompt > max_response_length:
+                ids, was_cut = ids[:n_prompt + max_response_length], True
             if len(ids) > max_seq_length:
-                ids, labels, was_cut = ids[:max_seq_length], labels[:max_seq_length], True
-            if all(label == IGNORE_INDEX for label in labels):
-                drop_reason = f"no {side} reply tokens"
+                ids, was_cut = ids[:max_seq_length], True
+            if n_prompt >= len(ids):
+                drop_reason = NO_REPLY_TOKENS
                 break
-            record[f"{side}_input_ids"] = ids
-            record[f"{side}_labels"] = labels
+            record[f"{side}_input_ids"] = list(ids)
+            record[f"{side}_labels"] = [IGNORE_INDEX] * n_prompt + list(ids[n_prompt:])
         if drop_reason:
             stats.drop(drop_reason)
             continue
         stats.truncated += was_cut
+        stats.boundary_merges += merged
         stats.kept += 1
-        out.append(record)
+        out.append({"index": len(out), **record})
     return out, stats
+

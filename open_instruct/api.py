@@ -1,0 +1,278 @@
+"""The Python API: ``run_dpo`` and its config classes, mapped onto :class:`DPOArguments` and the CLI's engine.
+
+    from open_instruct import run_dpo, DPOConfig, TrainingConfig, PreferenceDatasetConfig
+    path = run_dpo("sft_model/", TrainingConfig(output_dir="out", batch_size=32, micro_batch_size=8,
+                                                gradient_accumulation_steps=4, learning_rate=5e-7),
+                   DPOConfig(beta=0.1), PreferenceDatasetConfig("Anthropic/hh-rlhf"))
+
+Every setting lands in one ``DPOArguments`` that goes through the same validation and the same
+``dpo_tune_cache.run`` as ``python -m open_instruct.dpo_tune_cache``: there is no second training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from open_instruct.config import DPOArguments, UserError, validate
+
+# Hub datasets whose row shape needs a dedicated parser (open_instruct.data.formats), by lower-cased hub id.
+HUB_FORMATS = {"anthropic/hh-rlhf": "hh_rlhf", "stanfordnlp/shp": "shp"}
+
+DatasetSource = str | os.PathLike | Sequence[dict[str, Any]]
+
+
+@dataclass
+class TrainingConfig:
+    """Settings shared by the SFT and DPO stages: run, batch, optimiser, schedule, logging, saving."""
+
+    run_name: str = "run"
+    dataset_name: str | None = None  # used when the stage's dataset config is not given
+    tokenizer_name: str | None = None  # default: the checkpoint's own tokenizer
+    output_dir: str = "output/run"
+    batch_size: int = 8  # global: micro_batch_size x gradient_accumulation_steps x world size
+    micro_batch_size: int = 8  # per device per forward
+    gradient_accumulation_steps: int | None = 1  # None: batch_size / (micro_batch_size x world size)
+    learning_rate: float = 5e-7
+    max_steps: int | None = None  # default: num_epochs over the data
+    num_epochs: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = -1.0
+    save_every: int | None = None  # optimizer steps between resumable checkpoints
+    log_every: int = 10
+    eval_every: int | None = None  # optimizer steps between evaluations (also run at the end)
+    mixed_precision: str = "no"  # "bf16", "fp16" or "no"
+    seed: int = 42
+    with_tracking: bool = False
+    wandb_project: str = "open_instruct_internal"
+    wandb_entity: str | None = None
+    push_to_hub: bool = False
+    hf_repo_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # any other DPOArguments flag by name
+
+
+@dataclass
+class DPOConfig:
+    """The preference loss and its length budget."""
+
+    beta: float = 0.1
+    max_length: int = 512  # maximum tokens per response
+    max_prompt_length: int = 512  # maximum prompt tokens; sequences get max_prompt_length + max_length tokens
+    label_smoothing: float = 0.0
+    loss_type: str = "dpo"
+    gamma_beta_ratio: float = 0.3
+    reference_free: bool = False
+    reference_cache_dir: str | None = None  # default: $REFERENCE_LOGPROBS_CACHE_PATH or ~/.cache/open_instruct/...
+
+
+@dataclass
+class PreferenceDatasetConfig:
+    """Where the preference pairs come from: a hub id, a local file or folder, or rows in memory.
+
+    ``Anthropic/hh-rlhf`` and ``stanfordnlp/SHP`` get their own parsers; files and rows may hold any supported shape,
+    including ``{prompt, chosen, rejected}`` with strings or messages.
+    """
+
+    dataset_name: DatasetSource | None = None
+    split: str = "train"
+    amount: float | int = 1.0  # a fraction (float) or a row count (int) of the dataset
+    dataset_format: str | None = None  # default: from the hub id, else detected from the columns
+    eval_dataset_name: DatasetSource | None = None  # default with eval_every: the dataset's eval_split (hub ids)
+    eval_split: str = "test"
+    eval_fraction: float = 0.0  # or hold out this fraction of the training pairs
+    chat_template_name: str | None = None
+    max_samples: int | None = None
+    skip_invalid_rows: bool = False
+
+
+@dataclass
+class SFTDatasetConfig:
+    """Chat data for supervised fine-tuning: ``{"messages": [...]}`` rows (preference rows: their chosen side)."""
+
+    dataset_name: DatasetSource | None = None
+    split: str = "train"
+    amount: float | int = 1.0  # a fraction (float) or a row count (int) of the dataset
+    max_seq_length: int = 1024
+    eval_dataset_name: DatasetSource | None = None  # default with eval_every: the dataset's eval_split (hub ids)
+    eval_split: str = "test"
+    eval_fraction: float = 0.0
+    chat_template_name: str | None = None
+    max_samples: int | None = None
+
+
+def world_size() -> int:
+    """Processes of this run, as the launcher (accelerate, torchrun) announces them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accumulation_steps(train: TrainingConfig, processes: int) -> int:
+    """``gradient_accumulation_steps`` checked against ``batch_size = micro x accumulation x world size``."""
+    per_step = train.micro_batch_size * processes
+    if train.gradient_accumulation_steps is None:
+        if train.batch_size % per_step:
+            raise UserError(f"batch_size {train.batch_size} is not a multiple of micro_batch_size "
+                            f"{train.micro_batch_size} x world size {processes}")
+        return train.batch_size // per_step
+    expected = per_step * train.gradient_accumulation_steps
+    if expected != train.batch_size:
+        hint = f"; set gradient_accumulation_steps={train.batch_size // per_step}" if (
+            train.batch_size % per_step == 0) else ""
+        raise UserError(f"batch_size {train.batch_size} != micro_batch_size {train.micro_batch_size} x "
+                        f"gradient_accumulation_steps {train.gradient_accumulation_steps} x world size {processes} "
+                        f"= {expected}{hint} (or None to derive it)")
+    return train.gradient_accumulation_steps
+
+
+def training_arguments(train: TrainingConfig) -> dict[str, Any]:
+    """The DPOArguments values a TrainingConfig sets."""
+    if train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise UserError(f"mixed_precision must be 'bf16', 'fp16' or 'no', got {train.mixed_precision!r}")
+    if train.warmup_steps < 0:
+        raise UserError(f"warmup_steps must be >= 0, got {train.warmup_steps}")
+    values = {
+        "exp_name": train.run_name, "output_dir": str(train.output_dir), "seed": train.seed,
+        "per_device_train_batch_size": train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(train, world_size()),
+        "learning_rate": train.learning_rate, "max_train_steps": train.max_steps, "num_epochs": train.num_epochs,
+        "warmup_steps": train.warmup_steps, "weight_decay": train.weight_decay,
+        "lr_scheduler_type": train.lr_scheduler_type, "max_grad_norm": train.max_grad_norm,
+        "logging_steps": train.log_every, "eval_steps": train.eval_every, "mixed_precision": train.mixed_precision,
+        "checkpointing_steps": None if train.save_every is None else str(train.save_every),
+        "with_tracking": train.with_tracking, "wandb_project": train.wandb_project,
+        "wandb_entity": train.wandb_entity, "push_to_hub": train.push_to_hub, "hf_repo_id": train.hf_repo_id,
+    }
+    if train.tokenizer_name:
+        values["tokenizer_name_or_path"] = train.tokenizer_name
+    known = {f.name for f in dataclasses.fields(DPOArguments)}
+    unknown = sorted(set(train.extra) - known)
+    if unknown:
+        raise UserError(f"TrainingConfig.extra: unknown setting(s) {', '.join(unknown)}")
+    return {**values, **train.extra}
+
+
+def _is_rows(source: Any) -> bool:
+    return not isinstance(source, str | os.PathLike) and (isinstance(source, Sequence) or hasattr(source, "to_list"))
+
+
+def dataset_path(source: DatasetSource, folder: Path, name: str) -> str:
+    """A mixer name for ``source``: hub ids and paths as they are; rows in memory written to ``folder/name.jsonl``."""
+    if not _is_rows(source):
+        return str(source)
+    rows = source.to_list() if hasattr(source, "to_list") else list(source)
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{name} dataset: expected a non-empty list of dict rows")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+
+
+def dataset_arguments(dataset: Any, train: TrainingConfig, kind: str) -> dict[str, Any]:
+    """The DPOArguments data values for a dataset config (preference pairs or SFT conversations)."""
+    source = dataset.dataset_name if dataset.dataset_name is not None else train.dataset_name
+    if source is None:
+        raise UserError(f"no {kind} dataset: set {type(dataset).__name__}.dataset_name or TrainingConfig.dataset_name")
+    folder = Path(train.output_dir) / "api_data"
+    name = dataset_path(source, folder, "train")
+    amount = dataset.amount
+    if not isinstance(amount, int | float) or isinstance(amount, bool) or amount <= 0:
+        raise UserError(f"amount must be a positive fraction (float) or row count (int), got {amount!r}")
+    values: dict[str, Any] = {
+        "mixer_list": [name, repr(float(amount)) if isinstance(amount, float) else str(amount)],
+        "mixer_list_splits": [dataset.split], "max_train_samples": dataset.max_samples,
+        "chat_template_name": dataset.chat_template_name, "eval_fraction": dataset.eval_fraction,
+    }
+    if dataset.eval_dataset_name is not None:
+        values["eval_mixer_list"] = [dataset_path(dataset.eval_dataset_name, folder, "eval"), "1.0"]
+        values["eval_mixer_list_splits"] = [dataset.eval_split]
+    elif train.eval_every is not None and dataset.eval_fraction == 0:
+        if _is_rows(source) or _is_local(name):
+            raise UserError(f"eval_every needs an evaluation set and {name} has no {dataset.eval_split!r} split: "
+                            "pass eval_dataset_name= or eval_fraction=")
+        values["eval_mixer_list"] = [name, "1.0"]
+        values["eval_mixer_list_splits"] = [dataset.eval_split]
+    return values
+
+
+def preference_arguments(dataset: PreferenceDatasetConfig, train: TrainingConfig) -> dict[str, Any]:
+    """The DPOArguments data values of a PreferenceDatasetConfig (hub ids mapped to their format)."""
+    values = dataset_arguments(dataset, train, "preference")
+    hub_format = HUB_FORMATS.get(str(values["mixer_list"][0]).lower())
+    values["dataset_format"] = dataset.dataset_format or hub_format or "auto"
+    values["skip_invalid_rows"] = dataset.skip_invalid_rows
+    return values
+
+
+def dpo_arguments(model: str, train: TrainingConfig, dpo: DPOConfig, dataset: PreferenceDatasetConfig,
+                  tokenizer_name: str | None = None) -> DPOArguments:
+    """One validated DPOArguments from the API's configs."""
+    values = training_arguments(train)
+    values.update(preference_arguments(dataset, train))
+    if dpo.max_length < 1 or dpo.max_prompt_length < 1:
+        raise UserError(f"max_length and max_prompt_length must be >= 1, got {dpo.max_length}, {dpo.max_prompt_length}")
+    values.update(model_name_or_path=model, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
+                  loss_type=dpo.loss_type, gamma_beta_ratio=dpo.gamma_beta_ratio, reference_free=dpo.reference_free,
+                  max_seq_length=dpo.max_prompt_length + dpo.max_length, max_response_length=dpo.max_length)
+    if dpo.reference_cache_dir:
+        values["reference_logprobs_cache_path"] = dpo.reference_cache_dir
+    if tokenizer_name:
+        values["tokenizer_name_or_path"] = tokenizer_name
+    try:
+        args = DPOArguments(**values)
+    except TypeError as err:
+        raise UserError(f"invalid setting: {err}") from err
+    validate(args)
+    return args
+
+
+@contextlib.contextmanager
+def fresh_accelerate_state() -> Iterator[None]:
+    """Let several runs share one Python process (a notebook, SFT then DPO): accelerate keeps global state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def run_dpo(sft_checkpoint: str | os.PathLike, train_config: TrainingConfig | None = None,
+            dpo_config: DPOConfig | None = None, preference_config: PreferenceDatasetConfig | None = None,
+            tokenizer_name: str | None = None, model_config: Any = None) -> Path:
+    """DPO from an SFT checkpoint (HF folder, hub id, or ``.pt`` state dict); returns the final checkpoint's folder.
+
+    A ``.pt`` state dict needs a tokenizer (``tokenizer_name`` or ``train_config.tokenizer_name``) and a model config
+    (``model_config``: a folder, hub id or ``PretrainedConfig``; default: the tokenizer's folder).
+    """
+    from open_instruct import dpo_tune_cache
+    from open_instruct.state_dict import is_state_dict_file, state_dict_to_folder
+
+    train = train_config or TrainingConfig()
+    tokenizer_name = tokenizer_name or train.tokenizer_name
+    checkpoint = str(sft_checkpoint)
+    args = dpo_arguments(checkpoint, train, dpo_config or DPOConfig(),
+                         preference_config or PreferenceDatasetConfig(), tokenizer_name)
+    if is_state_dict_file(checkpoint):
+        args.model_name_or_path = str(state_dict_to_folder(checkpoint, tokenizer_name, model_config,
+                                                           Path(train.output_dir) / "initial_model"))
+        args.tokenizer_name_or_path = args.model_name_or_path
+    dpo_tune_cache.preflight(args)
+    with fresh_accelerate_state():
+        return Path(dpo_tune_cache.run(args))

@@ -1,0 +1,110 @@
+"""What preparing the data did: pairs kept and dropped by reason, token lengths, padding waste; printed and saved."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from open_instruct.data.tokenize import IGNORE_INDEX
+
+
+def summarize(values: list[int]) -> dict[str, float]:
+    """mean, p50, p95 (linear interpolation, as ``numpy.percentile``) and max of a list of lengths."""
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0}
+    array = np.asarray(values, dtype=np.float64)
+    p50, p95 = np.percentile(array, [50, 95])
+    return {"mean": float(array.mean()), "p50": float(p50), "p95": float(p95), "max": int(array.max())}
+
+
+def token_lengths(records: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Per pair: prompt, chosen reply, rejected reply and the longer full sequence, in tokens."""
+    prompt, chosen, rejected, sequence = [], [], [], []
+    for r in records:
+        n_prompt = sum(1 for x in r["chosen_labels"] if x == IGNORE_INDEX)
+        prompt.append(n_prompt)
+        chosen.append(len(r["chosen_input_ids"]) - n_prompt)
+        rejected.append(sum(1 for x in r["rejected_labels"] if x != IGNORE_INDEX))
+        sequence.append(max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "sequence": sequence}
+
+
+def padding_waste(records: list[dict[str, Any]], batch_size: int, seed: int) -> float:
+    """Fraction of the ``[2B, L]`` padded-batch slots that would be padding, over one seeded shuffle into batches of
+    ``batch_size`` pairs (chosen and rejected padded to one length, as the padded collator does)."""
+    if not records:
+        return 0.0
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    real = slots = 0
+    for start in range(0, len(order), batch_size):
+        lengths = [len(records[i][f"{side}_input_ids"]) for i in order[start:start + batch_size]
+                   for side in ("chosen", "rejected")]
+        real += sum(lengths)
+        slots += len(lengths) * max(lengths)
+    return 1.0 - real / slots
+
+
+def build_statistics(mix_stats: dict[str, Any], pairs: int, tokenized: Any,
+                     records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One JSON-ready summary of the training data (``tokenized`` is the tokenizer's TokenizeStats)."""
+    invalid: dict[str, int] = {}
+    for report in mix_stats.get("datasets", []):
+        for reason, n in report.get("invalid", {}).items():
+            invalid[reason] = invalid.get(reason, 0) + n
+    lengths = token_lengths(records)
+    return {
+        **mix_stats,
+        "pairs": pairs,
+        "kept": tokenized.kept,
+        "dropped_invalid_rows": invalid,
+        "dropped": dict(tokenized.dropped),
+        "truncated": tokenized.truncated,
+        "boundary_token_merges": tokenized.boundary_merges,
+        "reply_eos_stripped": tokenized.eos_stripped,
+        "tokens": {name: summarize(values) for name, values in lengths.items()},
+    }
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
+
+
+def format_summary(stats: dict[str, Any]) -> str:
+    """A few human-readable lines of the statistics for the console."""
+    lines = []
+    for report in stats.get("datasets", []):
+        notes = f"; repaired: {_counts(report['notes'])}" if report.get("notes") else ""
+        lines.append(f"data: {report['name']} [{report['format']}] {report['rows']} rows, {report['valid']} valid "
+                     f"(invalid: {_counts(report.get('invalid', {}))}{notes}), {report.get('taken', 0)} taken")
+    lines.append(f"data: {stats['kept']} of {stats['pairs']} pairs kept; dropped: {_counts(stats['dropped'])}; "
+                 f"{stats['truncated']} truncated at max_seq_length")
+    tokens = stats.get("tokens", {})
+    for name in ("prompt", "chosen", "rejected"):
+        if name in tokens:
+            t = tokens[name]
+            lines.append(f"data: {name} tokens mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p95 {t['p95']:.0f}, "
+                         f"max {t['max']}")
+    if "padding" in stats:
+        lines.append(f"data: padding would waste {100 * stats['padding']['waste_fraction']:.1f}% of tokens at "
+                     f"batch size {stats['padding']['batch_size']}")
+    if "eval" in stats:
+        lines.append(f"data: evaluation set {stats['eval']['kept']} pairs")
+    if "cache" in stats:
+        lines.append(f"data: prepared-data cache {stats['cache']['status']}: {stats['cache']['path']}")
+    return "\n".join(lines)
+
+
+def write_statistics(stats: dict[str, Any], output_dir: str | Path) -> Path:
+    """``<output_dir>/dataset_statistics.json`` (written to a temporary name, then renamed)."""
+    path = Path(output_dir) / "dataset_statistics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stats, indent=2, default=str))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,55 @@
+# Shared by the launch scripts (sourced, not run): starts open_instruct/dpo_tune_cache.py on this node of a
+# NUM_NODES-node job with accelerate's standard multi-node launcher and DeepSpeed.
+#
+# Environment (defaults: one node):
+#   NUM_NODES (1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)
+#   GPUS_PER_NODE  (the GPUs nvidia-smi lists, else $DEFAULT_GPUS_PER_NODE set by the script)
+#   DEEPSPEED_CONFIG (set by the script: a configs/ds_configs file; empty: no DeepSpeed)   MIXED_PRECISION (bf16)
+#   DRY_RUN=1      print the command instead of running it
+# The script sets GLOBAL_BATCH_SIZE and PER_DEVICE_BATCH_SIZE; gradient accumulation is derived so the global batch
+# stays the same on any number of nodes (an error when it does not divide evenly).
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+NUM_NODES=${NUM_NODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+MIXED_PRECISION=${MIXED_PRECISION:-bf16}
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+    GPUS_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+    [ "$GPUS_PER_NODE" -gt 0 ] || GPUS_PER_NODE=${DEFAULT_GPUS_PER_NODE:-8}
+fi
+NUM_PROCESSES=$((NUM_NODES * GPUS_PER_NODE))
+
+# Accumulation steps that make PER_DEVICE_BATCH_SIZE x steps x NUM_PROCESSES equal GLOBAL_BATCH_SIZE.
+gradient_accumulation_steps() {
+    local per_step=$((PER_DEVICE_BATCH_SIZE * NUM_PROCESSES))
+    if [ $((GLOBAL_BATCH_SIZE % per_step)) -ne 0 ]; then
+        echo "error: global batch $GLOBAL_BATCH_SIZE is not a multiple of $PER_DEVICE_BATCH_SIZE per device x" \
+             "$NUM_PROCESSES processes ($NUM_NODES nodes x $GPUS_PER_NODE GPUs)" >&2
+        return 1
+    fi
+    echo $((GLOBAL_BATCH_SIZE / per_step))
+}
+
+# launch_dpo FLAG... : run (or, with DRY_RUN=1, print) the accelerate command with these recipe flags.
+launch_dpo() {
+    local cmd=(accelerate launch
+        --mixed_precision "$MIXED_PRECISION"
+        --num_machines "$NUM_NODES"
+        --machine_rank "$NODE_RANK"
+        --num_processes "$NUM_PROCESSES"
+        --main_process_ip "$MASTER_ADDR"
+        --main_process_port "$MASTER_PORT")
+    if [ -n "${DEEPSPEED_CONFIG:-}" ]; then  # empty: plain accelerate (one GPU)
+        cmd+=(--use_deepspeed --deepspeed_config_file "$DEEPSPEED_CONFIG" --deepspeed_multinode_launcher standard)
+    fi
+    cmd+=(open_instruct/dpo_tune_cache.py "$@")
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+        printf '%q ' "${cmd[@]}"
+        echo
+        return 0
+    fi
+    "${cmd[@]}"
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# OLMo 2 13B DPO: OLMo-2-1124-13B-SFT on the OLMo 2 13B preference mix, ZeRO-3, built for 2 nodes x 8 GPUs (NUM_NODES=2).
+# dpo_norm, beta 5, lr 8e-7 linear, warmup 0.1, 2048 tokens, 1 epoch, global batch 128 (accumulation derived).
+# OLMo tokenizers need --add_bos. Check the learning rate against the model card before a reproduction run.
+#   [NUM_NODES=.. NODE_RANK=.. MASTER_ADDR=..] bash scripts/train/olmo2/dpo_13b.sh [extra flags]
+# Same recipe as YAML: configs/train_configs/olmo2/dpo_13b.yaml. DRY_RUN=1 prints the command.
+set -euo pipefail
+DEFAULT_GPUS_PER_NODE=8
+DEEPSPEED_CONFIG=configs/ds_configs/stage3_no_offloading_accelerate.conf
+GLOBAL_BATCH_SIZE=128
+PER_DEVICE_BATCH_SIZE=1
+source "$(dirname "$0")/../launch.sh"
+GRAD_ACCUM=$(gradient_accumulation_steps)
+MODEL=${MODEL:-allenai/OLMo-2-1124-13B-SFT}
+
+launch_dpo \
+    --exp_name olmo2_13b_dpo \
+    --model_name_or_path "$MODEL" \
+    --tokenizer_name_or_path "$MODEL" \
+    --mixer_list allenai/olmo-2-1124-13b-preference-mix 1.0 \
+    --chat_template_name olmo \
+    --add_bos \
+    --max_seq_length 2048 \
+    --per_device_train_batch_size "$PER_DEVICE_BATCH_SIZE" \
+    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --learning_rate 8e-7 \
+    --lr_scheduler_type linear \
+    --warmup_ratio 0.1 \
+    --weight_decay 0.0 \
+    --num_epochs 1 \
+    --loss_type dpo_norm \
+    --beta 5 \
+    --gradient_checkpointing \
+    --logging_steps 1 \
+    --seed 123 \
+    --output_dir "${OUTPUT_DIR:-output/olmo2_13b_dpo}" \
+    "$@"

@@ -1,0 +1,38 @@
+"""Helpers for the data tests and the data benchmark: the real HH sample and a small BPE tokenizer trained on it."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+_HH_NAME = "hh-rlhf-harmless-base-sample.jsonl.gz"
+# ../shared/data from the repository root; from a git worktree nested deeper, the nearest ancestor that has it.
+HH_SAMPLE = next((p / "shared" / "data" / _HH_NAME for p in ROOT.parents if (p / "shared" / "data" / _HH_NAME).is_file()),
+                 ROOT.parent / "shared" / "data" / _HH_NAME)
+SPECIAL = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|im_start|>", "<|im_end|>"]
+
+
+def read_hh_rows(path: Path = HH_SAMPLE) -> list[dict[str, Any]]:
+    """The raw HH rows, read directly (independent of the project's loaders)."""
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int = 4000, eos_token: str = "</s>") -> Any:
+    """A byte-level BPE fast tokenizer (GPT-2 style pre-tokenization) trained on ``texts``, with our special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token=eos_token, pad_token="<pad>",
+        additional_special_tokens=[t for t in SPECIAL[3:] if t != eos_token],
+    )
