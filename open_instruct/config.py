@@ -123,9 +123,12 @@ class DPOArguments:
     reference_logprobs_cache_path: str = _f(
         "", "Folder of the reference log-prob cache (default: $REFERENCE_LOGPROBS_CACHE_PATH or ~/.cache/...)."
     )
-    packing: bool = _f(False, "Padding-free batches: sequences laid end to end.", aliases=("padding_free",))
-    max_tokens_per_batch: int | None = _f(None, "Token budget per packed micro-batch.")
-    group_by_length: bool = _f(False, "Batch pairs of similar length (padded path).")
+    packing: bool = _f(False, "Padding-free batches: a micro-batch's sequences laid end to end in one row, each "
+                       "attending only to itself (also for the reference pass).", aliases=("padding_free",))
+    max_tokens_per_batch: int | None = _f(
+        None, "Token budget per micro-batch (packed: real tokens; padded: rows x longest): micro-batches hold as many "
+        "pairs as fit, instead of --per_device_train_batch_size pairs.")
+    group_by_length: bool = _f(False, "Batch pairs of similar length, batches still in shuffled order (less padding).")
     reference_batch_size: int | None = _f(None, "Batch size of the reference pass (default: 2x training).")
 
     # --- optimisation -----------------------------------------------------------------------------------------
@@ -180,7 +183,6 @@ class DPOArguments:
 
 # Flags declared above whose behaviour is not built yet. Passing a non-default value is an error, never ignored.
 NOT_YET_SUPPORTED: tuple[str, ...] = (
-    "packing", "max_tokens_per_batch", "group_by_length",
 )
 
 
@@ -269,5 +271,7 @@ def validate(args: DPOArguments) -> None:
     for name in NOT_YET_SUPPORTED:
         if getattr(args, name) != getattr(defaults, name):
             problems.append(f"--{name} is not supported yet in this version")
+    if args.packing and args.separate_forward:
+        problems.append("--separate_forward splits padded rows; it does not apply to --packing (one row per batch)")
     if problems:
         raise UserError("invalid configuration: " + "; ".join(problems))

@@ -56,9 +56,12 @@ def build_accelerator(args: DPOArguments):
     )
 
 
-def optimizer_steps(num_pairs: int, args: DPOArguments, world_size: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) for this many pairs on this many ranks."""
-    batches_per_rank = math.ceil(math.ceil(num_pairs / args.per_device_train_batch_size) / world_size)
+def optimizer_steps(num_pairs: int, args: DPOArguments, world_size: int,
+                    num_batches: int | None = None) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for this many pairs (or micro-batches) on this many ranks."""
+    if num_batches is None:
+        num_batches = math.ceil(num_pairs / args.per_device_train_batch_size)
+    batches_per_rank = math.ceil(num_batches / world_size)
     per_epoch = max(1, math.ceil(batches_per_rank / args.gradient_accumulation_steps))
     return per_epoch, args.max_train_steps or per_epoch * args.num_epochs
 
@@ -77,12 +80,11 @@ def build_scheduler(args: DPOArguments, optimizer: Any, total_steps: int, num_pr
 def run(args: DPOArguments) -> Path:
     """Train one DPO model; returns the folder holding the final checkpoint."""
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
 
     from open_instruct import eval_loop, reference_cache
     from open_instruct.checkpointing import save_final_model
-    from open_instruct.data.collate import PaddedPairCollator
     from open_instruct.data.prepare import prepare_preference_data, write_statistics
+    from open_instruct.data.sampler import pair_dataloader
     from open_instruct.data.statistics import format_summary
     from open_instruct.hub import push_final_model, resolve_repo_id
     from open_instruct.logprobs import sequence_logprobs
@@ -90,6 +92,8 @@ def run(args: DPOArguments) -> Path:
     from open_instruct.lora import adapters_disabled
     from open_instruct.losses import LossSettings, get_loss
     from open_instruct.modeling import load_model, load_tokenizer, reference_identity
+    from open_instruct.packing import packed_sequence_logprobs, prepare_model_for_packing
+    from open_instruct.perf import FlopCounter, peak_flops
     from open_instruct.resume import run_signature, start_or_resume
     from open_instruct.tracking import MetricsLogger
     from open_instruct.trainer import LoopSettings, train_loop
@@ -118,13 +122,16 @@ def run(args: DPOArguments) -> Path:
 
     # 3. Model, optimizer, schedule, dataloaders, under accelerate (DeepSpeed ZeRO when configured).
     model = load_model(args, tokenizer, log=accelerator.print)
+    if args.packing:
+        accelerator.print(f"packing: attention {prepare_model_for_packing(model)}")
+    flop_counter = FlopCounter(model)  # before ZeRO-3 partitions the weights
     logprob_impl = resolve_logprob_impl(args.use_liger_kernel, model, accelerator.device, accelerator.print)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    collate = PaddedPairCollator(tokenizer.pad_token_id)
-    train_loader = DataLoader(data.records, batch_size=args.per_device_train_batch_size, shuffle=True,
-                              collate_fn=collate)
-    steps_per_epoch, total_steps = optimizer_steps(len(data.records), args, accelerator.num_processes)
+    train_loader = pair_dataloader(data.records, tokenizer.pad_token_id, args.per_device_train_batch_size, args.seed,
+                                   args.packing, args.max_tokens_per_batch, args.group_by_length)
+    steps_per_epoch, total_steps = optimizer_steps(len(data.records), args, accelerator.num_processes,
+                                                   len(train_loader))
     scheduler = build_scheduler(args, optimizer, total_steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
@@ -138,6 +145,8 @@ def run(args: DPOArguments) -> Path:
         (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
 
     def logprob_fn(m, batch):
+        if args.packing:
+            return packed_sequence_logprobs(m, batch, impl=logprob_impl, chunk_size=args.logprob_chunk_size)
         return sequence_logprobs(m, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                  impl=logprob_impl, chunk_size=args.logprob_chunk_size)
 
@@ -146,9 +155,9 @@ def run(args: DPOArguments) -> Path:
     data_hash = reference_cache.dataset_fingerprint(data.records)  # also identifies the run for exact resume
 
     def ordered_loader(records):
-        return accelerator.prepare_data_loader(DataLoader(
-            records, batch_size=args.reference_batch_size or 2 * args.per_device_train_batch_size,
-            shuffle=False, collate_fn=collate))
+        return accelerator.prepare_data_loader(pair_dataloader(
+            records, tokenizer.pad_token_id, args.reference_batch_size or 2 * args.per_device_train_batch_size,
+            args.seed, packing=args.packing, shuffle=False))
 
     def reference_for(records):
         if not args.needs_reference:
@@ -180,6 +189,7 @@ def run(args: DPOArguments) -> Path:
         loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio, args.nll_loss_weight),
         separate_forward=args.separate_forward, eval_steps=args.eval_steps,
         load_balancing_weight=args.load_balancing_weight if args.load_balancing_loss else None,
+        flops_fn=flop_counter, peak_flops=peak_flops(accelerator.device),
     )
     evaluate = None
     if eval_records is not None:

@@ -30,7 +30,9 @@ from open_instruct.dpo_tune_cache import preflight
 
 # Flags that only mean something for a preference loss: passing one to SFT is an error, never ignored.
 DPO_ONLY = ("loss_type", "beta", "label_smoothing", "gamma_beta_ratio", "nll_loss_weight", "reference_free",
-            "separate_forward", "reference_batch_size", "dataset_format")
+            "separate_forward", "reference_batch_size", "dataset_format",
+            # pair batching (packing, token budget, length grouping) is built for preference pairs only so far
+            "packing", "max_tokens_per_batch", "group_by_length")
 
 
 def check_sft_arguments(args: DPOArguments) -> None:

@@ -34,7 +34,8 @@ def run_signature(args: DPOArguments, num_pairs: int, data_hash: str, total_step
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "total_optimizer_steps": total_steps,
             "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type,
-            "warmup_ratio": args.warmup_ratio, "warmup_steps": args.warmup_steps}
+            "warmup_ratio": args.warmup_ratio, "warmup_steps": args.warmup_steps, "packing": args.packing,
+            "max_tokens_per_batch": args.max_tokens_per_batch, "group_by_length": args.group_by_length}
 
 
 def start_or_resume(args: DPOArguments, accelerator: Any, signature: dict[str, Any],

@@ -16,6 +16,7 @@ from open_instruct.logprobs import SequenceLogprobs, pair_logprobs
 from open_instruct.losses import LossFn, LossOutput, LossSettings, PreferenceLogps
 from open_instruct.moe import capture_router_logits
 from open_instruct.nonfinite import NonFiniteGuard
+from open_instruct.perf import mfu
 from open_instruct.reference_cache import ReferenceLogps
 from open_instruct.tracking import MetricsLogger
 
@@ -41,6 +42,8 @@ class LoopSettings:
     separate_forward: bool = False
     load_balancing_weight: float | None = None  # set: add the MoE router load-balancing loss, log it as aux_loss
     eval_steps: int | None = None
+    flops_fn: Any = None  # batch -> training FLOPs (open_instruct.perf.FlopCounter); with peak_flops, logs MFU
+    peak_flops: float | None = None  # the device's peak FLOP/s; None (CPU, unknown GPU): no perf/mfu_step
 
 
 @dataclass
@@ -50,6 +53,7 @@ class StepMetrics:
     sums: dict[str, float] = field(default_factory=dict)
     pairs: int = 0
     tokens: int = 0
+    flops: float = 0.0
 
     def add(self, values: dict[str, torch.Tensor], pairs: int, tokens: int) -> None:
         for name, value in values.items():
@@ -110,13 +114,13 @@ def preference_step(
     return loss, metrics
 
 
-def _reduce_across_ranks(accelerator: Any, interval: StepMetrics) -> tuple[dict[str, float], int, int]:
+def _reduce_across_ranks(accelerator: Any, interval: StepMetrics) -> tuple[dict[str, float], int, int, float]:
     names = sorted(interval.sums)
-    local = torch.tensor([interval.sums[n] for n in names] + [interval.pairs, interval.tokens], dtype=torch.float64,
-                         device=accelerator.device)
+    local = torch.tensor([interval.sums[n] for n in names] + [interval.pairs, interval.tokens, interval.flops],
+                         dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(local, reduction="sum").cpu().tolist()
-    pairs, tokens = int(total[-2]), int(total[-1])
-    return {n: total[i] / max(pairs, 1) for i, n in enumerate(names)}, pairs, tokens
+    pairs, tokens = int(total[-3]), int(total[-2])
+    return {n: total[i] / max(pairs, 1) for i, n in enumerate(names)}, pairs, tokens, total[-1]
 
 
 @dataclass
@@ -199,12 +203,14 @@ def train_loop(
                 optimizer.zero_grad()
             if finite:
                 interval.add(metrics, pairs=count, tokens=int(batch["attention_mask"].sum()))
+                if settings.peak_flops and settings.flops_fn is not None:
+                    interval.flops += settings.flops_fn(batch)
             if not accelerator.sync_gradients:
                 continue
             step += 1
             bar.update(1)
             if step % settings.logging_steps == 0 or step == settings.max_train_steps:
-                averages, _, tokens = _reduce_across_ranks(accelerator, interval)
+                averages, _, tokens, flops = _reduce_across_ranks(accelerator, interval)
                 now = time.perf_counter()
                 tokens_total += tokens
                 last = {
@@ -217,6 +223,9 @@ def train_loop(
                     "perf/tokens_per_second_step": tokens / max(now - interval_start, 1e-9),
                     "perf/tokens_per_second_avg": tokens_total / max(now - start, 1e-9),
                 }
+                if settings.peak_flops:  # FLOPs summed over ranks, over every rank's peak for the interval
+                    last["perf/mfu_step"] = mfu(flops, now - interval_start, settings.peak_flops,
+                                                accelerator.num_processes)
                 logger.log(last)
                 interval, interval_start = StepMetrics(), now
             maybe_evaluate(step, last_step=step >= settings.max_train_steps)
