@@ -27,6 +27,7 @@ cmd=(python open_instruct/dpo_tune_cache.py
     --logging_steps 100
     --seed 1
     --output_dir "$OUTPUT_DIR"
+    --dataset_local_cache_dir "$DEMO_DIR/dataset_cache"
     "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 "${cmd[@]}"
