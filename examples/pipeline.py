@@ -55,26 +55,59 @@ def main(argv: list[str] | None = None) -> None:
     pretrained = write_tiny_model(out / "pretrained", seed=0)
 
     # Stage 2: supervised fine-tuning on the chosen conversations (a preference file serves as chat data).
-    sft = run_sft(pretrained, TrainingConfig(
-        run_name="pipeline-sft", output_dir=str(out / "sft"), batch_size=32, micro_batch_size=32,
-        learning_rate=3e-3, warmup_steps=5, max_steps=ns.sft_steps, log_every=10, eval_every=ns.sft_steps // 2,
-    ), SFTDatasetConfig(str(train_file), eval_dataset_name=str(test_file), max_seq_length=64))
-    print(f"SFT: held-out NLL per assistant token at steps {[r['training_step'] for r in eval_rows(out / 'sft')]}: "
-          f"{[round(r['eval/loss'], 3) for r in eval_rows(out / 'sft')]}")
+    sft = run_sft(
+        pretrained,
+        TrainingConfig(
+            run_name="pipeline-sft",
+            output_dir=str(out / "sft"),
+            batch_size=32,
+            micro_batch_size=32,
+            learning_rate=3e-3,
+            warmup_steps=5,
+            max_steps=ns.sft_steps,
+            log_every=10,
+            eval_every=ns.sft_steps // 2,
+        ),
+        SFTDatasetConfig(str(train_file), eval_dataset_name=str(test_file), max_seq_length=64),
+    )
+    print(
+        f"SFT: held-out NLL per assistant token at steps {[r['training_step'] for r in eval_rows(out / 'sft')]}: "
+        f"{[round(r['eval/loss'], 3) for r in eval_rows(out / 'sft')]}"
+    )
 
     # Stage 3: DPO from the SFT checkpoint, evaluated on the held-out pairs every few steps.
-    dpo = run_dpo(sft, TrainingConfig(
-        run_name="pipeline-dpo", output_dir=str(out / "dpo"), batch_size=16, micro_batch_size=8,
-        gradient_accumulation_steps=2, learning_rate=1e-3, warmup_steps=5, max_steps=ns.dpo_steps, log_every=10,
-        eval_every=ns.dpo_steps // 2,
-    ), DPOConfig(beta=5.0, loss_type="dpo_norm", max_length=32, max_prompt_length=32,
-                 reference_cache_dir=str(out / "reference_cache")),
-        PreferenceDatasetConfig(str(train_file), eval_dataset_name=str(test_file)))
+    dpo = run_dpo(
+        sft,
+        TrainingConfig(
+            run_name="pipeline-dpo",
+            output_dir=str(out / "dpo"),
+            batch_size=16,
+            micro_batch_size=8,
+            gradient_accumulation_steps=2,
+            learning_rate=1e-3,
+            warmup_steps=5,
+            max_steps=ns.dpo_steps,
+            log_every=10,
+            eval_every=ns.dpo_steps // 2,
+        ),
+        DPOConfig(
+            beta=5.0,
+            loss_type="dpo_norm",
+            max_length=32,
+            max_prompt_length=32,
+            reference_cache_dir=str(out / "reference_cache"),
+        ),
+        PreferenceDatasetConfig(str(train_file), eval_dataset_name=str(test_file)),
+    )
     final = eval_rows(out / "dpo")[-1]
-    print(f"DPO: held-out eval/loss {final['eval/loss']:.4f}, eval/rewards/accuracy "
-          f"{100 * final['eval/rewards/accuracy']:.2f}%, eval/rewards/margin {final['eval/rewards/margin']:.4f}")
-    print(f"held-out preference accuracy of the policy alone: after SFT {100 * policy_accuracy(sft, test_file):.2f}%, "
-          f"after DPO {100 * policy_accuracy(dpo, test_file):.2f}%")
+    print(
+        f"DPO: held-out eval/loss {final['eval/loss']:.4f}, eval/rewards/accuracy "
+        f"{100 * final['eval/rewards/accuracy']:.2f}%, eval/rewards/margin {final['eval/rewards/margin']:.4f}"
+    )
+    print(
+        f"held-out preference accuracy of the policy alone: after SFT {100 * policy_accuracy(sft, test_file):.2f}%, "
+        f"after DPO {100 * policy_accuracy(dpo, test_file):.2f}%"
+    )
     print(f"final checkpoint: {dpo}")
 
 

@@ -1,6 +1,6 @@
 """open_instruct-dpo: supervised fine-tuning and DPO with a cached reference, from the CLI or from Python.
 
-    from open_instruct import run_sft, run_dpo, TrainingConfig, DPOConfig, PreferenceDatasetConfig, SFTDatasetConfig
+from open_instruct import run_sft, run_dpo, TrainingConfig, DPOConfig, PreferenceDatasetConfig, SFTDatasetConfig
 """
 
 from __future__ import annotations

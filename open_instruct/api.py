@@ -118,16 +118,23 @@ def accumulation_steps(train: TrainingConfig, processes: int) -> int:
     per_step = train.micro_batch_size * processes
     if train.gradient_accumulation_steps is None:
         if train.batch_size % per_step:
-            raise UserError(f"batch_size {train.batch_size} is not a multiple of micro_batch_size "
-                            f"{train.micro_batch_size} x world size {processes}")
+            raise UserError(
+                f"batch_size {train.batch_size} is not a multiple of micro_batch_size "
+                f"{train.micro_batch_size} x world size {processes}"
+            )
         return train.batch_size // per_step
     expected = per_step * train.gradient_accumulation_steps
     if expected != train.batch_size:
-        hint = f"; set gradient_accumulation_steps={train.batch_size // per_step}" if (
-            train.batch_size % per_step == 0) else ""
-        raise UserError(f"batch_size {train.batch_size} != micro_batch_size {train.micro_batch_size} x "
-                        f"gradient_accumulation_steps {train.gradient_accumulation_steps} x world size {processes} "
-                        f"= {expected}{hint} (or None to derive it)")
+        hint = (
+            f"; set gradient_accumulation_steps={train.batch_size // per_step}"
+            if (train.batch_size % per_step == 0)
+            else ""
+        )
+        raise UserError(
+            f"batch_size {train.batch_size} != micro_batch_size {train.micro_batch_size} x "
+            f"gradient_accumulation_steps {train.gradient_accumulation_steps} x world size {processes} "
+            f"= {expected}{hint} (or None to derive it)"
+        )
     return train.gradient_accumulation_steps
 
 
@@ -138,16 +145,27 @@ def training_arguments(train: TrainingConfig) -> dict[str, Any]:
     if train.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {train.warmup_steps}")
     values = {
-        "exp_name": train.run_name, "output_dir": str(train.output_dir), "seed": train.seed,
+        "exp_name": train.run_name,
+        "output_dir": str(train.output_dir),
+        "seed": train.seed,
         "per_device_train_batch_size": train.micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps(train, world_size()),
-        "learning_rate": train.learning_rate, "max_train_steps": train.max_steps, "num_epochs": train.num_epochs,
-        "warmup_steps": train.warmup_steps, "weight_decay": train.weight_decay,
-        "lr_scheduler_type": train.lr_scheduler_type, "max_grad_norm": train.max_grad_norm,
-        "logging_steps": train.log_every, "eval_steps": train.eval_every, "mixed_precision": train.mixed_precision,
+        "learning_rate": train.learning_rate,
+        "max_train_steps": train.max_steps,
+        "num_epochs": train.num_epochs,
+        "warmup_steps": train.warmup_steps,
+        "weight_decay": train.weight_decay,
+        "lr_scheduler_type": train.lr_scheduler_type,
+        "max_grad_norm": train.max_grad_norm,
+        "logging_steps": train.log_every,
+        "eval_steps": train.eval_every,
+        "mixed_precision": train.mixed_precision,
         "checkpointing_steps": None if train.save_every is None else str(train.save_every),
-        "with_tracking": train.with_tracking, "wandb_project": train.wandb_project,
-        "wandb_entity": train.wandb_entity, "push_to_hub": train.push_to_hub, "hf_repo_id": train.hf_repo_id,
+        "with_tracking": train.with_tracking,
+        "wandb_project": train.wandb_project,
+        "wandb_entity": train.wandb_entity,
+        "push_to_hub": train.push_to_hub,
+        "hf_repo_id": train.hf_repo_id,
     }
     if train.tokenizer_name:
         values["tokenizer_name_or_path"] = train.tokenizer_name
@@ -193,16 +211,20 @@ def dataset_arguments(dataset: Any, train: TrainingConfig, kind: str) -> dict[st
         raise UserError(f"amount must be a positive fraction (float) or row count (int), got {amount!r}")
     values: dict[str, Any] = {
         "mixer_list": [name, repr(float(amount)) if isinstance(amount, float) else str(amount)],
-        "mixer_list_splits": [dataset.split], "max_train_samples": dataset.max_samples,
-        "chat_template_name": dataset.chat_template_name, "eval_fraction": dataset.eval_fraction,
+        "mixer_list_splits": [dataset.split],
+        "max_train_samples": dataset.max_samples,
+        "chat_template_name": dataset.chat_template_name,
+        "eval_fraction": dataset.eval_fraction,
     }
     if dataset.eval_dataset_name is not None:
         values["eval_mixer_list"] = [dataset_path(dataset.eval_dataset_name, folder, "eval"), "1.0"]
         values["eval_mixer_list_splits"] = [dataset.eval_split]
     elif train.eval_every is not None and dataset.eval_fraction == 0:
         if _is_rows(source) or _is_local(name):
-            raise UserError(f"eval_every needs an evaluation set and {name} has no {dataset.eval_split!r} split: "
-                            "pass eval_dataset_name= or eval_fraction=")
+            raise UserError(
+                f"eval_every needs an evaluation set and {name} has no {dataset.eval_split!r} split: "
+                "pass eval_dataset_name= or eval_fraction="
+            )
         values["eval_mixer_list"] = [name, "1.0"]
         values["eval_mixer_list_splits"] = [dataset.eval_split]
     return values
@@ -217,16 +239,30 @@ def preference_arguments(dataset: PreferenceDatasetConfig, train: TrainingConfig
     return values
 
 
-def dpo_arguments(model: str, train: TrainingConfig, dpo: DPOConfig, dataset: PreferenceDatasetConfig,
-                  tokenizer_name: str | None = None) -> DPOArguments:
+def dpo_arguments(
+    model: str,
+    train: TrainingConfig,
+    dpo: DPOConfig,
+    dataset: PreferenceDatasetConfig,
+    tokenizer_name: str | None = None,
+) -> DPOArguments:
     """One validated DPOArguments from the API's configs."""
     values = training_arguments(train)
     values.update(preference_arguments(dataset, train))
     if dpo.max_length < 1 or dpo.max_prompt_length < 1:
-        raise UserError(f"max_length and max_prompt_length must be >= 1, got {dpo.max_length}, {dpo.max_prompt_length}")
-    values.update(model_name_or_path=model, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
-                  loss_type=dpo.loss_type, gamma_beta_ratio=dpo.gamma_beta_ratio, reference_free=dpo.reference_free,
-                  max_seq_length=dpo.max_prompt_length + dpo.max_length, max_response_length=dpo.max_length)
+        raise UserError(
+            f"max_length and max_prompt_length must be >= 1, got {dpo.max_length}, {dpo.max_prompt_length}"
+        )
+    values.update(
+        model_name_or_path=model,
+        beta=dpo.beta,
+        label_smoothing=dpo.label_smoothing,
+        loss_type=dpo.loss_type,
+        gamma_beta_ratio=dpo.gamma_beta_ratio,
+        reference_free=dpo.reference_free,
+        max_seq_length=dpo.max_prompt_length + dpo.max_length,
+        max_response_length=dpo.max_length,
+    )
     if dpo.reference_cache_dir:
         values["reference_logprobs_cache_path"] = dpo.reference_cache_dir
     if tokenizer_name:
@@ -253,9 +289,14 @@ def fresh_accelerate_state() -> Iterator[None]:
         GradientState._reset_state()
 
 
-def run_dpo(sft_checkpoint: str | os.PathLike, train_config: TrainingConfig | None = None,
-            dpo_config: DPOConfig | None = None, preference_config: PreferenceDatasetConfig | None = None,
-            tokenizer_name: str | None = None, model_config: Any = None) -> Path:
+def run_dpo(
+    sft_checkpoint: str | os.PathLike,
+    train_config: TrainingConfig | None = None,
+    dpo_config: DPOConfig | None = None,
+    preference_config: PreferenceDatasetConfig | None = None,
+    tokenizer_name: str | None = None,
+    model_config: Any = None,
+) -> Path:
     """DPO from an SFT checkpoint (HF folder, hub id, or ``.pt`` state dict); returns the final checkpoint's folder.
 
     A ``.pt`` state dict needs a tokenizer (``tokenizer_name`` or ``train_config.tokenizer_name``) and a model config
@@ -267,11 +308,13 @@ def run_dpo(sft_checkpoint: str | os.PathLike, train_config: TrainingConfig | No
     train = train_config or TrainingConfig()
     tokenizer_name = tokenizer_name or train.tokenizer_name
     checkpoint = str(sft_checkpoint)
-    args = dpo_arguments(checkpoint, train, dpo_config or DPOConfig(),
-                         preference_config or PreferenceDatasetConfig(), tokenizer_name)
+    args = dpo_arguments(
+        checkpoint, train, dpo_config or DPOConfig(), preference_config or PreferenceDatasetConfig(), tokenizer_name
+    )
     if is_state_dict_file(checkpoint):
-        args.model_name_or_path = str(state_dict_to_folder(checkpoint, tokenizer_name, model_config,
-                                                           Path(train.output_dir) / "initial_model"))
+        args.model_name_or_path = str(
+            state_dict_to_folder(checkpoint, tokenizer_name, model_config, Path(train.output_dir) / "initial_model")
+        )
         args.tokenizer_name_or_path = args.model_name_or_path
     dpo_tune_cache.preflight(args)
     with fresh_accelerate_state():

@@ -52,8 +52,13 @@ class CheckpointPolicy:
     test_write_delay: tuple[int, float] | None = None
 
     @classmethod
-    def from_flag(cls, output_dir: str | Path, checkpointing_steps: str | None, keep_last_n: int,
-                  test_write_delay: tuple[int, float] | None = None) -> CheckpointPolicy:
+    def from_flag(
+        cls,
+        output_dir: str | Path,
+        checkpointing_steps: str | None,
+        keep_last_n: int,
+        test_write_delay: tuple[int, float] | None = None,
+    ) -> CheckpointPolicy:
         """Parse ``--checkpointing_steps N|epoch``."""
         every = int(checkpointing_steps) if checkpointing_steps and checkpointing_steps.isdigit() else None
         return cls(Path(output_dir), every, checkpointing_steps == "epoch", keep_last_n, test_write_delay)
@@ -99,8 +104,10 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> tuple[Pat
         if not path.is_dir():
             raise UserError(f"--resume_from_checkpoint: folder not found: {path}")
         if not is_complete(path):
-            raise UserError(f"--resume_from_checkpoint: {path} has no {COMPLETED} marker (a checkpoint cut short); "
-                            "pick an earlier step_N folder")
+            raise UserError(
+                f"--resume_from_checkpoint: {path} has no {COMPLETED} marker (a checkpoint cut short); "
+                "pick an earlier step_N folder"
+            )
         return path, f"resuming from {path} (--resume_from_checkpoint)"
     path, incomplete = latest_complete_checkpoint(output_dir)
     notes = [f"ignoring incomplete checkpoint {p} (no {COMPLETED} marker)" for p in incomplete]
@@ -136,8 +143,10 @@ def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, stat
     """Write ``step_<state.step>`` on every rank, then the ``COMPLETED`` marker, then prune old checkpoints."""
     path = checkpoint_dir(policy.output_dir, state.step)
     if not model_is_finite(accelerator, model):
-        raise UserError(f"the model's weights became NaN/Inf by optimizer step {state.step} (an overflow in the "
-                        f"gradients?); checkpoint {path} was not written")
+        raise UserError(
+            f"the model's weights became NaN/Inf by optimizer step {state.step} (an overflow in the "
+            f"gradients?); checkpoint {path} was not written"
+        )
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)  # a leftover from a kill mid-write, or an earlier run's
     accelerator.wait_for_everyone()
@@ -181,8 +190,10 @@ def load_checkpoint(accelerator: Any, path: str | Path, signature: dict[str, Any
     changed = {k: (state.signature.get(k), v) for k, v in signature.items() if state.signature.get(k) != v}
     if changed:
         details = ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in sorted(changed.items()))
-        raise UserError(f"cannot resume exactly from {path}: the run changed ({details}); "
-                        "use the original settings or a new --output_dir")
+        raise UserError(
+            f"cannot resume exactly from {path}: the run changed ({details}); "
+            "use the original settings or a new --output_dir"
+        )
     accelerator.load_state(str(path))
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
     rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
@@ -200,8 +211,9 @@ def model_is_finite(accelerator: Any, model: Any) -> bool:
     return float(accelerator.reduce(bad, reduction="sum")) == 0
 
 
-def save_final_model(accelerator: Any, model: Any, tokenizer: Any, output_dir: str | Path,
-                     merge_lora: bool = False) -> Path:
+def save_final_model(
+    accelerator: Any, model: Any, tokenizer: Any, output_dir: str | Path, merge_lora: bool = False
+) -> Path:
     """Write the model (safetensors) and tokenizer in Hugging Face format directly into ``output_dir``.
 
     Every rank takes part (ZeRO-3 gathers the full weights); the main process writes into a temporary folder and then

@@ -89,7 +89,7 @@ class DPOArguments:
     lora_dropout: float = _f(0.1, "LoRA dropout.")
     lora_target_modules: list[str] = _f(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "Module-name suffixes that get adapters (or all-linear)."
+        "Module-name suffixes that get adapters (or all-linear).",
     )
     merge_lora: bool = _f(False, "Also save merged full weights (into <output_dir>/merged) after LoRA training.")
     load_balancing_loss: bool = _f(False, "Add the MoE router load-balancing loss.")
@@ -99,35 +99,48 @@ class DPOArguments:
     mixer_list: list[str] = _f(
         [], "Pairs of DATASET AMOUNT (fraction with a decimal point, or row count).", aliases=("dataset_mixer_list",)
     )
-    mixer_list_splits: list[str] = _f(["train"], "Split per dataset (one for all, or one each).",
-                                      aliases=("dataset_mixer_list_splits",))
-    eval_mixer_list: list[str] = _f([], "Evaluation datasets, same form as --mixer_list.",
-                                    aliases=("dataset_mixer_eval_list",))
-    eval_mixer_list_splits: list[str] = _f(["test"], "Split per evaluation dataset.",
-                                           aliases=("dataset_mixer_eval_list_splits",))
+    mixer_list_splits: list[str] = _f(
+        ["train"], "Split per dataset (one for all, or one each).", aliases=("dataset_mixer_list_splits",)
+    )
+    eval_mixer_list: list[str] = _f(
+        [], "Evaluation datasets, same form as --mixer_list.", aliases=("dataset_mixer_eval_list",)
+    )
+    eval_mixer_list_splits: list[str] = _f(
+        ["test"], "Split per evaluation dataset.", aliases=("dataset_mixer_eval_list_splits",)
+    )
     eval_fraction: float = _f(0.0, "Hold out this fraction of each training dataset's valid rows for evaluation.")
     eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and at the end); needs an evaluation set.")
-    dataset_format: str = _f("auto", "Row format of every dataset (auto: detected from columns).",
-                             choices=DATASET_FORMATS)
+    dataset_format: str = _f(
+        "auto", "Row format of every dataset (auto: detected from columns).", choices=DATASET_FORMATS
+    )
     skip_invalid_rows: bool = _f(False, "Drop malformed rows with a summary instead of stopping.")
-    chat_template_name: str | None = _f(None, "One of our chat templates instead of the tokenizer's.",
-                                        choices=CHAT_TEMPLATES)
+    chat_template_name: str | None = _f(
+        None, "One of our chat templates instead of the tokenizer's.", choices=CHAT_TEMPLATES
+    )
     add_bos: bool = _f(False, "Prepend the BOS token when the chat template does not.")
     max_seq_length: int = _f(2048, "Maximum tokens per sequence (prompt + reply).")
     max_response_length: int | None = _f(
-        None, "Cut each reply to at most N tokens, EOS included (TRL's max_completion_length).",
-        aliases=("max_completion_length",))
+        None,
+        "Cut each reply to at most N tokens, EOS included (TRL's max_completion_length).",
+        aliases=("max_completion_length",),
+    )
     max_train_samples: int | None = _f(None, "Use at most this many training pairs.")
     cache_dataset_only: bool = _f(False, "Prepare and cache the tokenized dataset, then exit.")
     dataset_local_cache_dir: str = _f("local_dataset_cache", "Where prepared (tokenized) datasets are cached.")
     reference_logprobs_cache_path: str = _f(
         "", "Folder of the reference log-prob cache (default: $REFERENCE_LOGPROBS_CACHE_PATH or ~/.cache/...)."
     )
-    packing: bool = _f(False, "Padding-free batches: a micro-batch's sequences laid end to end in one row, each "
-                       "attending only to itself (also for the reference pass).", aliases=("padding_free",))
+    packing: bool = _f(
+        False,
+        "Padding-free batches: a micro-batch's sequences laid end to end in one row, each "
+        "attending only to itself (also for the reference pass).",
+        aliases=("padding_free",),
+    )
     max_tokens_per_batch: int | None = _f(
-        None, "Token budget per micro-batch (packed: real tokens; padded: rows x longest): micro-batches hold as many "
-        "pairs as fit, instead of --per_device_train_batch_size pairs.")
+        None,
+        "Token budget per micro-batch (packed: real tokens; padded: rows x longest): micro-batches hold as many "
+        "pairs as fit, instead of --per_device_train_batch_size pairs.",
+    )
     group_by_length: bool = _f(False, "Batch pairs of similar length, batches still in shuffled order (less padding).")
     reference_batch_size: int | None = _f(None, "Batch size of the reference pass (default: 2x training).")
 
@@ -146,20 +159,26 @@ class DPOArguments:
     # --- loss -------------------------------------------------------------------------------------------------
     loss_type: str = _f("dpo_norm", "Preference loss.", aliases=("dpo_loss_type",), choices=LOSS_TYPES)
     beta: float = _f(5.0, "DPO beta (inverse temperature).", aliases=("dpo_beta",))
-    label_smoothing: float = _f(0.0, "Conservative DPO / robust: assumed label noise.", aliases=("dpo_label_smoothing",))
+    label_smoothing: float = _f(
+        0.0, "Conservative DPO / robust: assumed label noise.", aliases=("dpo_label_smoothing",)
+    )
     gamma_beta_ratio: float = _f(0.3, "SimPO target margin divided by beta.", aliases=("dpo_gamma_beta_ratio",))
     nll_loss_weight: float = _f(0.0, "RPO: weight of the chosen reply's NLL added to the loss.")
     reference_free: bool = _f(False, "Use a zero reference (skips the reference pass).")
     separate_forward: bool = _f(
-        False, "Run chosen and rejected in two forwards, each padded to its own length (lower peak per forward).",
-        aliases=("concatenated_forward_false",))
+        False,
+        "Run chosen and rejected in two forwards, each padded to its own length (lower peak per forward).",
+        aliases=("concatenated_forward_false",),
+    )
     logprob_chunk_size: int = _f(1024, "Tokens per chunk of the output projection in the chunked log-probs.")
 
     # --- distributed ------------------------------------------------------------------------------------------
     zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (0-3); with --deepspeed_config it overrides the file's.")
     offload_optimizer: bool = _f(False, "ZeRO: offload optimizer state to CPU.")
     offload_param: bool = _f(False, "ZeRO-3: offload parameters to CPU.")
-    deepspeed_config: str | None = _f(None, "Path of a DeepSpeed JSON config ('auto' fields are filled from our flags).")
+    deepspeed_config: str | None = _f(
+        None, "Path of a DeepSpeed JSON config ('auto' fields are filled from our flags)."
+    )
     timeout: int = _f(1800, "Seconds before a collective operation times out.")
 
     def __post_init__(self) -> None:
@@ -182,8 +201,7 @@ class DPOArguments:
 
 
 # Flags declared above whose behaviour is not built yet. Passing a non-default value is an error, never ignored.
-NOT_YET_SUPPORTED: tuple[str, ...] = (
-)
+NOT_YET_SUPPORTED: tuple[str, ...] = ()
 
 
 def _model_option_problems(args: DPOArguments) -> list[str]:
@@ -200,8 +218,10 @@ def _model_option_problems(args: DPOArguments) -> list[str]:
     if args.merge_lora and not (args.use_lora or args.use_qlora):
         problems.append("--merge_lora needs --use_lora")
     if args.merge_lora and args.use_qlora:
-        problems.append("--merge_lora with --use_qlora is not supported (the base is 4-bit): merge the saved adapter "
-                        "into a bf16 copy of the base model with peft's merge_and_unload")
+        problems.append(
+            "--merge_lora with --use_qlora is not supported (the base is 4-bit): merge the saved adapter "
+            "into a bf16 copy of the base model with peft's merge_and_unload"
+        )
     if args.load_balancing_weight < 0:
         problems.append(f"--load_balancing_weight must be >= 0, got {args.load_balancing_weight}")
     return problems
@@ -218,11 +238,24 @@ def validate(args: DPOArguments) -> None:
         problems.append(f"--mixer_list takes pairs of DATASET AMOUNT, got {len(args.mixer_list)} values")
     if len(args.eval_mixer_list) % 2:
         problems.append(f"--eval_mixer_list takes pairs of DATASET AMOUNT, got {len(args.eval_mixer_list)} values")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps",
-                 "num_epochs", "logprob_chunk_size"):
+    for name in (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_seq_length",
+        "logging_steps",
+        "num_epochs",
+        "logprob_chunk_size",
+    ):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_train_steps", "max_train_samples", "max_response_length", "reference_batch_size", "max_tokens_per_batch", "eval_steps"):
+    for name in (
+        "max_train_steps",
+        "max_train_samples",
+        "max_response_length",
+        "reference_batch_size",
+        "max_tokens_per_batch",
+        "eval_steps",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1, got {value}")
@@ -254,7 +287,9 @@ def validate(args: DPOArguments) -> None:
         problems.append(f"--activation_memory_budget must be in (0, 1], got {args.activation_memory_budget}")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
-            problems.append(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
+            problems.append(
+                f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}"
+            )
     if args.skip_nonfinite_batches < 0:
         problems.append(f"--skip_nonfinite_batches must be >= 0, got {args.skip_nonfinite_batches}")
     if args.keep_last_n_checkpoints < -1 or args.keep_last_n_checkpoints == 0:

@@ -38,11 +38,16 @@ def build_deepspeed_config(zero_stage: int, offload_optimizer: bool = False, off
     if zero_stage >= 1:
         zero.update({"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": AUTO})
     if zero_stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": AUTO, "stage3_param_persistence_threshold": AUTO,
-            "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000,
-            "sub_group_size": 1_000_000_000, "stage3_gather_16bit_weights_on_model_save": True,
-        })
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": AUTO,
+                "stage3_param_persistence_threshold": AUTO,
+                "stage3_max_live_parameters": 1_000_000_000,
+                "stage3_max_reuse_distance": 1_000_000_000,
+                "sub_group_size": 1_000_000_000,
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if offload_param:
@@ -73,8 +78,10 @@ def load_deepspeed_config(path: str | Path) -> dict:
         raise UserError(f"{path}: a DeepSpeed config needs a 'zero_optimization' section")
     for key in ("optimizer", "scheduler"):
         if key in config:
-            raise UserError(f"{path}: remove the '{key}' section: the recipe builds AdamW and the "
-                            "--lr_scheduler_type schedule itself")
+            raise UserError(
+                f"{path}: remove the '{key}' section: the recipe builds AdamW and the "
+                "--lr_scheduler_type schedule itself"
+            )
     return config
 
 
@@ -83,7 +90,9 @@ def _apply_flags(config: dict, args: DPOArguments) -> dict:
     config = copy.deepcopy(config)
     zero = config["zero_optimization"]
     if args.zero_stage is not None:
-        built = build_deepspeed_config(args.zero_stage, args.offload_optimizer, args.offload_param)["zero_optimization"]
+        built = build_deepspeed_config(args.zero_stage, args.offload_optimizer, args.offload_param)[
+            "zero_optimization"
+        ]
         zero.update({k: v for k, v in built.items() if k not in zero or k == "stage"})
     if args.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -114,8 +123,9 @@ def _settle(config: dict, key: str, wanted: Any, flag: str, source: str) -> None
     if value == AUTO:
         section[leaf] = wanted
     elif value != wanted:
-        raise UserError(f"{source}: {key} is {value!r} but {flag} asks for {wanted!r}; set it to \"auto\" or make "
-                        "them agree")
+        raise UserError(
+            f'{source}: {key} is {value!r} but {flag} asks for {wanted!r}; set it to "auto" or make them agree'
+        )
 
 
 def resolve_deepspeed_config(args: DPOArguments, env: dict[str, str] | None = None) -> dict | None:
@@ -137,25 +147,42 @@ def resolve_deepspeed_config(args: DPOArguments, env: dict[str, str] | None = No
     stage = config["zero_optimization"].get("stage", 0)
     if config["zero_optimization"].get("offload_param", {}).get("device", "none") != "none" and stage != 3:
         raise UserError(f"{source}: offload_param needs ZeRO stage 3, the config has stage {stage}")
-    _settle(config, "train_micro_batch_size_per_gpu", args.per_device_train_batch_size,
-            "--per_device_train_batch_size", source)
-    _settle(config, "gradient_accumulation_steps", args.gradient_accumulation_steps,
-            "--gradient_accumulation_steps", source)
+    _settle(
+        config,
+        "train_micro_batch_size_per_gpu",
+        args.per_device_train_batch_size,
+        "--per_device_train_batch_size",
+        source,
+    )
+    _settle(
+        config,
+        "gradient_accumulation_steps",
+        args.gradient_accumulation_steps,
+        "--gradient_accumulation_steps",
+        source,
+    )
     world_size = int(env.get("WORLD_SIZE", "0"))
     if world_size:
-        _settle(config, "train_batch_size",
-                args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
-                f"per-device batch x accumulation x {world_size} processes", source)
+        _settle(
+            config,
+            "train_batch_size",
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+            f"per-device batch x accumulation x {world_size} processes",
+            source,
+        )
     # DeepSpeed clips inside its optimizer step (accelerator.clip_grad_norm_ is a no-op under it); 0 means off.
-    _settle(config, "gradient_clipping", args.max_grad_norm if args.max_grad_norm > 0 else 0.0, "--max_grad_norm",
-            source)
+    _settle(
+        config, "gradient_clipping", args.max_grad_norm if args.max_grad_norm > 0 else 0.0, "--max_grad_norm", source
+    )
     if stage == 3:
         zero = config["zero_optimization"]
         if zero.get("stage3_gather_16bit_weights_on_model_save", AUTO) in (AUTO, True):
             zero["stage3_gather_16bit_weights_on_model_save"] = True
         else:
-            raise UserError(f"{source}: ZeRO-3 needs zero_optimization.stage3_gather_16bit_weights_on_model_save "
-                            "true, else the final save holds only this rank's shard")
+            raise UserError(
+                f"{source}: ZeRO-3 needs zero_optimization.stage3_gather_16bit_weights_on_model_save "
+                "true, else the final save holds only this rank's shard"
+            )
     config.setdefault("steps_per_print", _QUIET_STEPS)
     return config
 
@@ -175,12 +202,16 @@ def _check_launcher_flags(args: DPOArguments, env: dict[str, str]) -> None:
     """``accelerate launch --gradient_accumulation_steps / --gradient_clipping`` would silently replace our flags."""
     launcher_gas = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if launcher_gas is not None and int(launcher_gas) != args.gradient_accumulation_steps:
-        raise UserError(f"accelerate launch --gradient_accumulation_steps {launcher_gas} disagrees with the recipe's "
-                        f"--gradient_accumulation_steps {args.gradient_accumulation_steps}; set it in one place")
+        raise UserError(
+            f"accelerate launch --gradient_accumulation_steps {launcher_gas} disagrees with the recipe's "
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps}; set it in one place"
+        )
     launcher_clip = env.get("ACCELERATE_GRADIENT_CLIPPING")
     if launcher_clip not in (None, "auto") and float(launcher_clip) != max(args.max_grad_norm, 0.0):
-        raise UserError(f"accelerate launch --gradient_clipping {launcher_clip} disagrees with the recipe's "
-                        f"--max_grad_norm {args.max_grad_norm}; set it in one place")
+        raise UserError(
+            f"accelerate launch --gradient_clipping {launcher_clip} disagrees with the recipe's "
+            f"--max_grad_norm {args.max_grad_norm}; set it in one place"
+        )
 
 
 def accelerator_options(args: DPOArguments, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """DPO with a cached reference: the recipe, top to bottom.
 
-    python open_instruct/dpo_tune_cache.py [recipe.yaml] --model_name_or_path M --mixer_list data.jsonl 1.0 ...
-    accelerate launch open_instruct/dpo_tune_cache.py ...
-    python -m open_instruct.dpo_tune_cache ...
+python open_instruct/dpo_tune_cache.py [recipe.yaml] --model_name_or_path M --mixer_list data.jsonl 1.0 ...
+accelerate launch open_instruct/dpo_tune_cache.py ...
+python -m open_instruct.dpo_tune_cache ...
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def build_accelerator(args: DPOArguments):
     options = accelerator_options(args)
     group = {"backend": options["backend"]} if options["backend"] else {}
     return Accelerator(
-        deepspeed_plugin=options["deepspeed_plugin"], cpu=options["cpu"],
+        deepspeed_plugin=options["deepspeed_plugin"],
+        cpu=options["cpu"],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with="wandb" if args.with_tracking else None,
@@ -56,8 +57,9 @@ def build_accelerator(args: DPOArguments):
     )
 
 
-def optimizer_steps(num_pairs: int, args: DPOArguments, world_size: int,
-                    num_batches: int | None = None) -> tuple[int, int]:
+def optimizer_steps(
+    num_pairs: int, args: DPOArguments, world_size: int, num_batches: int | None = None
+) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) for this many pairs (or micro-batches) on this many ranks."""
     if num_batches is None:
         num_batches = math.ceil(num_pairs / args.per_device_train_batch_size)
@@ -73,8 +75,12 @@ def build_scheduler(args: DPOArguments, optimizer: Any, total_steps: int, num_pr
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
     schedule = "constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-    return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps * num_processes,
-                         num_training_steps=total_steps * num_processes)
+    return get_scheduler(
+        schedule,
+        optimizer,
+        num_warmup_steps=warmup_steps * num_processes,
+        num_training_steps=total_steps * num_processes,
+    )
 
 
 def run(args: DPOArguments) -> Path:
@@ -128,49 +134,86 @@ def run(args: DPOArguments) -> Path:
     logprob_impl = resolve_logprob_impl(args.use_liger_kernel, model, accelerator.device, accelerator.print)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    train_loader = pair_dataloader(data.records, tokenizer.pad_token_id, args.per_device_train_batch_size, args.seed,
-                                   args.packing, args.max_tokens_per_batch, args.group_by_length)
-    steps_per_epoch, total_steps = optimizer_steps(len(data.records), args, accelerator.num_processes,
-                                                   len(train_loader))
+    train_loader = pair_dataloader(
+        data.records,
+        tokenizer.pad_token_id,
+        args.per_device_train_batch_size,
+        args.seed,
+        args.packing,
+        args.max_tokens_per_batch,
+        args.group_by_length,
+    )
+    steps_per_epoch, total_steps = optimizer_steps(
+        len(data.records), args, accelerator.num_processes, len(train_loader)
+    )
     scheduler = build_scheduler(args, optimizer, total_steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    run_config = {**args.to_dict(), "global_batch_size": global_batch, "total_optimizer_steps": total_steps,
-                  "world_size": accelerator.num_processes}
-    accelerator.print(f"global batch {global_batch} pairs ({args.per_device_train_batch_size} per device x "
-                      f"{args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes); "
-                      f"{total_steps} optimizer steps")
+    run_config = {
+        **args.to_dict(),
+        "global_batch_size": global_batch,
+        "total_optimizer_steps": total_steps,
+        "world_size": accelerator.num_processes,
+    }
+    accelerator.print(
+        f"global batch {global_batch} pairs ({args.per_device_train_batch_size} per device x "
+        f"{args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes); "
+        f"{total_steps} optimizer steps"
+    )
     if accelerator.is_main_process:
         (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
 
     def logprob_fn(m, batch):
         if args.packing:
             return packed_sequence_logprobs(m, batch, impl=logprob_impl, chunk_size=args.logprob_chunk_size)
-        return sequence_logprobs(m, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                 impl=logprob_impl, chunk_size=args.logprob_chunk_size)
+        return sequence_logprobs(
+            m,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            impl=logprob_impl,
+            chunk_size=args.logprob_chunk_size,
+        )
 
     # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash
     #    (for the evaluation set too, before any training step changes the policy).
     data_hash = reference_cache.dataset_fingerprint(data.records)  # also identifies the run for exact resume
 
     def ordered_loader(records):
-        return accelerator.prepare_data_loader(pair_dataloader(
-            records, tokenizer.pad_token_id, args.reference_batch_size or 2 * args.per_device_train_batch_size,
-            args.seed, packing=args.packing, shuffle=False))
+        return accelerator.prepare_data_loader(
+            pair_dataloader(
+                records,
+                tokenizer.pad_token_id,
+                args.reference_batch_size or 2 * args.per_device_train_batch_size,
+                args.seed,
+                packing=args.packing,
+                shuffle=False,
+            )
+        )
 
     def reference_for(records):
         if not args.needs_reference:
             return None
-        key = reference_cache.fingerprint({
-            "model": reference_cache.model_fingerprint(args.model_name_or_path, args.model_revision),
-            "model_options": reference_identity(args, model),
-            "data": data_hash if records is data.records else reference_cache.dataset_fingerprint(records),
-            "mixed_precision": accelerator.mixed_precision, "logprobs": "v1",
-        })
+        key = reference_cache.fingerprint(
+            {
+                "model": reference_cache.model_fingerprint(args.model_name_or_path, args.model_revision),
+                "model_options": reference_identity(args, model),
+                "data": data_hash if records is data.records else reference_cache.dataset_fingerprint(records),
+                "mixed_precision": accelerator.mixed_precision,
+                "logprobs": "v1",
+            }
+        )
         with adapters_disabled(model):  # LoRA: the reference is the base model
-            return reference_cache.get_reference(model, ordered_loader(records), accelerator, logprob_fn,
-                                                 len(records), args.reference_logprobs_cache_path, key)
+            return reference_cache.get_reference(
+                model,
+                ordered_loader(records),
+                accelerator,
+                logprob_fn,
+                len(records),
+                args.reference_logprobs_cache_path,
+                key,
+            )
 
     reference = reference_for(data.records)
     eval_reference = reference_for(eval_records) if eval_records is not None else None
@@ -181,22 +224,52 @@ def run(args: DPOArguments) -> Path:
     signature = run_signature(args, len(data.records), data_hash, total_steps, accelerator.num_processes)
     faults = start_or_resume(args, accelerator, signature, logger)
     if args.with_tracking:
-        accelerator.init_trackers(args.wandb_project, config=run_config,
-                                  init_kwargs={"wandb": {"name": args.exp_name, "entity": args.wandb_entity}})
+        accelerator.init_trackers(
+            args.wandb_project,
+            config=run_config,
+            init_kwargs={"wandb": {"name": args.exp_name, "entity": args.wandb_entity}},
+        )
     settings = LoopSettings(
-        num_epochs=num_epochs, max_train_steps=total_steps, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, length_normalized=length_normalized,
+        num_epochs=num_epochs,
+        max_train_steps=total_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        logging_steps=args.logging_steps,
+        length_normalized=length_normalized,
         loss_settings=LossSettings(args.beta, args.label_smoothing, args.gamma_beta_ratio, args.nll_loss_weight),
-        separate_forward=args.separate_forward, eval_steps=args.eval_steps,
+        separate_forward=args.separate_forward,
+        eval_steps=args.eval_steps,
         load_balancing_weight=args.load_balancing_weight if args.load_balancing_loss else None,
-        flops_fn=flop_counter, peak_flops=peak_flops(accelerator.device),
+        flops_fn=flop_counter,
+        peak_flops=peak_flops(accelerator.device),
     )
     evaluate = None
     if eval_records is not None:
-        evaluate = eval_loop.PreferenceEvaluator(accelerator, model, ordered_loader(eval_records), len(eval_records),
-                                                 eval_reference, logprob_fn, loss_fn, settings, logger)
-    train_loop(accelerator, model, optimizer, scheduler, train_loader, reference, logprob_fn, loss_fn, settings, logger,
-               evaluate=evaluate, faults=faults)
+        evaluate = eval_loop.PreferenceEvaluator(
+            accelerator,
+            model,
+            ordered_loader(eval_records),
+            len(eval_records),
+            eval_reference,
+            logprob_fn,
+            loss_fn,
+            settings,
+            logger,
+        )
+    train_loop(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        reference,
+        logprob_fn,
+        loss_fn,
+        settings,
+        logger,
+        evaluate=evaluate,
+        faults=faults,
+    )
 
     # 6. Final checkpoint in Hugging Face format.
     save_final_model(accelerator, model, tokenizer, output_dir, merge_lora=args.merge_lora)

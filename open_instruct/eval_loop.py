@@ -56,8 +56,13 @@ def prepare_eval_records(
 
 
 @torch.no_grad()
-def gather_table(accelerator: Any, model: Any, dataloader: Any, rows: int,
-                 values_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+def gather_table(
+    accelerator: Any,
+    model: Any,
+    dataloader: Any,
+    rows: int,
+    values_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
+) -> torch.Tensor:
     """``[rows, K]``: ``values_fn(model, batch)`` (``[B, K]`` per batch) for every dataset index, merged over ranks."""
     was_training = model.training
     model.eval()
@@ -78,8 +83,18 @@ def gather_table(accelerator: Any, model: Any, dataloader: Any, rows: int,
 class PreferenceEvaluator:
     """Held-out DPO metrics: ``eval/loss``, ``eval/rewards/{accuracy,margin,chosen,rejected}``, ``eval/logps/*``."""
 
-    def __init__(self, accelerator: Any, model: Any, dataloader: Any, rows: int, reference: ReferenceLogps | None,
-                 logprob_fn: Any, loss_fn: LossFn, settings: LoopSettings, logger: MetricsLogger) -> None:
+    def __init__(
+        self,
+        accelerator: Any,
+        model: Any,
+        dataloader: Any,
+        rows: int,
+        reference: ReferenceLogps | None,
+        logprob_fn: Any,
+        loss_fn: LossFn,
+        settings: LoopSettings,
+        logger: MetricsLogger,
+    ) -> None:
         self.accelerator, self.model, self.dataloader, self.rows = accelerator, model, dataloader, rows
         self.reference, self.logprob_fn, self.loss_fn, self.settings = reference, logprob_fn, loss_fn, settings
         self.logger = logger
@@ -96,12 +111,20 @@ class PreferenceEvaluator:
         """Evaluate now, log the metrics at ``step`` and return them."""
         table = gather_table(self.accelerator, self.model, self.dataloader, self.rows, self._pair_values)
         loss, c, r, lc, lr = table.unbind(1)
-        metrics = {"eval/loss": loss.mean().item(), "eval/logps/chosen": lc.mean().item(),
-                   "eval/logps/rejected": lr.mean().item()}
+        metrics = {
+            "eval/loss": loss.mean().item(),
+            "eval/logps/chosen": lc.mean().item(),
+            "eval/logps/rejected": lr.mean().item(),
+        }
         if torch.isfinite(c).all():
-            metrics.update({"eval/rewards/accuracy": (c > r).float().mean().item(),
-                            "eval/rewards/margin": (c - r).mean().item(),
-                            "eval/rewards/chosen": c.mean().item(), "eval/rewards/rejected": r.mean().item()})
+            metrics.update(
+                {
+                    "eval/rewards/accuracy": (c > r).float().mean().item(),
+                    "eval/rewards/margin": (c - r).mean().item(),
+                    "eval/rewards/chosen": c.mean().item(),
+                    "eval/rewards/rejected": r.mean().item(),
+                }
+            )
         log_eval(self.accelerator, self.logger, step, metrics)
         return metrics
 
@@ -109,8 +132,9 @@ class PreferenceEvaluator:
 class NLLEvaluator:
     """Held-out SFT metric: ``eval/loss``, the mean negative log-likelihood per label token."""
 
-    def __init__(self, accelerator: Any, model: Any, dataloader: Any, rows: int, logprob_fn: Any,
-                 logger: MetricsLogger) -> None:
+    def __init__(
+        self, accelerator: Any, model: Any, dataloader: Any, rows: int, logprob_fn: Any, logger: MetricsLogger
+    ) -> None:
         self.accelerator, self.model, self.dataloader, self.rows = accelerator, model, dataloader, rows
         self.logprob_fn, self.logger = logprob_fn, logger
 

@@ -25,7 +25,7 @@ def preference_accuracy(model: Any, records: list[dict[str, Any]], pad_token_id:
     collate = PaddedPairCollator(pad_token_id)
     correct = 0
     for start in range(0, len(records), batch_size):
-        batch = collate(records[start:start + batch_size])
+        batch = collate(records[start : start + batch_size])
         lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         half = batch["index"].shape[0]
         correct += int((lp.means[:half] > lp.means[half:]).sum())
@@ -46,8 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_seq_length", type=int, default=2048)
     parser.add_argument("--label", default="held-out preference accuracy")
     ns = parser.parse_args(argv)
-    args = DPOArguments(model_name_or_path=ns.model_name_or_path, mixer_list=[ns.data, "1.0"],
-                        mixer_list_splits=["test"], max_seq_length=ns.max_seq_length)
+    args = DPOArguments(
+        model_name_or_path=ns.model_name_or_path,
+        mixer_list=[ns.data, "1.0"],
+        mixer_list_splits=["test"],
+        max_seq_length=ns.max_seq_length,
+    )
     tokenizer = load_tokenizer(args)
     records = prepare_preference_data(args, tokenizer).records
     model = AutoModelForCausalLM.from_pretrained(ns.model_name_or_path)

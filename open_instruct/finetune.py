@@ -29,10 +29,21 @@ from open_instruct.config import DPOArguments, UserError, validate
 from open_instruct.dpo_tune_cache import preflight
 
 # Flags that only mean something for a preference loss: passing one to SFT is an error, never ignored.
-DPO_ONLY = ("loss_type", "beta", "label_smoothing", "gamma_beta_ratio", "nll_loss_weight", "reference_free",
-            "separate_forward", "reference_batch_size", "dataset_format",
-            # pair batching (packing, token budget, length grouping) is built for preference pairs only so far
-            "packing", "max_tokens_per_batch", "group_by_length")
+DPO_ONLY = (
+    "loss_type",
+    "beta",
+    "label_smoothing",
+    "gamma_beta_ratio",
+    "nll_loss_weight",
+    "reference_free",
+    "separate_forward",
+    "reference_batch_size",
+    "dataset_format",
+    # pair batching (packing, token budget, length grouping) is built for preference pairs only so far
+    "packing",
+    "max_tokens_per_batch",
+    "group_by_length",
+)
 
 
 def check_sft_arguments(args: DPOArguments) -> None:
@@ -80,10 +91,13 @@ def run(args: DPOArguments) -> Path:
     tokenizer = load_tokenizer(args)
     records, stats = prepare_sft_data(args, tokenizer)
     records, eval_records = eval_loop.prepare_eval_records(
-        args, records, lambda a, mix, splits: prepare_sft_data(a, tokenizer, mix, splits)[0])
-    accelerator.print(f"data: {stats['kept']} conversations kept ({stats['label_tokens']} assistant tokens), "
-                      f"{stats['dropped']} dropped, {stats['truncated']} truncated"
-                      + (f"; {len(eval_records)} held out for evaluation" if eval_records else ""))
+        args, records, lambda a, mix, splits: prepare_sft_data(a, tokenizer, mix, splits)[0]
+    )
+    accelerator.print(
+        f"data: {stats['kept']} conversations kept ({stats['label_tokens']} assistant tokens), "
+        f"{stats['dropped']} dropped, {stats['truncated']} truncated"
+        + (f"; {len(eval_records)} held out for evaluation" if eval_records else "")
+    )
     if accelerator.is_main_process:
         write_statistics(stats, output_dir)
 
@@ -96,34 +110,62 @@ def run(args: DPOArguments) -> Path:
     scheduler = build_scheduler(args, optimizer, total_steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    run_config = {**args.to_dict(), "stage": "sft", "global_batch_size": global_batch,
-                  "total_optimizer_steps": total_steps, "world_size": accelerator.num_processes}
+    run_config = {
+        **args.to_dict(),
+        "stage": "sft",
+        "global_batch_size": global_batch,
+        "total_optimizer_steps": total_steps,
+        "world_size": accelerator.num_processes,
+    }
     accelerator.print(f"global batch {global_batch} conversations; {total_steps} optimizer steps")
     if accelerator.is_main_process:
         (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
 
     def logprob_fn(m: Any, batch: dict[str, torch.Tensor]) -> Any:
-        return sequence_logprobs(m, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                 chunk_size=args.logprob_chunk_size)
+        return sequence_logprobs(
+            m, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size=args.logprob_chunk_size
+        )
 
     # 3. Training, with held-out NLL every --eval_steps.
     if args.with_tracking:
-        accelerator.init_trackers(args.wandb_project, config=run_config,
-                                  init_kwargs={"wandb": {"name": args.exp_name, "entity": args.wandb_entity}})
+        accelerator.init_trackers(
+            args.wandb_project,
+            config=run_config,
+            init_kwargs={"wandb": {"name": args.exp_name, "entity": args.wandb_entity}},
+        )
     settings = LoopSettings(
-        num_epochs=-(-total_steps // steps_per_epoch), max_train_steps=total_steps,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-        logging_steps=args.logging_steps, length_normalized=False, loss_settings=LossSettings(),
+        num_epochs=-(-total_steps // steps_per_epoch),
+        max_train_steps=total_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        logging_steps=args.logging_steps,
+        length_normalized=False,
+        loss_settings=LossSettings(),
         eval_steps=args.eval_steps,
     )
     logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
     evaluate = None
     if eval_records:
-        eval_loader = accelerator.prepare_data_loader(DataLoader(
-            eval_records, batch_size=2 * args.per_device_train_batch_size, shuffle=False, collate_fn=collate))
+        eval_loader = accelerator.prepare_data_loader(
+            DataLoader(
+                eval_records, batch_size=2 * args.per_device_train_batch_size, shuffle=False, collate_fn=collate
+            )
+        )
         evaluate = eval_loop.NLLEvaluator(accelerator, model, eval_loader, len(eval_records), logprob_fn, logger)
-    train_loop(accelerator, model, optimizer, scheduler, train_loader, None, logprob_fn, None, settings, logger,
-               evaluate=evaluate, step_fn=sft_step(logprob_fn))
+    train_loop(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        None,
+        logprob_fn,
+        None,
+        settings,
+        logger,
+        evaluate=evaluate,
+        step_fn=sft_step(logprob_fn),
+    )
 
     # 4. Final checkpoint in Hugging Face format: a valid starting point for DPO.
     save_final_model(accelerator, model, tokenizer, output_dir)
@@ -132,9 +174,13 @@ def run(args: DPOArguments) -> Path:
     return output_dir
 
 
-def run_sft(pretrain_checkpoint: str | os.PathLike, train_config: TrainingConfig | None = None,
-            dataset_config: SFTDatasetConfig | None = None, tokenizer_name: str | None = None,
-            model_config: Any = None) -> Path:
+def run_sft(
+    pretrain_checkpoint: str | os.PathLike,
+    train_config: TrainingConfig | None = None,
+    dataset_config: SFTDatasetConfig | None = None,
+    tokenizer_name: str | None = None,
+    model_config: Any = None,
+) -> Path:
     """Supervised fine-tuning from a pretrained checkpoint (HF folder, hub id or ``.pt`` state dict); returns the
     final checkpoint's folder, a valid ``sft_checkpoint`` for ``run_dpo``."""
     from open_instruct.state_dict import is_state_dict_file, state_dict_to_folder
@@ -142,15 +188,22 @@ def run_sft(pretrain_checkpoint: str | os.PathLike, train_config: TrainingConfig
     train = train_config or TrainingConfig()
     dataset = dataset_config or SFTDatasetConfig()
     tokenizer_name = tokenizer_name or train.tokenizer_name
-    values = {**training_arguments(train), **dataset_arguments(dataset, train, "SFT"),
-              "model_name_or_path": str(pretrain_checkpoint), "max_seq_length": dataset.max_seq_length}
+    values = {
+        **training_arguments(train),
+        **dataset_arguments(dataset, train, "SFT"),
+        "model_name_or_path": str(pretrain_checkpoint),
+        "max_seq_length": dataset.max_seq_length,
+    }
     if tokenizer_name:
         values["tokenizer_name_or_path"] = tokenizer_name
     args = DPOArguments(**values)
     check_sft_arguments(args)
     if is_state_dict_file(str(pretrain_checkpoint)):
-        args.model_name_or_path = str(state_dict_to_folder(str(pretrain_checkpoint), tokenizer_name, model_config,
-                                                           Path(train.output_dir) / "initial_model"))
+        args.model_name_or_path = str(
+            state_dict_to_folder(
+                str(pretrain_checkpoint), tokenizer_name, model_config, Path(train.output_dir) / "initial_model"
+            )
+        )
         args.tokenizer_name_or_path = args.model_name_or_path
     preflight(args)
     with fresh_accelerate_state():

@@ -23,12 +23,19 @@ def hub_repo_id(args: DPOArguments, whoami: str | None = None) -> str:
         return name
     entity = args.hf_entity or whoami
     if not entity:
-        raise UserError("--push_to_hub needs --hf_entity or an owner/name --hf_repo_id (or a token to look up the user)")
+        raise UserError(
+            "--push_to_hub needs --hf_entity or an owner/name --hf_repo_id (or a token to look up the user)"
+        )
     return f"{entity}/{name}"
 
 
-def push_folder(folder: str | Path, repo_id: str, revision: str | None = None, private: bool = True,
-                commit_message: str = "DPO final model") -> str:
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    revision: str | None = None,
+    private: bool = True,
+    commit_message: str = "DPO final model",
+) -> str:
     """Create the repo (and branch) if missing, upload ``folder`` minus training leftovers; returns the web URL."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -38,8 +45,13 @@ def push_folder(folder: str | Path, repo_id: str, revision: str | None = None, p
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=commit_message,
-                          ignore_patterns=IGNORE_PATTERNS)
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            revision=revision,
+            commit_message=commit_message,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
     except HfHubHTTPError as err:  # its message names the URL and the status, never the token
         raise UserError(f"push to the Hub ({repo_id}) failed: {err}") from err
     url = f"{api.endpoint}/{repo_id}"
@@ -55,8 +67,10 @@ def resolve_repo_id(args: DPOArguments) -> str:
         try:
             whoami = HfApi().whoami()["name"]
         except Exception as err:  # no token, offline, bad token: the user needs the reason, not a traceback
-            raise UserError(f"--push_to_hub: cannot look up the Hub user ({type(err).__name__}); pass --hf_entity "
-                            "or an owner/name --hf_repo_id, and set HF_TOKEN") from None
+            raise UserError(
+                f"--push_to_hub: cannot look up the Hub user ({type(err).__name__}); pass --hf_entity "
+                "or an owner/name --hf_repo_id, and set HF_TOKEN"
+            ) from None
     return hub_repo_id(args, whoami)
 
 

@@ -74,8 +74,9 @@ def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> Sequenc
     return SequenceLogprobs(sums=sums, counts=mask.sum(-1), token_logps=token_logps, token_seq=token_seq)
 
 
-def full_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                  **forward_kwargs: Any) -> SequenceLogprobs:
+def full_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, **forward_kwargs: Any
+) -> SequenceLogprobs:
     """Reference implementation: the whole ``[N, L, V]`` logits, fp32."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs).logits
     targets, mask = next_token_targets(labels)
@@ -83,8 +84,9 @@ def full_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     return reduce_token_logps(token_logps, mask)
 
 
-def decoder_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          **forward_kwargs: Any) -> torch.Tensor:
+def decoder_hidden_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, **forward_kwargs: Any
+) -> torch.Tensor:
     """Final hidden states ``[N, L, H]`` from the model's decoder, skipping the output projection.
 
     A wrapped model (DeepSpeed engine, DDP) is called through the wrapper, never around it: the wrapper's forward does
@@ -95,8 +97,9 @@ def decoder_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: t
     inner = unwrap_model(model)
     decoder = getattr(inner, inner.base_model_prefix)
     if model is inner:
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       **forward_kwargs).last_hidden_state
+        return decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs
+        ).last_hidden_state
     captured: list[torch.Tensor] = []
     handle = decoder.register_forward_hook(lambda _module, _args, out: captured.append(out.last_hidden_state))
     if "logits_to_keep" in inspect.signature(inner.forward).parameters:
@@ -108,8 +111,14 @@ def decoder_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: t
     return captured[-1]
 
 
-def chunked_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                     chunk_size: int = 1024, **forward_kwargs: Any) -> SequenceLogprobs:
+def chunked_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    **forward_kwargs: Any,
+) -> SequenceLogprobs:
     """Memory-lean implementation: output projection only at label positions, ``chunk_size`` tokens at a time."""
     hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
     targets, mask = next_token_targets(labels)
@@ -122,7 +131,7 @@ def chunked_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.
 
     pieces = []
     for start in range(0, selected.shape[0], chunk_size):
-        h, t = selected[start:start + chunk_size], selected_targets[start:start + chunk_size]
+        h, t = selected[start : start + chunk_size], selected_targets[start : start + chunk_size]
         if torch.is_grad_enabled():
             pieces.append(checkpoint(project, h, t, use_reentrant=False))
         else:
@@ -135,8 +144,15 @@ def chunked_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.
 IMPLEMENTATIONS = ("full", "chunked", "liger")
 
 
-def sequence_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      impl: str = "chunked", chunk_size: int = 1024, **forward_kwargs: Any) -> SequenceLogprobs:
+def sequence_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    impl: str = "chunked",
+    chunk_size: int = 1024,
+    **forward_kwargs: Any,
+) -> SequenceLogprobs:
     """Log-probs of the label tokens of each row of ``input_ids`` ``[N, L]`` with the chosen implementation.
 
     ``chunked`` and ``liger`` use the full path for models whose logits are transformed after the head (softcapping).
@@ -155,7 +171,8 @@ def sequence_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch
 def concat_logprobs(first: SequenceLogprobs, second: SequenceLogprobs) -> SequenceLogprobs:
     """Rows of ``first`` then rows of ``second`` as one ``SequenceLogprobs``."""
     return SequenceLogprobs(
-        sums=torch.cat([first.sums, second.sums]), counts=torch.cat([first.counts, second.counts]),
+        sums=torch.cat([first.sums, second.sums]),
+        counts=torch.cat([first.counts, second.counts]),
         token_logps=torch.cat([first.token_logps, second.token_logps]),
         token_seq=torch.cat([first.token_seq, second.token_seq + first.sums.shape[0]]),
     )
@@ -168,8 +185,12 @@ def _half_batch(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.
     return {key: batch[key][rows, :length] for key in ("input_ids", "attention_mask", "labels")}
 
 
-def pair_logprobs(model: Any, batch: dict[str, torch.Tensor], logprob_fn: Any, separate_forward: bool = False,
-                  ) -> SequenceLogprobs:
+def pair_logprobs(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    logprob_fn: Any,
+    separate_forward: bool = False,
+) -> SequenceLogprobs:
     """Log-probs ``[2B]`` (chosen rows, then rejected) of a padded pair batch: one concatenated forward, or two.
 
     ``separate_forward`` runs the chosen half, then the rejected half, each padded only to its own longest

@@ -21,8 +21,10 @@ from open_instruct.logprobs import (
     unwrap_model,
 )
 
-CPU_FALLBACK_MESSAGE = ("--use_liger_kernel: Liger kernels need a CUDA device and this run has none; "
-                        "falling back to the chunked log-probs (pure PyTorch, same values)")
+CPU_FALLBACK_MESSAGE = (
+    "--use_liger_kernel: Liger kernels need a CUDA device and this run has none; "
+    "falling back to the chunked log-probs (pure PyTorch, same values)"
+)
 
 
 def liger_available(device: torch.device | str) -> bool:
@@ -44,12 +46,19 @@ def apply_liger_kernels(model: Any) -> None:
     """
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=unwrap_model(model), rope=True, rms_norm=True, swiglu=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=unwrap_model(model),
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
 
 
-def resolve_logprob_impl(use_liger_kernel: bool, model: Any, device: torch.device | str,
-                         print_fn: Callable[[str], Any] = print) -> str:
+def resolve_logprob_impl(
+    use_liger_kernel: bool, model: Any, device: torch.device | str, print_fn: Callable[[str], Any] = print
+) -> str:
     """The log-prob implementation for this run: ``liger`` (kernels applied to ``model``) or ``chunked``."""
     if not use_liger_kernel:
         return "chunked"
@@ -60,8 +69,9 @@ def resolve_logprob_impl(use_liger_kernel: bool, model: Any, device: torch.devic
     return "liger"
 
 
-def liger_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   **forward_kwargs: Any) -> SequenceLogprobs:
+def liger_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, **forward_kwargs: Any
+) -> SequenceLogprobs:
     """Label-token log-probs via Liger's fused linear cross-entropy on the label positions' hidden states ``[T, H]``.
 
     The kernel never holds more than a chunk of the ``[T, V]`` logits; with ``reduction="none"`` it returns the
@@ -78,6 +88,13 @@ def liger_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     selected = hidden[:, :-1][mask]  # [T, H]
     if selected.shape[0] == 0:
         return reduce_token_logps(selected.float().sum(-1), mask)
-    nll = liger_fused_linear_cross_entropy(selected, head.weight, targets[mask], bias=head.bias,
-                                           ignore_index=IGNORE_INDEX, reduction="none", accum_dtype=torch.float32)
+    nll = liger_fused_linear_cross_entropy(
+        selected,
+        head.weight,
+        targets[mask],
+        bias=head.bias,
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+        accum_dtype=torch.float32,
+    )
     return reduce_token_logps(-nll.float(), mask)

@@ -41,8 +41,14 @@ def _peft_config(settings: LoraSettings) -> Any:
     targets: Any = list(settings.target_modules)
     if targets == ["all-linear"]:
         targets = "all-linear"
-    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=targets, bias="none", task_type=TaskType.CAUSAL_LM)
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
 
 
 def apply_lora(model: Any, settings: LoraSettings) -> Any:
@@ -51,7 +57,8 @@ def apply_lora(model: Any, settings: LoraSettings) -> Any:
 
     if settings.quantized:  # fp32 norms/head and input grads for a 4-bit base, as QLoRA prescribes
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings.gradient_checkpointing,
+            model,
+            use_gradient_checkpointing=settings.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     try:
@@ -76,11 +83,16 @@ def describe(model: Any) -> str:
     if peft_model is None:
         return "no adapters"
     trainable, total = peft_model.get_nb_trainable_parameters()
-    adapted = [name for name, module in peft_model.named_modules()
-               if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and len(module.lora_A) > 0]
+    adapted = [
+        name
+        for name, module in peft_model.named_modules()
+        if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and len(module.lora_A) > 0
+    ]
     kinds = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in adapted}))
-    return (f"LoRA on {len(adapted)} modules ({kinds}); {trainable:,} of {total:,} parameters train "
-            f"({100 * trainable / max(total, 1):.2f}%)")
+    return (
+        f"LoRA on {len(adapted)} modules ({kinds}); {trainable:,} of {total:,} parameters train "
+        f"({100 * trainable / max(total, 1):.2f}%)"
+    )
 
 
 @contextmanager

@@ -119,8 +119,9 @@ def simpo(logps: PreferenceLogps, settings: LossSettings) -> LossOutput:
     """
     h = settings.beta * (logps.policy_chosen - logps.policy_rejected - settings.gamma_beta_ratio)
     losses = _smoothed_sigmoid_loss(h, settings.label_smoothing)
-    return LossOutput(losses, settings.beta * logps.policy_chosen.detach(),
-                      settings.beta * logps.policy_rejected.detach())
+    return LossOutput(
+        losses, settings.beta * logps.policy_chosen.detach(), settings.beta * logps.policy_rejected.detach()
+    )
 
 
 def wpo_weights(logps: PreferenceLogps) -> torch.Tensor:

@@ -59,7 +59,9 @@ def resolve_attn_implementation(requested: str | None) -> tuple[str, str]:
     capability = _cuda_capability()
     if requested is not None:
         if requested not in ATTN_IMPLEMENTATIONS:
-            raise UserError(f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {requested!r}")
+            raise UserError(
+                f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {requested!r}"
+            )
         if requested.startswith("flash_attention"):
             version = int(requested[-1])
             if capability is None:
@@ -116,8 +118,13 @@ def _quantization_config() -> Any:
     from transformers import BitsAndBytesConfig
 
     # quant_storage bf16 lets ZeRO-3 / FSDP shard the packed 4-bit weights like ordinary bf16 tensors.
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
 
 
 def grow_embeddings(model: Any, min_rows: int, multiple: int = EMBEDDING_MULTIPLE) -> tuple[int, int]:
@@ -160,12 +167,19 @@ def load_model(args: DPOArguments, tokenizer: Any, log: Callable[[str], None] = 
     options: dict[str, Any] = {"dtype": torch.float32}
     if args.use_qlora:
         check_model_options(args)
-        options = {"dtype": torch.bfloat16, "quantization_config": _quantization_config(),
-                   "device_map": {"": torch.cuda.current_device()}}
+        options = {
+            "dtype": torch.bfloat16,
+            "quantization_config": _quantization_config(),
+            "device_map": {"": torch.cuda.current_device()},
+        }
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            args.model_name_or_path, revision=args.model_revision, trust_remote_code=args.trust_remote_code,
-            attn_implementation=attn, low_cpu_mem_usage=args.low_cpu_mem_usage, **{**options, **extra},
+            args.model_name_or_path,
+            revision=args.model_revision,
+            trust_remote_code=args.trust_remote_code,
+            attn_implementation=attn,
+            low_cpu_mem_usage=args.low_cpu_mem_usage,
+            **{**options, **extra},
         )
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"could not load model {args.model_name_or_path!r}: {err}") from err
@@ -176,8 +190,10 @@ def load_model(args: DPOArguments, tokenizer: Any, log: Callable[[str], None] = 
         log(f"model: MoE with {experts} experts, top-{top_k}; load-balancing loss weight {args.load_balancing_weight}")
     old, new = grow_embeddings(model, len(tokenizer))
     if new != old:
-        log(f"model: embeddings grown from {old} to {new} rows for a tokenizer of {len(tokenizer)} tokens "
-            f"(new rows = mean of the old ones)")
+        log(
+            f"model: embeddings grown from {old} to {new} rows for a tokenizer of {len(tokenizer)} tokens "
+            f"(new rows = mean of the old ones)"
+        )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if (args.gradient_checkpointing or args.activation_memory_budget < 1.0) and not args.use_qlora:
@@ -186,11 +202,17 @@ def load_model(args: DPOArguments, tokenizer: Any, log: Callable[[str], None] = 
     if args.use_lora or args.use_qlora:
         from open_instruct.lora import LoraSettings, apply_lora, describe
 
-        model = apply_lora(model, LoraSettings(
-            rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-            target_modules=tuple(args.lora_target_modules), quantized=args.use_qlora,
-            gradient_checkpointing=args.gradient_checkpointing or args.activation_memory_budget < 1.0,
-        ))
+        model = apply_lora(
+            model,
+            LoraSettings(
+                rank=args.lora_rank,
+                alpha=args.lora_alpha,
+                dropout=args.lora_dropout,
+                target_modules=tuple(args.lora_target_modules),
+                quantized=args.use_qlora,
+                gradient_checkpointing=args.gradient_checkpointing or args.activation_memory_budget < 1.0,
+            ),
+        )
         log(f"model: {'QLoRA (4-bit NF4 base)' if args.use_qlora else 'LoRA'}: {describe(model)}")
     return model
 

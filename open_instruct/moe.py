@@ -31,13 +31,16 @@ def require_moe(config: Any, name: str) -> tuple[int, int]:
     """:func:`expert_counts`, or a clear error when ``--load_balancing_loss`` is asked of a dense model."""
     counts = expert_counts(config)
     if counts is None:
-        raise UserError(f"--load_balancing_loss needs a mixture-of-experts model; {name} "
-                        f"({getattr(config, 'model_type', '?')}) has no num_experts / num_experts_per_tok in its config")
+        raise UserError(
+            f"--load_balancing_loss needs a mixture-of-experts model; {name} "
+            f"({getattr(config, 'model_type', '?')}) has no num_experts / num_experts_per_tok in its config"
+        )
     return counts
 
 
-def switch_load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
-                               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def switch_load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch-Transformer auxiliary loss over all layers' tokens (our own; used when transformers has no helper).
 
     ``router_logits``: per layer ``[N*L, E]``; ``attention_mask`` ``[N, L]`` (padding excluded). With ``f_e`` the
@@ -58,8 +61,9 @@ def switch_load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_expe
     return num_experts * (fraction * mean_prob).sum()
 
 
-def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The load-balancing loss with transformers' own helper when present, else :func:`switch_load_balancing_loss`."""
     try:
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func

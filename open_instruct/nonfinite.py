@@ -59,6 +59,7 @@ class NonFiniteGuard:
         if self.skipped > self.max_skips:
             raise NonFiniteLossError(
                 f"{where}; stopping (skipped {self.skipped - 1} such batches so far, --skip_nonfinite_batches "
-                f"{self.max_skips}); no final model was written")
+                f"{self.max_skips}); no final model was written"
+            )
         accelerator.print(f"warning: {where}; batch skipped ({self.skipped} of at most {self.max_skips})")
         return False

@@ -25,9 +25,15 @@ VARLEN_SDPA = "sdpa_varlen"
 
 
 def varlen_sdpa_attention(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention per packed sequence. ``query`` ``[1, H, T, D]``, ``key``/``value`` ``[1, Hkv, T, D]``;
     returns ``[1, T, H, D]`` like transformers' attention functions. Without ``cu_seq_lens_q`` it is plain causal
@@ -39,8 +45,9 @@ def varlen_sdpa_attention(
     dropout = dropout if module.training else 0.0
     if cu_seq_lens_q is None:
         causal = attention_mask is None and query.shape[2] > 1
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling, is_causal=causal)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal
+        )
         return out.transpose(1, 2).contiguous(), None
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
@@ -85,22 +92,37 @@ def packed_forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The model keyword arguments that carry a packed batch's boundaries (positions and cumulative lengths)."""
     cu = batch["cu_seq_lens"]
     max_length = int(batch["max_length"]) if "max_length" in batch else int(cu.diff().max())
-    return {"position_ids": batch["position_ids"], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-            "max_length_q": max_length, "max_length_k": max_length}
+    return {
+        "position_ids": batch["position_ids"],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }
 
 
-def packed_sequence_logprobs(model: Any, batch: dict[str, torch.Tensor], impl: str = "chunked",
-                             chunk_size: int = 1024) -> SequenceLogprobs:
+def packed_sequence_logprobs(
+    model: Any, batch: dict[str, torch.Tensor], impl: str = "chunked", chunk_size: int = 1024
+) -> SequenceLogprobs:
     """Per-sequence log-probs ``[S]`` of a packed batch, in the collator's sequence order (chosen, then rejected).
 
     The row's labels already hide the first token of every sequence, so no target crosses a boundary."""
-    row = sequence_logprobs(model, batch["input_ids"], None, batch["labels"], impl=impl, chunk_size=chunk_size,
-                            **packed_forward_kwargs(batch))
+    row = sequence_logprobs(
+        model,
+        batch["input_ids"],
+        None,
+        batch["labels"],
+        impl=impl,
+        chunk_size=chunk_size,
+        **packed_forward_kwargs(batch),
+    )
     labels = batch["labels"]
-    seq_ids = batch["sequence_ids"][:, :-1][labels[:, 1:] != IGNORE_INDEX]  # [T_labels], the sequence of each target token
+    seq_ids = batch["sequence_ids"][:, :-1][
+        labels[:, 1:] != IGNORE_INDEX
+    ]  # [T_labels], the sequence of each target token
     n = batch["cu_seq_lens"].shape[0] - 1
     sums = torch.zeros(n, dtype=row.token_logps.dtype, device=row.token_logps.device).index_add(
-        0, seq_ids, row.token_logps)
-    counts = torch.zeros(n, dtype=torch.long, device=labels.device).index_add(
-        0, seq_ids, torch.ones_like(seq_ids))
+        0, seq_ids, row.token_logps
+    )
+    counts = torch.zeros(n, dtype=torch.long, device=labels.device).index_add(0, seq_ids, torch.ones_like(seq_ids))
     return SequenceLogprobs(sums=sums, counts=counts, token_logps=row.token_logps, token_seq=seq_ids)

@@ -1,6 +1,6 @@
 """Training curves from ``<output_dir>/metrics.jsonl`` into a PNG.
 
-    python -m open_instruct.plot OUTPUT_DIR [--out curves.png]
+python -m open_instruct.plot OUTPUT_DIR [--out curves.png]
 """
 
 from __future__ import annotations

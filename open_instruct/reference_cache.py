@@ -101,8 +101,15 @@ def save(path: Path, key: str, reference: ReferenceLogps) -> None:
     """Write atomically (a temporary name in the same folder, then rename), with the key, sizes and a checksum."""
     path.parent.mkdir(parents=True, exist_ok=True)
     table = reference.as_tensor().to(torch.float32).contiguous()
-    payload = {"version": FORMAT_VERSION, "key": key, "rows": table.shape[0], "columns": table.shape[1],
-               "nbytes": table.numel() * table.element_size(), "sha256": table_checksum(table), "table": table}
+    payload = {
+        "version": FORMAT_VERSION,
+        "key": key,
+        "rows": table.shape[0],
+        "columns": table.shape[1],
+        "nbytes": table.numel() * table.element_size(),
+        "sha256": table_checksum(table),
+        "table": table,
+    }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -148,8 +155,12 @@ def compute(model: Any, dataloader: Any, accelerator: Any, logprob_fn: LogprobFn
     model.eval()
     table = torch.full((rows, 4), float("nan"), dtype=torch.float32)
     start, done = time.perf_counter(), 0
-    bar = tqdm(total=rows, desc="reference log-probs", unit="pair",
-               disable=None if accelerator.is_local_main_process else True)  # None: off when not a terminal
+    bar = tqdm(
+        total=rows,
+        desc="reference log-probs",
+        unit="pair",
+        disable=None if accelerator.is_local_main_process else True,
+    )  # None: off when not a terminal
     for batch in dataloader:
         lp = logprob_fn(model, batch)
         half = batch["index"].shape[0]

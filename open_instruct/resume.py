@@ -30,16 +30,27 @@ def _test_write_delay() -> tuple[int, float] | None:
 
 def run_signature(args: DPOArguments, num_pairs: int, data_hash: str, total_steps: int, world_size: int) -> dict:
     """What must not change between a run and its resume for the continuation to be exact."""
-    return {"data": data_hash, "num_pairs": num_pairs, "seed": args.seed, "world_size": world_size,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "total_optimizer_steps": total_steps,
-            "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type,
-            "warmup_ratio": args.warmup_ratio, "warmup_steps": args.warmup_steps, "packing": args.packing,
-            "max_tokens_per_batch": args.max_tokens_per_batch, "group_by_length": args.group_by_length}
+    return {
+        "data": data_hash,
+        "num_pairs": num_pairs,
+        "seed": args.seed,
+        "world_size": world_size,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "total_optimizer_steps": total_steps,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": args.lr_scheduler_type,
+        "warmup_ratio": args.warmup_ratio,
+        "warmup_steps": args.warmup_steps,
+        "packing": args.packing,
+        "max_tokens_per_batch": args.max_tokens_per_batch,
+        "group_by_length": args.group_by_length,
+    }
 
 
-def start_or_resume(args: DPOArguments, accelerator: Any, signature: dict[str, Any],
-                    logger: MetricsLogger) -> FaultTolerance:
+def start_or_resume(
+    args: DPOArguments, accelerator: Any, signature: dict[str, Any], logger: MetricsLogger
+) -> FaultTolerance:
     """Checkpoint policy, guard, and (when a checkpoint applies) the restored state: weights, optimizer, schedule,
     sampler, RNG and counters. Call after the reference pass, which must see the untouched weights."""
     from accelerate.utils import set_seed
@@ -50,10 +61,12 @@ def start_or_resume(args: DPOArguments, accelerator: Any, signature: dict[str, A
     output_dir = Path(args.output_dir)
     policy = None
     if args.checkpointing_steps:
-        policy = CheckpointPolicy.from_flag(output_dir, args.checkpointing_steps, args.keep_last_n_checkpoints,
-                                            _test_write_delay())
-    faults = FaultTolerance(policy=policy, signature=signature,
-                            guard=NonFiniteGuard(args.skip_nonfinite_batches, injected_nan_step()))
+        policy = CheckpointPolicy.from_flag(
+            output_dir, args.checkpointing_steps, args.keep_last_n_checkpoints, _test_write_delay()
+        )
+    faults = FaultTolerance(
+        policy=policy, signature=signature, guard=NonFiniteGuard(args.skip_nonfinite_batches, injected_nan_step())
+    )
     path, notes = resolve_resume(output_dir, args.resume_from_checkpoint)
     if notes:
         accelerator.print(notes)
@@ -63,6 +76,8 @@ def start_or_resume(args: DPOArguments, accelerator: Any, signature: dict[str, A
     faults.resume_state, faults.resume_rng = load_checkpoint(accelerator, path, signature)
     # Rows logged after this checkpoint (before the kill) are logged again by the resumed run: drop them.
     logger.truncate_after(faults.resume_state.step)
-    accelerator.print(f"resumed at optimizer step {faults.resume_state.step} (epoch {faults.resume_state.epoch}, "
-                      f"{faults.resume_state.batches_in_epoch} micro-batches into it)")
+    accelerator.print(
+        f"resumed at optimizer step {faults.resume_state.step} (epoch {faults.resume_state.epoch}, "
+        f"{faults.resume_state.batches_in_epoch} micro-batches into it)"
+    )
     return faults

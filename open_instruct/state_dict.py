@@ -52,13 +52,18 @@ def state_dict_to_folder(path: str, tokenizer_name: str | None, model_config: An
     if tokenizer_name is None:
         missing.append("a tokenizer (run_dpo(tokenizer_name=...) or TrainingConfig.tokenizer_name)")
     if config_source is None:
-        missing.append("a model config (run_dpo(model_config=...): a folder or hub id with config.json, or a "
-                       "PretrainedConfig; a tokenizer folder that holds config.json also serves)")
+        missing.append(
+            "a model config (run_dpo(model_config=...): a folder or hub id with config.json, or a "
+            "PretrainedConfig; a tokenizer folder that holds config.json also serves)"
+        )
     if missing:
         raise UserError(f"{path} is a bare state dict, so it also needs {' and '.join(missing)}")
     try:
-        config = config_source if isinstance(config_source, PretrainedConfig) else AutoConfig.from_pretrained(
-            str(config_source))
+        config = (
+            config_source
+            if isinstance(config_source, PretrainedConfig)
+            else AutoConfig.from_pretrained(str(config_source))
+        )
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     except (OSError, ValueError) as err:
         raise UserError(f"could not read the model config / tokenizer for {path}: {err}") from err
@@ -73,8 +78,10 @@ def state_dict_to_folder(path: str, tokenizer_name: str | None, model_config: An
     params = model.state_dict()
     absent = [k for k in result.missing_keys if params[k].data_ptr() not in loaded]  # tied copies are fine
     if absent or result.unexpected_keys:
-        raise UserError(f"{path} does not match the model config ({type(config).__name__}): missing "
-                        f"{absent[:5] or 'none'}, unexpected {result.unexpected_keys[:5] or 'none'}")
+        raise UserError(
+            f"{path} does not match the model config ({type(config).__name__}): missing "
+            f"{absent[:5] or 'none'}, unexpected {result.unexpected_keys[:5] or 'none'}"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     if tmp.exists():

@@ -21,8 +21,16 @@ from open_instruct.reference_cache import ReferenceLogps
 from open_instruct.tracking import MetricsLogger
 
 # Metrics averaged over the pairs of an optimizer step (summed here, divided by the pair count when logged).
-PAIR_METRICS = ("train_loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected",
-                "rewards/average", "rewards/accuracy", "rewards/margin")
+PAIR_METRICS = (
+    "train_loss",
+    "logps/chosen",
+    "logps/rejected",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/average",
+    "rewards/accuracy",
+    "rewards/margin",
+)
 
 
 StepFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
@@ -70,7 +78,11 @@ def policy_logps(lp: SequenceLogprobs, length_normalized: bool) -> tuple[torch.T
 
 
 def pair_losses(
-    model: Any, batch: dict[str, torch.Tensor], logprob_fn: Any, loss_fn: LossFn, reference: ReferenceLogps | None,
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    logprob_fn: Any,
+    loss_fn: LossFn,
+    reference: ReferenceLogps | None,
     settings: LoopSettings,
 ) -> tuple[torch.Tensor, torch.Tensor, LossOutput]:
     """Policy (chosen, rejected) log-probs ``[B]`` and the loss output of one micro-batch (training and evaluation)."""
@@ -81,13 +93,21 @@ def pair_losses(
         ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
     else:
         ref_chosen, ref_rejected = reference.lookup(batch["index"], settings.length_normalized)
-    out = loss_fn(PreferenceLogps(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype),
-                                  chosen_mean, rejected_mean), settings.loss_settings)
+    out = loss_fn(
+        PreferenceLogps(
+            chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype), chosen_mean, rejected_mean
+        ),
+        settings.loss_settings,
+    )
     return chosen, rejected, out
 
 
 def preference_step(
-    model: Any, batch: dict[str, torch.Tensor], logprob_fn: Any, loss_fn: LossFn, reference: ReferenceLogps | None,
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    logprob_fn: Any,
+    loss_fn: LossFn,
+    reference: ReferenceLogps | None,
     settings: LoopSettings,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch (mean over its pairs) and the per-pair metric sums."""
@@ -103,10 +123,15 @@ def preference_step(
         metrics["nll_loss"] = out.nll.sum()
     if out.chosen_rewards is not None:
         c, r = out.chosen_rewards, out.rejected_rewards
-        metrics.update({
-            "rewards/chosen": c.sum(), "rewards/rejected": r.sum(), "rewards/average": ((c + r) / 2).sum(),
-            "rewards/accuracy": (c > r).float().sum(), "rewards/margin": (c - r).sum(),
-        })
+        metrics.update(
+            {
+                "rewards/chosen": c.sum(),
+                "rewards/rejected": r.sum(),
+                "rewards/average": ((c + r) / 2).sum(),
+                "rewards/accuracy": (c > r).float().sum(),
+                "rewards/margin": (c - r).sum(),
+            }
+        )
     aux_loss = router.aux_loss()
     if aux_loss is not None:
         loss = loss + settings.load_balancing_weight * aux_loss
@@ -116,8 +141,11 @@ def preference_step(
 
 def _reduce_across_ranks(accelerator: Any, interval: StepMetrics) -> tuple[dict[str, float], int, int, float]:
     names = sorted(interval.sums)
-    local = torch.tensor([interval.sums[n] for n in names] + [interval.pairs, interval.tokens, interval.flops],
-                         dtype=torch.float64, device=accelerator.device)
+    local = torch.tensor(
+        [interval.sums[n] for n in names] + [interval.pairs, interval.tokens, interval.flops],
+        dtype=torch.float64,
+        device=accelerator.device,
+    )
     total = accelerator.reduce(local, reduction="sum").cpu().tolist()
     pairs, tokens = int(total[-3]), int(total[-2])
     return {n: total[i] / max(pairs, 1) for i, n in enumerate(names)}, pairs, tokens, total[-1]
@@ -142,9 +170,18 @@ def _epoch_loader(accelerator: Any, dataloader: Any, epoch: int, skip: int) -> A
 
 
 def train_loop(
-    accelerator: Any, model: Any, optimizer: Any, scheduler: Any, dataloader: Any, reference: ReferenceLogps | None,
-    logprob_fn: Any, loss_fn: LossFn, settings: LoopSettings, logger: MetricsLogger,
-    evaluate: Callable[[int], Any] | None = None, step_fn: StepFn | None = None,
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    dataloader: Any,
+    reference: ReferenceLogps | None,
+    logprob_fn: Any,
+    loss_fn: LossFn,
+    settings: LoopSettings,
+    logger: MetricsLogger,
+    evaluate: Callable[[int], Any] | None = None,
+    step_fn: StepFn | None = None,
     faults: FaultTolerance | None = None,
 ) -> dict[str, Any]:
     """Train until ``max_train_steps`` optimizer steps; returns the last logged metrics.
@@ -159,6 +196,7 @@ def train_loop(
     faults.guard.skipped = state.nonfinite_skipped
     pending_rng = faults.resume_rng
     if step_fn is None:
+
         def step_fn(m: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
             loss, metrics = preference_step(m, batch, logprob_fn, loss_fn, reference, settings)
             return loss, metrics, batch["index"].shape[0]
@@ -176,8 +214,13 @@ def train_loop(
     step, tokens_total, last = state.step, state.tokens_total, {}
     interval = StepMetrics()
     start = interval_start = time.perf_counter()
-    bar = tqdm(total=settings.max_train_steps, initial=step, desc="training", unit="step",
-               disable=None if accelerator.is_local_main_process else True)
+    bar = tqdm(
+        total=settings.max_train_steps,
+        initial=step,
+        desc="training",
+        unit="step",
+        disable=None if accelerator.is_local_main_process else True,
+    )
     for epoch in range(state.epoch, settings.num_epochs):
         if step >= settings.max_train_steps:
             break
@@ -224,8 +267,9 @@ def train_loop(
                     "perf/tokens_per_second_avg": tokens_total / max(now - start, 1e-9),
                 }
                 if settings.peak_flops:  # FLOPs summed over ranks, over every rank's peak for the interval
-                    last["perf/mfu_step"] = mfu(flops, now - interval_start, settings.peak_flops,
-                                                accelerator.num_processes)
+                    last["perf/mfu_step"] = mfu(
+                        flops, now - interval_start, settings.peak_flops, accelerator.num_processes
+                    )
                 logger.log(last)
                 interval, interval_start = StepMetrics(), now
             maybe_evaluate(step, last_step=step >= settings.max_train_steps)

@@ -34,31 +34,49 @@ def synthetic_data(tmp_path_factory) -> tuple[Path, Path]:
 def cli_env(cache_dir: Path) -> dict[str, str]:
     """Environment for a CLI subprocess: its own reference cache, quiet, 1 thread, this checkout first on the path."""
     env = dict(os.environ)
-    env.update({
-        "REFERENCE_LOGPROBS_CACHE_PATH": str(cache_dir),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        "TQDM_DISABLE": "1",
-    })
+    env.update(
+        {
+            "REFERENCE_LOGPROBS_CACHE_PATH": str(cache_dir),
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "WANDB_MODE": "offline",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+            "TQDM_DISABLE": "1",
+        }
+    )
     return env
 
 
 def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run ``python -m open_instruct.dpo_tune_cache ARGS`` and capture its output."""
-    return subprocess.run([sys.executable, "-m", "open_instruct.dpo_tune_cache", *args], env=cli_env(cache_dir),
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "open_instruct.dpo_tune_cache", *args],
+        env=cli_env(cache_dir),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def small_run_args(model_dir: Path, train_file: Path, output_dir: Path, **overrides) -> list[str]:
     """A short CPU run on the tiny model: flags as a list, any of them overridable by keyword."""
     values = {
-        "model_name_or_path": str(model_dir), "mixer_list": [str(train_file), "64"], "max_seq_length": "64",
-        "per_device_train_batch_size": "8", "gradient_accumulation_steps": "1", "learning_rate": "1e-3",
-        "warmup_ratio": "0.0", "num_epochs": "1", "loss_type": "dpo_norm", "beta": "5", "logging_steps": "1",
-        "seed": "1", "output_dir": str(output_dir),
+        "model_name_or_path": str(model_dir),
+        "mixer_list": [str(train_file), "64"],
+        "max_seq_length": "64",
+        "per_device_train_batch_size": "8",
+        "gradient_accumulation_steps": "1",
+        "learning_rate": "1e-3",
+        "warmup_ratio": "0.0",
+        "num_epochs": "1",
+        "loss_type": "dpo_norm",
+        "beta": "5",
+        "logging_steps": "1",
+        "seed": "1",
+        "output_dir": str(output_dir),
     }
     values.update(overrides)
     args: list[str] = []

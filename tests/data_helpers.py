@@ -10,8 +10,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 _HH_NAME = "hh-rlhf-harmless-base-sample.jsonl.gz"
 # ../shared/data from the repository root; from a git worktree nested deeper, the nearest ancestor that has it.
-HH_SAMPLE = next((p / "shared" / "data" / _HH_NAME for p in ROOT.parents if (p / "shared" / "data" / _HH_NAME).is_file()),
-                 ROOT.parent / "shared" / "data" / _HH_NAME)
+HH_SAMPLE = next(
+    (p / "shared" / "data" / _HH_NAME for p in ROOT.parents if (p / "shared" / "data" / _HH_NAME).is_file()),
+    ROOT.parent / "shared" / "data" / _HH_NAME,
+)
 SPECIAL = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -29,10 +31,17 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int = 4000, eos_token: str
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token=eos_token, pad_token="<pad>",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token=eos_token,
+        pad_token="<pad>",
         additional_special_tokens=[t for t in SPECIAL[3:] if t != eos_token],
     )

@@ -52,8 +52,9 @@ class FakeHub:
                     body = json.loads(raw)
                     record["json"] = body
                     repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
-                    hub.repos.setdefault(repo_id, {"private": body.get("visibility") == "private",
-                                                   "branches": {"main": {}}})
+                    hub.repos.setdefault(
+                        repo_id, {"private": body.get("visibility") == "private", "branches": {"main": {}}}
+                    )
                     return self._reply(200, {"url": f"{hub.endpoint}/{repo_id}"})
                 parts = path.split("/")  # ['', 'api', 'models', owner, name, action, revision]
                 if len(parts) >= 7 and parts[1:3] == ["api", "models"]:
@@ -67,8 +68,14 @@ class FakeHub:
                     if action == "preupload":
                         files = json.loads(raw)["files"]
                         record["json"] = {"files": [{"path": f["path"], "size": f["size"]} for f in files]}
-                        return self._reply(200, {"files": [
-                            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                        return self._reply(
+                            200,
+                            {
+                                "files": [
+                                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                                ]
+                            },
+                        )
                     if action == "commit":
                         if revision not in repo["branches"]:
                             return self._reply(404, {"error": f"revision {revision} not found"})
@@ -80,10 +87,17 @@ class FakeHub:
                         header = next(line["value"] for line in lines if line["key"] == "header")
                         repo["branches"][revision].update(files)
                         oid = f"{len(hub.commits) + 1:040x}"
-                        hub.commits.append({"repo_id": repo_id, "revision": revision, "summary": header["summary"],
-                                            "files": files})
-                        return self._reply(200, {"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{oid}",
-                                                 "commitOid": oid, "pullRequestUrl": None})
+                        hub.commits.append(
+                            {"repo_id": repo_id, "revision": revision, "summary": header["summary"], "files": files}
+                        )
+                        return self._reply(
+                            200,
+                            {
+                                "commitUrl": f"{hub.endpoint}/{repo_id}/commit/{oid}",
+                                "commitOid": oid,
+                                "pullRequestUrl": None,
+                            },
+                        )
                 self._reply(404, {"error": f"not implemented in the fake hub: POST {path}"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -17,11 +17,23 @@ LOG_LINE = re.compile(r"^step=\d+ loss=-?\d+\.\d{4} accuracy=\d+\.\d{2}% lr=\d\.
 
 
 def _small_configs(tmp_path, train_file, **train_overrides):
-    train = TrainingConfig(output_dir=str(tmp_path / "api_out"), batch_size=8, micro_batch_size=8,
-                           gradient_accumulation_steps=1, learning_rate=1e-3, log_every=1, seed=1,
-                           **train_overrides)
-    dpo = DPOConfig(beta=5.0, loss_type="dpo_norm", max_length=32, max_prompt_length=32,
-                    reference_cache_dir=str(tmp_path / "api_cache"))
+    train = TrainingConfig(
+        output_dir=str(tmp_path / "api_out"),
+        batch_size=8,
+        micro_batch_size=8,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        log_every=1,
+        seed=1,
+        **train_overrides,
+    )
+    dpo = DPOConfig(
+        beta=5.0,
+        loss_type="dpo_norm",
+        max_length=32,
+        max_prompt_length=32,
+        reference_cache_dir=str(tmp_path / "api_cache"),
+    )
     return train, dpo, PreferenceDatasetConfig(str(train_file), amount=64)
 
 
@@ -37,30 +49,53 @@ def test_run_dpo_and_the_cli_give_the_same_metrics(tiny_model_dir, synthetic_dat
     train, dpo, data = _small_configs(tmp_path, synthetic_data[0])
     path = run_dpo(tiny_model_dir, train, dpo, data)
     assert path == tmp_path / "api_out" and (path / "model.safetensors").is_file()
-    cli = run_cli(small_run_args(tiny_model_dir, synthetic_data[0], tmp_path / "cli_out", warmup_ratio=None,
-                                 warmup_steps="0", lr_scheduler_type="linear"), tmp_path / "cli_cache")
+    cli = run_cli(
+        small_run_args(
+            tiny_model_dir,
+            synthetic_data[0],
+            tmp_path / "cli_out",
+            warmup_ratio=None,
+            warmup_steps="0",
+            lr_scheduler_type="linear",
+        ),
+        tmp_path / "cli_cache",
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert len(LOG_LINE.findall(cli.stdout)) == 8
     api_rows, cli_rows = read_metrics(path), read_metrics(tmp_path / "cli_out")
     assert len(api_rows) == len(cli_rows) == 8
     for a, c in zip(api_rows, cli_rows):
-        for key in ("training_step", "learning_rate", "train_loss", "rewards/accuracy", "rewards/margin",
-                    "logps/chosen", "token_count"):
+        for key in (
+            "training_step",
+            "learning_rate",
+            "train_loss",
+            "rewards/accuracy",
+            "rewards/margin",
+            "logps/chosen",
+            "token_count",
+        ):
             assert a[key] == pytest.approx(c[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("train_kwargs, message", [
-    ({"batch_size": 32, "micro_batch_size": 8, "gradient_accumulation_steps": 1},
-     r"batch_size 32 != micro_batch_size 8 x gradient_accumulation_steps 1 x world size 1 = 8; "
-     r"set gradient_accumulation_steps=4"),
-    ({"batch_size": 30, "micro_batch_size": 8, "gradient_accumulation_steps": None},
-     "batch_size 30 is not a multiple of micro_batch_size 8"),
-    ({"mixed_precision": "fp8"}, "mixed_precision must be 'bf16', 'fp16' or 'no'"),
-    ({"extra": {"not_a_flag": 1}}, "unknown setting.*not_a_flag"),
-    ({"eval_every": 5}, "eval_every needs an evaluation set"),
-    ({"learning_rate": -1.0}, "--learning_rate must be >= 0"),
-    ({"save_every": 0}, "--checkpointing_steps must be a positive integer"),  # mapped to the CLI flag
-])
+@pytest.mark.parametrize(
+    "train_kwargs, message",
+    [
+        (
+            {"batch_size": 32, "micro_batch_size": 8, "gradient_accumulation_steps": 1},
+            r"batch_size 32 != micro_batch_size 8 x gradient_accumulation_steps 1 x world size 1 = 8; "
+            r"set gradient_accumulation_steps=4",
+        ),
+        (
+            {"batch_size": 30, "micro_batch_size": 8, "gradient_accumulation_steps": None},
+            "batch_size 30 is not a multiple of micro_batch_size 8",
+        ),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be 'bf16', 'fp16' or 'no'"),
+        ({"extra": {"not_a_flag": 1}}, "unknown setting.*not_a_flag"),
+        ({"eval_every": 5}, "eval_every needs an evaluation set"),
+        ({"learning_rate": -1.0}, "--learning_rate must be >= 0"),
+        ({"save_every": 0}, "--checkpointing_steps must be a positive integer"),  # mapped to the CLI flag
+    ],
+)
 def test_config_errors_are_clear(train_kwargs, message, tmp_path):
     train = TrainingConfig(output_dir=str(tmp_path), **train_kwargs)
     with pytest.raises(UserError, match=message):
@@ -69,15 +104,27 @@ def test_config_errors_are_clear(train_kwargs, message, tmp_path):
 
 def test_batch_size_mapping_and_derived_accumulation(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    train = TrainingConfig(output_dir=str(tmp_path), batch_size=32, micro_batch_size=4,
-                           gradient_accumulation_steps=None, max_steps=7, warmup_steps=3, log_every=2)
-    args = dpo_arguments("model", train, DPOConfig(max_length=100, max_prompt_length=28),
-                         PreferenceDatasetConfig("pairs.jsonl"))
+    train = TrainingConfig(
+        output_dir=str(tmp_path),
+        batch_size=32,
+        micro_batch_size=4,
+        gradient_accumulation_steps=None,
+        max_steps=7,
+        warmup_steps=3,
+        log_every=2,
+    )
+    args = dpo_arguments(
+        "model", train, DPOConfig(max_length=100, max_prompt_length=28), PreferenceDatasetConfig("pairs.jsonl")
+    )
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)
     assert (args.max_train_steps, args.warmup_steps, args.logging_steps, args.max_seq_length) == (7, 3, 2, 128)
     with pytest.raises(UserError, match="world size 2"):
-        dpo_arguments("model", TrainingConfig(batch_size=8, micro_batch_size=8), DPOConfig(),
-                      PreferenceDatasetConfig("pairs.jsonl"))
+        dpo_arguments(
+            "model",
+            TrainingConfig(batch_size=8, micro_batch_size=8),
+            DPOConfig(),
+            PreferenceDatasetConfig("pairs.jsonl"),
+        )
 
 
 def test_no_dataset_is_a_clear_error():
@@ -87,8 +134,9 @@ def test_no_dataset_is_a_clear_error():
 
 @pytest.mark.parametrize("name, fmt", [("Anthropic/hh-rlhf", "hh_rlhf"), ("stanfordnlp/SHP", "shp")])
 def test_hub_datasets_map_to_their_parser_and_test_split(name, fmt, tmp_path):
-    values = preference_arguments(PreferenceDatasetConfig(name, amount=1000),
-                                  TrainingConfig(output_dir=str(tmp_path), eval_every=50))
+    values = preference_arguments(
+        PreferenceDatasetConfig(name, amount=1000), TrainingConfig(output_dir=str(tmp_path), eval_every=50)
+    )
     assert values["mixer_list"] == [name, "1000"] and values["dataset_format"] == fmt
     assert values["eval_mixer_list"] == [name, "1.0"] and values["eval_mixer_list_splits"] == ["test"]
 
@@ -97,8 +145,9 @@ def test_custom_rows_in_memory_become_a_file_the_engine_reads(tmp_path):
     from open_instruct.data.mixer import build_mix, parse_mixer_list
 
     rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
-    values = preference_arguments(PreferenceDatasetConfig(rows, eval_fraction=0.2),
-                                  TrainingConfig(output_dir=str(tmp_path)))
+    values = preference_arguments(
+        PreferenceDatasetConfig(rows, eval_fraction=0.2), TrainingConfig(output_dir=str(tmp_path))
+    )
     pairs, _ = build_mix(parse_mixer_list(values["mixer_list"], ["train"]), seed=0)
     assert [p["chosen"][0]["content"] for p in pairs] == [f"good {i}" for i in range(5)]
     assert values["eval_fraction"] == 0.2 and values["dataset_format"] == "auto"
@@ -122,8 +171,9 @@ def test_pt_state_dict_needs_a_tokenizer_and_a_config(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"foo.weight": torch.zeros(2)}, bad)
     with pytest.raises(UserError, match=r"does not match the model config .*missing .*unexpected \['foo.weight'\]"):
-        run_dpo(bad, TrainingConfig(output_dir=str(tmp_path / "o")), DPOConfig(), data,
-                tokenizer_name=str(tiny_model_dir))
+        run_dpo(
+            bad, TrainingConfig(output_dir=str(tmp_path / "o")), DPOConfig(), data, tokenizer_name=str(tiny_model_dir)
+        )
 
 
 def test_pt_state_dict_trains_from_the_same_weights(tiny_model_dir, synthetic_data, tmp_path):
@@ -143,9 +193,24 @@ def test_pt_state_dict_trains_from_the_same_weights(tiny_model_dir, synthetic_da
 
 def test_pipeline_example_runs(tmp_path):
     result = subprocess.run(
-        [sys.executable, "examples/pipeline.py", "--out_dir", str(tmp_path), "--n_train", "256",
-         "--sft_steps", "20", "--dpo_steps", "10"],
-        cwd=ROOT, env=cli_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "examples/pipeline.py",
+            "--out_dir",
+            str(tmp_path),
+            "--n_train",
+            "256",
+            "--sft_steps",
+            "20",
+            "--dpo_steps",
+            "10",
+        ],
+        cwd=ROOT,
+        env=cli_env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     nll = [float(x) for x in re.search(r"SFT: held-out NLL .*: \[(.*)\]", result.stdout).group(1).split(",")]
     assert len(nll) == 2 and nll[1] < nll[0]

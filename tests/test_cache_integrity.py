@@ -30,8 +30,12 @@ class _Accelerator:
 
 def _reference(rows: int = 10) -> ReferenceLogps:
     g = torch.Generator().manual_seed(0)
-    return ReferenceLogps(-torch.rand(rows, generator=g) * 50, torch.randint(1, 30, (rows,), generator=g).float(),
-                          -torch.rand(rows, generator=g) * 50, torch.randint(1, 30, (rows,), generator=g).float())
+    return ReferenceLogps(
+        -torch.rand(rows, generator=g) * 50,
+        torch.randint(1, 30, (rows,), generator=g).float(),
+        -torch.rand(rows, generator=g) * 50,
+        torch.randint(1, 30, (rows,), generator=g).float(),
+    )
 
 
 def test_whole_file_round_trips(tmp_path):
@@ -79,9 +83,12 @@ def test_damaged_cache_is_reported_and_rebuilt(tmp_path):
     def logprob_fn(model, batch):  # the "model": looks the answers up, and counts the calls
         calls.append(batch["index"].tolist())
         idx = batch["index"]
-        return SequenceLogprobs(sums=torch.cat([expected.chosen_sums[idx], expected.rejected_sums[idx]]),
-                                counts=torch.cat([expected.chosen_counts[idx], expected.rejected_counts[idx]]).long(),
-                                token_logps=torch.zeros(0), token_seq=torch.zeros(0, dtype=torch.long))
+        return SequenceLogprobs(
+            sums=torch.cat([expected.chosen_sums[idx], expected.rejected_sums[idx]]),
+            counts=torch.cat([expected.chosen_counts[idx], expected.rejected_counts[idx]]).long(),
+            token_logps=torch.zeros(0),
+            token_seq=torch.zeros(0, dtype=torch.long),
+        )
 
     loader = [{"index": torch.arange(0, 3)}, {"index": torch.arange(3, 6)}]
     model, accelerator = torch.nn.Linear(1, 1), _Accelerator()
@@ -91,7 +98,8 @@ def test_damaged_cache_is_reported_and_rebuilt(tmp_path):
     calls.clear()
     again = reference_cache.get_reference(model, loader, accelerator, logprob_fn, rows, str(tmp_path), "key")
     assert calls == [[0, 1, 2], [3, 4, 5]], "the damaged cache was used instead of rebuilt"
-    assert any(f"reference cache {path} not used: unreadable" in line and "rebuilding" in line
-               for line in accelerator.printed), accelerator.printed
+    assert any(
+        f"reference cache {path} not used: unreadable" in line and "rebuilding" in line for line in accelerator.printed
+    ), accelerator.printed
     assert torch.equal(again.as_tensor(), expected.as_tensor())
     assert reference_cache.check(path, "key", rows)[1] == ""

@@ -81,14 +81,18 @@ def test_metrics_truncate_after_drops_later_and_cut_rows(tmp_path):
     assert [json.loads(line)["training_step"] for line in logger.path.read_text().splitlines()] == [1, 2, 3]
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    ({"hf_entity": "org"}, "--hf_entity only applies with --push_to_hub"),
-    ({"skip_nonfinite_batches": -1}, "--skip_nonfinite_batches must be >= 0"),
-    ({"keep_last_n_checkpoints": 0}, "--keep_last_n_checkpoints must be >= 1 or -1"),
-    ({"checkpointing_steps": "often"}, "--checkpointing_steps must be a positive integer or 'epoch'"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"hf_entity": "org"}, "--hf_entity only applies with --push_to_hub"),
+        ({"skip_nonfinite_batches": -1}, "--skip_nonfinite_batches must be >= 0"),
+        ({"keep_last_n_checkpoints": 0}, "--keep_last_n_checkpoints must be >= 1 or -1"),
+        ({"checkpointing_steps": "often"}, "--checkpointing_steps must be a positive integer or 'epoch'"),
+    ],
+)
 def test_bad_flags_are_named(flags, message):
-    args = DPOArguments(model_name_or_path="m", mixer_list=["d.jsonl", "1.0"], reference_logprobs_cache_path="c",
-                        **flags)
+    args = DPOArguments(
+        model_name_or_path="m", mixer_list=["d.jsonl", "1.0"], reference_logprobs_cache_path="c", **flags
+    )
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(args)

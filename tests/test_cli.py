@@ -22,22 +22,32 @@ def test_reference_cache_path_from_environment(monkeypatch, tmp_path):
     assert parse_args(BASE).reference_logprobs_cache_path.endswith(".cache/open_instruct/reference_logprobs")
 
 
-@pytest.mark.parametrize("alias,field,value,expected", [
-    ("--tokenizer_name", "tokenizer_name_or_path", "tok", "tok"),
-    ("--dataset_mixer_list", "mixer_list", "a.jsonl", ["a.jsonl"]),
-    ("--num_train_epochs", "num_epochs", "3", 3),
-    ("--dpo_loss_type", "loss_type", "dpo", "dpo"),
-    ("--dpo_beta", "beta", "0.1", 0.1),
-])
+@pytest.mark.parametrize(
+    "alias,field,value,expected",
+    [
+        ("--tokenizer_name", "tokenizer_name_or_path", "tok", "tok"),
+        ("--dataset_mixer_list", "mixer_list", "a.jsonl", ["a.jsonl"]),
+        ("--num_train_epochs", "num_epochs", "3", 3),
+        ("--dpo_loss_type", "loss_type", "dpo", "dpo"),
+        ("--dpo_beta", "beta", "0.1", 0.1),
+    ],
+)
 def test_open_instruct_aliases(alias, field, value, expected):
     args = parse_args(["--model_name_or_path", "m", alias, value] + (["1.0"] if field == "mixer_list" else []))
     expected = expected + ["1.0"] if field == "mixer_list" else expected
     assert getattr(args, field) == expected
 
 
-@pytest.mark.parametrize("flags,expected", [([], False), (["--with_tracking"], True),
-                                            (["--with_tracking", "true"], True), (["--with_tracking", "false"], False),
-                                            (["--with_tracking", "False"], False)])
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ([], False),
+        (["--with_tracking"], True),
+        (["--with_tracking", "true"], True),
+        (["--with_tracking", "false"], False),
+        (["--with_tracking", "False"], False),
+    ],
+)
 def test_boolean_forms(flags, expected):
     assert parse_args(BASE + flags).with_tracking is expected
 
@@ -59,8 +69,10 @@ def test_abbreviations_are_not_accepted():
 
 def test_yaml_then_flags_override(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("model_name_or_path: from_yaml\ndpo_beta: 0.5\nlearning_rate: 1.0e-6\n"
-                      "dataset_mixer:\n  a.jsonl: 1.0\n  b.jsonl: 100\nwith_tracking: true\n")
+    recipe.write_text(
+        "model_name_or_path: from_yaml\ndpo_beta: 0.5\nlearning_rate: 1.0e-6\n"
+        "dataset_mixer:\n  a.jsonl: 1.0\n  b.jsonl: 100\nwith_tracking: true\n"
+    )
     args = parse_args([str(recipe), "--learning_rate", "2e-6"])
     assert args.model_name_or_path == "from_yaml"
     assert args.beta == 0.5
@@ -81,15 +93,18 @@ def test_missing_yaml_file(tmp_path):
         parse_args([str(tmp_path / "nope.yaml")])
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--learning_rate", "-1e-5"], "--learning_rate must be >= 0"),
-    (["--beta", "0"], "--beta must be > 0"),
-    (["--beta", "-2"], "--beta must be > 0"),
-    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
-    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
-    (["--warmup_ratio", "1.5"], "--warmup_ratio"),
-    (["--checkpointing_steps", "soon"], "--checkpointing_steps"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--learning_rate", "-1e-5"], "--learning_rate must be >= 0"),
+        (["--beta", "0"], "--beta must be > 0"),
+        (["--beta", "-2"], "--beta must be > 0"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
+        (["--warmup_ratio", "1.5"], "--warmup_ratio"),
+        (["--checkpointing_steps", "soon"], "--checkpointing_steps"),
+    ],
+)
 def test_out_of_range_values(flags, message):
     with pytest.raises(UserError, match=message):
         validate(parse_args(BASE + flags))

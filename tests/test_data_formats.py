@@ -25,17 +25,40 @@ def _rows_by_format() -> dict[str, tuple[dict, list[dict]]]:
     """One row per format, written from the formats' public descriptions, and the prompt it should give."""
     single = [_msg("user", U1)]
     return {
-        "messages": ({"prompt": U1, "score_chosen": 9.0, "score_rejected": 2.0,
-                      "chosen": MULTI_TURN + [_msg("assistant", GOOD)],
-                      "rejected": MULTI_TURN + [_msg("assistant", BAD)]}, MULTI_TURN),
+        "messages": (
+            {
+                "prompt": U1,
+                "score_chosen": 9.0,
+                "score_rejected": 2.0,
+                "chosen": MULTI_TURN + [_msg("assistant", GOOD)],
+                "rejected": MULTI_TURN + [_msg("assistant", BAD)],
+            },
+            MULTI_TURN,
+        ),
         "prompt_chosen_rejected": ({"prompt": U1, "chosen": GOOD, "rejected": BAD}, single),
-        "conversational": ({"prompt": MULTI_TURN, "chosen": [_msg("assistant", GOOD)],
-                            "rejected": [_msg("assistant", BAD)]}, MULTI_TURN),
-        "hh_rlhf": ({"chosen": f"\n\nHuman: {U1}\n\nAssistant: {A1}\n\nHuman: {U2}\n\nAssistant: {GOOD}",
-                     "rejected": f"\n\nHuman: {U1}\n\nAssistant: {A1}\n\nHuman: {U2}\n\nAssistant: {BAD}"},
-                    MULTI_TURN),
-        "shp": ({"post_id": "x", "history": U1, "human_ref_A": BAD, "human_ref_B": GOOD, "labels": 0,
-                 "score_A": 3, "score_B": 10}, single),
+        "conversational": (
+            {"prompt": MULTI_TURN, "chosen": [_msg("assistant", GOOD)], "rejected": [_msg("assistant", BAD)]},
+            MULTI_TURN,
+        ),
+        "hh_rlhf": (
+            {
+                "chosen": f"\n\nHuman: {U1}\n\nAssistant: {A1}\n\nHuman: {U2}\n\nAssistant: {GOOD}",
+                "rejected": f"\n\nHuman: {U1}\n\nAssistant: {A1}\n\nHuman: {U2}\n\nAssistant: {BAD}",
+            },
+            MULTI_TURN,
+        ),
+        "shp": (
+            {
+                "post_id": "x",
+                "history": U1,
+                "human_ref_A": BAD,
+                "human_ref_B": GOOD,
+                "labels": 0,
+                "score_A": 3,
+                "score_B": 10,
+            },
+            single,
+        ),
     }
 
 
@@ -70,22 +93,52 @@ def test_shp_label_one_prefers_a():
     assert err.value.reason == "bad_label"
 
 
-@pytest.mark.parametrize(("row", "fmt", "reason"), [
-    ({"chosen": [_msg("user", "a"), _msg("assistant", "b")], "rejected": [_msg("user", "z"), _msg("assistant", "c")]},
-     "messages", "prompts_differ"),
-    ({"chosen": [_msg("user", "a"), _msg("assistant", " ")], "rejected": [_msg("user", "a"), _msg("assistant", "c")]},
-     "messages", "empty_reply"),
-    ({"chosen": [_msg("user", "a"), _msg("user", "b")], "rejected": [_msg("user", "a"), _msg("assistant", "c")]},
-     "messages", "last_turn_not_assistant"),
-    ({"prompt": "a", "chosen": "same", "rejected": "same "}, "prompt_chosen_rejected", "identical_replies"),
-    ({"prompt": " ", "chosen": "b", "rejected": "c"}, "prompt_chosen_rejected", "empty_prompt"),
-    ({"prompt": "a", "chosen": [_msg("assistant", "b"), _msg("assistant", "b")], "rejected": "c"},
-     "prompt_chosen_rejected", "bad_messages"),
-    ({"prompt": "a", "rejected": "c"}, "prompt_chosen_rejected", "missing_field"),
-    ({"chosen": "no transcript here", "rejected": "\n\nHuman: a\n\nAssistant: b"}, "hh_rlhf", "not_a_transcript"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c", "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c"},
-     "hh_rlhf", "last_turn_not_assistant"),
-])
+@pytest.mark.parametrize(
+    ("row", "fmt", "reason"),
+    [
+        (
+            {
+                "chosen": [_msg("user", "a"), _msg("assistant", "b")],
+                "rejected": [_msg("user", "z"), _msg("assistant", "c")],
+            },
+            "messages",
+            "prompts_differ",
+        ),
+        (
+            {
+                "chosen": [_msg("user", "a"), _msg("assistant", " ")],
+                "rejected": [_msg("user", "a"), _msg("assistant", "c")],
+            },
+            "messages",
+            "empty_reply",
+        ),
+        (
+            {
+                "chosen": [_msg("user", "a"), _msg("user", "b")],
+                "rejected": [_msg("user", "a"), _msg("assistant", "c")],
+            },
+            "messages",
+            "last_turn_not_assistant",
+        ),
+        ({"prompt": "a", "chosen": "same", "rejected": "same "}, "prompt_chosen_rejected", "identical_replies"),
+        ({"prompt": " ", "chosen": "b", "rejected": "c"}, "prompt_chosen_rejected", "empty_prompt"),
+        (
+            {"prompt": "a", "chosen": [_msg("assistant", "b"), _msg("assistant", "b")], "rejected": "c"},
+            "prompt_chosen_rejected",
+            "bad_messages",
+        ),
+        ({"prompt": "a", "rejected": "c"}, "prompt_chosen_rejected", "missing_field"),
+        ({"chosen": "no transcript here", "rejected": "\n\nHuman: a\n\nAssistant: b"}, "hh_rlhf", "not_a_transcript"),
+        (
+            {
+                "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c",
+                "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c",
+            },
+            "hh_rlhf",
+            "last_turn_not_assistant",
+        ),
+    ],
+)
 def test_malformed_rows_have_the_right_reason(row, fmt, reason):
     with pytest.raises(RowError) as err:
         normalize(row, fmt)
@@ -141,7 +194,7 @@ def _independent_hh_reason(row: dict[str, str]) -> tuple[str | None, bool]:
         if reply_start < 0:
             parts[side] = (text, None)
         else:
-            parts[side] = (text[:reply_start], text[reply_start + len(assistant):].replace(assistant, ""))
+            parts[side] = (text[:reply_start], text[reply_start + len(assistant) :].replace(assistant, ""))
     if parts["chosen"][0].strip() != parts["rejected"][0].strip():
         return "prompts_differ", merged
     if parts["chosen"][1] is None or parts["rejected"][1] is None:

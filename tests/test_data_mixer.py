@@ -30,9 +30,16 @@ def _prompts(pairs):
     return [p["prompt"][0]["content"] for p in pairs]
 
 
-@pytest.mark.parametrize(("amount_a", "amount_b", "want_a", "want_b"), [
-    ("1.0", "1.0", 10, 4), ("0.5", "0.25", 5, 1), ("3", "4", 3, 4), ("25", "2.5", 25, 10), ("1", "0.3", 1, 1),
-])
+@pytest.mark.parametrize(
+    ("amount_a", "amount_b", "want_a", "want_b"),
+    [
+        ("1.0", "1.0", 10, 4),
+        ("0.5", "0.25", 5, 1),
+        ("3", "4", 3, 4),
+        ("25", "2.5", 25, 10),
+        ("1", "0.3", 1, 1),
+    ],
+)
 def test_amounts_give_exact_row_counts(two_files, amount_a, amount_b, want_a, want_b):
     a, b = two_files
     pairs, stats = build_mix(parse_mixer_list([a, amount_a, b, amount_b], ["train"]), seed=3)
@@ -53,13 +60,16 @@ def test_upsampling_is_whole_repeats_plus_a_seeded_remainder(two_files):
     assert _prompts(other) != _prompts(pairs)
 
 
-@pytest.mark.parametrize(("values", "splits", "message"), [
-    (["a.jsonl", "x"], ["train"], "must be a fraction with a decimal point"),
-    (["a.jsonl", "1e3"], ["train"], "must be a fraction with a decimal point"),
-    (["a.jsonl", "0"], ["train"], "must be > 0"),
-    (["a.jsonl", "1.0", "b.jsonl"], ["train"], "pairs of DATASET AMOUNT"),
-    (["a.jsonl", "1.0", "b.jsonl", "2"], ["train", "test", "dev"], "--mixer_list_splits needs 1 or 2 values"),
-])
+@pytest.mark.parametrize(
+    ("values", "splits", "message"),
+    [
+        (["a.jsonl", "x"], ["train"], "must be a fraction with a decimal point"),
+        (["a.jsonl", "1e3"], ["train"], "must be a fraction with a decimal point"),
+        (["a.jsonl", "0"], ["train"], "must be > 0"),
+        (["a.jsonl", "1.0", "b.jsonl"], ["train"], "pairs of DATASET AMOUNT"),
+        (["a.jsonl", "1.0", "b.jsonl", "2"], ["train", "test", "dev"], "--mixer_list_splits needs 1 or 2 values"),
+    ],
+)
 def test_bad_mixer_lists_are_rejected(values, splits, message):
     with pytest.raises(UserError, match=message):
         parse_mixer_list(values, splits)
@@ -85,8 +95,9 @@ def test_folders_pick_the_split_and_other_local_shapes(tmp_path):
     folder = tmp_path / "folder"
     (folder / "data").mkdir(parents=True)
     _write_rows(folder / "data" / "train-00000.jsonl", 3, "t")
-    pq.write_table(pa.Table.from_pylist([{"prompt": "e", "chosen": "x", "rejected": "y"}]),
-                   folder / "data" / "test-00000.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "e", "chosen": "x", "rejected": "y"}]), folder / "data" / "test-00000.parquet"
+    )
     assert len(load_rows(str(folder), "train")) == 3
     assert load_rows(str(folder), "test")[0]["prompt"] == "e"
     # A folder whose file names say nothing about splits contributes every file.
@@ -99,12 +110,14 @@ def test_folders_pick_the_split_and_other_local_shapes(tmp_path):
     with gzip.open(tmp_path / "z.jsonl.gz", "wt") as handle:
         handle.write(json.dumps({"prompt": "z", "chosen": "1", "rejected": "2"}) + "\n")
     assert load_rows(str(tmp_path / "z.jsonl.gz"), "train")[0]["prompt"] == "z"
-    (tmp_path / "cols.json").write_text(json.dumps({"prompt": ["p1", "p2"], "chosen": ["a", "b"],
-                                                    "rejected": ["c", "d"]}))
+    (tmp_path / "cols.json").write_text(
+        json.dumps({"prompt": ["p1", "p2"], "chosen": ["a", "b"], "rejected": ["c", "d"]})
+    )
     assert [r["chosen"] for r in load_rows(str(tmp_path / "cols.json"), "train")] == ["a", "b"]
     saved = tmp_path / "saved"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "s", "chosen": "1", "rejected": "2"}])}
-                         ).save_to_disk(str(saved))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list([{"prompt": "s", "chosen": "1", "rejected": "2"}])}
+    ).save_to_disk(str(saved))
     assert load_rows(str(saved), "train")[0]["prompt"] == "s"
     with pytest.raises(UserError, match="no split 'test'"):
         load_rows(str(saved), "test")
@@ -134,8 +147,9 @@ def test_held_out_fraction_is_disjoint_and_exact(two_files):
 
 def test_eval_mixer_list_and_conflicts(two_files):
     a, b = two_files
-    train, evaluation, stats = build_train_eval_mix(parse_mixer_list([a, "1.0"], ["train"]),
-                                                    parse_mixer_list([b, "3"], ["test"]), 0.0, seed=0)
+    train, evaluation, stats = build_train_eval_mix(
+        parse_mixer_list([a, "1.0"], ["train"]), parse_mixer_list([b, "3"], ["test"]), 0.0, seed=0
+    )
     assert len(train) == 10 and len(evaluation) == 3
     assert all(p.startswith("b ") for p in _prompts(evaluation))
     assert stats["eval_datasets"][0]["taken"] == 3

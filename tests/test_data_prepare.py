@@ -33,9 +33,14 @@ def data_dir(tmp_path):
 
 
 def _args(data_dir, cache_dir, **overrides) -> DPOArguments:
-    values = {"model_name_or_path": "unused", "mixer_list": [str(data_dir / "train.jsonl"), "1.0"],
-              "max_seq_length": 64, "dataset_local_cache_dir": str(cache_dir), "per_device_train_batch_size": 4,
-              "seed": 1}
+    values = {
+        "model_name_or_path": "unused",
+        "mixer_list": [str(data_dir / "train.jsonl"), "1.0"],
+        "max_seq_length": 64,
+        "dataset_local_cache_dir": str(cache_dir),
+        "per_device_train_batch_size": 4,
+        "seed": 1,
+    }
     values.update(overrides)
     return DPOArguments(**values)
 
@@ -53,8 +58,9 @@ def test_cache_is_reused_without_retokenizing(data_dir, tmp_path, word_tokenizer
     second = prepare_preference_data(args, word_tokenizer)
     assert second.statistics["cache"]["status"] == "loaded"
     assert second.records == first.records
-    assert {k: v for k, v in second.statistics.items() if k != "cache"} == \
-        {k: v for k, v in first.statistics.items() if k != "cache"}
+    assert {k: v for k, v in second.statistics.items() if k != "cache"} == {
+        k: v for k, v in first.statistics.items() if k != "cache"
+    }
 
 
 def _change_file(data_dir):
@@ -136,7 +142,7 @@ def test_statistics_match_an_independent_computation(data_dir, tmp_path, word_to
     collate, pad = PaddedPairCollator(word_tokenizer.pad_token_id), 0
     total = 0
     for start in range(0, len(order), 5):
-        mask = collate([data.records[i] for i in order[start:start + 5]])["attention_mask"]
+        mask = collate([data.records[i] for i in order[start : start + 5]])["attention_mask"]
         pad, total = pad + int((mask == 0).sum()), total + mask.numel()
     assert stats["padding"] == {"batch_size": 5, "waste_fraction": pytest.approx(pad / total)}
     path = write_statistics(stats, tmp_path / "out")
@@ -145,9 +151,23 @@ def test_statistics_match_an_independent_computation(data_dir, tmp_path, word_to
 
 def test_cache_dataset_only_prepares_and_exits_without_a_model(tiny_model_dir, data_dir, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "prepared"
-    result = run_cli(["--tokenizer_name_or_path", str(tiny_model_dir), "--mixer_list", str(data_dir / "train.jsonl"),
-                      "1.0", "--max_seq_length", "64", "--cache_dataset_only", "--dataset_local_cache_dir", str(cache),
-                      "--output_dir", str(out)], tmp_path / "ref")
+    result = run_cli(
+        [
+            "--tokenizer_name_or_path",
+            str(tiny_model_dir),
+            "--mixer_list",
+            str(data_dir / "train.jsonl"),
+            "1.0",
+            "--max_seq_length",
+            "64",
+            "--cache_dataset_only",
+            "--dataset_local_cache_dir",
+            str(cache),
+            "--output_dir",
+            str(out),
+        ],
+        tmp_path / "ref",
+    )
     assert result.returncode == 0, result.stderr
     assert "--cache_dataset_only: prepared data cached at" in result.stdout
     stats = json.loads((out / "dataset_statistics.json").read_text())
@@ -161,7 +181,8 @@ def test_malformed_row_stops_before_tokenizing_with_file_row_and_reason(tmp_path
     rows = [{"prompt": "a b", "chosen": "c", "rejected": "d"}, {"prompt": "a b", "chosen": "c", "rejected": "c"}]
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(prepare_module, "tokenize_pairs", None)  # never reached
-    args = DPOArguments(model_name_or_path="unused", mixer_list=[str(bad), "1.0"],
-                        dataset_local_cache_dir=str(tmp_path / "c"))
+    args = DPOArguments(
+        model_name_or_path="unused", mixer_list=[str(bad), "1.0"], dataset_local_cache_dir=str(tmp_path / "c")
+    )
     with pytest.raises(UserError, match=f"^{re.escape(str(bad))}: row 1: identical_replies: .*1 invalid of 2 rows"):
         prepare_preference_data(args, word_tokenizer)

@@ -15,12 +15,21 @@ def _m(role, content):
 
 
 PAIRS = [
-    {"prompt": [_m("user", "How do I boil an egg?")], "chosen": [_m("assistant", "Simmer it for nine minutes.")],
-     "rejected": [_m("assistant", "Eggs cannot be boiled.")]},
-    {"prompt": [_m("system", "Be brief."), _m("user", "Hi"), _m("assistant", "Hello!"), _m("user", "2+2?")],
-     "chosen": [_m("assistant", " 4")], "rejected": [_m("assistant", "\nfive, café ☕")]},
-    {"prompt": [_m("user", "Say done")], "chosen": [_m("assistant", "done</s>")],  # the EOS text already there
-     "rejected": [_m("assistant", "not done")]},
+    {
+        "prompt": [_m("user", "How do I boil an egg?")],
+        "chosen": [_m("assistant", "Simmer it for nine minutes.")],
+        "rejected": [_m("assistant", "Eggs cannot be boiled.")],
+    },
+    {
+        "prompt": [_m("system", "Be brief."), _m("user", "Hi"), _m("assistant", "Hello!"), _m("user", "2+2?")],
+        "chosen": [_m("assistant", " 4")],
+        "rejected": [_m("assistant", "\nfive, café ☕")],
+    },
+    {
+        "prompt": [_m("user", "Say done")],
+        "chosen": [_m("assistant", "done</s>")],  # the EOS text already there
+        "rejected": [_m("assistant", "not done")],
+    },
 ]
 TEMPLATES = {**CHAT_TEMPLATES, "own": OWN_TEMPLATE}
 
@@ -68,7 +77,7 @@ def test_prompt_plus_reply_ids_are_the_whole_conversation_ids(bpe, name, add_bos
             # The boundary: prompt ids decode to the prompt's text, labelled ids to the reply's text only.
             bos_text = "<s>" if add_bos and not prompt_text.startswith("<s>") else ""
             assert tok.decode(ids[:n_prompt]) == bos_text + prompt_text
-            assert tok.decode(ids[n_prompt:]) == full_text[len(prompt_text):]
+            assert tok.decode(ids[n_prompt:]) == full_text[len(prompt_text) :]
 
 
 @pytest.mark.parametrize("add_bos", [False, True])
@@ -87,7 +96,7 @@ def test_never_a_doubled_bos_or_eos(bpe, name, add_bos):
             reply = [t for t in labels if t != IGNORE_INDEX]
             assert reply.count(eos) == 1
             # Ours end the reply with it; the synthetic tokenizer's own template puts a newline after it.
-            assert reply[-1] == eos if name != "own" else tok.decode(reply[reply.index(eos) + 1:]) == "\n"
+            assert reply[-1] == eos if name != "own" else tok.decode(reply[reply.index(eos) + 1 :]) == "\n"
 
 
 def test_chatml_with_im_end_as_eos_ends_replies_once():
@@ -108,11 +117,17 @@ def test_labels_cover_only_the_final_reply(bpe):
 
 def test_a_straddling_boundary_token_is_labelled_and_counted(bpe):
     # The generation prompt ends with a space, the reply starts with a word: byte-level BPE has " Paris" as one token.
-    tok = _with_template(bpe, "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
-                         "{% if not loop.last or add_generation_prompt %}{{ '\n' }}{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
-    pair = {"prompt": [_m("user", "Capital of France?")], "chosen": [_m("assistant", "Paris")],
-            "rejected": [_m("assistant", "Rome")]}
+    tok = _with_template(
+        bpe,
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+        "{% if not loop.last or add_generation_prompt %}{{ '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
+    )
+    pair = {
+        "prompt": [_m("user", "Capital of France?")],
+        "chosen": [_m("assistant", "Paris")],
+        "rejected": [_m("assistant", "Rome")],
+    }
     records, stats = tokenize_pairs(tok, _indexed([pair]), max_seq_length=512)
     assert stats.boundary_merges == 1
     ids, labels = records[0]["chosen_input_ids"], records[0]["chosen_labels"]
@@ -122,15 +137,23 @@ def test_a_straddling_boundary_token_is_labelled_and_counted(bpe):
 
 def test_truncation_drops_long_prompts_and_cuts_long_replies(bpe):
     tok = _with_template(bpe, CHAT_TEMPLATES["tulu"])
-    pairs = [{"prompt": [_m("user", "word " * n)], "chosen": [_m("assistant", "yes " * r)],
-              "rejected": [_m("assistant", "no")]} for n, r in ((2, 2), (5, 60), (200, 2), (3, 3))]
+    pairs = [
+        {
+            "prompt": [_m("user", "word " * n)],
+            "chosen": [_m("assistant", "yes " * r)],
+            "rejected": [_m("assistant", "no")],
+        }
+        for n, r in ((2, 2), (5, 60), (200, 2), (3, 3))
+    ]
     limit = 40
     # Independent count: lengths of the prompt-only and the whole conversation, tokenized directly.
     want_dropped = want_cut = 0
     for p in pairs:
         prompt_len = len(tok(_render(tok, p["prompt"], True), add_special_tokens=False)["input_ids"])
-        full = [len(tok(_render(tok, p["prompt"] + p[s], False), add_special_tokens=False)["input_ids"])
-                for s in ("chosen", "rejected")]
+        full = [
+            len(tok(_render(tok, p["prompt"] + p[s], False), add_special_tokens=False)["input_ids"])
+            for s in ("chosen", "rejected")
+        ]
         want_dropped += prompt_len >= limit
         want_cut += prompt_len < limit and max(full) > limit
     assert want_dropped == 1 and want_cut == 1

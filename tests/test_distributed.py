@@ -50,8 +50,10 @@ def _flags(model: Path, train: Path, out: Path, **overrides) -> list[str]:
 def _run(name: str, commands: list[list[str]], env: dict[str, str], timeout: int = 420) -> None:
     """Start the commands together (one per 'machine'), wait for all, fail with their output."""
     start = time.perf_counter()
-    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c in commands]
+    procs = [
+        subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in commands
+    ]
     outputs = []
     try:
         for p in procs:
@@ -81,8 +83,11 @@ def report_timings(request):
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter and capture and TIMINGS:
         with capture.global_and_fixture_disabled():  # shown even when the tests pass
-            reporter.write_line("\ndistributed test launches: " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items())
-                                + f" (total {sum(TIMINGS.values()):.0f}s)")
+            reporter.write_line(
+                "\ndistributed test launches: "
+                + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items())
+                + f" (total {sum(TIMINGS.values()):.0f}s)"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +118,35 @@ def test_zero2_two_machines_on_loopback(tiny_model_dir, synthetic_data, baseline
     out = tmp_path / "out"
     port = _free_port()
     flags = _flags(tiny_model_dir, synthetic_data[0], out, per_device_train_batch_size="4")
-    commands = [[sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "2", "--machine_rank", str(rank),
-                 "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-                 "--mixed_precision", "no", "--dynamo_backend", "no", "--use_deepspeed", "--deepspeed_config_file",
-                 "configs/ds_configs/stage2_no_offloading_accelerate.conf", "--deepspeed_multinode_launcher", "standard",
-                 "open_instruct/dpo_tune_cache.py", *flags] for rank in (0, 1)]
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--num_processes",
+            "2",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--use_deepspeed",
+            "--deepspeed_config_file",
+            "configs/ds_configs/stage2_no_offloading_accelerate.conf",
+            "--deepspeed_multinode_launcher",
+            "standard",
+            "open_instruct/dpo_tune_cache.py",
+            *flags,
+        ]
+        for rank in (0, 1)
+    ]
     _run("zero2 2 machines", commands, _env(tmp_path / "cache"))
     _check_against_baseline(tmp_path, baseline)
     from transformers import AutoModelForCausalLM
@@ -132,10 +161,25 @@ def test_zero3_with_accumulation_matches_and_saves_full_model(tiny_model_dir, sy
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    flags = _flags(tiny_model_dir, synthetic_data[0], out, per_device_train_batch_size="2",
-                   gradient_accumulation_steps="2", zero_stage="3")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "open_instruct/dpo_tune_cache.py", *flags]
+    flags = _flags(
+        tiny_model_dir,
+        synthetic_data[0],
+        out,
+        per_device_train_batch_size="2",
+        gradient_accumulation_steps="2",
+        zero_stage="3",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "open_instruct/dpo_tune_cache.py",
+        *flags,
+    ]
     _run("zero3 torchrun", [command], _env(tmp_path / "cache"))
     _check_against_baseline(tmp_path, baseline)
 
@@ -155,10 +199,24 @@ def test_zero3_with_accumulation_matches_and_saves_full_model(tiny_model_dir, sy
 @pytest.mark.slow
 def test_plain_data_parallel_on_cpu_matches(tiny_model_dir, synthetic_data, baseline, tmp_path):
     """No DeepSpeed: 2 processes under torchrun are one data-parallel job (gloo), not two runs training alone."""
-    flags = _flags(tiny_model_dir, synthetic_data[0], tmp_path / "out", per_device_train_batch_size="2",
-                   gradient_accumulation_steps="2")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "open_instruct/dpo_tune_cache.py", *flags]
+    flags = _flags(
+        tiny_model_dir,
+        synthetic_data[0],
+        tmp_path / "out",
+        per_device_train_batch_size="2",
+        gradient_accumulation_steps="2",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "open_instruct/dpo_tune_cache.py",
+        *flags,
+    ]
     _run("ddp torchrun", [command], _env(tmp_path / "cache"))
     _check_against_baseline(tmp_path, baseline)
 
@@ -176,21 +234,38 @@ def test_zero3_grows_partitioned_embeddings_for_an_added_token(tmp_path, synthet
     model_dir = write_tiny_model(tmp_path / "short", seed=0, vocab_size=vocab - 1)
     initial = load_file(model_dir / "model.safetensors")
     out = tmp_path / "out"
-    flags = _flags(model_dir, synthetic_data[0], out, per_device_train_batch_size="4", learning_rate="0",
-                   max_train_steps="1", zero_stage="3")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "open_instruct/dpo_tune_cache.py", *flags]
+    flags = _flags(
+        model_dir,
+        synthetic_data[0],
+        out,
+        per_device_train_batch_size="4",
+        learning_rate="0",
+        max_train_steps="1",
+        zero_stage="3",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "open_instruct/dpo_tune_cache.py",
+        *flags,
+    ]
     _run("zero3 embedding resize", [command], _env(tmp_path / "cache"))
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     rows = -(-vocab // 8) * 8
     assert saved.config.vocab_size == rows
-    for name, weight in (("model.embed_tokens.weight", saved.get_input_embeddings().weight),
-                         ("lm_head.weight", saved.get_output_embeddings().weight)):
+    for name, weight in (
+        ("model.embed_tokens.weight", saved.get_input_embeddings().weight),
+        ("lm_head.weight", saved.get_output_embeddings().weight),
+    ):
         old = initial[name]
         assert weight.shape == (rows, old.shape[1]), name
         torch.testing.assert_close(weight[: vocab - 1], old, rtol=0, atol=0)
-        torch.testing.assert_close(weight[vocab - 1:], old.mean(0).expand(rows - vocab + 1, -1), rtol=1e-6,
-                                   atol=1e-6)
+        torch.testing.assert_close(weight[vocab - 1 :], old.mean(0).expand(rows - vocab + 1, -1), rtol=1e-6, atol=1e-6)
 
 
 # --- the config logic, without processes -------------------------------------------------------------------------
@@ -208,8 +283,10 @@ def test_shipped_deepspeed_configs_equal_the_code(name: str):
 
 
 def test_flags_fill_auto_fields_from_the_recipe():
-    config = resolve_deepspeed_config(_args(zero_stage=3, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                                            max_grad_norm=1.0), env={"WORLD_SIZE": "16"})
+    config = resolve_deepspeed_config(
+        _args(zero_stage=3, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=1.0),
+        env={"WORLD_SIZE": "16"},
+    )
     assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
     assert config["train_batch_size"] == 2 * 4 * 16 and config["gradient_clipping"] == 1.0
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
@@ -222,15 +299,19 @@ def test_no_deepspeed_without_flags_or_launcher():
 
 
 def test_launcher_environment_is_honoured(tmp_path):
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-           "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
+    env = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
+    }
     config = resolve_deepspeed_config(_args(), env=env)
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(build_deepspeed_config(2)))
-    config = resolve_deepspeed_config(_args(), env={"ACCELERATE_USE_DEEPSPEED": "true",
-                                                    "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)})
+    config = resolve_deepspeed_config(
+        _args(), env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}
+    )
     assert config["zero_optimization"]["stage"] == 2
 
 
@@ -243,17 +324,31 @@ def test_flags_apply_on_top_of_a_config_file(tmp_path):
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-@pytest.mark.parametrize(("content", "kwargs", "message"), [
-    ({"train_micro_batch_size_per_gpu": 4}, {}, "train_micro_batch_size_per_gpu is 4 but --per_device_train_batch"),
-    ({"gradient_accumulation_steps": 8}, {}, "gradient_accumulation_steps is 8 but --gradient_accumulation_steps"),
-    ({"train_batch_size": 64}, {}, "train_batch_size is 64 but per-device batch x accumulation x 4 processes"),
-    ({"gradient_clipping": 1.0}, {}, "gradient_clipping is 1.0 but --max_grad_norm asks for 0.0"),
-    ({"optimizer": {"type": "AdamW"}}, {}, "remove the 'optimizer' section"),
-    ({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}, {},
-     "only this rank's shard"),
-    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, {}, "offload_param needs ZeRO stage 3"),
-    ({"bf16": {"enabled": True}}, {}, "a DeepSpeed config needs a 'zero_optimization' section"),
-])
+@pytest.mark.parametrize(
+    ("content", "kwargs", "message"),
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 4},
+            {},
+            "train_micro_batch_size_per_gpu is 4 but --per_device_train_batch",
+        ),
+        ({"gradient_accumulation_steps": 8}, {}, "gradient_accumulation_steps is 8 but --gradient_accumulation_steps"),
+        ({"train_batch_size": 64}, {}, "train_batch_size is 64 but per-device batch x accumulation x 4 processes"),
+        ({"gradient_clipping": 1.0}, {}, "gradient_clipping is 1.0 but --max_grad_norm asks for 0.0"),
+        ({"optimizer": {"type": "AdamW"}}, {}, "remove the 'optimizer' section"),
+        (
+            {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}},
+            {},
+            "only this rank's shard",
+        ),
+        (
+            {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+            {},
+            "offload_param needs ZeRO stage 3",
+        ),
+        ({"bf16": {"enabled": True}}, {}, "a DeepSpeed config needs a 'zero_optimization' section"),
+    ],
+)
 def test_config_file_that_disagrees_with_the_flags_is_an_error(tmp_path, content, kwargs, message):
     config = {"zero_optimization": {"stage": 2}, **content}
     if "zero_optimization" not in content and "bf16" in content:
@@ -264,12 +359,15 @@ def test_config_file_that_disagrees_with_the_flags_is_an_error(tmp_path, content
         resolve_deepspeed_config(_args(deepspeed_config=str(path), **kwargs), env={"WORLD_SIZE": "4"})
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"offload_param": True, "zero_stage": 2}, "--offload_param needs ZeRO stage 3"),
-    ({"offload_optimizer": True, "zero_stage": 0}, "--offload_optimizer needs ZeRO stage 1, 2 or 3"),
-    ({"offload_optimizer": True}, "need --zero_stage or --deepspeed_config"),
-    ({"deepspeed_config": "/nonexistent/ds.json"}, "DeepSpeed config not found: /nonexistent/ds.json"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"offload_param": True, "zero_stage": 2}, "--offload_param needs ZeRO stage 3"),
+        ({"offload_optimizer": True, "zero_stage": 0}, "--offload_optimizer needs ZeRO stage 1, 2 or 3"),
+        ({"offload_optimizer": True}, "need --zero_stage or --deepspeed_config"),
+        ({"deepspeed_config": "/nonexistent/ds.json"}, "DeepSpeed config not found: /nonexistent/ds.json"),
+    ],
+)
 def test_bad_deepspeed_flags_are_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
         resolve_deepspeed_config(_args(**kwargs), env={})
@@ -284,14 +382,32 @@ def test_offload_config():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("OPEN_INSTRUCT_TEST_OFFLOAD"), reason="set OPEN_INSTRUCT_TEST_OFFLOAD=1: "
-                    "compiles DeepSpeed's CPU Adam on first use (minutes on 2 cores)")
+@pytest.mark.skipif(
+    not os.environ.get("OPEN_INSTRUCT_TEST_OFFLOAD"),
+    reason="set OPEN_INSTRUCT_TEST_OFFLOAD=1: compiles DeepSpeed's CPU Adam on first use (minutes on 2 cores)",
+)
 def test_zero3_offload_matches(tiny_model_dir, synthetic_data, baseline, tmp_path):
     """ZeRO-3 with optimizer and parameters offloaded to CPU (DeepSpeedCPUAdam), same numbers as the baseline."""
-    flags = _flags(tiny_model_dir, synthetic_data[0], tmp_path / "out", per_device_train_batch_size="4",
-                   zero_stage="3", offload_optimizer="true", offload_param="true")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "open_instruct/dpo_tune_cache.py", *flags]
+    flags = _flags(
+        tiny_model_dir,
+        synthetic_data[0],
+        tmp_path / "out",
+        per_device_train_batch_size="4",
+        zero_stage="3",
+        offload_optimizer="true",
+        offload_param="true",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "open_instruct/dpo_tune_cache.py",
+        *flags,
+    ]
     _run("zero3 offload torchrun", [command], _env(tmp_path / "cache"))
     _check_against_baseline(tmp_path, baseline)
 
@@ -310,5 +426,7 @@ def test_launcher_accumulation_or_clipping_that_disagrees_is_an_error():
         accelerator_options(_args(gradient_accumulation_steps=2), env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
     with pytest.raises(UserError, match="--gradient_clipping 1.0 disagrees"):
         accelerator_options(_args(), env={"ACCELERATE_GRADIENT_CLIPPING": "1.0"})
-    accelerator_options(_args(gradient_accumulation_steps=4, max_grad_norm=1.0),
-                        env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4", "ACCELERATE_GRADIENT_CLIPPING": "1.0"})
+    accelerator_options(
+        _args(gradient_accumulation_steps=4, max_grad_norm=1.0),
+        env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4", "ACCELERATE_GRADIENT_CLIPPING": "1.0"},
+    )

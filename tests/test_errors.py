@@ -28,8 +28,10 @@ def write_jsonl(path, rows):
     return path
 
 
-GOOD = {"chosen": [{"role": "user", "content": "count up from 1 to 3"}, {"role": "assistant", "content": "1 2 3"}],
-        "rejected": [{"role": "user", "content": "count up from 1 to 3"}, {"role": "assistant", "content": "1 0 -1"}]}
+GOOD = {
+    "chosen": [{"role": "user", "content": "count up from 1 to 3"}, {"role": "assistant", "content": "1 2 3"}],
+    "rejected": [{"role": "user", "content": "count up from 1 to 3"}, {"role": "assistant", "content": "1 0 -1"}],
+}
 
 
 def test_missing_model_path(tmp_path, synthetic_data, capsys):
@@ -53,7 +55,9 @@ def test_missing_fields_names_found_and_expected(tmp_path, tiny_model_dir, capsy
     data = write_jsonl(tmp_path / "fields.jsonl", [GOOD, GOOD, {"chosen": GOOD["chosen"], "rejection": "x"}])
     err = run_main(args(tiny_model_dir, data, tmp_path / "o", mixer_list=[str(data), "1.0"]), capsys)
     assert "row 2" in err and str(data) in err
-    assert "missing field(s) rejected" in err and "found chosen, rejection" in err and "expected chosen, rejected" in err
+    assert (
+        "missing field(s) rejected" in err and "found chosen, rejection" in err and "expected chosen, rejected" in err
+    )
 
 
 def test_unrecognised_columns_name_found_and_expected(tmp_path, tiny_model_dir, capsys):
@@ -62,11 +66,14 @@ def test_unrecognised_columns_name_found_and_expected(tmp_path, tiny_model_dir, 
     assert "row 0" in err and "['answer', 'question']" in err and "{chosen, rejected}" in err
 
 
-@pytest.mark.parametrize("override,message", [
-    ({"learning_rate": "-1e-5"}, "--learning_rate must be >= 0"),
-    ({"beta": "0"}, "--beta must be > 0"),
-    ({"per_device_train_batch_size": "0"}, "--per_device_train_batch_size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"learning_rate": "-1e-5"}, "--learning_rate must be >= 0"),
+        ({"beta": "0"}, "--beta must be > 0"),
+        ({"per_device_train_batch_size": "0"}, "--per_device_train_batch_size must be >= 1"),
+    ],
+)
 def test_out_of_range_config(tmp_path, tiny_model_dir, synthetic_data, capsys, override, message):
     err = run_main(args(tiny_model_dir, synthetic_data[0], tmp_path / "o", **override), capsys)
     assert message in err

@@ -21,8 +21,10 @@ def eval_run(tiny_model_dir, synthetic_data, tmp_path_factory):
     args = small_run_args(tiny_model_dir, train, tmp / "out", eval_mixer_list=[str(test), "1.0"], eval_steps="3")
     first = run_cli(args, tmp / "cache")
     assert first.returncode == 0, first.stderr[-3000:]
-    again = run_cli(small_run_args(tiny_model_dir, train, tmp / "out2", eval_mixer_list=[str(test), "1.0"],
-                                   eval_steps="3"), tmp / "cache")
+    again = run_cli(
+        small_run_args(tiny_model_dir, train, tmp / "out2", eval_mixer_list=[str(test), "1.0"], eval_steps="3"),
+        tmp / "cache",
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     return tmp, first, again
 
@@ -34,8 +36,9 @@ def test_eval_metrics_at_every_eval_step_and_the_end(eval_run):
     assert [r["training_step"] for r in evals] == [3, 6, 8]
     for r in evals:
         assert 0.0 <= r["eval/rewards/accuracy"] <= 1.0
-        assert math.isclose(r["eval/rewards/margin"], r["eval/rewards/chosen"] - r["eval/rewards/rejected"],
-                            rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(
+            r["eval/rewards/margin"], r["eval/rewards/chosen"] - r["eval/rewards/rejected"], rel_tol=1e-4, abs_tol=1e-6
+        )
     assert "eval step=3 loss=" in first.stdout
     # Training rows are unaffected in number: one per step.
     assert [r["training_step"] for r in rows if "train_loss" in r] == list(range(1, 9))
@@ -45,8 +48,13 @@ def _eval_records(model_dir, test_file):
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.modeling import load_tokenizer
 
-    args = DPOArguments(model_name_or_path=str(model_dir), mixer_list=[str(test_file), "1.0"], max_seq_length=64,
-                        seed=1, reference_logprobs_cache_path="unused")
+    args = DPOArguments(
+        model_name_or_path=str(model_dir),
+        mixer_list=[str(test_file), "1.0"],
+        max_seq_length=64,
+        seed=1,
+        reference_logprobs_cache_path="unused",
+    )
     return prepare_preference_data(args, load_tokenizer(args)).records
 
 
@@ -100,22 +108,28 @@ def test_hold_out_is_seeded_disjoint_and_renumbered():
         hold_out(records[:1], 0.5, seed=0)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"eval_steps": 5}, "--eval_steps needs an evaluation set"),
-    ({"eval_mixer_list": ["a.jsonl", "1.0"], "eval_fraction": 0.1}, "pass one of them"),
-    ({"eval_fraction": 1.0}, "--eval_fraction must be in"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"eval_steps": 5}, "--eval_steps needs an evaluation set"),
+        ({"eval_mixer_list": ["a.jsonl", "1.0"], "eval_fraction": 0.1}, "pass one of them"),
+        ({"eval_fraction": 1.0}, "--eval_fraction must be in"),
+    ],
+)
 def test_bad_eval_settings_are_clear_errors(values, message):
-    args = DPOArguments(model_name_or_path="m", mixer_list=["d.jsonl", "1.0"], reference_logprobs_cache_path="x",
-                        **values)
+    args = DPOArguments(
+        model_name_or_path="m", mixer_list=["d.jsonl", "1.0"], reference_logprobs_cache_path="x", **values
+    )
     with pytest.raises(UserError, match=message):
         validate(args)
 
 
 def test_eval_fraction_through_the_cli(tiny_model_dir, synthetic_data, tmp_path):
     out = tmp_path / "out"
-    result = run_cli(small_run_args(tiny_model_dir, synthetic_data[0], out, eval_fraction="0.25",
-                                    max_train_steps="2"), tmp_path / "cache")
+    result = run_cli(
+        small_run_args(tiny_model_dir, synthetic_data[0], out, eval_fraction="0.25", max_train_steps="2"),
+        tmp_path / "cache",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # A quarter of the 256 valid rows is held out before the 64 training pairs are drawn from the rest.
     assert "evaluation: 64 pairs, 64 for training" in result.stdout

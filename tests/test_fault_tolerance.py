@@ -23,8 +23,13 @@ pytestmark = pytest.mark.slow
 # 64 pairs, 8 per micro-batch, 2 micro-batches per step, 2 epochs: 4 steps per epoch, 8 in all. Checkpoints at steps
 # 2 and 6 (mid-epoch: the resume skips into an epoch, then crosses a boundary) and 4 (an epoch's end). The model has
 # attention dropout, so equal losses also show that the random streams continue exactly.
-RUN = {"gradient_accumulation_steps": "2", "num_epochs": "2", "checkpointing_steps": "2",
-       "keep_last_n_checkpoints": "-1", "loss_type": "dpo"}
+RUN = {
+    "gradient_accumulation_steps": "2",
+    "num_epochs": "2",
+    "checkpointing_steps": "2",
+    "keep_last_n_checkpoints": "-1",
+    "loss_type": "dpo",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,14 @@ def _args(model_dir: Path, synthetic_data, out: Path, **extra) -> list[str]:
 
 def _popen(args: list[str], cache: Path, **env_extra) -> subprocess.Popen:
     env = {**cli_env(cache), "PYTHONUNBUFFERED": "1", **env_extra}
-    return subprocess.Popen([sys.executable, "-m", "open_instruct.dpo_tune_cache", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "open_instruct.dpo_tune_cache", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
@@ -61,8 +72,14 @@ def _kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
 
 
 def _run(args: list[str], cache: Path, **env_extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "open_instruct.dpo_tune_cache", *args],
-                          env={**cli_env(cache), **env_extra}, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "open_instruct.dpo_tune_cache", *args],
+        env={**cli_env(cache), **env_extra},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _losses(out: Path) -> dict[int, tuple[float, float]]:
@@ -95,8 +112,9 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
-def test_kill_after_checkpoint_then_rerun_matches_uninterrupted(dropout_model_dir, synthetic_data, uninterrupted,
-                                                               tmp_path):
+def test_kill_after_checkpoint_then_rerun_matches_uninterrupted(
+    dropout_model_dir, synthetic_data, uninterrupted, tmp_path
+):
     reference_out, cache = uninterrupted
     out = tmp_path / "run"
     args = _args(dropout_model_dir, synthetic_data, out)
@@ -109,8 +127,9 @@ def test_kill_after_checkpoint_then_rerun_matches_uninterrupted(dropout_model_di
     _assert_same_run(out, reference_out)
 
 
-def test_kill_during_checkpoint_write_resumes_from_the_one_before(dropout_model_dir, synthetic_data, uninterrupted,
-                                                                 tmp_path):
+def test_kill_during_checkpoint_write_resumes_from_the_one_before(
+    dropout_model_dir, synthetic_data, uninterrupted, tmp_path
+):
     reference_out, cache = uninterrupted
     out = tmp_path / "run"
     args = _args(dropout_model_dir, synthetic_data, out)
@@ -129,18 +148,31 @@ def test_kill_during_checkpoint_write_resumes_from_the_one_before(dropout_model_
 
 def test_resume_with_changed_batch_settings_is_refused(dropout_model_dir, synthetic_data, uninterrupted, tmp_path):
     reference_out, cache = uninterrupted
-    args = _args(dropout_model_dir, synthetic_data, tmp_path / "x", per_device_train_batch_size="4",
-                 resume_from_checkpoint=str(reference_out / "step_2"))
+    args = _args(
+        dropout_model_dir,
+        synthetic_data,
+        tmp_path / "x",
+        per_device_train_batch_size="4",
+        resume_from_checkpoint=str(reference_out / "step_2"),
+    )
     result = run_cli(args, cache)
     assert result.returncode == 2
-    assert "cannot resume exactly" in result.stderr and "per_device_train_batch_size: checkpoint 8 vs now 4" in \
-        result.stderr
+    assert (
+        "cannot resume exactly" in result.stderr
+        and "per_device_train_batch_size: checkpoint 8 vs now 4" in result.stderr
+    )
 
 
 def test_kill_during_reference_pass_leaves_no_cache(tiny_model_dir, synthetic_data, tmp_path):
     cache = tmp_path / "cache"
-    args = small_run_args(tiny_model_dir, synthetic_data[0], tmp_path / "run", mixer_list=[str(synthetic_data[0]),
-                          "256"], reference_batch_size="1", max_train_steps="1")
+    args = small_run_args(
+        tiny_model_dir,
+        synthetic_data[0],
+        tmp_path / "run",
+        mixer_list=[str(synthetic_data[0]), "256"],
+        reference_batch_size="1",
+        max_train_steps="1",
+    )
     proc = _popen(args, cache)
     for line in proc.stdout:  # the pass (256 single-pair forwards) takes far longer than reacting to this line
         if line.startswith("reference log-probs: computing"):
@@ -193,14 +225,38 @@ def test_two_process_zero2_resume_matches_uninterrupted(tiny_model_dir, syntheti
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        flags = small_run_args(tiny_model_dir, synthetic_data[0], out, mixer_list=[str(synthetic_data[0]), "40"],
-                               per_device_train_batch_size="4", gradient_accumulation_steps="2", num_epochs="2",
-                               checkpointing_steps="2", keep_last_n_checkpoints="-1", zero_stage="2",
-                               reference_batch_size="8")
+        flags = small_run_args(
+            tiny_model_dir,
+            synthetic_data[0],
+            out,
+            mixer_list=[str(synthetic_data[0]), "40"],
+            per_device_train_batch_size="4",
+            gradient_accumulation_steps="2",
+            num_epochs="2",
+            checkpointing_steps="2",
+            keep_last_n_checkpoints="-1",
+            zero_stage="2",
+            reference_batch_size="8",
+        )
         env = {**cli_env(tmp_path / "cache"), "DS_ACCELERATOR": "cpu", "ACCELERATE_LOG_LEVEL": "error"}
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                 "--master_port", str(port), "open_instruct/dpo_tune_cache.py", *flags], env=env,
-                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(port),
+                "open_instruct/dpo_tune_cache.py",
+                *flags,
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result
 

@@ -19,9 +19,13 @@ from open_instruct.data.synthetic import build_tokenizer
 
 def test_labels_cover_every_assistant_turn_and_nothing_else():
     tokenizer = build_tokenizer()
-    messages = [{"role": "system", "content": "please"}, {"role": "user", "content": "repeat cat dog"},
-                {"role": "assistant", "content": "cat dog"}, {"role": "user", "content": "count up from 1 to 3"},
-                {"role": "assistant", "content": "1 2 3"}]
+    messages = [
+        {"role": "system", "content": "please"},
+        {"role": "user", "content": "repeat cat dog"},
+        {"role": "assistant", "content": "cat dog"},
+        {"role": "user", "content": "count up from 1 to 3"},
+        {"role": "assistant", "content": "1 2 3"},
+    ]
     ids, labels = tokenize_conversation(tokenizer, messages)
     assert len(ids) == len(labels)
     labelled = [tokenizer.convert_ids_to_tokens(t) for t, lab in zip(ids, labels) if lab != -100]
@@ -60,10 +64,20 @@ def sft_run(tiny_model_dir, synthetic_data, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("sft") / "out"
     train, test = synthetic_data
-    path = run_sft(tiny_model_dir, TrainingConfig(output_dir=str(out), batch_size=16, micro_batch_size=16,
-                                                  learning_rate=3e-3, max_steps=30, warmup_steps=3, log_every=5,
-                                                  eval_every=10),
-                   SFTDatasetConfig(str(train), eval_dataset_name=str(test), max_seq_length=64))
+    path = run_sft(
+        tiny_model_dir,
+        TrainingConfig(
+            output_dir=str(out),
+            batch_size=16,
+            micro_batch_size=16,
+            learning_rate=3e-3,
+            max_steps=30,
+            warmup_steps=3,
+            log_every=5,
+            eval_every=10,
+        ),
+        SFTDatasetConfig(str(train), eval_dataset_name=str(test), max_seq_length=64),
+    )
     return path
 
 
@@ -79,10 +93,19 @@ def test_sft_lowers_held_out_nll(sft_run, tiny_model_dir, synthetic_data):
 
 
 def test_sft_checkpoint_feeds_run_dpo(sft_run, synthetic_data, tmp_path):
-    path = run_dpo(sft_run, TrainingConfig(output_dir=str(tmp_path / "dpo"), batch_size=8, micro_batch_size=8,
-                                           learning_rate=1e-3, max_steps=2, log_every=1),
-                   DPOConfig(beta=1.0, max_length=32, max_prompt_length=32, reference_cache_dir=str(tmp_path / "c")),
-                   PreferenceDatasetConfig(str(synthetic_data[0]), amount=32))
+    path = run_dpo(
+        sft_run,
+        TrainingConfig(
+            output_dir=str(tmp_path / "dpo"),
+            batch_size=8,
+            micro_batch_size=8,
+            learning_rate=1e-3,
+            max_steps=2,
+            log_every=1,
+        ),
+        DPOConfig(beta=1.0, max_length=32, max_prompt_length=32, reference_cache_dir=str(tmp_path / "c")),
+        PreferenceDatasetConfig(str(synthetic_data[0]), amount=32),
+    )
     rows = read_metrics(path)
     assert [r["training_step"] for r in rows] == [1, 2]
     assert rows[0]["train_loss"] == pytest.approx(0.693147, abs=1e-4)  # policy == reference at step 1
@@ -90,14 +113,32 @@ def test_sft_checkpoint_feeds_run_dpo(sft_run, synthetic_data, tmp_path):
 
 
 def _finetune_cli(args, tmp_path):
-    return subprocess.run([sys.executable, "-m", "open_instruct.finetune", *args], cwd=ROOT,
-                          env=cli_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "open_instruct.finetune", *args],
+        cwd=ROOT,
+        env=cli_env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_finetune_cli_trains_and_rejects_dpo_flags(tiny_model_dir, synthetic_data, tmp_path):
-    base = ["--model_name_or_path", str(tiny_model_dir), "--mixer_list", str(synthetic_data[0]), "32",
-            "--max_seq_length", "64", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
-            "--output_dir", str(tmp_path / "out")]
+    base = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--mixer_list",
+        str(synthetic_data[0]),
+        "32",
+        "--max_seq_length",
+        "64",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     bad = _finetune_cli(base + ["--beta", "0.2"], tmp_path)
     assert bad.returncode == 2 and "--beta: preference-loss flag(s), not used by supervised fine-tuning" in bad.stderr
     ok = _finetune_cli(base + ["--eval_fraction", "0.25", "--logging_steps", "1"], tmp_path)
@@ -110,7 +151,11 @@ def test_finetune_cli_trains_and_rejects_dpo_flags(tiny_model_dir, synthetic_dat
 
 def test_sft_bad_rows_name_file_and_row(tiny_model_dir, tmp_path):
     data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
-                    + "\n" + json.dumps({"messages": "oops"}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+        + "\n"
+        + json.dumps({"messages": "oops"})
+        + "\n"
+    )
     with pytest.raises(UserError, match=r"chat.jsonl: row 1: .*field 'messages' must be a non-empty list"):
         run_sft(tiny_model_dir, TrainingConfig(output_dir=str(tmp_path / "o")), SFTDatasetConfig(str(data)))

@@ -32,11 +32,11 @@ def read_wandb_records(path: Path) -> list:
         if block - pos % block < 7:  # too little room left for a chunk header: the block is padded
             pos += block - pos % block
             continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
         if length == 0 and kind == 0:
             pos += block - pos % block
             continue
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -50,16 +50,39 @@ def tracked_run(tiny_model_dir, synthetic_data, tmp_path_factory):
     """One short run with --with_tracking (wandb offline) and --push_to_hub to a loopback Hub."""
     tmp = tmp_path_factory.mktemp("tracked")
     out = tmp / "run"
-    args = small_run_args(tiny_model_dir, synthetic_data[0], out, max_train_steps="3", exp_name="tiny-dpo",
-                          push_to_hub=True, hf_entity="test-org", hf_repo_revision="dpo-branch",
-                          with_tracking=True, wandb_project="proj", checkpointing_steps="2")
+    args = small_run_args(
+        tiny_model_dir,
+        synthetic_data[0],
+        out,
+        max_train_steps="3",
+        exp_name="tiny-dpo",
+        push_to_hub=True,
+        hf_entity="test-org",
+        hf_repo_revision="dpo-branch",
+        with_tracking=True,
+        wandb_project="proj",
+        checkpointing_steps="2",
+    )
     with FakeHub() as hub:
         env = cli_env(tmp / "cache")
         env.pop("HF_HUB_OFFLINE", None)
-        env.update({"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN, "WANDB_MODE": "offline",
-                    "WANDB_DIR": str(tmp / "wandb_dir"), "WANDB_SILENT": "true"})
-        result = subprocess.run([sys.executable, "-m", "open_instruct.dpo_tune_cache", *args], env=env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=600)
+        env.update(
+            {
+                "HF_ENDPOINT": hub.endpoint,
+                "HF_TOKEN": TOKEN,
+                "WANDB_MODE": "offline",
+                "WANDB_DIR": str(tmp / "wandb_dir"),
+                "WANDB_SILENT": "true",
+            }
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "open_instruct.dpo_tune_cache", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert result.returncode == 0, result.stderr
     return out, hub, result, tmp / "wandb_dir"
 
@@ -115,8 +138,14 @@ def test_wandb_offline_run_holds_config_and_every_metric(tracked_run):
 def test_plot_command_writes_a_png(tracked_run, tmp_path):
     out, *_ = tracked_run
     target = tmp_path / "curves.png"
-    result = subprocess.run([sys.executable, "-m", "open_instruct.plot", str(out), "--out", str(target)],
-                            env=cli_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "open_instruct.plot", str(out), "--out", str(target)],
+        env=cli_env(tmp_path),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     data = target.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -124,12 +153,15 @@ def test_plot_command_writes_a_png(tracked_run, tmp_path):
     assert (width, height) == (1500, 800)
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    ({"hf_entity": "org"}, "org/dpo"),
-    ({"hf_entity": "org", "hf_repo_id": "name"}, "org/name"),
-    ({"hf_entity": "org", "hf_repo_id": "other/name"}, "other/name"),
-    ({}, "fake-user/dpo"),  # the token's user, looked up on the Hub
-])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"hf_entity": "org"}, "org/dpo"),
+        ({"hf_entity": "org", "hf_repo_id": "name"}, "org/name"),
+        ({"hf_entity": "org", "hf_repo_id": "other/name"}, "other/name"),
+        ({}, "fake-user/dpo"),  # the token's user, looked up on the Hub
+    ],
+)
 def test_repo_id_resolution(flags, expected, monkeypatch):
     from huggingface_hub import constants
 

@@ -37,7 +37,7 @@ def recipe_tokens(script: Path) -> list[str]:
     for i, token in enumerate(tokens):
         if token == ENTRY or token == "launch_dpo":
             flags = []
-            for t in tokens[i + 1:]:
+            for t in tokens[i + 1 :]:
                 if t.startswith("$@"):
                     break
                 flags.append(t)
@@ -50,12 +50,13 @@ def dry_run(script: str, **env: str) -> tuple[list[str], list[str]]:
     launcher_vars = ("NUM_NODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "OUTPUT_DIR", "MODEL")
     full_env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     full_env.update({"DRY_RUN": "1", **env})
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "train" / script)], env=full_env, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "train" / script)], env=full_env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     command = shlex.split(out.stdout)
     split = command.index(ENTRY)
-    return command[:split], command[split + 1:]
+    return command[:split], command[split + 1 :]
 
 
 def test_scripts_found():
@@ -81,8 +82,10 @@ def test_every_flag_name_in_every_script_is_ours(script: Path):
 
 def test_cpu_demo_script_parses_fully():
     """dpo_cpu.sh builds data before its dry run, so its flags are read from the file (all values are literal)."""
-    tokens = [t.replace("$DEMO_DIR", ".demo").replace("$OUTPUT_DIR", ".demo/output")
-              for t in recipe_tokens(ROOT / "scripts" / "train" / "debug" / "dpo_cpu.sh")]
+    tokens = [
+        t.replace("$DEMO_DIR", ".demo").replace("$OUTPUT_DIR", ".demo/output")
+        for t in recipe_tokens(ROOT / "scripts" / "train" / "debug" / "dpo_cpu.sh")
+    ]
     args = parse_args(tokens)
     validate(args)
     assert args == parse_args([str(ROOT / "configs" / "train_configs" / "debug" / "dpo_cpu.yaml")])
@@ -108,8 +111,9 @@ def test_dry_run_command_parses_and_matches_yaml(script: str):
 @pytest.mark.parametrize("nodes", ["1", "2", "4", "16"])
 @pytest.mark.parametrize("script", ["tulu3/dpo_8b.sh", "tulu3/dpo_70b.sh", "olmo2/dpo_7b.sh", "olmo2/dpo_13b.sh"])
 def test_global_batch_is_128_on_any_node_count(script: str, nodes: str):
-    launcher, flags = dry_run(script, NUM_NODES=nodes, NODE_RANK=str(int(nodes) - 1), MASTER_ADDR="10.0.0.1",
-                              GPUS_PER_NODE="8")
+    launcher, flags = dry_run(
+        script, NUM_NODES=nodes, NODE_RANK=str(int(nodes) - 1), MASTER_ADDR="10.0.0.1", GPUS_PER_NODE="8"
+    )
     launch = dict(zip(launcher[2::2], launcher[3::2], strict=False))
     args = parse_args(flags)
     processes = int(launch["--num_processes"])
@@ -125,9 +129,10 @@ def test_indivisible_global_batch_is_an_error():
 
 def test_extra_flags_override_the_recipe():
     script = ROOT / "scripts" / "train" / "debug" / "dpo.sh"
-    out = subprocess.run(["bash", str(script), "--seed", "7"], capture_output=True, text=True,
-                         env={**os.environ, "DRY_RUN": "1"})
-    flags = shlex.split(out.stdout)[shlex.split(out.stdout).index(ENTRY) + 1:]
+    out = subprocess.run(
+        ["bash", str(script), "--seed", "7"], capture_output=True, text=True, env={**os.environ, "DRY_RUN": "1"}
+    )
+    flags = shlex.split(out.stdout)[shlex.split(out.stdout).index(ENTRY) + 1 :]
     assert parse_args(flags).seed == 7
 
 

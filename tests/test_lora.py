@@ -17,8 +17,15 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _args(model_dir, **overrides) -> DPOArguments:
-    values = {"model_name_or_path": str(model_dir), "mixer_list": ["unused", "1"], "use_lora": True, "lora_rank": 4,
-              "lora_alpha": 8, "lora_dropout": 0.0, "reference_logprobs_cache_path": "unused"}
+    values = {
+        "model_name_or_path": str(model_dir),
+        "mixer_list": ["unused", "1"],
+        "use_lora": True,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "reference_logprobs_cache_path": "unused",
+    }
     values.update(overrides)
     return DPOArguments(**values)
 
@@ -124,8 +131,9 @@ def test_saved_adapter_equals_trained_and_merged_loads(tiny_model_dir, tmp_path)
     merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     batch = _batch(tokenizer)
     with torch.no_grad():
-        torch.testing.assert_close(full_logprobs(merged_model, **batch).sums, full_logprobs(loaded, **batch).sums,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            full_logprobs(merged_model, **batch).sums, full_logprobs(loaded, **batch).sums, rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.slow
@@ -136,8 +144,16 @@ def test_lora_cli_run_saves_adapter_and_merged_model(tiny_model_dir, synthetic_d
 
     train, _ = synthetic_data
     out = tmp_path / "out"
-    args = small_run_args(tiny_model_dir, train, out, mixer_list=[str(train), "32"], use_lora="true",
-                          lora_rank="4", merge_lora="true", learning_rate="1e-2")
+    args = small_run_args(
+        tiny_model_dir,
+        train,
+        out,
+        mixer_list=[str(train), "32"],
+        use_lora="true",
+        lora_rank="4",
+        merge_lora="true",
+        learning_rate="1e-2",
+    )
     result = run_cli(args, tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LoRA on 14 modules" in result.stdout
@@ -166,8 +182,15 @@ def test_merged_save_keeps_tied_embeddings(tmp_path):
     from open_instruct.lora import LoraSettings, apply_lora, save_lora_model
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = apply_lora(LlamaForCausalLM(config), LoraSettings(rank=4, dropout=0.0))
     _randomize_adapters(model)
@@ -176,5 +199,6 @@ def test_merged_save_keeps_tied_embeddings(tmp_path):
     assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.model.embed_tokens.weight
     batch = _batch(tokenizer)
     with torch.no_grad():
-        torch.testing.assert_close(full_logprobs(merged, **batch).sums, full_logprobs(model.eval(), **batch).sums,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            full_logprobs(merged, **batch).sums, full_logprobs(model.eval(), **batch).sums, rtol=1e-4, atol=1e-4
+        )

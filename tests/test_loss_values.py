@@ -27,8 +27,12 @@ def test_dpo_by_hand():
 
 def test_dpo_norm_uses_per_token_averages():
     # Policy: chosen -10 over 5 tokens (-2.0/token), rejected -12 over 4 (-3.0/token).
-    lp = SequenceLogprobs(sums=torch.tensor([-10.0, -12.0]), counts=torch.tensor([5, 4]),
-                          token_logps=torch.zeros(0), token_seq=torch.zeros(0, dtype=torch.long))
+    lp = SequenceLogprobs(
+        sums=torch.tensor([-10.0, -12.0]),
+        counts=torch.tensor([5, 4]),
+        token_logps=torch.zeros(0),
+        token_seq=torch.zeros(0, dtype=torch.long),
+    )
     chosen, rejected = policy_logps(lp, length_normalized=True)
     assert (chosen.item(), rejected.item()) == (-2.0, -3.0)
     fn, normalized = get_loss("dpo_norm")

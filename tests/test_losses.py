@@ -12,8 +12,11 @@ import torch
 from open_instruct.config import DPOArguments, UserError, validate
 from open_instruct.losses import LOSSES, LossSettings, PreferenceLogps, get_loss, wpo_weights
 
-SETTINGS = [LossSettings(beta=0.1), LossSettings(beta=2.0, label_smoothing=0.2, gamma_beta_ratio=0.5),
-            LossSettings(beta=0.5, label_smoothing=0.45, gamma_beta_ratio=0.0)]
+SETTINGS = [
+    LossSettings(beta=0.1),
+    LossSettings(beta=2.0, label_smoothing=0.2, gamma_beta_ratio=0.5),
+    LossSettings(beta=0.5, label_smoothing=0.45, gamma_beta_ratio=0.0),
+]
 
 
 def random_logps(batch: int, seed: int, dtype=torch.float64) -> dict[str, torch.Tensor]:
@@ -23,8 +26,14 @@ def random_logps(batch: int, seed: int, dtype=torch.float64) -> dict[str, torch.
     def u(lo, hi):
         return (lo + (hi - lo) * torch.rand(batch, generator=g, dtype=dtype)).requires_grad_()
 
-    return {"pc": u(-60, -1), "pr": u(-60, -1), "rc": u(-60, -1), "rr": u(-60, -1), "mc": u(-3, -0.05),
-            "mr": u(-3, -0.05)}
+    return {
+        "pc": u(-60, -1),
+        "pr": u(-60, -1),
+        "rc": u(-60, -1),
+        "rr": u(-60, -1),
+        "mc": u(-3, -0.05),
+        "mr": u(-3, -0.05),
+    }
 
 
 def as_logps(v: dict[str, torch.Tensor]) -> PreferenceLogps:
@@ -32,6 +41,7 @@ def as_logps(v: dict[str, torch.Tensor]) -> PreferenceLogps:
 
 
 # ---- independent implementations: per pair, from the papers' formulas, with log(1 + exp) instead of logsigmoid ----
+
 
 def _neg_log_sigmoid(h):
     return torch.log1p(torch.exp(-h)) if h >= 0 else -h + torch.log1p(torch.exp(h))
@@ -81,8 +91,13 @@ def test_loss_matches_independent_implementation(name, settings):
         v = random_logps(batch, seed)
         if name == "hinge":  # straddle the kink so both branches are exercised
             with torch.no_grad():
-                v["pc"].copy_(v["rc"] + v["pr"] - v["rr"] + torch.linspace(-3, 3, batch, dtype=torch.float64)
-                              / settings.beta + 0.0123)
+                v["pc"].copy_(
+                    v["rc"]
+                    + v["pr"]
+                    - v["rr"]
+                    + torch.linspace(-3, 3, batch, dtype=torch.float64) / settings.beta
+                    + 0.0123
+                )
         ours = fn(as_logps(v), settings).losses
         theirs = independent(name, v, settings)
         assert ours.shape == (batch,) and ours.dtype == torch.float64
@@ -123,8 +138,9 @@ def test_simpo_ignores_the_reference():
     v = random_logps(6, 4)
     w = dict(v, rc=torch.zeros(6, dtype=torch.float64), rr=torch.full((6,), -5.0, dtype=torch.float64))
     s = LossSettings(beta=2.0, gamma_beta_ratio=0.5)
-    torch.testing.assert_close(get_loss("simpo")[0](as_logps(v), s).losses,
-                               get_loss("simpo")[0](as_logps(w), s).losses)
+    torch.testing.assert_close(
+        get_loss("simpo")[0](as_logps(v), s).losses, get_loss("simpo")[0](as_logps(w), s).losses
+    )
 
 
 def test_nll_term_is_reported_and_absent_by_default():
@@ -135,6 +151,7 @@ def test_nll_term_is_reported_and_absent_by_default():
 
 
 # ---- WPO: per-pair weights for any batch size (open-instruct's version broke on the batch dimension) ----
+
 
 def _buggy_open_instruct_weights(v, chosen_mask, rejected_mask):
     """open-instruct's wpo weights: per-sequence sums [B] multiplied by a [B, L] token mask."""
@@ -175,8 +192,8 @@ def test_wpo_weights_per_pair_for_any_batch_size(batch):
     s = LossSettings(beta=0.3)
     full = get_loss("wpo")[0](as_logps(v), s).losses
     for i in range(batch):
-        single = {k: t[i:i + 1] for k, t in v.items()}
-        torch.testing.assert_close(get_loss("wpo")[0](as_logps(single), s).losses, full[i:i + 1])
+        single = {k: t[i : i + 1] for k, t in v.items()}
+        torch.testing.assert_close(get_loss("wpo")[0](as_logps(single), s).losses, full[i : i + 1])
 
 
 def test_wpo_weight_has_no_gradient_path():
@@ -197,8 +214,17 @@ def test_validation_rejects_meaningless_combinations():
         validate(DPOArguments(**base, loss_type="ipo", label_smoothing=0.1))
     with pytest.raises(UserError, match="gamma_beta_ratio is the SimPO margin"):
         validate(DPOArguments(**base, loss_type="dpo", gamma_beta_ratio=0.5))
-    validate(DPOArguments(**base, loss_type="simpo", gamma_beta_ratio=0.5, nll_loss_weight=1.0, reference_free=True,
-                          separate_forward=True, use_liger_kernel=True))
+    validate(
+        DPOArguments(
+            **base,
+            loss_type="simpo",
+            gamma_beta_ratio=0.5,
+            nll_loss_weight=1.0,
+            reference_free=True,
+            separate_forward=True,
+            use_liger_kernel=True,
+        )
+    )
 
 
 def test_reference_need_follows_the_loss():
@@ -211,8 +237,16 @@ def test_reference_need_follows_the_loss():
 
 # ---- TRL: the same log-probs through TRL's own loss code ----
 
-def _trl_dpo_loss(loss_type: str, beta: float, label_smoothing: float, token_logps: torch.Tensor,
-                  completion_mask: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> torch.Tensor:
+
+def _trl_dpo_loss(
+    loss_type: str,
+    beta: float,
+    label_smoothing: float,
+    token_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> torch.Tensor:
     """Mean loss from TRL's ``DPOTrainer._compute_loss`` with a stand-in model returning ``token_logps`` ``[2B, L-1]``.
 
     TRL (>= 1.0) computes the loss inline in ``_compute_loss``; the trainer object is a namespace holding only the
@@ -225,25 +259,43 @@ def _trl_dpo_loss(loss_type: str, beta: float, label_smoothing: float, token_log
 
     def model(**kwargs):
         assert kwargs["fused_lm_head"]
-        return SimpleNamespace(log_probs=token_logps, entropy=zeros, mean_logits=zeros,
-                               is_top1=torch.zeros_like(token_logps, dtype=torch.bool))
+        return SimpleNamespace(
+            log_probs=token_logps,
+            entropy=zeros,
+            mean_logits=zeros,
+            is_top1=torch.zeros_like(token_logps, dtype=torch.bool),
+        )
 
     accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
     trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
-        beta=beta, label_smoothing=label_smoothing, use_weighting=False, _total_train_tokens=0, _tp_size=1,
+        model=SimpleNamespace(training=True),
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        _total_train_tokens=0,
+        _tp_size=1,
         _metrics={"train": defaultdict(list)},
     )
-    inputs = {"input_ids": torch.zeros(n, completion_mask.shape[1], dtype=torch.long),
-              "attention_mask": torch.ones_like(completion_mask), "completion_mask": completion_mask,
-              "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    inputs = {
+        "input_ids": torch.zeros(n, completion_mask.shape[1], dtype=torch.long),
+        "attention_mask": torch.ones_like(completion_mask),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
     return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
 
 
 def _token_batch(batch: int, length: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    completion = (torch.arange(length + 1) >= torch.randint(1, length // 2, (2 * batch, 1), generator=g))
+    completion = torch.arange(length + 1) >= torch.randint(1, length // 2, (2 * batch, 1), generator=g)
     completion &= torch.arange(length + 1) < torch.randint(length // 2 + 2, length + 2, (2 * batch, 1), generator=g)
     completion = completion.long()
     completion[0, 1:] = 1  # one reply filling the row
@@ -252,16 +304,23 @@ def _token_batch(batch: int, length: int, seed: int):
     return token_logps.requires_grad_(), completion, ref[0], ref[1]
 
 
-@pytest.mark.parametrize("trl_name,ours,smoothing", [
-    ("sigmoid", "dpo", 0.0), ("sigmoid_norm", "dpo_norm", 0.0), ("ipo", "ipo", 0.0), ("hinge", "hinge", 0.0),
-    ("robust", "robust", 0.0), ("robust", "robust", 0.3),
-])
+@pytest.mark.parametrize(
+    "trl_name,ours,smoothing",
+    [
+        ("sigmoid", "dpo", 0.0),
+        ("sigmoid_norm", "dpo_norm", 0.0),
+        ("ipo", "ipo", 0.0),
+        ("hinge", "hinge", 0.0),
+        ("robust", "robust", 0.0),
+        ("robust", "robust", 0.3),
+    ],
+)
 def test_matches_trl_dpo_trainer(trl_name, ours, smoothing):
     pytest.importorskip("trl")
     token_logps, completion, ref_c_sum, ref_r_sum = _token_batch(batch=4, length=24, seed=len(trl_name))
     beta = 0.3
     trl_loss = _trl_dpo_loss(trl_name, beta, smoothing, token_logps, completion, ref_c_sum, ref_r_sum)
-    trl_grad, = torch.autograd.grad(trl_loss, token_logps)
+    (trl_grad,) = torch.autograd.grad(trl_loss, token_logps)
 
     fn, normalized = get_loss(ours)
     counts = completion[:, 1:].sum(-1).double()
@@ -270,13 +329,14 @@ def test_matches_trl_dpo_trainer(trl_name, ours, smoothing):
     half = values.shape[0] // 2
     logps = PreferenceLogps(values[:half], values[half:], ref_c_sum / ref_counts[:half], ref_r_sum / ref_counts[half:])
     our_loss = fn(logps, LossSettings(beta=beta, label_smoothing=smoothing)).losses.mean()
-    our_grad, = torch.autograd.grad(our_loss, token_logps)
+    (our_grad,) = torch.autograd.grad(our_loss, token_logps)
     torch.testing.assert_close(our_loss, trl_loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(our_grad, trl_grad, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("trl_name,ours,smoothing", [("simpo", "simpo", 0.0), ("simpo", "simpo", 0.2),
-                                                      ("sigmoid", "dpo", 0.25)])
+@pytest.mark.parametrize(
+    "trl_name,ours,smoothing", [("simpo", "simpo", 0.0), ("simpo", "simpo", 0.2), ("sigmoid", "dpo", 0.25)]
+)
 def test_matches_trl_cpo_loss(trl_name, ours, smoothing):
     """SimPO lives in TRL's CPO trainer (reference-free); its sigmoid is conservative DPO with a zero reference."""
     pytest.importorskip("trl")
@@ -284,28 +344,40 @@ def test_matches_trl_cpo_loss(trl_name, ours, smoothing):
 
     beta, ratio = 2.0, 0.4
     v = random_logps(6, 11)
-    trainer = SimpleNamespace(alpha=0.0, beta=beta, label_smoothing=smoothing, loss_type=trl_name,
-                              simpo_gamma=ratio * beta, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    trainer = SimpleNamespace(
+        alpha=0.0,
+        beta=beta,
+        label_smoothing=smoothing,
+        loss_type=trl_name,
+        simpo_gamma=ratio * beta,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )
     trl_losses, trl_chosen, trl_rejected = CPOTrainer.cpo_loss(trainer, v["mc"], v["mr"])
     zero = torch.zeros(6, dtype=torch.float64)
-    out = get_loss(ours)[0](PreferenceLogps(v["mc"], v["mr"], zero, zero),
-                            LossSettings(beta=beta, label_smoothing=smoothing, gamma_beta_ratio=ratio))
+    out = get_loss(ours)[0](
+        PreferenceLogps(v["mc"], v["mr"], zero, zero),
+        LossSettings(beta=beta, label_smoothing=smoothing, gamma_beta_ratio=ratio),
+    )
     torch.testing.assert_close(out.losses, trl_losses, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.chosen_rewards, trl_chosen)
     torch.testing.assert_close(out.rejected_rewards, trl_rejected)
-    for g_ours, g_trl in zip(torch.autograd.grad(out.losses.sum(), [v["mc"], v["mr"]]),
-                             torch.autograd.grad(trl_losses.sum(), [v["mc"], v["mr"]])):
+    for g_ours, g_trl in zip(
+        torch.autograd.grad(out.losses.sum(), [v["mc"], v["mr"]]),
+        torch.autograd.grad(trl_losses.sum(), [v["mc"], v["mr"]]),
+    ):
         torch.testing.assert_close(g_ours, g_trl, rtol=1e-10, atol=1e-12)
 
 
 # ---- the flags end to end: one short CLI run each ----
 
+
 def test_cli_wpo_with_nll_separate_forward_and_liger_fallback(tiny_model_dir, synthetic_data, tmp_path):
     from conftest import read_metrics, run_cli, small_run_args
 
     out = tmp_path / "out"
-    args = small_run_args(tiny_model_dir, synthetic_data[0], out, loss_type="wpo", beta="0.1", max_train_steps="2",
-                          nll_loss_weight="0.5")
+    args = small_run_args(
+        tiny_model_dir, synthetic_data[0], out, loss_type="wpo", beta="0.1", max_train_steps="2", nll_loss_weight="0.5"
+    )
     result = run_cli(args + ["--separate_forward", "--use_liger_kernel"], tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "falling back to the chunked log-probs" in result.stdout + result.stderr
@@ -317,8 +389,15 @@ def test_cli_simpo_skips_the_reference_pass(tiny_model_dir, synthetic_data, tmp_
     from conftest import read_metrics, run_cli, small_run_args
 
     out = tmp_path / "out"
-    args = small_run_args(tiny_model_dir, synthetic_data[0], out, loss_type="simpo", beta="2", max_train_steps="2",
-                          gamma_beta_ratio="0.5")
+    args = small_run_args(
+        tiny_model_dir,
+        synthetic_data[0],
+        out,
+        loss_type="simpo",
+        beta="2",
+        max_train_steps="2",
+        gamma_beta_ratio="0.5",
+    )
     result = run_cli(args, tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reference log-probs" not in result.stdout + result.stderr

@@ -23,7 +23,11 @@ NO_CUDA = not torch.cuda.is_available()
 
 
 def _args(model_dir, **overrides) -> DPOArguments:
-    values = {"model_name_or_path": str(model_dir), "mixer_list": ["unused", "1"], "reference_logprobs_cache_path": "x"}
+    values = {
+        "model_name_or_path": str(model_dir),
+        "mixer_list": ["unused", "1"],
+        "reference_logprobs_cache_path": "x",
+    }
     values.update(overrides)
     return DPOArguments(**values)
 
@@ -43,17 +47,33 @@ def no_pad_model_dir(tmp_path_factory):
 
     from open_instruct.data import synthetic
 
-    tokens = list(dict.fromkeys(t for t in synthetic.SPECIAL + synthetic.WORDS + synthetic.NUMBERS + synthetic.FILLER
-                                if t != "<pad>"))
+    tokens = list(
+        dict.fromkeys(
+            t for t in synthetic.SPECIAL + synthetic.WORDS + synthetic.NUMBERS + synthetic.FILLER if t != "<pad>"
+        )
+    )
     backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
     tokenizer.chat_template = synthetic.CHAT_TEMPLATE
     assert tokenizer.pad_token is None and len(tokenizer) % 8 != 7  # adding one token must force a round-up
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("nopad") / "model"
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
@@ -101,8 +121,14 @@ def test_trust_remote_code_gates_custom_model_code(tiny_model_dir, tmp_path):
         "class CustomLlamaForCausalLM(LlamaForCausalLM):\n    config_class = CustomLlamaConfig\n"
     )
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="custom_llama", architectures=["CustomLlamaForCausalLM"], auto_map={
-        "AutoConfig": "custom_llama.CustomLlamaConfig", "AutoModelForCausalLM": "custom_llama.CustomLlamaForCausalLM"})
+    config.update(
+        model_type="custom_llama",
+        architectures=["CustomLlamaForCausalLM"],
+        auto_map={
+            "AutoConfig": "custom_llama.CustomLlamaConfig",
+            "AutoModelForCausalLM": "custom_llama.CustomLlamaForCausalLM",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="could not load model .* contains custom code"):
         _load(folder)
@@ -113,8 +139,12 @@ def test_trust_remote_code_gates_custom_model_code(tiny_model_dir, tmp_path):
 def test_reference_identity_follows_revisions_and_quantization(tiny_model_dir):
     model, _ = _load(tiny_model_dir)
     base = reference_identity(_args(tiny_model_dir), model)
-    for change in ({"model_revision": "abc123"}, {"tokenizer_revision": "v2"}, {"use_qlora": True},
-                   {"additional_model_arguments": '{"rope_theta": 1000.0}'}):
+    for change in (
+        {"model_revision": "abc123"},
+        {"tokenizer_revision": "v2"},
+        {"use_qlora": True},
+        {"additional_model_arguments": '{"rope_theta": 1000.0}'},
+    ):
         assert reference_identity(_args(tiny_model_dir, **change), model) != base, change
     assert reference_identity(_args(tiny_model_dir), model) == base
 
@@ -122,16 +152,27 @@ def test_reference_identity_follows_revisions_and_quantization(tiny_model_dir):
 def test_model_flag_validation():
     def problems(**values):
         with pytest.raises(UserError) as err:
-            validate(DPOArguments(model_name_or_path="m", mixer_list=["d", "1"], reference_logprobs_cache_path="x",
-                                  **values))
+            validate(
+                DPOArguments(
+                    model_name_or_path="m", mixer_list=["d", "1"], reference_logprobs_cache_path="x", **values
+                )
+            )
         return str(err.value)
 
     assert "--merge_lora needs --use_lora" in problems(merge_lora=True)
     assert "--merge_lora with --use_qlora is not supported" in problems(use_qlora=True, merge_lora=True)
     assert "--lora_rank must be >= 1" in problems(use_lora=True, lora_rank=0)
     assert "--load_balancing_weight must be >= 0" in problems(load_balancing_loss=True, load_balancing_weight=-1)
-    validate(DPOArguments(model_name_or_path="m", mixer_list=["d", "1"], reference_logprobs_cache_path="x",
-                          use_lora=True, merge_lora=True, load_balancing_loss=True))
+    validate(
+        DPOArguments(
+            model_name_or_path="m",
+            mixer_list=["d", "1"],
+            reference_logprobs_cache_path="x",
+            use_lora=True,
+            merge_lora=True,
+            load_balancing_loss=True,
+        )
+    )
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="checks the error on a machine without CUDA")
@@ -141,7 +182,8 @@ def test_qlora_without_cuda_fails_before_any_work(tiny_model_dir, tmp_path):
     result = run_cli(args, tmp_path / "cache")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --use_qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); none found on this machine")
+        "error: --use_qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); none found on this machine"
+    )
     assert not out.exists() or not any(out.iterdir())  # not even the data was read (its file does not exist)
 
 

@@ -16,9 +16,19 @@ from open_instruct.trainer import LoopSettings, preference_step
 def _moe_model(kind: str, vocab_size: int, seed: int = 0):
     from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM
 
-    common = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts_per_tok": 2,
-              "max_position_embeddings": 256, "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        "pad_token_id": 0,
+    }
     torch.manual_seed(seed)
     if kind == "mixtral":
         return MixtralForCausalLM(MixtralConfig(num_local_experts=4, tie_word_embeddings=False, **common))
@@ -76,8 +86,9 @@ def test_router_logits_through_chunked_path_match_full_model_aux_loss(kind):
     with capture_router_logits(model) as router:
         lp = chunked_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size=4)
     assert len(router.calls) == 1 and len(router.calls[0][0]) == 2  # one decoder call, two layers
-    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     output_router_logits=True).aux_loss
+    expected = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True
+    ).aux_loss
     torch.testing.assert_close(router.aux_loss(), expected, rtol=1e-5, atol=1e-6)
     assert lp.sums.shape == (4,)
     # Hooks are gone afterwards: a plain decoder call no longer returns router logits.
@@ -95,8 +106,9 @@ def test_aux_loss_is_logged_and_changes_the_gradient():
 
     def gate_grads(weight):
         model.zero_grad()
-        settings = LoopSettings(1, 1, 1, -1.0, 1, normalized, LossSettings(5.0, 0.0, 0.3),
-                                load_balancing_weight=weight)
+        settings = LoopSettings(
+            1, 1, 1, -1.0, 1, normalized, LossSettings(5.0, 0.0, 0.3), load_balancing_weight=weight
+        )
         loss, metrics = preference_step(model, batch, logprob_fn, loss_fn, None, settings)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if ".gate." in n])
@@ -121,8 +133,9 @@ def test_dense_model_is_rejected(tiny_model_dir):
     with pytest.raises(UserError, match="mixture-of-experts"):
         with capture_router_logits(model):
             pass
-    args = DPOArguments(model_name_or_path=str(tiny_model_dir), load_balancing_loss=True,
-                        reference_logprobs_cache_path="unused")
+    args = DPOArguments(
+        model_name_or_path=str(tiny_model_dir), load_balancing_loss=True, reference_logprobs_cache_path="unused"
+    )
     with pytest.raises(UserError, match="--load_balancing_loss needs a mixture-of-experts model"):
         load_model(args, load_tokenizer(args), log=lambda line: None)
 
@@ -140,8 +153,14 @@ def test_fallback_used_without_transformers_helper(monkeypatch):
 def test_moe_cli_run_logs_aux_loss(moe_model_dir, synthetic_data, tmp_path):
     train, _ = synthetic_data
     out = tmp_path / "out"
-    args = small_run_args(moe_model_dir, train, out, mixer_list=[str(train), "16"], load_balancing_loss="true",
-                          load_balancing_weight="0.01")
+    args = small_run_args(
+        moe_model_dir,
+        train,
+        out,
+        mixer_list=[str(train), "16"],
+        load_balancing_loss="true",
+        load_balancing_weight="0.01",
+    )
     result = run_cli(args, tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MoE with 4 experts, top-2" in result.stdout

@@ -58,9 +58,9 @@ def test_packed_layout(records):
     assert batch["cu_seq_lens"].dtype == torch.int32
     assert int(batch["max_length"]) == max(lengths)
     for k, (start, length) in enumerate(zip(batch["cu_seq_lens"][:-1].tolist(), lengths)):
-        assert batch["input_ids"][0, start:start + length].tolist() == sequences[k]
-        assert batch["position_ids"][0, start:start + length].tolist() == list(range(length))
-        assert batch["sequence_ids"][0, start:start + length].eq(k).all()
+        assert batch["input_ids"][0, start : start + length].tolist() == sequences[k]
+        assert batch["position_ids"][0, start : start + length].tolist() == list(range(length))
+        assert batch["sequence_ids"][0, start : start + length].eq(k).all()
         assert batch["labels"][0, start] == IGNORE_INDEX  # no target crosses into this sequence
     assert batch["attention_mask"].sum() == sum(lengths)
 
@@ -92,8 +92,14 @@ def test_position_ids_alone_do_not_isolate(tiny_model_dir, records):
     padded = PaddedPairCollator(pad_token_id=0)(records)
     expected = sequence_logprobs(model, padded["input_ids"], padded["attention_mask"], padded["labels"], impl="full")
     batch = PackedPairCollator()(records)
-    leaky = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], impl="full",
-                              position_ids=batch["position_ids"])
+    leaky = sequence_logprobs(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        impl="full",
+        position_ids=batch["position_ids"],
+    )
     assert abs(float(leaky.sums.sum() - expected.sums.sum())) > 1e-3
 
 
@@ -109,7 +115,9 @@ def test_cli_packed_run_matches_padded(tiny_model_dir, synthetic_data, tmp_path)
     runs = {}
     for name, extra in (("padded", []), ("packed", ["--packing", "--reference_batch_size", "32"])):
         out = tmp_path / name
-        result = run_cli(small_run_args(tiny_model_dir, train, out, max_train_steps="4") + extra, tmp_path / f"c{name}")
+        result = run_cli(
+            small_run_args(tiny_model_dir, train, out, max_train_steps="4") + extra, tmp_path / f"c{name}"
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         runs[name] = read_metrics(out)
     assert "packing: attention sdpa_varlen" in result.stdout
@@ -123,8 +131,9 @@ def test_cli_packed_run_matches_padded(tiny_model_dir, synthetic_data, tmp_path)
 
 def test_cli_token_budget_too_small(tiny_model_dir, synthetic_data, tmp_path):
     train, _ = synthetic_data
-    result = run_cli(small_run_args(tiny_model_dir, train, tmp_path / "o", max_tokens_per_batch="5")
-                     + ["--packing"], tmp_path / "c")
+    result = run_cli(
+        small_run_args(tiny_model_dir, train, tmp_path / "o", max_tokens_per_batch="5") + ["--packing"], tmp_path / "c"
+    )
     assert result.returncode == 2
     assert "--max_tokens_per_batch 5 is below" in result.stderr
 
@@ -133,8 +142,11 @@ def test_gradient_checkpointing_alias(tiny_model_dir):
     from open_instruct.config import DPOArguments
     from open_instruct.modeling import load_model, load_tokenizer
 
-    for kwargs, expected in (({"activation_memory_budget": 0.5}, True), ({"gradient_checkpointing": True}, True),
-                             ({}, False)):
+    for kwargs, expected in (
+        ({"activation_memory_budget": 0.5}, True),
+        ({"gradient_checkpointing": True}, True),
+        ({}, False),
+    ):
         args = DPOArguments(model_name_or_path=str(tiny_model_dir), reference_logprobs_cache_path="unused", **kwargs)
         model = load_model(args, load_tokenizer(args))
         assert model.is_gradient_checkpointing is expected, kwargs

@@ -10,9 +10,22 @@ import torch
 
 from tests.conftest import read_metrics, run_cli, small_run_args
 
-METRIC_NAMES = {"training_step", "learning_rate", "epoch", "train_loss", "logps/chosen", "logps/rejected",
-                "rewards/chosen", "rewards/rejected", "rewards/average", "rewards/accuracy", "rewards/margin",
-                "token_count", "perf/tokens_per_second_step", "perf/tokens_per_second_avg"}
+METRIC_NAMES = {
+    "training_step",
+    "learning_rate",
+    "epoch",
+    "train_loss",
+    "logps/chosen",
+    "logps/rejected",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/average",
+    "rewards/accuracy",
+    "rewards/margin",
+    "token_count",
+    "perf/tokens_per_second_step",
+    "perf/tokens_per_second_avg",
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +79,9 @@ def test_second_run_reuses_the_reference_cache(trained, tiny_model_dir, syntheti
     out, cache, first = trained
     assert "reference log-probs: computing" in first.stdout
     assert len(list(cache.glob("*.pt"))) == 1
-    again = run_cli(small_run_args(tiny_model_dir, synthetic_data[0], tmp_path / "again", num_epochs=3,
-                                   max_train_steps=2), cache)
+    again = run_cli(
+        small_run_args(tiny_model_dir, synthetic_data[0], tmp_path / "again", num_epochs=3, max_train_steps=2), cache
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reference log-probs: loaded from cache" in again.stdout
     assert len(list(cache.glob("*.pt"))) == 1
@@ -79,8 +93,16 @@ def test_changed_input_builds_a_new_cache(trained, tiny_model_dir, synthetic_dat
     cache = trained[1]
     before = set(cache.glob("*.pt"))
     # 32 rows instead of 64: a different mix. (A max_seq_length that truncates nothing rightly reuses the cache.)
-    result = run_cli(small_run_args(tiny_model_dir, synthetic_data[0], tmp_path / "o",
-                                    mixer_list=[str(synthetic_data[0]), "32"], max_train_steps=1), cache)
+    result = run_cli(
+        small_run_args(
+            tiny_model_dir,
+            synthetic_data[0],
+            tmp_path / "o",
+            mixer_list=[str(synthetic_data[0]), "32"],
+            max_train_steps=1,
+        ),
+        cache,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reference log-probs: computing" in result.stdout
     assert len(set(cache.glob("*.pt")) - before) == 1

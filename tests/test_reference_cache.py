@@ -10,15 +10,25 @@ from open_instruct import reference_cache as rc
 
 
 def records(**change):
-    r = {"index": 0, "chosen_input_ids": [1, 2, 3], "chosen_labels": [-100, 2, 3],
-         "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4]}
+    r = {
+        "index": 0,
+        "chosen_input_ids": [1, 2, 3],
+        "chosen_labels": [-100, 2, 3],
+        "rejected_input_ids": [1, 2, 4],
+        "rejected_labels": [-100, 2, 4],
+    }
     r.update(change)
     return [r]
 
 
 def key(model_dir, revision=None, recs=None, precision="no"):
-    return rc.fingerprint({"model": rc.model_fingerprint(str(model_dir), revision),
-                           "data": rc.dataset_fingerprint(recs or records()), "mixed_precision": precision})
+    return rc.fingerprint(
+        {
+            "model": rc.model_fingerprint(str(model_dir), revision),
+            "data": rc.dataset_fingerprint(recs or records()),
+            "mixed_precision": precision,
+        }
+    )
 
 
 def test_key_is_stable(tiny_model_dir):

@@ -21,8 +21,15 @@ def fake_records(n: int, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         c, r = rng.randint(5, 300), rng.randint(5, 300)
-        out.append({"index": i, "chosen_input_ids": [1] * c, "chosen_labels": [-100] + [1] * (c - 1),
-                    "rejected_input_ids": [2] * r, "rejected_labels": [-100] + [2] * (r - 1)})
+        out.append(
+            {
+                "index": i,
+                "chosen_input_ids": [1] * c,
+                "chosen_labels": [-100] + [1] * (c - 1),
+                "rejected_input_ids": [2] * r,
+                "rejected_labels": [-100] + [2] * (r - 1),
+            }
+        )
     return out
 
 
@@ -81,8 +88,13 @@ def test_token_budget(packed):
 def test_token_budget_rejects_a_pair_over_budget():
     records = fake_records(20)
     with pytest.raises(UserError, match="--max_tokens_per_batch 50 is below"):
-        token_budget_batches([len(r["chosen_input_ids"]) for r in records],
-                             [len(r["rejected_input_ids"]) for r in records], 50, seed=0, packed=True)
+        token_budget_batches(
+            [len(r["chosen_input_ids"]) for r in records],
+            [len(r["rejected_input_ids"]) for r in records],
+            50,
+            seed=0,
+            packed=True,
+        )
 
 
 def test_dataloader_packed_budget_batches():

@@ -44,8 +44,12 @@ def test_single_bos(tokenizer):
 
 def pair(prompt_words: int, reply_words: int, index: int = 0) -> dict:
     prompt = [{"role": "user", "content": " ".join(["cat"] * prompt_words)}]
-    return {"index": index, "prompt": prompt, "chosen": [{"role": "assistant", "content": " ".join(["dog"] * reply_words)}],
-            "rejected": [{"role": "assistant", "content": "lion"}]}
+    return {
+        "index": index,
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": " ".join(["dog"] * reply_words)}],
+        "rejected": [{"role": "assistant", "content": "lion"}],
+    }
 
 
 def test_truncation_and_drops(tokenizer):
@@ -65,7 +69,9 @@ def test_max_response_length_cuts_each_reply(tokenizer):
     records, stats = tokenize_pairs(tokenizer, pairs, max_seq_length=100, max_response_length=5)
     long_reply, short_reply = records
     # The long chosen reply (20 words + EOS) keeps exactly its first 5 tokens; its prompt is untouched.
-    assert [t for t in long_reply["chosen_labels"] if t != IGNORE_INDEX] == tokenizer.convert_tokens_to_ids(["dog"] * 5)
+    assert [t for t in long_reply["chosen_labels"] if t != IGNORE_INDEX] == tokenizer.convert_tokens_to_ids(
+        ["dog"] * 5
+    )
     assert len(long_reply["chosen_input_ids"]) == 6 + 5
     # Short replies (2 words + EOS, 1 word + EOS) are kept whole.
     assert sum(1 for t in short_reply["chosen_labels"] if t != IGNORE_INDEX) == 3

@@ -76,8 +76,10 @@ def _finish(prompt: list[Message], chosen: Message, rejected: Message) -> Pair:
         raise RowError(EMPTY_PROMPT, "the prompt is empty")
     for side, message in (("chosen", chosen), ("rejected", rejected)):
         if message["role"] != "assistant":
-            raise RowError(LAST_NOT_ASSISTANT,
-                           f"the last '{side}' message must be from the assistant, got role '{message['role']}'")
+            raise RowError(
+                LAST_NOT_ASSISTANT,
+                f"the last '{side}' message must be from the assistant, got role '{message['role']}'",
+            )
         if not message["content"].strip():
             raise RowError(EMPTY_REPLY, f"the '{side}' reply is empty")
     if chosen["content"].strip() == rejected["content"].strip():
@@ -157,8 +159,11 @@ def from_shp(row: dict[str, Any], notes: Counter | None = None) -> Pair:
     if isinstance(label, bool) or label not in (0, 1):
         raise RowError(BAD_LABEL, f"field 'labels' must be 0 or 1, got {label!r}")
     chosen, rejected = (ref_a, ref_b) if label == 1 else (ref_b, ref_a)
-    return _finish([{"role": "user", "content": history}], {"role": "assistant", "content": chosen},
-                   {"role": "assistant", "content": rejected})
+    return _finish(
+        [{"role": "user", "content": history}],
+        {"role": "assistant", "content": chosen},
+        {"role": "assistant", "content": rejected},
+    )
 
 
 Parser = Callable[[dict[str, Any], Counter | None], Pair]
@@ -200,6 +205,9 @@ def normalize(row: dict[str, Any], format_name: str, notes: Counter | None = Non
     parser, required = FORMATS[format_name]
     missing = [name for name in required if name not in row]
     if missing:
-        raise RowError(MISSING_FIELD, f"missing field(s) {', '.join(missing)}; found {', '.join(sorted(row)) or 'none'}; "
-                       f"expected {', '.join(required)}")
+        raise RowError(
+            MISSING_FIELD,
+            f"missing field(s) {', '.join(missing)}; found {', '.join(sorted(row)) or 'none'}; "
+            f"expected {', '.join(required)}",
+        )
     return parser(row, notes)

@@ -53,8 +53,10 @@ def parse_mixer_list(values: list[str], splits: list[str], flag: str = "--mixer_
     for name, amount in zip(names, amounts):
         value = _amount_value(amount)
         if value is None:
-            raise UserError(f"{flag}: amount for {name!r} must be a fraction with a decimal point (0.5, 1.0) "
-                            f"or a row count (1000), got {amount!r}")
+            raise UserError(
+                f"{flag}: amount for {name!r} must be a fraction with a decimal point (0.5, 1.0) "
+                f"or a row count (1000), got {amount!r}"
+            )
         if value <= 0:
             raise UserError(f"{flag}: amount for {name!r} must be > 0, got {amount!r}")
     return [MixEntry(n, a, s) for n, a, s in zip(names, amounts, split_list)]
@@ -80,8 +82,9 @@ def _summary(counts: Counter) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
 
 
-def normalize_rows(name: str, rows: list[dict[str, Any]], format_name: str,
-                   skip_invalid: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def normalize_rows(
+    name: str, rows: list[dict[str, Any]], format_name: str, skip_invalid: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Check every row of one dataset in one pass; returns (valid pairs, report with counts per failure reason).
 
     Each pair carries ``source`` (``(name, row number)``). Without ``skip_invalid`` any invalid row is an error that
@@ -89,8 +92,14 @@ def normalize_rows(name: str, rows: list[dict[str, Any]], format_name: str,
     """
     if format_name not in ("auto", *FORMATS):
         raise UserError(f"--dataset_format must be auto or one of {', '.join(FORMATS)}, got {format_name!r}")
-    report: dict[str, Any] = {"name": name, "format": format_name, "rows": len(rows), "valid": 0,
-                              "invalid": {}, "notes": {}}
+    report: dict[str, Any] = {
+        "name": name,
+        "format": format_name,
+        "rows": len(rows),
+        "valid": 0,
+        "invalid": {},
+        "notes": {},
+    }
     if not rows:
         return [], report
     columns = list(rows[0].keys())
@@ -100,8 +109,10 @@ def normalize_rows(name: str, rows: list[dict[str, Any]], format_name: str,
         except RowError as err:
             raise UserError(f"{name}: row 0: {err}") from None
     elif missing := missing_columns(columns, format_name):
-        raise UserError(f"{name}: --dataset_format {format_name} needs column(s) {', '.join(missing)}; "
-                        f"the dataset has {', '.join(sorted(columns))}")
+        raise UserError(
+            f"{name}: --dataset_format {format_name} needs column(s) {', '.join(missing)}; "
+            f"the dataset has {', '.join(sorted(columns))}"
+        )
     report["format"] = format_name
     pairs, invalid, notes, first_error = [], Counter(), Counter(), None
     for i, row in enumerate(rows):
@@ -115,8 +126,10 @@ def normalize_rows(name: str, rows: list[dict[str, Any]], format_name: str,
         notes.update(row_notes)
         pairs.append({**pair, "source": (name, i)})
     if invalid and not skip_invalid:
-        raise UserError(f"{first_error} ({sum(invalid.values())} invalid of {len(rows)} rows: "
-                        f"{_summary(invalid)}; --skip_invalid_rows drops them)")
+        raise UserError(
+            f"{first_error} ({sum(invalid.values())} invalid of {len(rows)} rows: "
+            f"{_summary(invalid)}; --skip_invalid_rows drops them)"
+        )
     report.update(valid=len(pairs), invalid=dict(invalid), notes=dict(notes))
     return pairs, report
 
@@ -140,8 +153,9 @@ def _mix(loaded: list[tuple[list, dict]], rng: random.Random) -> list[dict[str, 
     return [{"index": index, **pair} for index, pair in enumerate(mixed)]
 
 
-def build_mix(entries: list[MixEntry], seed: int, format_name: str = "auto",
-              skip_invalid: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def build_mix(
+    entries: list[MixEntry], seed: int, format_name: str = "auto", skip_invalid: bool = False
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Load, validate and mix the datasets; each pair gets its global ``index``. Returns (pairs, statistics)."""
     pairs, _, stats = build_train_eval_mix(entries, [], 0.0, seed, format_name, skip_invalid)
     return pairs, stats
@@ -157,8 +171,12 @@ def hold_out(pairs: list[dict[str, Any]], fraction: float, seed: int) -> tuple[l
 
 
 def build_train_eval_mix(
-    train_entries: list[MixEntry], eval_entries: list[MixEntry], eval_fraction: float, seed: int,
-    format_name: str = "auto", skip_invalid: bool = False,
+    train_entries: list[MixEntry],
+    eval_entries: list[MixEntry],
+    eval_fraction: float,
+    seed: int,
+    format_name: str = "auto",
+    skip_invalid: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """(training pairs, evaluation pairs, statistics). The evaluation mix is ``eval_entries`` or, with
     ``eval_fraction`` > 0, that fraction of each training dataset's valid rows, held out before upsampling.

@@ -35,11 +35,17 @@ def _key_inputs(args: DPOArguments, tokenizer: Any, train: list[MixEntry], evalu
         return [{"amount": e.amount, **source_fingerprint(e.name, e.split)} for e in entries]
 
     return {
-        "train": describe(train), "eval": describe(evaluation), "eval_fraction": args.eval_fraction,
-        "format": args.dataset_format, "skip_invalid_rows": args.skip_invalid_rows, "seed": args.seed,
-        "max_train_samples": args.max_train_samples, "max_seq_length": args.max_seq_length,
+        "train": describe(train),
+        "eval": describe(evaluation),
+        "eval_fraction": args.eval_fraction,
+        "format": args.dataset_format,
+        "skip_invalid_rows": args.skip_invalid_rows,
+        "seed": args.seed,
+        "max_train_samples": args.max_train_samples,
+        "max_seq_length": args.max_seq_length,
         "max_response_length": args.max_response_length,
-        "add_bos": args.add_bos, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+        "add_bos": args.add_bos,
+        "tokenizer": cache.tokenizer_fingerprint(tokenizer),
     }
 
 
@@ -51,34 +57,49 @@ def _cap(pairs: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict
     return [pairs[i] for i in keep]
 
 
-def _tokenize_mix(args: DPOArguments, tokenizer: Any, train_pairs: list, eval_pairs: list,
-                  mix_stats: dict[str, Any]) -> tuple[list, list, dict[str, Any]]:
-    records, tok_stats = tokenize_pairs(tokenizer, train_pairs, args.max_seq_length, args.add_bos,
-                                       args.max_response_length)
+def _tokenize_mix(
+    args: DPOArguments, tokenizer: Any, train_pairs: list, eval_pairs: list, mix_stats: dict[str, Any]
+) -> tuple[list, list, dict[str, Any]]:
+    records, tok_stats = tokenize_pairs(
+        tokenizer, train_pairs, args.max_seq_length, args.add_bos, args.max_response_length
+    )
     if not records:
-        raise UserError(f"no trainable pairs left out of {len(train_pairs)} (dropped: {tok_stats.dropped}); "
-                        f"check --max_seq_length {args.max_seq_length}")
+        raise UserError(
+            f"no trainable pairs left out of {len(train_pairs)} (dropped: {tok_stats.dropped}); "
+            f"check --max_seq_length {args.max_seq_length}"
+        )
     stats = build_statistics(mix_stats, len(train_pairs), tok_stats, records)
     eval_records: list[dict[str, Any]] = []
     if eval_pairs:
-        eval_records, eval_tok = tokenize_pairs(tokenizer, eval_pairs, args.max_seq_length, args.add_bos,
-                                                   args.max_response_length)
-        stats["eval"] = {"pairs": len(eval_pairs), "kept": eval_tok.kept, "dropped": eval_tok.dropped,
-                         "truncated": eval_tok.truncated}
+        eval_records, eval_tok = tokenize_pairs(
+            tokenizer, eval_pairs, args.max_seq_length, args.add_bos, args.max_response_length
+        )
+        stats["eval"] = {
+            "pairs": len(eval_pairs),
+            "kept": eval_tok.kept,
+            "dropped": eval_tok.dropped,
+            "truncated": eval_tok.truncated,
+        }
     return records, eval_records, stats
 
 
-def prepare_preference_data(args: DPOArguments, tokenizer: Any, mixer_list: list[str] | None = None,
-                            splits: list[str] | None = None) -> PreparedData:
+def prepare_preference_data(
+    args: DPOArguments, tokenizer: Any, mixer_list: list[str] | None = None, splits: list[str] | None = None
+) -> PreparedData:
     """Mix, validate, tokenize (or load all that from the cache). Malformed rows are reported before any model loads.
 
     ``mixer_list``/``splits`` replace ``args.mixer_list``/``args.mixer_list_splits`` when given. The evaluation mix
     comes from ``args.eval_mixer_list`` or ``args.eval_fraction`` (empty when neither is set).
     """
-    train_entries = parse_mixer_list(mixer_list if mixer_list is not None else args.mixer_list,
-                                     splits if splits is not None else args.mixer_list_splits)
-    eval_entries = (parse_mixer_list(args.eval_mixer_list, args.eval_mixer_list_splits, "--eval_mixer_list")
-                    if args.eval_mixer_list else [])
+    train_entries = parse_mixer_list(
+        mixer_list if mixer_list is not None else args.mixer_list,
+        splits if splits is not None else args.mixer_list_splits,
+    )
+    eval_entries = (
+        parse_mixer_list(args.eval_mixer_list, args.eval_mixer_list_splits, "--eval_mixer_list")
+        if args.eval_mixer_list
+        else []
+    )
     key = cache.cache_key(_key_inputs(args, tokenizer, train_entries, eval_entries))
     path = cache.entry_path(args.dataset_local_cache_dir, key)
     cached = cache.load(args.dataset_local_cache_dir, key)
@@ -87,7 +108,8 @@ def prepare_preference_data(args: DPOArguments, tokenizer: Any, mixer_list: list
         status = "loaded"
     else:
         train_pairs, eval_pairs, mix_stats = build_train_eval_mix(
-            train_entries, eval_entries, args.eval_fraction, args.seed, args.dataset_format, args.skip_invalid_rows)
+            train_entries, eval_entries, args.eval_fraction, args.seed, args.dataset_format, args.skip_invalid_rows
+        )
         train_pairs = _cap(train_pairs, args.max_train_samples, args.seed)
         records, eval_records, stats = _tokenize_mix(args, tokenizer, train_pairs, eval_pairs, mix_stats)
         cache.save(args.dataset_local_cache_dir, key, records, eval_records, stats)

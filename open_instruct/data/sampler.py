@@ -33,16 +33,17 @@ def _permutation(n: int, generator: torch.Generator) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                           mega_batches: int = 50) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, mega_batches: int = 50
+) -> list[list[int]]:
     """Batches of ``batch_size`` indices of similar ``lengths``, in a shuffled order (pure function of seed, epoch)."""
     generator = _generator(seed, epoch)
     order = _permutation(len(lengths), generator)
     span = batch_size * mega_batches
     batches = []
     for start in range(0, len(order), span):
-        mega = sorted(order[start:start + span], key=lambda i: -lengths[i])  # stable: ties keep the random order
-        batches.extend(mega[i:i + batch_size] for i in range(0, len(mega), batch_size))
+        mega = sorted(order[start : start + span], key=lambda i: -lengths[i])  # stable: ties keep the random order
+        batches.extend(mega[i : i + batch_size] for i in range(0, len(mega), batch_size))
     return [batches[i] for i in _permutation(len(batches), generator)]
 
 
@@ -53,15 +54,18 @@ def batch_cost(chosen: list[int], rejected: list[int], batch: list[int], packed:
     return 2 * len(batch) * max(max(chosen[i], rejected[i]) for i in batch)
 
 
-def token_budget_batches(chosen: list[int], rejected: list[int], max_tokens: int, seed: int, packed: bool,
-                         max_pairs: int | None = None) -> list[list[int]]:
+def token_budget_batches(
+    chosen: list[int], rejected: list[int], max_tokens: int, seed: int, packed: bool, max_pairs: int | None = None
+) -> list[list[int]]:
     """Batches whose :func:`batch_cost` stays within ``max_tokens`` (fixed for a seed); order not yet shuffled."""
     single = [batch_cost(chosen, rejected, [i], packed) for i in range(len(chosen))]
     too_long = [i for i, cost in enumerate(single) if cost > max_tokens]
     if too_long:
         i = too_long[0]
-        raise UserError(f"--max_tokens_per_batch {max_tokens} is below the {single[i]} tokens of pair {i} "
-                        f"({len(too_long)} pairs exceed it); raise it or lower --max_seq_length")
+        raise UserError(
+            f"--max_tokens_per_batch {max_tokens} is below the {single[i]} tokens of pair {i} "
+            f"({len(too_long)} pairs exceed it); raise it or lower --max_seq_length"
+        )
     shuffled = _permutation(len(chosen), _generator(seed, -1))
     order = sorted(shuffled, key=lambda i: -single[i])
     batches, current = [], []
@@ -79,16 +83,27 @@ def token_budget_batches(chosen: list[int], rejected: list[int], max_tokens: int
 class PairBatchSampler:
     """A batch sampler (lists of record positions) for ``DataLoader(batch_sampler=...)``; call ``set_epoch`` per epoch."""
 
-    def __init__(self, records: list[dict[str, Any]], seed: int, batch_size: int, max_tokens: int | None = None,
-                 group_by_length: bool = False, packed: bool = False, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        seed: int,
+        batch_size: int,
+        max_tokens: int | None = None,
+        group_by_length: bool = False,
+        packed: bool = False,
+        shuffle: bool = True,
+    ) -> None:
         self.chosen, self.rejected = pair_lengths(records)
         # What a pair costs: its real tokens when packed, its longer side when padded (rows pad to the longest).
         self.lengths = [c + r if packed else max(c, r) for c, r in zip(self.chosen, self.rejected)]
         # Not named batch_size: accelerate's sharding then treats batches as variable-length lists, which they are.
         self.seed, self.pairs_per_batch, self.max_tokens = seed, batch_size, max_tokens
         self.group_by_length, self.shuffle, self.epoch = group_by_length, shuffle, 0
-        self.budget_batches = (token_budget_batches(self.chosen, self.rejected, max_tokens, seed, packed)
-                               if max_tokens is not None else None)
+        self.budget_batches = (
+            token_budget_batches(self.chosen, self.rejected, max_tokens, seed, packed)
+            if max_tokens is not None
+            else None
+        )
         self.sampler = self  # accelerate forwards set_epoch to `<batch sampler>.sampler` when it shards batches
 
     def set_epoch(self, epoch: int) -> None:
@@ -101,11 +116,13 @@ class PairBatchSampler:
         if self.budget_batches is not None:
             if not self.shuffle:
                 return self.budget_batches
-            return [self.budget_batches[i] for i in _permutation(len(self.budget_batches), _generator(self.seed, epoch))]
+            return [
+                self.budget_batches[i] for i in _permutation(len(self.budget_batches), _generator(self.seed, epoch))
+            ]
         if self.group_by_length and self.shuffle:
             return length_grouped_batches(self.lengths, self.pairs_per_batch, self.seed, epoch)
         order = _permutation(n, _generator(self.seed, epoch)) if self.shuffle else list(range(n))
-        return [order[i:i + self.pairs_per_batch] for i in range(0, n, self.pairs_per_batch)]
+        return [order[i : i + self.pairs_per_batch] for i in range(0, n, self.pairs_per_batch)]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches(self.epoch))
@@ -116,9 +133,16 @@ class PairBatchSampler:
         return (len(self.lengths) + self.pairs_per_batch - 1) // self.pairs_per_batch
 
 
-def pair_dataloader(records: list[dict[str, Any]], pad_token_id: int, batch_size: int, seed: int,
-                    packing: bool = False, max_tokens: int | None = None, group_by_length: bool = False,
-                    shuffle: bool = True) -> Any:
+def pair_dataloader(
+    records: list[dict[str, Any]],
+    pad_token_id: int,
+    batch_size: int,
+    seed: int,
+    packing: bool = False,
+    max_tokens: int | None = None,
+    group_by_length: bool = False,
+    shuffle: bool = True,
+) -> Any:
     """The DataLoader for ``records``: padded or packed batches, plain, length-grouped or token-budget order."""
     from torch.utils.data import DataLoader
 

@@ -23,8 +23,11 @@ def _messages(value: Any) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise RowError("bad_messages", "field 'messages' must be a non-empty list of {role, content} messages")
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
-                message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
             raise RowError("bad_messages", f"field 'messages' message {i} must have a string 'role' and 'content'")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -61,8 +64,15 @@ def build_conversation_mix(entries: list[MixEntry], seed: int, skip_invalid: boo
                 dropped[str(err)] = dropped.get(str(err), 0) + 1
         chosen = sample_indices(len(valid), target_rows(entry.amount, len(valid)), rng)
         mixed.extend(valid[i] for i in chosen)
-        stats["datasets"].append({"name": entry.name, "rows": len(rows), "valid": len(valid), "taken": len(chosen),
-                                  "dropped_invalid": dropped})
+        stats["datasets"].append(
+            {
+                "name": entry.name,
+                "rows": len(rows),
+                "valid": len(valid),
+                "taken": len(chosen),
+                "dropped_invalid": dropped,
+            }
+        )
     return mixed, stats
 
 
@@ -94,8 +104,10 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], add_bos: bool
         start = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         end = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not full.startswith(start) or not full.startswith(end):
-            raise UserError("the chat template renders a conversation's start differently when more turns follow; "
-                            "pick another with --chat_template_name")
+            raise UserError(
+                "the chat template renders a conversation's start differently when more turns follow; "
+                "pick another with --chat_template_name"
+            )
         spans.append((len(start), len(end)))
     ids, count = _prefix_counter(tokenizer, full)
     labels = [IGNORE_INDEX] * len(ids)
@@ -108,11 +120,14 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], add_bos: bool
     return ids, labels
 
 
-def prepare_sft_data(args: DPOArguments, tokenizer: Any, mixer_list: list[str] | None = None,
-                     splits: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def prepare_sft_data(
+    args: DPOArguments, tokenizer: Any, mixer_list: list[str] | None = None, splits: list[str] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Mix, validate, tokenize, truncate to ``max_seq_length``; returns (records with ``index``, statistics)."""
-    entries = parse_mixer_list(mixer_list if mixer_list is not None else args.mixer_list,
-                               splits if splits is not None else args.mixer_list_splits)
+    entries = parse_mixer_list(
+        mixer_list if mixer_list is not None else args.mixer_list,
+        splits if splits is not None else args.mixer_list_splits,
+    )
     conversations, stats = build_conversation_mix(entries, args.seed, args.skip_invalid_rows)
     if args.max_train_samples is not None:
         conversations = conversations[: args.max_train_samples]
@@ -126,10 +141,17 @@ def prepare_sft_data(args: DPOArguments, tokenizer: Any, mixer_list: list[str] |
             continue
         records.append({"index": len(records), "input_ids": ids, "labels": labels})
     if not records:
-        raise UserError(f"no trainable conversations left out of {len(conversations)} (dropped {dropped}: "
-                        "no assistant tokens within --max_seq_length)")
-    stats.update(conversations=len(conversations), kept=len(records), dropped=dropped, truncated=truncated,
-                 label_tokens=sum(sum(1 for x in r["labels"][1:] if x != IGNORE_INDEX) for r in records))
+        raise UserError(
+            f"no trainable conversations left out of {len(conversations)} (dropped {dropped}: "
+            "no assistant tokens within --max_seq_length)"
+        )
+    stats.update(
+        conversations=len(conversations),
+        kept=len(records),
+        dropped=dropped,
+        truncated=truncated,
+        label_tokens=sum(sum(1 for x in r["labels"][1:] if x != IGNORE_INDEX) for r in records),
+    )
     return records, stats
 
 

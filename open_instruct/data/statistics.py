@@ -43,15 +43,19 @@ def padding_waste(records: list[dict[str, Any]], batch_size: int, seed: int) -> 
     random.Random(seed).shuffle(order)
     real = slots = 0
     for start in range(0, len(order), batch_size):
-        lengths = [len(records[i][f"{side}_input_ids"]) for i in order[start:start + batch_size]
-                   for side in ("chosen", "rejected")]
+        lengths = [
+            len(records[i][f"{side}_input_ids"])
+            for i in order[start : start + batch_size]
+            for side in ("chosen", "rejected")
+        ]
         real += sum(lengths)
         slots += len(lengths) * max(lengths)
     return 1.0 - real / slots
 
 
-def build_statistics(mix_stats: dict[str, Any], pairs: int, tokenized: Any,
-                     records: list[dict[str, Any]]) -> dict[str, Any]:
+def build_statistics(
+    mix_stats: dict[str, Any], pairs: int, tokenized: Any, records: list[dict[str, Any]]
+) -> dict[str, Any]:
     """One JSON-ready summary of the training data (``tokenized`` is the tokenizer's TokenizeStats)."""
     invalid: dict[str, int] = {}
     for report in mix_stats.get("datasets", []):
@@ -80,19 +84,26 @@ def format_summary(stats: dict[str, Any]) -> str:
     lines = []
     for report in stats.get("datasets", []):
         notes = f"; repaired: {_counts(report['notes'])}" if report.get("notes") else ""
-        lines.append(f"data: {report['name']} [{report['format']}] {report['rows']} rows, {report['valid']} valid "
-                     f"(invalid: {_counts(report.get('invalid', {}))}{notes}), {report.get('taken', 0)} taken")
-    lines.append(f"data: {stats['kept']} of {stats['pairs']} pairs kept; dropped: {_counts(stats['dropped'])}; "
-                 f"{stats['truncated']} truncated at max_seq_length")
+        lines.append(
+            f"data: {report['name']} [{report['format']}] {report['rows']} rows, {report['valid']} valid "
+            f"(invalid: {_counts(report.get('invalid', {}))}{notes}), {report.get('taken', 0)} taken"
+        )
+    lines.append(
+        f"data: {stats['kept']} of {stats['pairs']} pairs kept; dropped: {_counts(stats['dropped'])}; "
+        f"{stats['truncated']} truncated at max_seq_length"
+    )
     tokens = stats.get("tokens", {})
     for name in ("prompt", "chosen", "rejected"):
         if name in tokens:
             t = tokens[name]
-            lines.append(f"data: {name} tokens mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p95 {t['p95']:.0f}, "
-                         f"max {t['max']}")
+            lines.append(
+                f"data: {name} tokens mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p95 {t['p95']:.0f}, max {t['max']}"
+            )
     if "padding" in stats:
-        lines.append(f"data: padding would waste {100 * stats['padding']['waste_fraction']:.1f}% of tokens at "
-                     f"batch size {stats['padding']['batch_size']}")
+        lines.append(
+            f"data: padding would waste {100 * stats['padding']['waste_fraction']:.1f}% of tokens at "
+            f"batch size {stats['padding']['batch_size']}"
+        )
     if "eval" in stats:
         lines.append(f"data: evaluation set {stats['eval']['kept']} pairs")
     if "cache" in stats:

@@ -106,15 +106,20 @@ def build_tokenizer() -> Any:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def write_tiny_model(folder: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                     vocab_size: int | None = None) -> Path:
+def write_tiny_model(
+    folder: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int | None = None
+) -> Path:
     """Save a randomly initialised tiny Llama and the task's tokenizer as a Hugging Face folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -122,10 +127,17 @@ def write_tiny_model(folder: str | Path, seed: int = 0, hidden_size: int = 64, n
     folder = Path(folder)
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 4,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

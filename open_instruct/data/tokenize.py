@@ -56,14 +56,15 @@ def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[lis
     ids, offsets = [], []
     for start in range(0, len(texts), BATCH):
         # The Rust tokenizer directly: what the fast tokenizer's __call__ runs, without building dicts per text.
-        for encoding in backend.encode_batch(texts[start:start + BATCH], add_special_tokens=False):
+        for encoding in backend.encode_batch(texts[start : start + BATCH], add_special_tokens=False):
             ids.append(encoding.ids)
             offsets.append(encoding.offsets)
     return ids, offsets
 
 
-def _prompt_length(ids: list[int], offsets: list[tuple[int, int]] | None, boundary: int,
-                   prompt_ids: list[int] | None) -> int:
+def _prompt_length(
+    ids: list[int], offsets: list[tuple[int, int]] | None, boundary: int, prompt_ids: list[int] | None
+) -> int:
     """How many leading ids lie wholly inside the prompt's ``boundary`` characters."""
     if offsets is not None:
         n = 0
@@ -89,7 +90,10 @@ def tokenize_side(
 
 
 def tokenize_pairs(
-    tokenizer: Any, pairs: list[dict[str, Any]], max_seq_length: int, add_bos: bool = False,
+    tokenizer: Any,
+    pairs: list[dict[str, Any]],
+    max_seq_length: int,
+    add_bos: bool = False,
     max_response_length: int | None = None,
 ) -> tuple[list[dict[str, Any]], TokenizeStats]:
     """Tokenize normalized pairs into ``{index, chosen_input_ids, chosen_labels, rejected_input_ids,
@@ -106,8 +110,10 @@ def tokenize_pairs(
             stats.eos_stripped += stripped
             full_text = render(tokenizer, pair["prompt"] + reply, add_generation_prompt=False)
             if not full_text.startswith(prompt_text):
-                raise UserError("the chat template renders the prompt differently when a reply follows, so the "
-                                "reply cannot be labelled alone; pick another with --chat_template_name")
+                raise UserError(
+                    "the chat template renders the prompt differently when a reply follows, so the "
+                    "reply cannot be labelled alone; pick another with --chat_template_name"
+                )
             fulls.append(full_text)
     full_ids, full_offsets = _encode(tokenizer, fulls)
     prompt_ids = None if full_offsets is not None else _encode(tokenizer, prompts)[0]
@@ -126,7 +132,7 @@ def tokenize_pairs(
                 drop_reason = PROMPT_TOO_LONG
                 break
             if max_response_length is not None and len(ids) - n_prompt > max_response_length:
-                ids, was_cut = ids[:n_prompt + max_response_length], True
+                ids, was_cut = ids[: n_prompt + max_response_length], True
             if len(ids) > max_seq_length:
                 ids, was_cut = ids[:max_seq_length], True
             if n_prompt >= len(ids):
@@ -142,4 +148,3 @@ def tokenize_pairs(
         stats.kept += 1
         out.append({"index": len(out), **record})
     return out, stats
-

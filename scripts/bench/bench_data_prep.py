@@ -47,8 +47,11 @@ def main() -> None:
     if not HH_SAMPLE.is_file():
         sys.exit(f"HH sample not found at {HH_SAMPLE}")
     raw = read_hh_rows()
-    t_train, tokenizer = _timed(lambda: train_bpe_tokenizer(
-        [r[side] for r in raw for side in ("chosen", "rejected")], vocab_size=ns.vocab_size))
+    t_train, tokenizer = _timed(
+        lambda: train_bpe_tokenizer(
+            [r[side] for r in raw for side in ("chosen", "rejected")], vocab_size=ns.vocab_size
+        )
+    )
     tokenizer.chat_template = CHAT_TEMPLATES["tulu"]
     entries = parse_mixer_list([str(HH_SAMPLE), "1.0"], ["train"])
 
@@ -63,25 +66,39 @@ def main() -> None:
     tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in records)
 
     with tempfile.TemporaryDirectory() as cache_dir:
-        args = DPOArguments(model_name_or_path="unused", mixer_list=[str(HH_SAMPLE), "1.0"], skip_invalid_rows=True,
-                            max_seq_length=ns.max_seq_length, dataset_local_cache_dir=cache_dir)
+        args = DPOArguments(
+            model_name_or_path="unused",
+            mixer_list=[str(HH_SAMPLE), "1.0"],
+            skip_invalid_rows=True,
+            max_seq_length=ns.max_seq_length,
+            dataset_local_cache_dir=cache_dir,
+        )
         t_cold, cold = _timed(lambda: prepare_preference_data(args, tokenizer))
         t_warm, warm = _timed(lambda: prepare_preference_data(args, tokenizer))
         assert cold.statistics["cache"]["status"] == "written" and warm.statistics["cache"]["status"] == "loaded"
 
     median = statistics.median
-    print(f"machine: {os.cpu_count()} CPU(s) visible, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {os.cpu_count()} CPU(s) visible, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"BPE tokenizer trained on the sample (vocab {len(tokenizer)}) in {t_train:.1f}s (not counted below)")
-    print(f"{len(raw)} rows -> {len(pairs)} valid pairs -> {stats.kept} tokenized, {tokens} tokens, "
-          f"max_seq_length {ns.max_seq_length}, template tulu")
+    print(
+        f"{len(raw)} rows -> {len(pairs)} valid pairs -> {stats.kept} tokenized, {tokens} tokens, "
+        f"max_seq_length {ns.max_seq_length}, template tulu"
+    )
     print("\n| step | wall s | CPU s |\n|---|---|---|")
-    print(f"| load + validate + mix (2,000 rows), median of {ns.repeats} | {median(mix_times):.2f} | "
-          f"{median(mix_cpu):.2f} |")
-    print(f"| tokenize {len(pairs)} pairs ({tokens / median(tok_cpu) / 1e3:.0f}k tokens per CPU-second), "
-          f"median of {ns.repeats} | {median(tok_times):.2f} | {median(tok_cpu):.2f} |")
-    print(f"| prepare_preference_data, cold (mix + tokenize + statistics + cache write) | {t_cold:.2f} | "
-          f"{CPU[-2]:.2f} |")
+    print(
+        f"| load + validate + mix (2,000 rows), median of {ns.repeats} | {median(mix_times):.2f} | "
+        f"{median(mix_cpu):.2f} |"
+    )
+    print(
+        f"| tokenize {len(pairs)} pairs ({tokens / median(tok_cpu) / 1e3:.0f}k tokens per CPU-second), "
+        f"median of {ns.repeats} | {median(tok_times):.2f} | {median(tok_cpu):.2f} |"
+    )
+    print(
+        f"| prepare_preference_data, cold (mix + tokenize + statistics + cache write) | {t_cold:.2f} | {CPU[-2]:.2f} |"
+    )
     print(f"| prepare_preference_data, warm (cache hit) | {t_warm:.2f} | {CPU[-1]:.2f} |")
 
 

@@ -31,7 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HH_NAME = Path("shared") / "data" / "hh-rlhf-harmless-base-sample.jsonl.gz"
 # The project's checkout sits next to shared/ (a worktree one level deeper).
-HH_SAMPLE = next((p / HH_NAME for p in (ROOT.parent, ROOT.parent.parent) if (p / HH_NAME).exists()), ROOT.parent / HH_NAME)
+HH_SAMPLE = next(
+    (p / HH_NAME for p in (ROOT.parent, ROOT.parent.parent) if (p / HH_NAME).exists()), ROOT.parent / HH_NAME
+)
 WARMUP_STEPS = 2
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -61,8 +63,14 @@ def load_hh_pairs(n: int) -> list[dict]:
         for line in handle:
             row = json.loads(line)
             chosen, rejected = hh_to_messages(row["chosen"]), hh_to_messages(row["rejected"])
-            if (len(chosen) < 2 or chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant"
-                    or rejected[-1]["role"] != "assistant" or not chosen[-1]["content"] or not rejected[-1]["content"]):
+            if (
+                len(chosen) < 2
+                or chosen[:-1] != rejected[:-1]
+                or chosen[-1]["role"] != "assistant"
+                or rejected[-1]["role"] != "assistant"
+                or not chosen[-1]["content"]
+                or not rejected[-1]["content"]
+            ):
                 continue
             pairs.append({"prompt": chosen[:-1], "chosen": chosen[-1], "rejected": rejected[-1]})
             if len(pairs) == n:
@@ -83,7 +91,9 @@ def build_inputs(work: Path, n_pairs: int, vocab_sizes: list[int]) -> dict:
     trl = work / "pairs_trl.jsonl"
     with ours.open("w") as a, trl.open("w") as b:
         for p in pairs:
-            a.write(json.dumps({"chosen": p["prompt"] + [p["chosen"]], "rejected": p["prompt"] + [p["rejected"]]}) + "\n")
+            a.write(
+                json.dumps({"chosen": p["prompt"] + [p["chosen"]], "rejected": p["prompt"] + [p["rejected"]]}) + "\n"
+            )
             b.write(json.dumps({"prompt": p["prompt"], "chosen": [p["chosen"]], "rejected": [p["rejected"]]}) + "\n")
     texts = []
     with gzip.open(HH_SAMPLE, "rt") as handle:
@@ -95,8 +105,9 @@ def build_inputs(work: Path, n_pairs: int, vocab_sizes: list[int]) -> dict:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8192, special_tokens=special, show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     models_by_vocab = {}
     for vocab in vocab_sizes:
@@ -104,10 +115,17 @@ def build_inputs(work: Path, n_pairs: int, vocab_sizes: list[int]) -> dict:
 
         folder = work / f"model_{vocab}"
         config = LlamaConfig(
-            vocab_size=max(vocab, len(tokenizer)), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+            vocab_size=max(vocab, len(tokenizer)),
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=1024,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
         )
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(folder)
@@ -136,9 +154,19 @@ def run_ours(model_dir: str, data: str, out: Path, max_steps: int | None, profil
 
     reference_cache.compute = timed_compute
     args = DPOArguments(
-        model_name_or_path=model_dir, mixer_list=[data, "1.0"], max_seq_length=512, per_device_train_batch_size=8,
-        loss_type="dpo", beta=0.1, learning_rate=5e-7, warmup_ratio=0.0, seed=1, packing=True,
-        max_train_steps=max_steps, output_dir=str(out / "run"), reference_logprobs_cache_path=str(out / "refcache"),
+        model_name_or_path=model_dir,
+        mixer_list=[data, "1.0"],
+        max_seq_length=512,
+        per_device_train_batch_size=8,
+        loss_type="dpo",
+        beta=0.1,
+        learning_rate=5e-7,
+        warmup_ratio=0.0,
+        seed=1,
+        packing=True,
+        max_train_steps=max_steps,
+        output_dir=str(out / "run"),
+        reference_logprobs_cache_path=str(out / "refcache"),
         reference_batch_size=16,
     )
     validate(args)
@@ -150,9 +178,14 @@ def run_ours(model_dir: str, data: str, out: Path, max_steps: int | None, profil
     step_tokens = [b["token_count"] - a["token_count"] for a, b in zip([{"token_count": 0}] + rows, rows)]
     step_s = [t / r["perf/tokens_per_second_step"] for t, r in zip(step_tokens, rows)]
     result = {
-        "end_to_end_s": end_to_end, "peak_rss_mb": peak, "baseline_rss_mb": baseline_rss, "steps": len(rows),
-        "step_s": statistics.fmean(step_s[WARMUP_STEPS:]), "train_tokens": rows[-1]["token_count"],
-        "train_s": sum(step_s), "reference_s": timings["reference_s"],
+        "end_to_end_s": end_to_end,
+        "peak_rss_mb": peak,
+        "baseline_rss_mb": baseline_rss,
+        "steps": len(rows),
+        "step_s": statistics.fmean(step_s[WARMUP_STEPS:]),
+        "train_tokens": rows[-1]["token_count"],
+        "train_s": sum(step_s),
+        "reference_s": timings["reference_s"],
         "step_tokens_steady": statistics.fmean(step_tokens[WARMUP_STEPS:]),
     }
     result.update(plain_baselines(model_dir, data, len(rows), out, profile))
@@ -170,8 +203,13 @@ def plain_baselines(model_dir: str, data: str, steps: int, out: Path, profile: b
     from open_instruct.packing import packed_forward_kwargs, prepare_model_for_packing
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = DPOArguments(model_name_or_path=model_dir, mixer_list=[data, "1.0"], max_seq_length=512, seed=1,
-                        reference_logprobs_cache_path=str(out / "unused"))
+    args = DPOArguments(
+        model_name_or_path=model_dir,
+        mixer_list=[data, "1.0"],
+        max_seq_length=512,
+        seed=1,
+        reference_logprobs_cache_path=str(out / "unused"),
+    )
     records = prepare_preference_data(args, tokenizer).records
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     prepare_model_for_packing(model)
@@ -182,8 +220,9 @@ def plain_baselines(model_dir: str, data: str, steps: int, out: Path, profile: b
     model.train()
     for batch in train:
         start = time.perf_counter()
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False,
-                     **packed_forward_kwargs(batch)).loss
+        loss = model(
+            input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False, **packed_forward_kwargs(batch)
+        ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -196,7 +235,7 @@ def plain_baselines(model_dir: str, data: str, steps: int, out: Path, profile: b
     forward_s = time.perf_counter() - start
     result = {"plain_step_s": statistics.fmean(times[WARMUP_STEPS:]), "plain_forward_s": forward_s}
     if profile:
-        result["profile"] = profile_our_step(model, train[WARMUP_STEPS:WARMUP_STEPS + 3])
+        result["profile"] = profile_our_step(model, train[WARMUP_STEPS : WARMUP_STEPS + 3])
     return result
 
 
@@ -215,8 +254,9 @@ def profile_our_step(model, batches) -> str:
             lp = packed_sequence_logprobs(model, batch)
             half = lp.sums.shape[0] // 2
             zeros = torch.zeros(half)
-            loss = sigmoid_dpo(PreferenceLogps(lp.sums[:half], lp.sums[half:], zeros, zeros),
-                               LossSettings(beta=0.1)).losses.mean()
+            loss = sigmoid_dpo(
+                PreferenceLogps(lp.sums[:half], lp.sums[half:], zeros, zeros), LossSettings(beta=0.1)
+            ).losses.mean()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -253,27 +293,57 @@ def run_trl(model_dir: str, data: str, out: Path, max_steps: int | None) -> dict
             step_ends.append(time.perf_counter())
 
     config = DPOConfig(
-        output_dir=str(out / "trl"), per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=512,
-        loss_type=["sigmoid"], beta=0.1, learning_rate=5e-7, warmup_steps=0, num_train_epochs=1,
-        max_steps=max_steps or -1, precompute_ref_log_probs=True, precompute_ref_batch_size=16, use_cpu=True,
-        bf16=False, fp16=False, report_to="none", save_strategy="no", logging_steps=1, seed=1, disable_tqdm=True,
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_length=512,
+        loss_type=["sigmoid"],
+        beta=0.1,
+        learning_rate=5e-7,
+        warmup_steps=0,
+        num_train_epochs=1,
+        max_steps=max_steps or -1,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=16,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=1,
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[StepClock()])
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[StepClock()],
+    )
     trainer.train()
     end_to_end = time.perf_counter() - start
     step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
-    lengths = [min(len(r["prompt_ids"]) + len(r["chosen_ids"]), 512) + min(len(r["prompt_ids"]) + len(r["rejected_ids"]), 512)
-               for r in trainer.train_dataset]
+    lengths = [
+        min(len(r["prompt_ids"]) + len(r["chosen_ids"]), 512) + min(len(r["prompt_ids"]) + len(r["rejected_ids"]), 512)
+        for r in trainer.train_dataset
+    ]
     steps = len(step_s)
     tokens = sum(lengths) * steps * 8 / max(len(lengths), 1)  # expected real tokens over the steps run
-    return {"end_to_end_s": end_to_end, "peak_rss_mb": _rss_mb(), "baseline_rss_mb": baseline_rss, "steps": steps,
-            "step_s": statistics.fmean(step_s[WARMUP_STEPS:]), "train_s": sum(step_s), "train_tokens": tokens,
-            "reference_s": timings.get("reference_s", float("nan"))}
+    return {
+        "end_to_end_s": end_to_end,
+        "peak_rss_mb": _rss_mb(),
+        "baseline_rss_mb": baseline_rss,
+        "steps": steps,
+        "step_s": statistics.fmean(step_s[WARMUP_STEPS:]),
+        "train_s": sum(step_s),
+        "train_tokens": tokens,
+        "reference_s": timings.get("reference_s", float("nan")),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -284,17 +354,40 @@ def child(argv: list[str]) -> None:
     which, model_dir, data, out, max_steps, profile = argv
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     steps = int(max_steps) or None
-    fn = run_ours(model_dir, data, Path(out), steps, profile == "1") if which == "ours" else run_trl(
-        model_dir, data, Path(out), steps)
+    fn = (
+        run_ours(model_dir, data, Path(out), steps, profile == "1")
+        if which == "ours"
+        else run_trl(model_dir, data, Path(out), steps)
+    )
     (Path(out) / f"{which}.json").write_text(json.dumps(fn))
 
 
-def spawn(which: str, model_dir: str, data: str, out: Path, max_steps: int | None, profile: bool, threads: int) -> dict:
+def spawn(
+    which: str, model_dir: str, data: str, out: Path, max_steps: int | None, profile: bool, threads: int
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "HF_DATASETS_CACHE": str(out / "hf_datasets"), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, __file__, "--child", which, model_dir, data, str(out), str(max_steps or 0), str(int(profile))]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TQDM_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "HF_DATASETS_CACHE": str(out / "hf_datasets"),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        model_dir,
+        data,
+        str(out),
+        str(max_steps or 0),
+        str(int(profile)),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -306,19 +399,25 @@ def spawn(which: str, model_dir: str, data: str, out: Path, max_steps: int | Non
 
 def table(rows: list[tuple[str, dict, dict, int]]) -> str:
     """Markdown table: one line per (vocab row, trainer), with ours/TRL ratios."""
-    head = ("| vocab | pairs x steps | trainer | s/step (steady) | end-to-end s | reference pass s | peak RSS MB "
-            "| peak RSS above imports MB | tokens/s (train) |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| vocab | pairs x steps | trainer | s/step (steady) | end-to-end s | reference pass s | peak RSS MB "
+        "| peak RSS above imports MB | tokens/s (train) |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for label, ours, trl, pairs in rows:
         for name, r in (("ours (--packing)", ours), ("TRL DPOTrainer", trl)):
-            lines.append(f"| {label} | {pairs} x {r['steps']} | {name} | {r['step_s']:.3f} | {r['end_to_end_s']:.1f} "
-                         f"| {r['reference_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} "
-                         f"| {r['train_tokens'] / r['train_s']:.0f} |")
+            lines.append(
+                f"| {label} | {pairs} x {r['steps']} | {name} | {r['step_s']:.3f} | {r['end_to_end_s']:.1f} "
+                f"| {r['reference_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} "
+                f"| {r['train_tokens'] / r['train_s']:.0f} |"
+            )
         ratio = {k: ours[k] / trl[k] for k in ("step_s", "end_to_end_s", "reference_s", "peak_rss_mb")}
         above = (ours["peak_rss_mb"] - ours["baseline_rss_mb"]) / (trl["peak_rss_mb"] - trl["baseline_rss_mb"])
         tps = (ours["train_tokens"] / ours["train_s"]) / (trl["train_tokens"] / trl["train_s"])
-        lines.append(f"| {label} | | **ours / TRL** | **{ratio['step_s']:.2f}** | **{ratio['end_to_end_s']:.2f}** "
-                     f"| **{ratio['reference_s']:.2f}** | **{ratio['peak_rss_mb']:.2f}** | **{above:.2f}** | **{tps:.2f}** |")
+        lines.append(
+            f"| {label} | | **ours / TRL** | **{ratio['step_s']:.2f}** | **{ratio['end_to_end_s']:.2f}** "
+            f"| **{ratio['reference_s']:.2f}** | **{ratio['peak_rss_mb']:.2f}** | **{above:.2f}** | **{tps:.2f}** |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -344,11 +443,19 @@ def main() -> None:
     rows = []
     for label, model_dir, data_ours, data_trl, steps, pairs in (
         ("8,192", inputs["models"][0], inputs["ours_data"], inputs["trl_data"], None, inputs["pairs"]),
-        (f"{args.big_vocab:,}", small["models"][args.big_vocab], small["ours_data"], small["trl_data"],
-         args.big_vocab_steps, small["pairs"]),
+        (
+            f"{args.big_vocab:,}",
+            small["models"][args.big_vocab],
+            small["ours_data"],
+            small["trl_data"],
+            args.big_vocab_steps,
+            small["pairs"],
+        ),
     ):
         print(f"vocab {label}:", flush=True)
-        ours = spawn("ours", model_dir, data_ours, work / f"ours_{label}", steps, args.profile and not rows, args.threads)
+        ours = spawn(
+            "ours", model_dir, data_ours, work / f"ours_{label}", steps, args.profile and not rows, args.threads
+        )
         trl = spawn("trl", model_dir, data_trl, work / f"trl_{label}", steps, False, args.threads)
         rows.append((label, ours, trl, pairs))
     first = rows[0][1]
@@ -375,8 +482,11 @@ def write_section(path: Path, report: str, command: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     section = f"## Speed vs TRL\n\nCommand: `OMP_NUM_THREADS=2 {command}`\n\n{report}"
     pattern = re.compile(r"## Speed vs TRL\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: section.rstrip("\n") + "\n", text) if pattern.search(text) else (
-        text.rstrip("\n") + "\n\n" + section)
+    text = (
+        pattern.sub(lambda _: section.rstrip("\n") + "\n", text)
+        if pattern.search(text)
+        else (text.rstrip("\n") + "\n\n" + section)
+    )
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -38,9 +38,16 @@ def measure(variant: str, pairs: int, seq_len: int, prompt_len: int, vocab: int,
     from open_instruct.logprobs import sequence_logprobs
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq_len,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).float()
     rows = 2 * pairs  # chosen and rejected in one concatenated forward
     input_ids = torch.randint(0, vocab, (rows, seq_len))
@@ -48,7 +55,9 @@ def measure(variant: str, pairs: int, seq_len: int, prompt_len: int, vocab: int,
     labels = input_ids.clone()
     labels[:, :prompt_len] = IGNORE_INDEX  # the loss covers the replies only
     # warm up allocator and kernels on a small slice so one-time costs are not charged to the variant
-    sequence_logprobs(model, input_ids[:1, :8], attention_mask[:1, :8], labels[:1, :8], impl=variant).sums.sum().backward()
+    sequence_logprobs(
+        model, input_ids[:1, :8], attention_mask[:1, :8], labels[:1, :8], impl=variant
+    ).sums.sum().backward()
     model.zero_grad(set_to_none=False)
     before = _rss_bytes()
     start = time.perf_counter()
@@ -56,8 +65,14 @@ def measure(variant: str, pairs: int, seq_len: int, prompt_len: int, vocab: int,
     lp.means.sum().backward()
     seconds = time.perf_counter() - start
     peak = _rss_bytes()
-    return {"variant": variant, "peak_gib": (peak - before) / GIB, "baseline_gib": before / GIB,
-            "seconds": seconds, "mean_logp": float(lp.means.detach().mean()), "label_tokens": int(lp.counts.sum())}
+    return {
+        "variant": variant,
+        "peak_gib": (peak - before) / GIB,
+        "baseline_gib": before / GIB,
+        "seconds": seconds,
+        "mean_logp": float(lp.means.detach().mean()),
+        "label_tokens": int(lp.counts.sum()),
+    }
 
 
 def _available_bytes() -> int:
@@ -77,8 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=1024, help="--logprob_chunk_size of the chunked variant")
-    parser.add_argument("--min_free_gib", type=float, default=20.0,
-                        help="refuse to start the full variant with less available memory than this")
+    parser.add_argument(
+        "--min_free_gib",
+        type=float,
+        default=20.0,
+        help="refuse to start the full variant with less available memory than this",
+    )
     args = parser.parse_args(argv)
     shape = {k: getattr(args, k) for k in ("pairs", "seq_len", "prompt_len", "vocab", "hidden", "chunk")}
     if args.variant:
@@ -87,15 +106,21 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for variant in ("chunked", "full"):
         if variant == "full" and _available_bytes() < args.min_free_gib * GIB:
-            sys.exit(f"only {_available_bytes() / GIB:.1f} GiB available, the full variant wants "
-                     f"{args.min_free_gib} GiB (--min_free_gib); not starting it")
+            sys.exit(
+                f"only {_available_bytes() / GIB:.1f} GiB available, the full variant wants "
+                f"{args.min_free_gib} GiB (--min_free_gib); not starting it"
+            )
         cmd = [sys.executable, __file__, "--variant", variant] + [f"--{k}={v}" for k, v in shape.items()]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{variant}: {results[-1]}", file=sys.stderr)
     chunked, full = results
-    print(f"batch {args.pairs} pairs x {args.seq_len} tokens (rows {2 * args.pairs}, {chunked['label_tokens']} label "
-          f"tokens), vocab {args.vocab}, hidden {args.hidden}, 2 layers, fp32, chunk {args.chunk}\n")
+    print(
+        f"batch {args.pairs} pairs x {args.seq_len} tokens (rows {2 * args.pairs}, {chunked['label_tokens']} label "
+        f"tokens), vocab {args.vocab}, hidden {args.hidden}, 2 layers, fp32, chunk {args.chunk}\n"
+    )
     print("| log-probs | peak memory of forward+backward (GiB) | time (s) | mean log-prob |")
     print("|---|---|---|---|")
     for r in results:
