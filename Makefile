@@ -26,12 +26,12 @@ test: install
 	$(PY) -m pytest -q tests
 
 style: install
-	$(VENV)/bin/ruff format open_instruct tests scripts
-	$(VENV)/bin/ruff check --fix open_instruct tests scripts
+	$(VENV)/bin/ruff format open_instruct tests scripts examples
+	$(VENV)/bin/ruff check --fix open_instruct tests scripts examples
 
 quality: install
-	$(VENV)/bin/ruff check open_instruct tests scripts
-	$(VENV)/bin/ruff format --check open_instruct tests scripts
+	$(VENV)/bin/ruff check open_instruct tests scripts examples
+	$(VENV)/bin/ruff format --check open_instruct tests scripts examples
 
 clean:
 	rm -rf $(VENV) .demo output .pytest_cache
