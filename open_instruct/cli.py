@@ -12,6 +12,7 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,15 @@ def _attach_negative_numbers(argv: list[str]) -> list[str]:
                 continue
         out.append(token)
     return out
+
+
+def exit_on_user_error(entry: Callable[[], object]) -> None:
+    """Run a command-line entry; a UserError becomes one ``error: ...`` line on stderr and exit code 2."""
+    try:
+        entry()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv: list[str] | None = None) -> DPOArguments:

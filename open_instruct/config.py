@@ -170,7 +170,11 @@ class DPOArguments:
         "Run chosen and rejected in two forwards, each padded to its own length (lower peak per forward).",
         aliases=("concatenated_forward_false",),
     )
-    logprob_chunk_size: int = _f(1024, "Tokens per chunk of the output projection in the chunked log-probs.")
+    logprob_chunk_size: int | None = _f(
+        None,
+        "Tokens per chunk of the output projection in the chunked log-probs "
+        "(default: 2^24 / vocabulary size, e.g. 130 at 128k, 2048 at 8k).",
+    )
 
     # --- distributed ------------------------------------------------------------------------------------------
     zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (0-3); with --deepspeed_config it overrides the file's.")
@@ -244,11 +248,11 @@ def validate(args: DPOArguments) -> None:
         "max_seq_length",
         "logging_steps",
         "num_epochs",
-        "logprob_chunk_size",
     ):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in (
+        "logprob_chunk_size",
         "max_train_steps",
         "max_train_samples",
         "max_response_length",

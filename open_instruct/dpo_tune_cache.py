@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a file: import the package, not this fol
 
 import torch
 
-from open_instruct.cli import parse_args
+from open_instruct.cli import exit_on_user_error, parse_args
 from open_instruct.config import DPOArguments, UserError, validate
 
 
@@ -282,14 +282,14 @@ def run(args: DPOArguments) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: one clear line and exit code 2 for bad input."""
-    try:
+
+    def entry() -> None:
         args = parse_args(argv)
         validate(args)
         preflight(args)
         run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+
+    exit_on_user_error(entry)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -212,16 +211,15 @@ def run_sft(
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: one clear line and exit code 2 for bad input."""
-    from open_instruct.cli import parse_args
+    from open_instruct.cli import exit_on_user_error, parse_args
 
-    try:
+    def entry() -> None:
         args = parse_args(argv)
         check_sft_arguments(args)
         preflight(args)
         run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+
+    exit_on_user_error(entry)
 
 
 if __name__ == "__main__":

@@ -111,20 +111,35 @@ def decoder_hidden_states(
     return captured[-1]
 
 
+# Default chunk: as many tokens as keep one chunk's logits at 2^24 values (64 MiB in fp32). The step holds about four
+# [chunk, vocab] tensors at once (logits, log-sum-exp work space, their gradients), so a fixed token count would make
+# the peak grow with the vocabulary: 1024 tokens x 128,256 x 4 bytes is already 0.5 GiB per tensor.
+CHUNK_LOGITS_BUDGET = 1 << 24
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk that keep ``chunk x vocab_size`` at ``CHUNK_LOGITS_BUDGET`` (at least 16 tokens)."""
+    return max(16, CHUNK_LOGITS_BUDGET // max(vocab_size, 1))
+
+
 def chunked_logprobs(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     **forward_kwargs: Any,
 ) -> SequenceLogprobs:
-    """Memory-lean implementation: output projection only at label positions, ``chunk_size`` tokens at a time."""
+    """Memory-lean implementation: output projection only at label positions, ``chunk_size`` tokens at a time
+    (``None``: :func:`auto_chunk_size` of the vocabulary)."""
     hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
     targets, mask = next_token_targets(labels)
     selected = hidden[:, :-1][mask]  # [T, H]
     selected_targets = targets[mask]  # [T]
-    head = unwrap_model(model).get_output_embeddings()
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings()
+    if chunk_size is None:  # out_features stays the full vocabulary even when ZeRO-3 partitions the weight
+        chunk_size = auto_chunk_size(getattr(head, "out_features", None) or inner.config.vocab_size)
 
     def project(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return _token_logps(head(h), t)
@@ -150,7 +165,7 @@ def sequence_logprobs(
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     impl: str = "chunked",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     **forward_kwargs: Any,
 ) -> SequenceLogprobs:
     """Log-probs of the label tokens of each row of ``input_ids`` ``[N, L]`` with the chosen implementation.

@@ -102,7 +102,7 @@ def packed_forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def packed_sequence_logprobs(
-    model: Any, batch: dict[str, torch.Tensor], impl: str = "chunked", chunk_size: int = 1024
+    model: Any, batch: dict[str, torch.Tensor], impl: str = "chunked", chunk_size: int | None = None
 ) -> SequenceLogprobs:
     """Per-sequence log-probs ``[S]`` of a packed batch, in the collator's sequence order (chosen, then rejected).
 

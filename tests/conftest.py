@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,25 @@ def small_run_args(model_dir: Path, train_file: Path, output_dir: Path, **overri
 def read_metrics(output_dir: Path) -> list[dict]:
     """Rows of ``<output_dir>/metrics.jsonl``."""
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(flags: list[str], nproc: int = 2, port: int | None = None) -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node N`` around the entry script with these flags."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(port or free_port()),
+        "open_instruct/dpo_tune_cache.py",
+        *flags,
+    ]

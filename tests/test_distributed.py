@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, read_metrics, small_run_args
+from conftest import ROOT, cli_env, free_port, read_metrics, small_run_args, torchrun_command
 
 from open_instruct.config import DPOArguments, UserError
 from open_instruct.distributed import (
@@ -31,12 +30,6 @@ TIMINGS: dict[str, float] = {}
 # One reference batch size everywhere, so every rank's reference batches are the single process's batches: same padding,
 # same float sums. (With other sizes the padded length differs and the summed log-probs, about -20, differ by 1 ulp.)
 RUN = {"learning_rate": "1e-3", "max_grad_norm": "0.5", "reference_batch_size": "8", "mixer_list": None}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -116,7 +109,7 @@ def _check_against_baseline(run_dir: Path, baseline: Path) -> None:
 def test_zero2_two_machines_on_loopback(tiny_model_dir, synthetic_data, baseline, tmp_path):
     """accelerate launch --num_machines 2 (one process each, machine_rank 0 and 1) with the shipped ZeRO-2 config."""
     out = tmp_path / "out"
-    port = _free_port()
+    port = free_port()
     flags = _flags(tiny_model_dir, synthetic_data[0], out, per_device_train_batch_size="4")
     commands = [
         [
@@ -169,17 +162,7 @@ def test_zero3_with_accumulation_matches_and_saves_full_model(tiny_model_dir, sy
         gradient_accumulation_steps="2",
         zero_stage="3",
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "open_instruct/dpo_tune_cache.py",
-        *flags,
-    ]
+    command = torchrun_command(flags)
     _run("zero3 torchrun", [command], _env(tmp_path / "cache"))
     _check_against_baseline(tmp_path, baseline)
 
@@ -206,17 +189,7 @@ def test_plain_data_parallel_on_cpu_matches(tiny_model_dir, synthetic_data, base
         per_device_train_batch_size="2",
         gradient_accumulation_steps="2",
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "open_instruct/dpo_tune_cache.py",
-        *flags,
-    ]
+    command = torchrun_command(flags)
     _run("ddp torchrun", [command], _env(tmp_path / "cache"))
     _check_against_baseline(tmp_path, baseline)
 
@@ -243,17 +216,7 @@ def test_zero3_grows_partitioned_embeddings_for_an_added_token(tmp_path, synthet
         max_train_steps="1",
         zero_stage="3",
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "open_instruct/dpo_tune_cache.py",
-        *flags,
-    ]
+    command = torchrun_command(flags)
     _run("zero3 embedding resize", [command], _env(tmp_path / "cache"))
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     rows = -(-vocab // 8) * 8
@@ -397,17 +360,7 @@ def test_zero3_offload_matches(tiny_model_dir, synthetic_data, baseline, tmp_pat
         offload_optimizer="true",
         offload_param="true",
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "open_instruct/dpo_tune_cache.py",
-        *flags,
-    ]
+    command = torchrun_command(flags)
     _run("zero3 offload torchrun", [command], _env(tmp_path / "cache"))
     _check_against_baseline(tmp_path, baseline)
 

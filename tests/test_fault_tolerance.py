@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, read_metrics, run_cli, small_run_args
+from conftest import ROOT, cli_env, free_port, read_metrics, run_cli, small_run_args, torchrun_command
 
 from open_instruct import reference_cache
 from open_instruct.checkpointing import COMPLETED
@@ -219,12 +219,9 @@ def test_skip_nonfinite_batches_tolerates_and_counts(tiny_model_dir, synthetic_d
 
 def test_two_process_zero2_resume_matches_uninterrupted(tiny_model_dir, synthetic_data, tmp_path):
     """torchrun, 2 CPU processes, DeepSpeed ZeRO-2: resuming mid-epoch from a copy of step_4 continues exactly."""
-    import socket
 
     def launch(out: Path) -> subprocess.CompletedProcess:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         flags = small_run_args(
             tiny_model_dir,
             synthetic_data[0],
@@ -240,17 +237,7 @@ def test_two_process_zero2_resume_matches_uninterrupted(tiny_model_dir, syntheti
         )
         env = {**cli_env(tmp_path / "cache"), "DS_ACCELERATOR": "cpu", "ACCELERATE_LOG_LEVEL": "error"}
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                "2",
-                "--master_port",
-                str(port),
-                "open_instruct/dpo_tune_cache.py",
-                *flags,
-            ],
+            torchrun_command(flags, port=port),
             env=env,
             cwd=ROOT,
             capture_output=True,

@@ -187,3 +187,28 @@ def test_liger_matches_chunked_on_cuda():
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-4, atol=1e-4)
     for name in ref[3]:
         torch.testing.assert_close(ours[3][name], ref[3][name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_default_chunk_keeps_logits_bounded_for_any_vocabulary():
+    from open_instruct.logprobs import CHUNK_LOGITS_BUDGET, auto_chunk_size
+
+    for vocab in (8192, 32000, 128256, 256000):
+        chunk = auto_chunk_size(vocab)
+        assert chunk * vocab <= CHUNK_LOGITS_BUDGET < (chunk + 1) * vocab
+    assert auto_chunk_size(128256) == 130 and auto_chunk_size(8192) == 2048
+    assert auto_chunk_size(10**9) == 16  # never degenerates to single tokens
+
+
+def test_default_chunk_matches_explicit_chunk(model):
+    from open_instruct.logprobs import auto_chunk_size
+
+    batch = make_batch()
+    auto = chunked_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    explicit = chunked_logprobs(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        chunk_size=auto_chunk_size(model.config.vocab_size),
+    )
+    torch.testing.assert_close(auto.sums, explicit.sums, rtol=0, atol=0)
