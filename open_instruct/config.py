@@ -173,7 +173,7 @@ class DPOArguments:
     logprob_chunk_size: int | None = _f(
         None,
         "Tokens per chunk of the output projection in the chunked log-probs "
-        "(default: 2^24 / vocabulary size, e.g. 130 at 128k, 2048 at 8k).",
+        "(default: 2^23 / vocabulary size, e.g. 65 at 128k, 1024 at 8k).",
     )
 
     # --- distributed ------------------------------------------------------------------------------------------

@@ -111,10 +111,10 @@ def decoder_hidden_states(
     return captured[-1]
 
 
-# Default chunk: as many tokens as keep one chunk's logits at 2^24 values (64 MiB in fp32). The step holds about four
+# Default chunk: as many tokens as keep one chunk's logits at 2^23 values (32 MiB in fp32). The step holds about four
 # [chunk, vocab] tensors at once (logits, log-sum-exp work space, their gradients), so a fixed token count would make
 # the peak grow with the vocabulary: 1024 tokens x 128,256 x 4 bytes is already 0.5 GiB per tensor.
-CHUNK_LOGITS_BUDGET = 1 << 24
+CHUNK_LOGITS_BUDGET = 1 << 23
 
 
 def auto_chunk_size(vocab_size: int) -> int:

@@ -195,7 +195,7 @@ def test_default_chunk_keeps_logits_bounded_for_any_vocabulary():
     for vocab in (8192, 32000, 128256, 256000):
         chunk = auto_chunk_size(vocab)
         assert chunk * vocab <= CHUNK_LOGITS_BUDGET < (chunk + 1) * vocab
-    assert auto_chunk_size(128256) == 130 and auto_chunk_size(8192) == 2048
+    assert auto_chunk_size(128256) == 65 and auto_chunk_size(8192) == 1024
     assert auto_chunk_size(10**9) == 16  # never degenerates to single tokens
 
 
