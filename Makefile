@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast style quality bench clean
+.PHONY: install demo test test-matrix test-fast style quality bench clean
 
 install: $(STAMP)
 
@@ -25,13 +25,17 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+# The 3-wise covering set of option combinations (offload included), its table written to docs/combinations.md.
+test-matrix: install
+	$(PY) scripts/matrix/run.py --strength 3 --out output/matrix3 --table docs/combinations.md
+
 style: install
-	$(VENV)/bin/ruff format open_instruct tests scripts examples
-	$(VENV)/bin/ruff check --fix open_instruct tests scripts examples
+	$(VENV)/bin/ruff format open_instruct modern_llm tests scripts examples
+	$(VENV)/bin/ruff check --fix open_instruct modern_llm tests scripts examples
 
 quality: install
-	$(VENV)/bin/ruff check open_instruct tests scripts examples
-	$(VENV)/bin/ruff format --check open_instruct tests scripts examples
+	$(VENV)/bin/ruff check open_instruct modern_llm tests scripts examples
+	$(VENV)/bin/ruff format --check open_instruct modern_llm tests scripts examples
 
 clean:
 	rm -rf $(VENV) .demo output .pytest_cache

@@ -1,6 +1,7 @@
-"""open_instruct-dpo: supervised fine-tuning and DPO with a cached reference, from the CLI or from Python.
+"""open_instruct-dpo: pretraining, supervised fine-tuning and DPO with a cached reference, from the CLI or Python.
 
-from open_instruct import run_sft, run_dpo, TrainingConfig, DPOConfig, PreferenceDatasetConfig, SFTDatasetConfig
+from open_instruct import run_training, run_sft, run_dpo, TrainingConfig, ModelConfig, DPOConfig
+from open_instruct import TextDatasetConfig, SFTDatasetConfig, PreferenceDatasetConfig
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ _EXPORTS = {
     "TrainingConfig": "open_instruct.api",
     "PreferenceDatasetConfig": "open_instruct.api",
     "SFTDatasetConfig": "open_instruct.api",
+    "TextDatasetConfig": "open_instruct.api",
+    "ModelConfig": "open_instruct.model.scratch",
+    "run_training": "open_instruct.pretrain",
     "run_sft": "open_instruct.finetune",
     "UserError": "open_instruct.config",
 }

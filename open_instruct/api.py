@@ -15,12 +15,14 @@ import contextlib
 import dataclasses
 import json
 import os
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.objectives.losses import LossSettings, hyperparameter_names
 
 # Hub datasets whose row shape needs a dedicated parser (open_instruct.data.formats), by lower-cased hub id.
 HUB_FORMATS = {"anthropic/hh-rlhf": "hh_rlhf", "stanfordnlp/shp": "shp"}
@@ -33,7 +35,9 @@ class TrainingConfig:
     """Settings shared by the SFT and DPO stages: run, batch, optimiser, schedule, logging, saving."""
 
     run_name: str = "run"
-    dataset_name: str | None = None  # used when the stage's dataset config is not given
+    dataset_name: str | None = None  # used when the stage's dataset config is not given (pretraining: its text)
+    eval_dataset_name: str | None = None  # likewise, the held-out set when the dataset config names none
+    eval_fraction: float = 0.0  # likewise: hold out this fraction of the training data instead
     tokenizer_name: str | None = None  # default: the checkpoint's own tokenizer
     output_dir: str = "output/run"
     batch_size: int = 8  # global: micro_batch_size x gradient_accumulation_steps x world size
@@ -56,19 +60,31 @@ class TrainingConfig:
     wandb_entity: str | None = None
     push_to_hub: bool = False
     hf_repo_id: str | None = None
+    save_format: str = (
+        "hf"  # "hf": the final checkpoint is output_dir; "pt": also output_dir/<stage>_final.pt, returned
+    )
     extra: dict[str, Any] = field(default_factory=dict)  # any other DPOArguments flag by name
 
 
-@dataclass
-class DPOConfig:
-    """The preference loss and its length budget."""
+def _loss_hyperparameters() -> type:
+    """``LossSettings``' fields with their (TRL) defaults: the base of DPOConfig, so each loss hyperparameter is
+    declared once, in :mod:`open_instruct.objectives.losses`."""
+    hints = typing.get_type_hints(LossSettings)
+    return dataclasses.make_dataclass(
+        "LossHyperparameters",
+        [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(LossSettings)],
+    )
 
-    beta: float = 0.1
+
+@dataclass
+class DPOConfig(_loss_hyperparameters()):
+    """The preference loss and its length budget (plus every ``LossSettings`` hyperparameter: beta, label_smoothing,
+    gamma_beta_ratio, nll_loss_weight, ...)."""
+
     max_length: int = 512  # maximum tokens per response
     max_prompt_length: int = 512  # maximum prompt tokens; sequences get max_prompt_length + max_length tokens
-    label_smoothing: float = 0.0
-    loss_type: str = "dpo"
-    gamma_beta_ratio: float = 0.3
+    loss_type: str | list[str] = "dpo"  # one loss, or several (TRL's names too) summed with loss_weights
+    loss_weights: list[float] | None = None
     reference_free: bool = False
     reference_cache_dir: str | None = None  # default: $REFERENCE_LOGPROBS_CACHE_PATH or ~/.cache/open_instruct/...
 
@@ -91,6 +107,24 @@ class PreferenceDatasetConfig:
     chat_template_name: str | None = None
     max_samples: int | None = None
     skip_invalid_rows: bool = False
+
+
+@dataclass
+class TextDatasetConfig:
+    """Raw text for pretraining: ``.txt`` (a document per line), ``.jsonl``/``.json``/parquet or a hub dataset with a
+    text column; default: ``TrainingConfig.dataset_name``. Documents are packed into blocks of ``block_size`` tokens
+    (default: the model's context length)."""
+
+    dataset_name: DatasetSource | None = None
+    split: str = "train"
+    amount: float | int = 1.0
+    text_column: str = "text"
+    block_size: int | None = None
+    eval_dataset_name: DatasetSource | None = None
+    eval_split: str = "test"
+    eval_fraction: float = 0.0  # of the documents, held out before packing
+    max_samples: int | None = None  # documents
+    chat_template_name: str | None = None  # unused by pretraining; here so the data arguments are shared
 
 
 @dataclass
@@ -144,6 +178,12 @@ def training_arguments(train: TrainingConfig) -> dict[str, Any]:
         raise UserError(f"mixed_precision must be 'bf16', 'fp16' or 'no', got {train.mixed_precision!r}")
     if train.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {train.warmup_steps}")
+    if train.save_format not in ("hf", "pt"):
+        raise UserError(
+            f"save_format must be 'hf' (a Hugging Face folder) or 'pt' (one file), got {train.save_format!r}"
+        )
+    if train.save_format == "pt" and (train.extra.get("use_lora") or train.extra.get("use_qlora")):
+        raise UserError("save_format='pt' writes full weights; a LoRA run saves an adapter (use save_format='hf')")
     values = {
         "exp_name": train.run_name,
         "output_dir": str(train.output_dir),
@@ -206,6 +246,10 @@ def dataset_arguments(dataset: Any, train: TrainingConfig, kind: str) -> dict[st
         raise UserError(f"no {kind} dataset: set {type(dataset).__name__}.dataset_name or TrainingConfig.dataset_name")
     folder = Path(train.output_dir) / "api_data"
     name = dataset_path(source, folder, "train")
+    if dataset.eval_dataset_name is None and dataset.eval_fraction == 0:  # TrainingConfig's evaluation settings
+        dataset = dataclasses.replace(
+            dataset, eval_dataset_name=train.eval_dataset_name, eval_fraction=train.eval_fraction
+        )
     amount = dataset.amount
     if not isinstance(amount, int | float) or isinstance(amount, bool) or amount <= 0:
         raise UserError(f"amount must be a positive fraction (float) or row count (int), got {amount!r}")
@@ -253,12 +297,11 @@ def dpo_arguments(
         raise UserError(
             f"max_length and max_prompt_length must be >= 1, got {dpo.max_length}, {dpo.max_prompt_length}"
         )
+    values.update({name: getattr(dpo, name) for name in hyperparameter_names()})
     values.update(
         model_name_or_path=model,
-        beta=dpo.beta,
-        label_smoothing=dpo.label_smoothing,
         loss_type=dpo.loss_type,
-        gamma_beta_ratio=dpo.gamma_beta_ratio,
+        loss_weights=dpo.loss_weights,
         reference_free=dpo.reference_free,
         max_seq_length=dpo.max_prompt_length + dpo.max_length,
         max_response_length=dpo.max_length,
@@ -273,6 +316,30 @@ def dpo_arguments(
         raise UserError(f"invalid setting: {err}") from err
     validate(args)
     return args
+
+
+def source_tokenizer(checkpoint: str, tokenizer_name: str | None) -> str:
+    """The tokenizer a stage starting from ``checkpoint`` uses, by name: the one given, the one a ``.pt`` of ours
+    carries, else the checkpoint's own."""
+    from open_instruct.model.state_dict import carried_tokenizer_name, is_state_dict_file
+
+    if tokenizer_name:
+        return tokenizer_name
+    carried = carried_tokenizer_name(checkpoint) if is_state_dict_file(checkpoint) else None
+    return carried or checkpoint
+
+
+def final_checkpoint(folder: Path, train: TrainingConfig, stage: str, tokenizer_name: str | None) -> Path:
+    """What a stage returns: its output folder, or with ``save_format="pt"`` the ``<stage>_final.pt`` written from it
+    (the next stage's ``pretrain_checkpoint`` / ``sft_checkpoint`` either way)."""
+    if train.save_format != "pt":
+        return folder
+    from open_instruct.model.state_dict import write_pt_checkpoint
+
+    path = folder / f"{stage}_final.pt"
+    if int(os.environ.get("RANK", "0")) == 0:  # launched on several processes: the main one writes it
+        write_pt_checkpoint(folder, path, tokenizer_name)
+    return path
 
 
 @contextlib.contextmanager
@@ -297,13 +364,17 @@ def run_dpo(
     tokenizer_name: str | None = None,
     model_config: Any = None,
 ) -> Path:
-    """DPO from an SFT checkpoint (HF folder, hub id, or ``.pt`` state dict); returns the final checkpoint's folder.
+    """DPO from an SFT checkpoint (HF folder, hub id, or ``.pt``); returns the final checkpoint (the output folder, or
+    ``dpo_final.pt`` with ``save_format="pt"``).
 
-    A ``.pt`` state dict needs a tokenizer (``tokenizer_name`` or ``train_config.tokenizer_name``) and a model config
-    (``model_config``: a folder, hub id or ``PretrainedConfig``; default: the tokenizer's folder).
+    A ``.pt`` written by ``run_sft``/``run_training`` carries its model config and tokenizer. A bare state dict needs a
+    tokenizer (``tokenizer_name`` or ``train_config.tokenizer_name``) and a model config (``model_config``: a folder,
+    hub id or ``PretrainedConfig``; default: the tokenizer's folder).
     """
     from open_instruct import dpo_tune_cache
-    from open_instruct.state_dict import is_state_dict_file, state_dict_to_folder
+    from open_instruct.model.state_dict import is_state_dict_file, state_dict_to_folder
+    from open_instruct.training import preemption
+    from open_instruct.training.recipe import preflight
 
     train = train_config or TrainingConfig()
     tokenizer_name = tokenizer_name or train.tokenizer_name
@@ -316,6 +387,10 @@ def run_dpo(
             state_dict_to_folder(checkpoint, tokenizer_name, model_config, Path(train.output_dir) / "initial_model")
         )
         args.tokenizer_name_or_path = args.model_name_or_path
-    dpo_tune_cache.preflight(args)
+    preflight(args)
     with fresh_accelerate_state():
-        return Path(dpo_tune_cache.run(args))
+        try:
+            folder = Path(dpo_tune_cache.run(args))
+        finally:  # the run's stop-signal handlers end with it, also when it raises Preempted
+            preemption.uninstall()
+    return final_checkpoint(folder, train, "dpo", source_tokenizer(checkpoint, tokenizer_name))

@@ -10,7 +10,6 @@ final checkpoint is a Hugging Face folder that ``run_dpo`` / ``dpo_tune_cache`` 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,19 +20,21 @@ from open_instruct.api import (
     SFTDatasetConfig,
     TrainingConfig,
     dataset_arguments,
+    final_checkpoint,
     fresh_accelerate_state,
+    source_tokenizer,
     training_arguments,
 )
 from open_instruct.config import DPOArguments, UserError, validate
-from open_instruct.dpo_tune_cache import preflight
+from open_instruct.data.tokenize import IGNORE_INDEX
+from open_instruct.objectives.losses import hyperparameter_names
+from open_instruct.training.recipe import command_line, preflight
 
 # Flags that only mean something for a preference loss: passing one to SFT is an error, never ignored.
 DPO_ONLY = (
     "loss_type",
-    "beta",
-    "label_smoothing",
-    "gamma_beta_ratio",
-    "nll_loss_weight",
+    "loss_weights",
+    *hyperparameter_names(),
     "reference_free",
     "separate_forward",
     "reference_batch_size",
@@ -42,6 +43,8 @@ DPO_ONLY = (
     "packing",
     "max_tokens_per_batch",
     "group_by_length",
+    # SFT has no checkpoint resume yet, so a stop signal keeps its default action
+    "preemption_signals",
 )
 
 
@@ -54,42 +57,42 @@ def check_sft_arguments(args: DPOArguments) -> None:
     validate(args)
 
 
+def label_tokens(batch: dict[str, torch.Tensor], rows: int) -> int:
+    """Predicted (label) tokens of the first ``rows`` conversations: the first token of each is never a target."""
+    return int((batch["labels"][:rows, 1:] != IGNORE_INDEX).sum())
+
+
 def sft_step(logprob_fn: Any) -> Any:
-    """The trainer's step function for SFT: token-mean NLL of the micro-batch, summed NLL and token count."""
+    """The trainer's step for SFT: summed NLL of the real conversations' label tokens, scaled by the loop (which
+    divides by the optimizer step's label tokens on all ranks: a per-token mean over the whole step), and the count."""
+    from open_instruct.training.loop import StepFn
 
-    def step(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    def run(model: Any, batch: dict[str, torch.Tensor], rows: int, scale: float) -> tuple[Any, dict, int]:
         lp = logprob_fn(model, batch)
-        tokens = lp.counts.sum()
-        loss = -lp.sums.sum() / tokens.clamp(min=1)
-        return loss, {"train_loss": -lp.sums.detach().sum()}, int(tokens)
+        nll = -lp.sums[:rows].sum()
+        return nll * scale, {"train_loss": nll.detach()}, int(lp.counts[:rows].sum())
 
-    return step
+    return StepFn(run=run, units=label_tokens)
 
 
 def run(args: DPOArguments) -> Path:
     """Fine-tune one model on chat data; returns the folder holding the final checkpoint."""
-    from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from open_instruct import eval_loop
-    from open_instruct.checkpointing import save_final_model
     from open_instruct.data.prepare import write_statistics
     from open_instruct.data.sft import SFTCollator, prepare_sft_data
-    from open_instruct.dpo_tune_cache import build_accelerator, build_scheduler, optimizer_steps
-    from open_instruct.logprobs import sequence_logprobs
-    from open_instruct.losses import LossSettings
-    from open_instruct.modeling import load_model, load_tokenizer
-    from open_instruct.tracking import MetricsLogger
-    from open_instruct.trainer import LoopSettings, train_loop
+    from open_instruct.model.modeling import load_model, load_tokenizer
+    from open_instruct.objectives.logprobs import sequence_logprobs
+    from open_instruct.report.tracking import MetricsLogger
+    from open_instruct.training import recipe
+    from open_instruct.training.evaluation import NLLEvaluator, prepare_eval_records
+    from open_instruct.training.precision import in_run_precision
 
-    # 1. Accelerator, seed, tokenizer, data (every row checked before the model loads).
-    accelerator = build_accelerator(args)
-    set_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # 1. Engine, seed, tokenizer, data (every row checked before the model loads).
+    accelerator, output_dir = recipe.start_run(args)
     tokenizer = load_tokenizer(args)
     records, stats = prepare_sft_data(args, tokenizer)
-    records, eval_records = eval_loop.prepare_eval_records(
+    records, eval_records = prepare_eval_records(
         args, records, lambda a, mix, splits: prepare_sft_data(a, tokenizer, mix, splits)[0]
     )
     accelerator.print(
@@ -100,48 +103,20 @@ def run(args: DPOArguments) -> Path:
     if accelerator.is_main_process:
         write_statistics(stats, output_dir)
 
-    # 2. Model, optimizer, schedule, dataloader under accelerate.
+    # 2. Model, optimizer, schedule, data loader under the engine.
     model = load_model(args, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     collate = SFTCollator(tokenizer.pad_token_id)
     train_loader = DataLoader(records, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate)
-    steps_per_epoch, total_steps = optimizer_steps(len(records), args, accelerator.num_processes)
-    scheduler = build_scheduler(args, optimizer, total_steps, accelerator.num_processes)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    run_config = {
-        **args.to_dict(),
-        "stage": "sft",
-        "global_batch_size": global_batch,
-        "total_optimizer_steps": total_steps,
-        "world_size": accelerator.num_processes,
-    }
-    accelerator.print(f"global batch {global_batch} conversations; {total_steps} optimizer steps")
-    if accelerator.is_main_process:
-        (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
+    run = recipe.prepare_training(args, accelerator, model, train_loader, output_dir, "conversations", "sft")
 
-    def logprob_fn(m: Any, batch: dict[str, torch.Tensor]) -> Any:
+    def logprob_fn_fp(m: Any, batch: dict[str, torch.Tensor]) -> Any:
         return sequence_logprobs(
             m, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size=args.logprob_chunk_size
         )
 
+    logprob_fn = in_run_precision(accelerator, logprob_fn_fp, report=accelerator.print)  # run's precision, fp32 logps
+
     # 3. Training, with held-out NLL every --eval_steps.
-    if args.with_tracking:
-        accelerator.init_trackers(
-            args.wandb_project,
-            config=run_config,
-            init_kwargs={"wandb": {"name": args.exp_name, "entity": args.wandb_entity}},
-        )
-    settings = LoopSettings(
-        num_epochs=-(-total_steps // steps_per_epoch),
-        max_train_steps=total_steps,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_grad_norm=args.max_grad_norm,
-        logging_steps=args.logging_steps,
-        length_normalized=False,
-        loss_settings=LossSettings(),
-        eval_steps=args.eval_steps,
-    )
     logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
     evaluate = None
     if eval_records:
@@ -150,25 +125,11 @@ def run(args: DPOArguments) -> Path:
                 eval_records, batch_size=2 * args.per_device_train_batch_size, shuffle=False, collate_fn=collate
             )
         )
-        evaluate = eval_loop.NLLEvaluator(accelerator, model, eval_loader, len(eval_records), logprob_fn, logger)
-    train_loop(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_loader,
-        None,
-        logprob_fn,
-        None,
-        settings,
-        logger,
-        evaluate=evaluate,
-        step_fn=sft_step(logprob_fn),
-    )
+        evaluate = NLLEvaluator(accelerator, run.model, eval_loader, len(eval_records), logprob_fn, logger)
+    recipe.train(args, accelerator, run, sft_step(logprob_fn), logger, evaluate)
 
-    # 4. Final checkpoint in Hugging Face format: a valid starting point for DPO.
-    save_final_model(accelerator, model, tokenizer, output_dir)
-    accelerator.print(f"saved the final model to {output_dir}")
+    # 4. Final checkpoint in Hugging Face format (a valid starting point for DPO), curves.
+    recipe.finish_run(accelerator, run.model, tokenizer, output_dir)
     accelerator.end_training()
     return output_dir
 
@@ -180,9 +141,11 @@ def run_sft(
     tokenizer_name: str | None = None,
     model_config: Any = None,
 ) -> Path:
-    """Supervised fine-tuning from a pretrained checkpoint (HF folder, hub id or ``.pt`` state dict); returns the
-    final checkpoint's folder, a valid ``sft_checkpoint`` for ``run_dpo``."""
-    from open_instruct.state_dict import is_state_dict_file, state_dict_to_folder
+    """Supervised fine-tuning from a pretrained checkpoint (HF folder, hub id, or ``.pt``: ours carry their model
+    config and tokenizer, a bare state dict needs ``tokenizer_name`` and ``model_config``); returns the final
+    checkpoint, the output folder or with ``save_format="pt"`` ``sft_final.pt``: a valid ``sft_checkpoint`` for
+    ``run_dpo``."""
+    from open_instruct.model.state_dict import is_state_dict_file, state_dict_to_folder
 
     train = train_config or TrainingConfig()
     dataset = dataset_config or SFTDatasetConfig()
@@ -206,20 +169,13 @@ def run_sft(
         args.tokenizer_name_or_path = args.model_name_or_path
     preflight(args)
     with fresh_accelerate_state():
-        return Path(run(args))
+        folder = Path(run(args))
+    return final_checkpoint(folder, train, "sft", source_tokenizer(str(pretrain_checkpoint), tokenizer_name))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: one clear line and exit code 2 for bad input."""
-    from open_instruct.cli import exit_on_user_error, parse_args
-
-    def entry() -> None:
-        args = parse_args(argv)
-        check_sft_arguments(args)
-        preflight(args)
-        run(args)
-
-    exit_on_user_error(entry)
+    command_line(argv, check_sft_arguments, run)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-HH_SAMPLE = SHARED_DATA / "hh-rlhf-harmless-base-sample.jsonl.gz"
+FIXTURES = ROOT / "tests" / "fixtures"
+HH_SAMPLE = FIXTURES / "hh_rlhf_sample.jsonl.gz"  # real HH-RLHF rows shipped in the repo (MIT, see fixtures/NOTICE)
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-_HH_NAME = "hh-rlhf-harmless-base-sample.jsonl.gz"
-# ../shared/data from the repository root; from a git worktree nested deeper, the nearest ancestor that has it.
-HH_SAMPLE = next(
-    (p / "shared" / "data" / _HH_NAME for p in ROOT.parents if (p / "shared" / "data" / _HH_NAME).is_file()),
-    ROOT.parent / "shared" / "data" / _HH_NAME,
-)
+# 411 real HH-RLHF rows shipped with the tests (MIT, see tests/fixtures/NOTICE): nothing outside the repo is read.
+HH_SAMPLE = ROOT / "tests" / "fixtures" / "hh_rlhf_sample.jsonl.gz"
 SPECIAL = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|im_start|>", "<|im_end|>"]
 
 

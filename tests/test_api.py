@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, read_metrics, run_cli, small_run_args
+from conftest import read_metrics, run_cli, small_run_args
 
 from open_instruct import DPOConfig, PreferenceDatasetConfig, TrainingConfig, UserError, run_dpo
 from open_instruct.api import dpo_arguments, preference_arguments
@@ -189,30 +187,3 @@ def test_pt_state_dict_trains_from_the_same_weights(tiny_model_dir, synthetic_da
     assert torch.equal(rebuilt(input_ids=ids).logits, original(input_ids=ids).logits)
     assert [r["training_step"] for r in read_metrics(path)] == [1, 2]
     assert AutoModelForCausalLM.from_pretrained(path) is not None
-
-
-def test_pipeline_example_runs(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "examples/pipeline.py",
-            "--out_dir",
-            str(tmp_path),
-            "--n_train",
-            "256",
-            "--sft_steps",
-            "20",
-            "--dpo_steps",
-            "10",
-        ],
-        cwd=ROOT,
-        env=cli_env(tmp_path / "cache"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    nll = [float(x) for x in re.search(r"SFT: held-out NLL .*: \[(.*)\]", result.stdout).group(1).split(",")]
-    assert len(nll) == 2 and nll[1] < nll[0]
-    assert "DPO: held-out eval/loss" in result.stdout
-    assert (tmp_path / "dpo" / "model.safetensors").is_file() and (tmp_path / "sft" / "model.safetensors").is_file()

@@ -7,15 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from open_instruct.checkpointing import (
+from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.report.tracking import MetricsLogger
+from open_instruct.training.checkpointing import (
     COMPLETED,
     CheckpointPolicy,
     latest_complete_checkpoint,
     prune_checkpoints,
     resolve_resume,
 )
-from open_instruct.config import DPOArguments, UserError, validate
-from open_instruct.tracking import MetricsLogger
 
 
 def _make(root, step, complete=True):

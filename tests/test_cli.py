@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from open_instruct.cli import parse_args
 from open_instruct.config import UserError, validate
+from open_instruct.config.cli import parse_args
 
 BASE = ["--model_name_or_path", "m", "--mixer_list", "data.jsonl", "1.0"]
 
 
 def test_defaults_follow_tulu3():
     args = parse_args(BASE)
-    assert (args.loss_type, args.beta) == ("dpo_norm", 5.0)
+    assert (args.loss_type, args.beta) == (["dpo_norm"], 5.0)
 
 
 def test_reference_cache_path_from_environment(monkeypatch, tmp_path):
@@ -28,7 +28,7 @@ def test_reference_cache_path_from_environment(monkeypatch, tmp_path):
         ("--tokenizer_name", "tokenizer_name_or_path", "tok", "tok"),
         ("--dataset_mixer_list", "mixer_list", "a.jsonl", ["a.jsonl"]),
         ("--num_train_epochs", "num_epochs", "3", 3),
-        ("--dpo_loss_type", "loss_type", "dpo", "dpo"),
+        ("--dpo_loss_type", "loss_type", "dpo", ["dpo"]),
         ("--dpo_beta", "beta", "0.1", 0.1),
     ],
 )

@@ -227,7 +227,7 @@ def test_real_hh_sample_counts_match_an_independent_count():
     assert report["invalid"] == expected_invalid
     assert report["notes"] == {"merged_consecutive_turns": expected_merged}
     assert len(pairs) / len(raw) == (len(raw) - sum(expected_invalid.values())) / len(raw)
-    with pytest.raises(UserError, match="hh-rlhf-harmless-base-sample.jsonl.gz: row \\d+: empty_reply"):
+    with pytest.raises(UserError, match="hh_rlhf_sample.jsonl.gz: row \\d+: empty_reply"):
         normalize_rows(str(HH_SAMPLE), rows, "auto", skip_invalid=False)
 
 

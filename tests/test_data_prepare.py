@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import random
 import re
-import shutil
 import statistics as pystats
 
 import pytest
@@ -53,8 +53,8 @@ def test_cache_is_reused_without_retokenizing(data_dir, tmp_path, word_tokenizer
     def fail(*_, **__):
         raise AssertionError("tokenized again although the cache holds these inputs")
 
-    monkeypatch.setattr(prepare_module, "tokenize_pairs", fail)
-    monkeypatch.setattr(prepare_module, "build_train_eval_mix", fail)
+    monkeypatch.setattr(prepare_module, "tokenize_unique", fail)
+    monkeypatch.setattr(prepare_module, "plan_mix", fail)
     second = prepare_preference_data(args, word_tokenizer)
     assert second.statistics["cache"]["status"] == "loaded"
     assert second.records == first.records
@@ -113,13 +113,21 @@ def test_each_input_invalidates_the_cache(change, data_dir, tmp_path):
     assert again.statistics["cache"]["status"] == "loaded" and again.records == changed.records
 
 
-def test_a_damaged_entry_is_rebuilt(data_dir, tmp_path, word_tokenizer):
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_entry_is_rebuilt(damage, data_dir, tmp_path, word_tokenizer, capsys):
     args = _args(data_dir, tmp_path / "cache")
     first = prepare_preference_data(args, word_tokenizer)
+    expected = list(first.records)
     entry = first.statistics["cache"]["path"]
-    shutil.rmtree(f"{entry}/train")
+    del first
+    train = pathlib.Path(entry) / "train.arrow"
+    if damage == "missing":
+        train.unlink()
+    else:
+        train.write_bytes(train.read_bytes()[:100])
     second = prepare_preference_data(args, word_tokenizer)
-    assert second.statistics["cache"]["status"] == "written" and second.records == first.records
+    assert "unreadable" in capsys.readouterr().err and list(second.records) == expected
+    assert second.statistics["cache"]["status"] == "written"
     assert prepare_preference_data(args, word_tokenizer).statistics["cache"]["status"] == "loaded"
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
@@ -180,7 +188,7 @@ def test_malformed_row_stops_before_tokenizing_with_file_row_and_reason(tmp_path
     bad = tmp_path / "bad.jsonl"
     rows = [{"prompt": "a b", "chosen": "c", "rejected": "d"}, {"prompt": "a b", "chosen": "c", "rejected": "c"}]
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(prepare_module, "tokenize_pairs", None)  # never reached
+    monkeypatch.setattr(prepare_module, "tokenize_unique", None)  # never reached
     args = DPOArguments(
         model_name_or_path="unused", mixer_list=[str(bad), "1.0"], dataset_local_cache_dir=str(tmp_path / "c")
     )

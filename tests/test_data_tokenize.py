@@ -36,10 +36,7 @@ TEMPLATES = {**CHAT_TEMPLATES, "own": OWN_TEMPLATE}
 
 @pytest.fixture(scope="module")
 def bpe():
-    if HH_SAMPLE.is_file():
-        texts = [r[side] for r in read_hh_rows()[:400] for side in ("chosen", "rejected")]
-    else:  # still a real BPE, trained on less
-        texts = [m["content"] for p in PAIRS for part in p.values() for m in part] * 50
+    texts = [r[side] for r in read_hh_rows(HH_SAMPLE)[:400] for side in ("chosen", "rejected")]
     return train_bpe_tokenizer(texts, vocab_size=2000)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import read_metrics, run_cli, small_run_args
 
 from open_instruct.config import DPOArguments, UserError, validate
-from open_instruct.eval_loop import hold_out
+from open_instruct.training.evaluation import hold_out
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_eval_metrics_at_every_eval_step_and_the_end(eval_run):
 
 def _eval_records(model_dir, test_file):
     from open_instruct.data.prepare import prepare_preference_data
-    from open_instruct.modeling import load_tokenizer
+    from open_instruct.model.modeling import load_tokenizer
 
     args = DPOArguments(
         model_name_or_path=str(model_dir),

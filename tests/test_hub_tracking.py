@@ -139,7 +139,7 @@ def test_plot_command_writes_a_png(tracked_run, tmp_path):
     out, *_ = tracked_run
     target = tmp_path / "curves.png"
     result = subprocess.run(
-        [sys.executable, "-m", "open_instruct.plot", str(out), "--out", str(target)],
+        [sys.executable, "-m", "open_instruct.report.plot", str(out), "--out", str(target)],
         env=cli_env(tmp_path),
         cwd=ROOT,
         capture_output=True,
@@ -166,7 +166,7 @@ def test_repo_id_resolution(flags, expected, monkeypatch):
     from huggingface_hub import constants
 
     from open_instruct.config import DPOArguments
-    from open_instruct.hub import resolve_repo_id
+    from open_instruct.report.hub import resolve_repo_id
 
     args = DPOArguments(push_to_hub=True, reference_logprobs_cache_path="unused", **flags)
     with FakeHub() as hub:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from open_instruct.cli import build_parser, parse_args
 from open_instruct.config import validate
+from open_instruct.config.cli import build_parser, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (ROOT / "scripts" / "train").rglob("*") if p.suffix in (".sh", ".sbatch"))

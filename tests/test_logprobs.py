@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from open_instruct.data.tokenize import IGNORE_INDEX
-from open_instruct.logprobs import (
+from open_instruct.model.liger import CPU_FALLBACK_MESSAGE, resolve_logprob_impl
+from open_instruct.objectives.logprobs import (
     chunked_logprobs,
     full_logprobs,
     pair_logprobs,
     sequence_logprobs,
     supports_chunked,
 )
-from open_instruct.logprobs_liger import CPU_FALLBACK_MESSAGE, resolve_logprob_impl
 
 VOCAB = 97
 
@@ -164,7 +164,8 @@ def test_liger_flag_without_cuda_falls_back_to_chunked(model):
 def test_liger_matches_chunked_on_cuda():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from open_instruct.logprobs_liger import apply_liger_kernels, liger_logprobs
+    from open_instruct.model.liger import apply_liger_kernels
+    from open_instruct.objectives.logprobs import liger_logprobs
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -190,7 +191,7 @@ def test_liger_matches_chunked_on_cuda():
 
 
 def test_default_chunk_keeps_logits_bounded_for_any_vocabulary():
-    from open_instruct.logprobs import CHUNK_LOGITS_BUDGET, auto_chunk_size
+    from open_instruct.objectives.logprobs import CHUNK_LOGITS_BUDGET, auto_chunk_size
 
     for vocab in (8192, 32000, 128256, 256000):
         chunk = auto_chunk_size(vocab)
@@ -200,7 +201,7 @@ def test_default_chunk_keeps_logits_bounded_for_any_vocabulary():
 
 
 def test_default_chunk_matches_explicit_chunk(model):
-    from open_instruct.logprobs import auto_chunk_size
+    from open_instruct.objectives.logprobs import auto_chunk_size
 
     batch = make_batch()
     auto = chunked_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])

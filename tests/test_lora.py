@@ -9,9 +9,9 @@ import torch
 from conftest import read_metrics, run_cli, small_run_args
 
 from open_instruct.config import DPOArguments
-from open_instruct.logprobs import chunked_logprobs, full_logprobs
-from open_instruct.lora import adapters_disabled
-from open_instruct.modeling import load_model, load_tokenizer
+from open_instruct.model.lora import adapters_disabled
+from open_instruct.model.modeling import load_model, load_tokenizer
+from open_instruct.objectives.logprobs import chunked_logprobs, full_logprobs
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -101,7 +101,7 @@ def test_saved_adapter_equals_trained_and_merged_loads(tiny_model_dir, tmp_path)
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from open_instruct.checkpointing import save_final_model
+    from open_instruct.training.checkpointing import save_final_model
 
     _, tokenizer, model, _ = _lora_model(tiny_model_dir)
     _randomize_adapters(model, seed=2)
@@ -179,7 +179,7 @@ def test_merged_save_keeps_tied_embeddings(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from open_instruct.data.synthetic import build_tokenizer
-    from open_instruct.lora import LoraSettings, apply_lora, save_lora_model
+    from open_instruct.model.lora import LoraSettings, apply_lora, save_lora_model
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(

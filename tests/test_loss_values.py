@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from open_instruct.logprobs import SequenceLogprobs
-from open_instruct.losses import LossSettings, PreferenceLogps, get_loss
-from open_instruct.trainer import policy_logps
+from open_instruct.objectives.logprobs import SequenceLogprobs
+from open_instruct.objectives.losses import LossSettings, PreferenceLogps, get_loss
+from open_instruct.training.preference import policy_logps
 
 
 def test_dpo_by_hand():

@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli, small_run_args
 
 from open_instruct.config import DPOArguments, UserError, validate
-from open_instruct.modeling import (
+from open_instruct.model.modeling import (
     grow_embeddings,
     load_model,
     load_tokenizer,

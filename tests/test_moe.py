@@ -7,10 +7,11 @@ import torch
 from conftest import read_metrics, run_cli, small_run_args
 
 from open_instruct.config import UserError
-from open_instruct.logprobs import chunked_logprobs
-from open_instruct.losses import LossSettings, get_loss
-from open_instruct.moe import capture_router_logits, load_balancing_loss, switch_load_balancing_loss
-from open_instruct.trainer import LoopSettings, preference_step
+from open_instruct.model.moe import capture_router_logits, load_balancing_loss, switch_load_balancing_loss
+from open_instruct.objectives.combination import combined_loss
+from open_instruct.objectives.logprobs import chunked_logprobs
+from open_instruct.objectives.losses import LossSettings
+from open_instruct.training.preference import PreferenceSettings, preference_step
 
 
 def _moe_model(kind: str, vocab_size: int, seed: int = 0):
@@ -99,16 +100,14 @@ def test_router_logits_through_chunked_path_match_full_model_aux_loss(kind):
 def test_aux_loss_is_logged_and_changes_the_gradient():
     model = _moe_model("mixtral", vocab_size=50)
     batch = _batch(50)
-    loss_fn, normalized = get_loss("dpo_norm")
+    loss_fn, normalized = combined_loss(["dpo_norm"]), True
 
     def logprob_fn(m, b):
         return chunked_logprobs(m, b["input_ids"], b["attention_mask"], b["labels"], chunk_size=8)
 
     def gate_grads(weight):
         model.zero_grad()
-        settings = LoopSettings(
-            1, 1, 1, -1.0, 1, normalized, LossSettings(5.0, 0.0, 0.3), load_balancing_weight=weight
-        )
+        settings = PreferenceSettings(normalized, LossSettings(5.0, 0.0, 0.3), load_balancing_weight=weight)
         loss, metrics = preference_step(model, batch, logprob_fn, loss_fn, None, settings)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if ".gate." in n])
@@ -127,7 +126,7 @@ def test_dense_model_is_rejected(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from open_instruct.config import DPOArguments
-    from open_instruct.modeling import load_model, load_tokenizer
+    from open_instruct.model.modeling import load_model, load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(UserError, match="mixture-of-experts"):

@@ -11,14 +11,21 @@ from conftest import read_metrics, run_cli, small_run_args
 
 from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
 from open_instruct.data.tokenize import IGNORE_INDEX
-from open_instruct.logprobs import sequence_logprobs
-from open_instruct.packing import (
+from open_instruct.model.packing import (
     VARLEN_SDPA,
     packed_attention_implementation,
     packed_sequence_logprobs,
     prepare_model_for_packing,
 )
-from open_instruct.perf import PEAK_BF16_FLOPS, FlopCounter, matmul_parameters, mfu, peak_flops, training_flops
+from open_instruct.objectives.logprobs import sequence_logprobs
+from open_instruct.training.perf import (
+    PEAK_BF16_FLOPS,
+    FlopCounter,
+    matmul_parameters,
+    mfu,
+    peak_flops,
+    training_flops,
+)
 
 
 def random_records(n: int, vocab: int, seed: int) -> list[dict]:
@@ -110,17 +117,18 @@ def test_attention_choice():
 
 
 def test_cli_packed_run_matches_padded(tiny_model_dir, synthetic_data, tmp_path):
-    """--packing trains the same model as the padded path: same batches, same losses at every step."""
+    """The default (packed on CPU) trains the same model as --packing false: same batches, same losses at every step."""
     train, _ = synthetic_data
-    runs = {}
-    for name, extra in (("padded", []), ("packed", ["--packing", "--reference_batch_size", "32"])):
+    runs, stdout = {}, {}
+    for name, extra in (("padded", ["--packing", "false"]), ("packed", ["--reference_batch_size", "32"])):
         out = tmp_path / name
         result = run_cli(
             small_run_args(tiny_model_dir, train, out, max_train_steps="4") + extra, tmp_path / f"c{name}"
         )
         assert result.returncode == 0, result.stderr[-2000:]
-        runs[name] = read_metrics(out)
-    assert "packing: attention sdpa_varlen" in result.stdout
+        runs[name], stdout[name] = read_metrics(out), result.stdout
+    assert "batching: packed rows, attention sdpa_varlen (default on cpu: proven equal" in stdout["packed"]
+    assert "batching: padded rows, attention sdpa (--packing false)" in stdout["padded"]
     assert len(runs["packed"]) == len(runs["padded"]) == 4
     for a, b in zip(runs["padded"], runs["packed"]):
         for key in ("train_loss", "logps/chosen", "logps/rejected", "rewards/margin"):
@@ -140,7 +148,7 @@ def test_cli_token_budget_too_small(tiny_model_dir, synthetic_data, tmp_path):
 
 def test_gradient_checkpointing_alias(tiny_model_dir):
     from open_instruct.config import DPOArguments
-    from open_instruct.modeling import load_model, load_tokenizer
+    from open_instruct.model.modeling import load_model, load_tokenizer
 
     for kwargs, expected in (
         ({"activation_memory_budget": 0.5}, True),

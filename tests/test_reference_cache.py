@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from open_instruct import reference_cache as rc
+from open_instruct.training import reference_cache as rc
 
 
 def records(**change):
@@ -55,7 +55,7 @@ def test_key_changes_with_each_input(tiny_model_dir, tmp_path):
 
 
 def test_save_load_roundtrip_and_rejects_mismatch(tmp_path):
-    table = torch.randn(5, 4)
+    table = torch.randn(5, rc.COLUMNS)
     ref = rc.ReferenceLogps.from_tensor(table)
     path = rc.cache_file(tmp_path, "abc")
     rc.save(path, "abc", ref)
@@ -69,8 +69,28 @@ def test_save_load_roundtrip_and_rejects_mismatch(tmp_path):
 
 
 def test_lookup_sums_and_means():
-    ref = rc.ReferenceLogps.from_tensor(torch.tensor([[-10.0, 5, -12.0, 4], [-3.0, 1, -6.0, 3]]))
+    ref = rc.ReferenceLogps.from_tensor(
+        torch.tensor([[-10.0, 5, -12.0, 4, -9.0, -11.0], [-3.0, 1, -6.0, 3, -3.0, -2.5]])
+    )
     chosen, rejected = ref.lookup(torch.tensor([1, 0]), length_normalized=False)
     assert chosen.tolist() == [-3.0, -10.0] and rejected.tolist() == [-6.0, -12.0]
     chosen, rejected = ref.lookup(torch.tensor([1, 0]), length_normalized=True)
     assert chosen.tolist() == [-3.0, -2.0] and rejected.tolist() == [-2.0, -3.0]
+    # LD-DPO: shared + alpha * (sum - shared); without ld_alpha the plain sums
+    chosen, rejected, n_c, n_r = ref.pair_sums(torch.tensor([1, 0]), ld_alpha=0.5)
+    assert chosen.tolist() == [-3.0, -9.5] and rejected.tolist() == [-4.25, -11.5]
+    assert n_c.tolist() == [1.0, 5.0] and n_r.tolist() == [3.0, 4.0]
+    assert ref.pair_sums(torch.tensor([1, 0]))[0].tolist() == [-3.0, -10.0]
+
+
+def test_old_format_is_rebuilt_with_the_reason(tmp_path):
+    path = rc.cache_file(tmp_path, "abc")
+    rc.save(path, "abc", rc.ReferenceLogps.from_tensor(torch.randn(3, rc.COLUMNS)))
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 2
+    torch.save(payload, path)
+    cached, problem = rc.check(path, "abc", 3)
+    assert cached is None
+    assert (
+        problem == "written in cache format version 2, this version reads 3 (which adds LD-DPO's shared-length sums)"
+    )

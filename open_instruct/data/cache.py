@@ -4,7 +4,12 @@ The key hashes everything the tokenized pairs depend on: each dataset's content 
 split for Hub datasets, whose content ``datasets`` itself caches), amounts and splits, format, invalid-row policy,
 seed, sample cap, evaluation mix, tokenizer (vocabulary, merges, special tokens), chat template, ``add_bos``,
 ``max_seq_length``, and the source code of the data modules (a change to the preparation code invalidates old
-entries). A folder appears under its final name only once complete (written under a temporary name, then renamed).
+entries). The number of tokenization workers is not in the key: the output is the same for any number.
+A folder appears under its final name only once complete (written under a temporary name, then renamed). It holds
+``train.arrow`` and ``eval.arrow`` (Arrow IPC files, memory-mapped by every reader), ``statistics.json`` and
+``manifest.json`` (format version; rows, fingerprint and record-batch sizes of each split), and ``train_lengths.npy``
+(``eval_lengths.npy``): the (chosen, rejected) token count of every pair, what the samplers read. Entries of the older format (``datasets``
+folders) are still read.
 """
 
 from __future__ import annotations
@@ -14,10 +19,25 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-_DATA_MODULES = ("formats", "sources", "mixer", "tokenize", "chat_templates", "statistics", "prepare", "cache")
+from open_instruct.data.pair_table import PairRecords
+from open_instruct.data.streaming import lengths_path
+
+_DATA_MODULES = (
+    "formats",
+    "sources",
+    "mixer",
+    "tokenize",
+    "chat_templates",
+    "statistics",
+    "prepare",
+    "cache",
+    "streaming",
+    "pair_table",
+)
 
 
 def code_fingerprint() -> str:
@@ -55,44 +75,82 @@ def entry_path(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir).expanduser() / key
 
 
-def load(cache_dir: str | Path, key: str) -> tuple[list[dict], list[dict], dict[str, Any]] | None:
-    """(training records, evaluation records, statistics) from the cache, or None when absent or unreadable."""
+FORMAT_VERSION = 2  # 1: datasets.save_to_disk folders train/ and eval/; 2: Arrow IPC files and a manifest
+
+
+def _warn(message: str) -> None:
+    print(f"data: {message}", file=sys.stderr, flush=True)
+
+
+def _load_v1(path: Path, stats: dict[str, Any]) -> tuple[PairRecords, PairRecords]:
+    """An entry written by the older code (``datasets`` folders): read memory-mapped as it is."""
     import datasets
 
+    train = PairRecords.from_table(datasets.load_from_disk(str(path / "train")).data.table)
+    evaluation = PairRecords([])
+    if (path / "eval").is_dir():
+        evaluation = PairRecords.from_table(datasets.load_from_disk(str(path / "eval")).data.table)
+    _warn(f"prepared-data cache {path} is in the older datasets format; reading it as it is")
+    return train, evaluation
+
+
+def _open_split(path: Path, split: str, manifest: dict[str, Any]) -> PairRecords:
+    """One split memory-mapped, its batch sizes and lengths from the manifest and the lengths file, so opening it
+    reads nothing from the token ids."""
+    import numpy as np
+
+    lengths = np.load(lengths_path(path / f"{split}.arrow"))
+    if lengths.shape != (manifest["rows"], 2) or sum(manifest["batch_rows"]) != manifest["rows"]:
+        raise ValueError(f"{split}: lengths {lengths.shape} or batches disagree with {manifest['rows']} rows")
+    return PairRecords(
+        path=path / f"{split}.arrow",
+        fingerprint=manifest["fingerprint"],
+        batch_rows=manifest["batch_rows"],
+        lengths=lengths,
+    )
+
+
+def load(cache_dir: str | Path, key: str) -> tuple[PairRecords, PairRecords, dict[str, Any]] | None:
+    """(training records, evaluation records, statistics), memory-mapped from the cache; None when absent or
+    unreadable (then rebuilt, with a one-line message when an entry was there)."""
     path = entry_path(cache_dir, key)
     meta = path / "statistics.json"
-    if not meta.is_file():
+    if not path.exists():
         return None
     try:
         stats = json.loads(meta.read_text())
-        train = datasets.load_from_disk(str(path / "train")).to_list()
-        evaluation = datasets.load_from_disk(str(path / "eval")).to_list() if (path / "eval").is_dir() else []
-    except Exception:  # a damaged entry is rebuilt, never used
+        manifest_file = path / "manifest.json"
+        if manifest_file.is_file():
+            manifest = json.loads(manifest_file.read_text())
+            if manifest.get("version") != FORMAT_VERSION:
+                raise ValueError(f"format version {manifest.get('version')}, expected {FORMAT_VERSION}")
+            train = _open_split(path, "train", manifest["train"])
+            evaluation = _open_split(path, "eval", manifest["eval"]) if "eval" in manifest else PairRecords([])
+        else:
+            train, evaluation = _load_v1(path, stats)
+    except Exception as err:  # a damaged entry is rebuilt, never used
+        _warn(f"prepared-data cache {path} is unreadable ({type(err).__name__}: {err}); rebuilding it")
         return None
     if len(train) != stats.get("kept"):
+        _warn(f"prepared-data cache {path} holds {len(train)} pairs, expected {stats.get('kept')}; rebuilding it")
         return None
     return train, evaluation, stats
 
 
-def save(cache_dir: str | Path, key: str, train: list[dict], evaluation: list[dict], stats: dict[str, Any]) -> Path:
-    """Write one entry atomically (temporary folder, then rename); a damaged entry under the key is replaced."""
-    import datasets
-
+def write_entry(cache_dir: str | Path, key: str, build: Callable[[Path], dict[str, Any]]) -> Path:
+    """Create one entry atomically: ``build(folder)`` writes ``train.arrow`` (and ``eval.arrow``) into a temporary
+    folder and returns the manifest; then the folder is renamed to the key (a damaged entry there is replaced)."""
     path = entry_path(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    quiet = not sys.stderr.isatty() and not datasets.are_progress_bars_disabled()  # bars only on terminals
-    if quiet:
-        datasets.disable_progress_bars()
+    tmp.mkdir()
     try:
-        datasets.Dataset.from_list(train).save_to_disk(str(tmp / "train"))
-        if evaluation:
-            datasets.Dataset.from_list(evaluation).save_to_disk(str(tmp / "eval"))
-    finally:
-        if quiet:
-            datasets.enable_progress_bars()
-    (tmp / "statistics.json").write_text(json.dumps(stats, indent=2, default=str))
+        manifest = build(tmp)
+        (tmp / "manifest.json").write_text(json.dumps({"version": FORMAT_VERSION, **manifest}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = path.with_name(f".{key}.{os.getpid()}.old")
     if path.exists():
         os.rename(path, old)

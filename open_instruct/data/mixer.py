@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from open_instruct.config import UserError
 from open_instruct.data.formats import FORMATS, RowError, detect_format, missing_columns, normalize
-from open_instruct.data.sources import LOCAL_SUFFIXES, load_rows
+from open_instruct.data.sources import LOCAL_SUFFIXES, Located, iter_rows, load_rows
 
-__all__ = ["LOCAL_SUFFIXES", "MixEntry", "build_mix", "build_train_eval_mix", "parse_mixer_list"]
+__all__ = ["LOCAL_SUFFIXES", "MixEntry", "load_rows", "build_mix", "build_train_eval_mix", "parse_mixer_list"]
 
 
 @dataclass(frozen=True)
@@ -82,62 +83,90 @@ def _summary(counts: Counter) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
 
 
-def normalize_rows(
-    name: str, rows: list[dict[str, Any]], format_name: str, skip_invalid: bool
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Check every row of one dataset in one pass; returns (valid pairs, report with counts per failure reason).
-
-    Each pair carries ``source`` (``(name, row number)``). Without ``skip_invalid`` any invalid row is an error that
-    names the first one and counts all of them by reason.
-    """
+def check_rows(
+    name: str, rows: Iterable[Located], format_name: str, skip_invalid: bool, keep: Callable[[int, dict], None]
+) -> dict[str, Any]:
+    """Check every row of one dataset in one streaming pass, calling ``keep(row number, pair)`` for each valid one;
+    returns the report (counts per failure reason). Without ``skip_invalid`` any invalid row is an error that names
+    the first one (and its file and line when known) and counts all of them by reason."""
     if format_name not in ("auto", *FORMATS):
         raise UserError(f"--dataset_format must be auto or one of {', '.join(FORMATS)}, got {format_name!r}")
-    report: dict[str, Any] = {
-        "name": name,
-        "format": format_name,
-        "rows": len(rows),
-        "valid": 0,
-        "invalid": {},
-        "notes": {},
-    }
-    if not rows:
-        return [], report
-    columns = list(rows[0].keys())
-    if format_name == "auto":
-        try:
-            format_name = detect_format(columns, rows[0])
-        except RowError as err:
-            raise UserError(f"{name}: row 0: {err}") from None
-    elif missing := missing_columns(columns, format_name):
-        raise UserError(
-            f"{name}: --dataset_format {format_name} needs column(s) {', '.join(missing)}; "
-            f"the dataset has {', '.join(sorted(columns))}"
-        )
-    report["format"] = format_name
-    pairs, invalid, notes, first_error = [], Counter(), Counter(), None
-    for i, row in enumerate(rows):
+    report: dict[str, Any] = {"name": name, "format": format_name, "rows": 0, "valid": 0, "invalid": {}, "notes": {}}
+    valid, invalid, notes, first_error = 0, Counter(), Counter(), None
+    for i, (row, location) in enumerate(rows):
+        report["rows"] = i + 1
+        if i == 0:
+            format_name = _check_columns(name, row, format_name)
+            report["format"] = format_name
         row_notes: Counter = Counter()
         try:
             pair = normalize(row, format_name, row_notes)
         except RowError as err:
             invalid[err.reason] += 1
-            first_error = first_error or f"{name}: row {i}: {err.reason}: {err}"
+            where = f" (at {location})" if location else ""
+            first_error = first_error or f"{name}: row {i}: {err.reason}: {err}{where}"
             continue
         notes.update(row_notes)
-        pairs.append({**pair, "source": (name, i)})
+        valid += 1
+        keep(i, pair)
     if invalid and not skip_invalid:
         raise UserError(
-            f"{first_error} ({sum(invalid.values())} invalid of {len(rows)} rows: "
+            f"{first_error} ({sum(invalid.values())} invalid of {report['rows']} rows: "
             f"{_summary(invalid)}; --skip_invalid_rows drops them)"
         )
-    report.update(valid=len(pairs), invalid=dict(invalid), notes=dict(notes))
+    report.update(valid=valid, invalid=dict(invalid), notes=dict(notes))
+    return report
+
+
+def _check_columns(name: str, first_row: dict[str, Any], format_name: str) -> str:
+    """The dataset's format: detected from its first row, or checked against it."""
+    columns = list(first_row.keys())
+    if format_name == "auto":
+        try:
+            return detect_format(columns, first_row)
+        except RowError as err:
+            raise UserError(f"{name}: row 0: {err}") from None
+    if missing := missing_columns(columns, format_name):
+        raise UserError(
+            f"{name}: --dataset_format {format_name} needs column(s) {', '.join(missing)}; "
+            f"the dataset has {', '.join(sorted(columns))}"
+        )
+    return format_name
+
+
+def normalize_rows(
+    name: str, rows: list[dict[str, Any]], format_name: str, skip_invalid: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Check every row of one dataset in one pass; returns (valid pairs, report with counts per failure reason).
+
+    Each pair carries ``source`` (``(name, row number)``).
+    """
+    pairs: list[dict[str, Any]] = []
+    report = check_rows(
+        name,
+        ((row, None) for row in rows),
+        format_name,
+        skip_invalid,
+        lambda i, p: pairs.append({**p, "source": (name, i)}),
+    )
     return pairs, report
+
+
+def _appender(pairs: list[dict[str, Any]], name: str) -> Callable[[int, dict], None]:
+    return lambda i, pair: pairs.append({**pair, "source": (name, i)})
 
 
 def _load_valid(entries: list[MixEntry], format_name: str, skip_invalid: bool) -> list[tuple[list, dict]]:
     loaded = []
     for entry in entries:
-        pairs, report = normalize_rows(entry.name, load_rows(entry.name, entry.split), format_name, skip_invalid)
+        pairs: list[dict[str, Any]] = []
+        report = check_rows(
+            entry.name,
+            iter_rows(entry.name, entry.split),
+            format_name,
+            skip_invalid,
+            _appender(pairs, entry.name),
+        )
         if not pairs:
             raise UserError(f"{entry.name} (split {entry.split!r}): no valid rows to take {entry.amount} from")
         loaded.append((pairs, {**report, "split": entry.split, "amount": entry.amount}))
@@ -161,13 +190,28 @@ def build_mix(
     return pairs, stats
 
 
-def hold_out(pairs: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Split valid rows into (kept, held out): ``round(fraction * len)`` seeded rows held out, order preserved."""
-    n_out = int(round(fraction * len(pairs)))
-    if fraction > 0 and (n_out == 0 or n_out == len(pairs)):
-        raise UserError(f"--eval_fraction {fraction} of {len(pairs)} rows leaves an empty training or evaluation set")
-    out = set(random.Random(seed).sample(range(len(pairs)), n_out))
-    return [p for i, p in enumerate(pairs) if i not in out], [p for i, p in enumerate(pairs) if i in out]
+def hold_out(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split rows into (kept, held out): a seeded ``round(fraction * len)`` of them (at least one when ``fraction``
+    > 0) held out, order preserved. Rows that carry a dataset ``index`` are renumbered 0..N-1 in each part (the
+    reference and evaluation tables are indexed by it)."""
+    out = held_out_positions(len(rows), fraction, seed)
+    kept, held = [r for i, r in enumerate(rows) if i not in out], [r for i, r in enumerate(rows) if i in out]
+    if rows and "index" in rows[0]:
+        return reindex(kept), reindex(held)
+    return kept, held
+
+
+def held_out_positions(n: int, fraction: float, seed: int) -> set[int]:
+    """The positions :func:`hold_out` holds out of ``n`` rows (the streaming preparation draws them on row numbers)."""
+    n_out = max(1, round(fraction * n)) if fraction > 0 else 0
+    if n_out and n_out >= n:
+        raise UserError(f"--eval_fraction {fraction} leaves no training pairs out of {n}")
+    return set(random.Random(seed).sample(range(n), n_out))
+
+
+def reindex(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same records with ``index`` renumbered 0..N-1."""
+    return [{**r, "index": i} for i, r in enumerate(records)]
 
 
 def build_train_eval_mix(

@@ -2,32 +2,41 @@
 
     data = prepare_preference_data(args, tokenizer)   # data.records, data.eval_records, data.statistics
 
-A second run with the same inputs loads the tokenized pairs from ``--dataset_local_cache_dir`` instead.
+The pairs are prepared into ``--dataset_local_cache_dir`` and read back memory-mapped; a second run with the same
+inputs only reads them.
 """
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from open_instruct.config import DPOArguments, UserError
 from open_instruct.data import cache
 from open_instruct.data.mixer import MixEntry, build_train_eval_mix, parse_mixer_list
 from open_instruct.data.sources import source_fingerprint
-from open_instruct.data.statistics import build_statistics, padding_waste, write_statistics
+from open_instruct.data.statistics import build_statistics, padding_waste_of_lengths, write_statistics
+from open_instruct.data.streaming import MixPlan, TokenizeSettings, plan_mix, tokenize_unique, write_split
 from open_instruct.data.tokenize import tokenize_pairs
 
-__all__ = ["PreparedData", "prepare_preference_data", "write_statistics"]
+__all__ = ["PreparedData", "prepare_in_memory", "prepare_preference_data", "write_statistics"]
 
 
 @dataclass
 class PreparedData:
-    """Tokenized training pairs (``index`` 0..N-1), evaluation pairs (own ``index`` 0..M-1), and what it took."""
+    """Tokenized training pairs (``index`` 0..N-1), evaluation pairs (own ``index`` 0..M-1), and what it took.
 
-    records: list[dict[str, Any]]
+    The records are memory-mapped from the prepared-data cache (:class:`PairRecords`): a sequence of dict records
+    whose token ids are read only when a batch asks for them.
+    """
+
+    records: Sequence[dict[str, Any]]
     statistics: dict[str, Any]
-    eval_records: list[dict[str, Any]] = field(default_factory=list)
+    eval_records: Sequence[dict[str, Any]] = field(default_factory=list)
 
 
 def _key_inputs(args: DPOArguments, tokenizer: Any, train: list[MixEntry], evaluation: list[MixEntry]) -> dict:
@@ -57,30 +66,54 @@ def _cap(pairs: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict
     return [pairs[i] for i in keep]
 
 
-def _tokenize_mix(
-    args: DPOArguments, tokenizer: Any, train_pairs: list, eval_pairs: list, mix_stats: dict[str, Any]
-) -> tuple[list, list, dict[str, Any]]:
-    records, tok_stats = tokenize_pairs(
-        tokenizer, train_pairs, args.max_seq_length, args.add_bos, args.max_response_length
+def _no_pairs_left(pairs: int, dropped: dict[str, int], args: DPOArguments) -> UserError:
+    return UserError(
+        f"no trainable pairs left out of {pairs} (dropped: {dropped}); check --max_seq_length {args.max_seq_length}"
     )
+
+
+def _eval_summary(pairs: int, tokenized: Any) -> dict[str, Any]:
+    return {"pairs": pairs, "kept": tokenized.kept, "dropped": tokenized.dropped, "truncated": tokenized.truncated}
+
+
+def prepare_in_memory(
+    args: DPOArguments, tokenizer: Any, train_entries: list[MixEntry], eval_entries: list[MixEntry]
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The whole preparation with every pair in memory: (records, evaluation records, statistics). The reference
+    the streaming preparation is tested against, and handy for small sets."""
+    train_pairs, eval_pairs, mix_stats = build_train_eval_mix(
+        train_entries, eval_entries, args.eval_fraction, args.seed, args.dataset_format, args.skip_invalid_rows
+    )
+    train_pairs = _cap(train_pairs, args.max_train_samples, args.seed)
+    settings = (args.max_seq_length, args.add_bos, args.max_response_length)
+    records, tok_stats = tokenize_pairs(tokenizer, train_pairs, *settings)
     if not records:
-        raise UserError(
-            f"no trainable pairs left out of {len(train_pairs)} (dropped: {tok_stats.dropped}); "
-            f"check --max_seq_length {args.max_seq_length}"
-        )
+        raise _no_pairs_left(len(train_pairs), tok_stats.dropped, args)
     stats = build_statistics(mix_stats, len(train_pairs), tok_stats, records)
     eval_records: list[dict[str, Any]] = []
     if eval_pairs:
-        eval_records, eval_tok = tokenize_pairs(
-            tokenizer, eval_pairs, args.max_seq_length, args.add_bos, args.max_response_length
-        )
-        stats["eval"] = {
-            "pairs": len(eval_pairs),
-            "kept": eval_tok.kept,
-            "dropped": eval_tok.dropped,
-            "truncated": eval_tok.truncated,
-        }
+        eval_records, eval_tok = tokenize_pairs(tokenizer, eval_pairs, *settings)
+        stats["eval"] = _eval_summary(len(eval_pairs), eval_tok)
     return records, eval_records, stats
+
+
+def _build_entry(args: DPOArguments, tokenizer: Any, plan: MixPlan, folder: Path) -> dict[str, Any]:
+    """Pass 2 of the streaming preparation into ``folder``: the split files and statistics; returns the manifest."""
+    settings = TokenizeSettings(args.max_seq_length, args.add_bos, args.max_response_length)
+    scratch = folder / "unique.arrow"
+    unique, keys, meta = tokenize_unique(plan, tokenizer, settings, args.preprocessing_num_workers or 1, scratch)
+    tok_stats, lengths, train_manifest = write_split(plan.train, unique, keys, meta, folder / "train.arrow")
+    if tok_stats.kept == 0:
+        raise _no_pairs_left(len(plan.train), tok_stats.dropped, args)
+    stats = build_statistics(plan.stats, len(plan.train), tok_stats, lengths=lengths)
+    manifest: dict[str, Any] = {"train": train_manifest}
+    if len(plan.eval):
+        eval_tok, _, manifest["eval"] = write_split(plan.eval, unique, keys, meta, folder / "eval.arrow")
+        stats["eval"] = _eval_summary(len(plan.eval), eval_tok)
+    del unique
+    scratch.unlink()
+    (folder / "statistics.json").write_text(json.dumps(stats, indent=2, default=str))
+    return manifest
 
 
 def prepare_preference_data(
@@ -89,7 +122,8 @@ def prepare_preference_data(
     """Mix, validate, tokenize (or load all that from the cache). Malformed rows are reported before any model loads.
 
     ``mixer_list``/``splits`` replace ``args.mixer_list``/``args.mixer_list_splits`` when given. The evaluation mix
-    comes from ``args.eval_mixer_list`` or ``args.eval_fraction`` (empty when neither is set).
+    comes from ``args.eval_mixer_list`` or ``args.eval_fraction`` (empty when neither is set). Preparation streams:
+    its memory is bounded by a chunk of pairs, not by the dataset (see :mod:`open_instruct.data.streaming`).
     """
     train_entries = parse_mixer_list(
         mixer_list if mixer_list is not None else args.mixer_list,
@@ -103,18 +137,29 @@ def prepare_preference_data(
     key = cache.cache_key(_key_inputs(args, tokenizer, train_entries, eval_entries))
     path = cache.entry_path(args.dataset_local_cache_dir, key)
     cached = cache.load(args.dataset_local_cache_dir, key)
-    if cached is not None:
-        records, eval_records, stats = cached
-        status = "loaded"
-    else:
-        train_pairs, eval_pairs, mix_stats = build_train_eval_mix(
-            train_entries, eval_entries, args.eval_fraction, args.seed, args.dataset_format, args.skip_invalid_rows
+    status = "loaded"
+    if cached is None:
+        plan = plan_mix(
+            train_entries,
+            eval_entries,
+            args.eval_fraction,
+            args.seed,
+            args.dataset_format,
+            args.skip_invalid_rows,
+            args.max_train_samples,
+        )  # pass 1: every row checked, errors raised here
+        cache.write_entry(
+            args.dataset_local_cache_dir, key, lambda folder: _build_entry(args, tokenizer, plan, folder)
         )
-        train_pairs = _cap(train_pairs, args.max_train_samples, args.seed)
-        records, eval_records, stats = _tokenize_mix(args, tokenizer, train_pairs, eval_pairs, mix_stats)
-        cache.save(args.dataset_local_cache_dir, key, records, eval_records, stats)
-        status = "written"
+        cached, status = cache.load(args.dataset_local_cache_dir, key), "written"
+        if cached is None:
+            raise UserError(f"the prepared-data cache just written at {path} cannot be read back")
+    records, eval_records, stats = cached
     stats["cache"] = {"status": status, "path": str(path)}
     batch = args.per_device_train_batch_size
-    stats["padding"] = {"batch_size": batch, "waste_fraction": padding_waste(records, batch, args.seed)}
+    chosen, rejected = records.lengths("chosen_input_ids"), records.lengths("rejected_input_ids")
+    stats["padding"] = {
+        "batch_size": batch,
+        "waste_fraction": padding_waste_of_lengths(chosen, rejected, batch, args.seed),
+    }
     return PreparedData(records, stats, eval_records)

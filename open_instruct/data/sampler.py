@@ -12,7 +12,7 @@ exactly the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,8 +20,10 @@ import torch
 from open_instruct.config import UserError
 
 
-def pair_lengths(records: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-    """(chosen lengths, rejected lengths) in tokens, one per record."""
+def pair_lengths(records: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(chosen lengths, rejected lengths) in tokens, one per record (from the offsets of an Arrow-backed table)."""
+    if hasattr(records, "lengths"):
+        return records.lengths("chosen_input_ids").tolist(), records.lengths("rejected_input_ids").tolist()
     return [len(r["chosen_input_ids"]) for r in records], [len(r["rejected_input_ids"]) for r in records]
 
 
@@ -154,3 +156,31 @@ def pair_dataloader(
         return DataLoader(records, batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
     sampler = PairBatchSampler(records, seed, batch_size, max_tokens, group_by_length, packing, shuffle)
     return DataLoader(records, batch_sampler=sampler, collate_fn=collate)
+
+
+def real_rows_fn(loader: Any, num_processes: int, process_index: int) -> Any:
+    """``(epoch, position of a micro-batch on this rank) -> how many of its leading rows are real examples``.
+
+    ``loader`` is the DataLoader before the engine shards it. Several processes get even numbers of equal micro-batches
+    from accelerate: global batch ``j`` goes to rank ``j % W`` as its ``j // W``-th; the last short batch is filled up
+    to size with examples from the epoch's start, and missing batches are copies of its first batches (variable-size
+    batches are never filled, only copied). Those repeats come last, so the count is a pure function of the sampler:
+    no pair is counted twice or dropped, and a resumed run (which skips micro-batches) counts as the original did.
+    """
+    sampler = loader.batch_sampler
+    fixed = getattr(sampler, "batch_size", None)
+    if fixed is None and not hasattr(sampler, "batches"):
+        raise TypeError(f"cannot tell the padded rows of batches from {type(sampler).__name__}")
+    total, sizes_of = len(loader.dataset), {}
+
+    def real_rows(epoch: int, position: int) -> int:
+        j = position * num_processes + process_index
+        if fixed is not None:
+            return max(0, min(fixed, total - j * fixed))
+        if epoch not in sizes_of:  # one epoch's batch sizes, computed once
+            sizes_of.clear()
+            sizes_of[epoch] = [len(batch) for batch in sampler.batches(epoch)]
+        sizes = sizes_of[epoch]
+        return sizes[j] if j < len(sizes) else 0
+
+    return real_rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,9 @@ import numpy as np
 from open_instruct.data.tokenize import IGNORE_INDEX
 
 
-def summarize(values: list[int]) -> dict[str, float]:
+def summarize(values: Sequence[int] | np.ndarray) -> dict[str, float]:
     """mean, p50, p95 (linear interpolation, as ``numpy.percentile``) and max of a list of lengths."""
-    if not values:
+    if len(values) == 0:
         return {"mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0}
     array = np.asarray(values, dtype=np.float64)
     p50, p95 = np.percentile(array, [50, 95])
@@ -34,34 +35,43 @@ def token_lengths(records: list[dict[str, Any]]) -> dict[str, list[int]]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "sequence": sequence}
 
 
-def padding_waste(records: list[dict[str, Any]], batch_size: int, seed: int) -> float:
+def padding_waste(records: Sequence[dict[str, Any]], batch_size: int, seed: int) -> float:
     """Fraction of the ``[2B, L]`` padded-batch slots that would be padding, over one seeded shuffle into batches of
     ``batch_size`` pairs (chosen and rejected padded to one length, as the padded collator does)."""
-    if not records:
+    chosen = np.asarray([len(r["chosen_input_ids"]) for r in records], dtype=np.int64)
+    rejected = np.asarray([len(r["rejected_input_ids"]) for r in records], dtype=np.int64)
+    return padding_waste_of_lengths(chosen, rejected, batch_size, seed)
+
+
+def padding_waste_of_lengths(chosen: np.ndarray, rejected: np.ndarray, batch_size: int, seed: int) -> float:
+    """:func:`padding_waste` from the chosen and rejected lengths [N] alone."""
+    if len(chosen) == 0:
         return 0.0
-    order = list(range(len(records)))
+    order = list(range(len(chosen)))
     random.Random(seed).shuffle(order)
-    real = slots = 0
-    for start in range(0, len(order), batch_size):
-        lengths = [
-            len(records[i][f"{side}_input_ids"])
-            for i in order[start : start + batch_size]
-            for side in ("chosen", "rejected")
-        ]
-        real += sum(lengths)
-        slots += len(lengths) * max(lengths)
+    shuffled_c, shuffled_r = np.asarray(chosen)[order], np.asarray(rejected)[order]
+    starts = np.arange(0, len(order), batch_size)
+    longest = np.maximum.reduceat(np.maximum(shuffled_c, shuffled_r), starts)
+    sizes = np.diff(np.append(starts, len(order)))
+    real = int(shuffled_c.sum() + shuffled_r.sum())
+    slots = int((2 * sizes * longest).sum())
     return 1.0 - real / slots
 
 
 def build_statistics(
-    mix_stats: dict[str, Any], pairs: int, tokenized: Any, records: list[dict[str, Any]]
+    mix_stats: dict[str, Any],
+    pairs: int,
+    tokenized: Any,
+    records: Sequence[dict[str, Any]] = (),
+    lengths: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """One JSON-ready summary of the training data (``tokenized`` is the tokenizer's TokenizeStats)."""
+    """One JSON-ready summary of the training data (``tokenized`` is the tokenizer's TokenizeStats); token lengths
+    come from ``lengths`` (as :func:`token_lengths` returns them) when given, else from ``records``."""
     invalid: dict[str, int] = {}
     for report in mix_stats.get("datasets", []):
         for reason, n in report.get("invalid", {}).items():
             invalid[reason] = invalid.get(reason, 0) + n
-    lengths = token_lengths(records)
+    lengths = lengths if lengths is not None else token_lengths(records)
     return {
         **mix_stats,
         "pairs": pairs,

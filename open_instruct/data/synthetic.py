@@ -97,6 +97,31 @@ def write_task(folder: str | Path, n_train: int = 2000, n_test: int = 200, seed:
     return paths[0], paths[1]
 
 
+def write_text_corpus(folder: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> tuple[Path, Path]:
+    """Raw text for pretraining, ``train.txt`` and ``test.txt`` (one document per line, disjoint prompts): each task
+    prompt followed by its correct reply, in the tokenizer's vocabulary."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train = make_split(n_train, seed + 100)
+    test = make_split(n_test, seed + 101, held_out=True, exclude={r["chosen"][0]["content"] for r in train})
+    paths = []
+    for name, rows in (("train", train), ("test", test)):
+        path = folder / f"{name}.txt"
+        lines = [f"{r['chosen'][0]['content']} : {r['chosen'][1]['content']}" for r in rows]
+        tmp = path.with_suffix(".txt.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def write_tokenizer(folder: str | Path) -> Path:
+    """Save the task's tokenizer (no model) as a Hugging Face folder."""
+    folder = Path(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def build_tokenizer() -> Any:
     """A word-level fast tokenizer over the task's vocabulary, with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers

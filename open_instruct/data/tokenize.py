@@ -35,6 +35,16 @@ class TokenizeStats:
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
+    def add(self, result: TokenizedPair) -> None:
+        """Count one pair's outcome (cuts and merges count for kept pairs only)."""
+        self.eos_stripped += result.eos_stripped
+        if result.drop_reason is not None:
+            self.drop(result.drop_reason)
+            return
+        self.truncated += result.truncated
+        self.boundary_merges += result.boundary_merge
+        self.kept += 1
+
 
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     """The chat template's text for these messages."""
@@ -89,25 +99,28 @@ def tokenize_side(
     return records[0]["chosen_input_ids"], records[0]["chosen_labels"]
 
 
-def tokenize_pairs(
-    tokenizer: Any,
-    pairs: list[dict[str, Any]],
-    max_seq_length: int,
-    add_bos: bool = False,
-    max_response_length: int | None = None,
-) -> tuple[list[dict[str, Any]], TokenizeStats]:
-    """Tokenize normalized pairs into ``{index, chosen_input_ids, chosen_labels, rejected_input_ids,
-    rejected_labels}``; a pair whose prompt alone fills ``max_seq_length`` is dropped, longer replies are cut at the
-    end (at ``max_response_length`` reply tokens too, when given). ``index`` is renumbered 0..kept-1 in order (the reference cache is a table by index)."""
-    stats = TokenizeStats()
-    eos, bos = tokenizer.eos_token, tokenizer.bos_token_id
-    prompts, fulls = [], []
+@dataclass
+class TokenizedPair:
+    """One pair's outcome: its ids and labels (``record``, None when dropped) and what happened on the way."""
+
+    record: dict[str, list[int]] | None
+    drop_reason: str | None = None
+    truncated: bool = False
+    boundary_merge: bool = False
+    eos_stripped: int = 0
+
+
+def _render_all(tokenizer: Any, pairs: list[dict[str, Any]]) -> tuple[list[str], list[str], list[int]]:
+    """(prompt texts, full texts: chosen and rejected of each pair in turn, EOS strips per pair)."""
+    eos = tokenizer.eos_token
+    prompts, fulls, stripped_counts = [], [], []
     for pair in pairs:
         prompt_text = render(tokenizer, pair["prompt"], add_generation_prompt=True)
         prompts.append(prompt_text)
+        stripped_count = 0
         for side in ("chosen", "rejected"):
             reply, stripped = _strip_eos(pair[side], eos)
-            stats.eos_stripped += stripped
+            stripped_count += stripped
             full_text = render(tokenizer, pair["prompt"] + reply, add_generation_prompt=False)
             if not full_text.startswith(prompt_text):
                 raise UserError(
@@ -115,11 +128,25 @@ def tokenize_pairs(
                     "reply cannot be labelled alone; pick another with --chat_template_name"
                 )
             fulls.append(full_text)
+        stripped_counts.append(stripped_count)
+    return prompts, fulls, stripped_counts
+
+
+def tokenize_each(
+    tokenizer: Any,
+    pairs: list[dict[str, Any]],
+    max_seq_length: int,
+    add_bos: bool = False,
+    max_response_length: int | None = None,
+) -> list[TokenizedPair]:
+    """One :class:`TokenizedPair` per normalized pair, in order (the unit both preparation paths share)."""
+    bos = tokenizer.bos_token_id
+    prompts, fulls, stripped_counts = _render_all(tokenizer, pairs)
     full_ids, full_offsets = _encode(tokenizer, fulls)
     prompt_ids = None if full_offsets is not None else _encode(tokenizer, prompts)[0]
-    out = []
-    for p, _pair in enumerate(pairs):
-        record: dict[str, Any] = {}
+    results = []
+    for p in range(len(pairs)):
+        record: dict[str, list[int]] = {}
         drop_reason, was_cut, merged = None, False, False
         for s, side in enumerate(("chosen", "rejected")):
             ids = full_ids[2 * p + s]
@@ -140,11 +167,26 @@ def tokenize_pairs(
                 break
             record[f"{side}_input_ids"] = list(ids)
             record[f"{side}_labels"] = [IGNORE_INDEX] * n_prompt + list(ids[n_prompt:])
-        if drop_reason:
-            stats.drop(drop_reason)
-            continue
-        stats.truncated += was_cut
-        stats.boundary_merges += merged
-        stats.kept += 1
-        out.append({"index": len(out), **record})
+        kept = drop_reason is None
+        results.append(TokenizedPair(record if kept else None, drop_reason, was_cut, merged, stripped_counts[p]))
+    return results
+
+
+def tokenize_pairs(
+    tokenizer: Any,
+    pairs: list[dict[str, Any]],
+    max_seq_length: int,
+    add_bos: bool = False,
+    max_response_length: int | None = None,
+) -> tuple[list[dict[str, Any]], TokenizeStats]:
+    """Tokenize normalized pairs into ``{index, chosen_input_ids, chosen_labels, rejected_input_ids,
+    rejected_labels}``; a pair whose prompt alone fills ``max_seq_length`` is dropped, longer replies are cut at the
+    end (at ``max_response_length`` reply tokens too, when given). ``index`` is renumbered 0..kept-1 in order (the
+    reference cache is a table by index)."""
+    stats = TokenizeStats()
+    out = []
+    for result in tokenize_each(tokenizer, pairs, max_seq_length, add_bos, max_response_length):
+        stats.add(result)
+        if result.record is not None:
+            out.append({"index": len(out), **result.record})
     return out, stats

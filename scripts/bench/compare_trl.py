@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 python scripts/bench/compare_trl.py [--pairs 256] [--write BENCHMARKS.md]
 
-Inputs shared by both: 256 HH-RLHF (harmless-base) pairs from the project's sample, a byte-level BPE tokenizer trained
+Inputs shared by both: 256 HH-RLHF (harmless-base) pairs from the repository's fixture, a byte-level BPE tokenizer trained
 on that sample, a freshly initialised tiny Llama (hidden 256, 4 layers, 8 heads), per-device batch 8, max length 512,
 sigmoid DPO with beta 0.1, fp32, a precomputed reference (batch 16 for both), 2 threads. Each trainer runs in its own
 subprocess so peak resident memory is its own. A second row repeats both with a 128,256-token vocabulary (fewer
@@ -29,17 +29,28 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-HH_NAME = Path("shared") / "data" / "hh-rlhf-harmless-base-sample.jsonl.gz"
-# The project's checkout sits next to shared/ (a worktree one level deeper).
-HH_SAMPLE = next(
-    (p / HH_NAME for p in (ROOT.parent, ROOT.parent.parent) if (p / HH_NAME).exists()), ROOT.parent / HH_NAME
-)
+# 411 real HH-RLHF (harmless-base) pairs shipped with the repository (tests/fixtures/NOTICE).
+HH_SAMPLE = ROOT / "tests" / "fixtures" / "hh_rlhf_sample.jsonl.gz"
 WARMUP_STEPS = 2
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def step_clock(ends: list[float]):
+    """A TRL/transformers callback that appends ``time.perf_counter()`` at the start of training and after each step."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            ends.append(time.perf_counter())
+
+    return StepClock()
 
 
 def _current_rss_mb() -> float:
@@ -78,12 +89,35 @@ def load_hh_pairs(n: int) -> list[dict]:
     return pairs
 
 
-def build_inputs(work: Path, n_pairs: int, vocab_sizes: list[int]) -> dict:
-    """Write the pairs (our messages jsonl + TRL's conversational jsonl), the tokenizer and one model per vocab."""
+def hh_tokenizer(vocab_size: int = 8192):
+    """A byte-level BPE trained on the HH sample (nothing is downloaded), with our chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from open_instruct.data.synthetic import CHAT_TEMPLATE
+
+    texts = []
+    with gzip.open(HH_SAMPLE, "rt") as handle:
+        for line in handle:
+            row = json.loads(line)
+            texts += [row["chosen"], row["rejected"]]
+    special = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_inputs(work: Path, n_pairs: int, vocab_sizes: list[int]) -> dict:
+    """Write the pairs (our messages jsonl + TRL's conversational jsonl), the tokenizer and one model per vocab."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     work.mkdir(parents=True, exist_ok=True)
     pairs = load_hh_pairs(n_pairs)
@@ -95,20 +129,7 @@ def build_inputs(work: Path, n_pairs: int, vocab_sizes: list[int]) -> dict:
                 json.dumps({"chosen": p["prompt"] + [p["chosen"]], "rejected": p["prompt"] + [p["rejected"]]}) + "\n"
             )
             b.write(json.dumps({"prompt": p["prompt"], "chosen": [p["chosen"]], "rejected": [p["rejected"]]}) + "\n")
-    texts = []
-    with gzip.open(HH_SAMPLE, "rt") as handle:
-        for line in handle:
-            row = json.loads(line)
-            texts += [row["chosen"], row["rejected"]]
-    special = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8192, special_tokens=special, show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = hh_tokenizer()
     models_by_vocab = {}
     for vocab in vocab_sizes:
         import torch
@@ -136,11 +157,12 @@ def build_inputs(work: Path, n_pairs: int, vocab_sizes: list[int]) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------- ours
 def run_ours(model_dir: str, data: str, out: Path, max_steps: int | None, profile: bool) -> dict:
-    """Train with this project's recipe (packed), then time the plain baselines on the same tokens."""
+    """Train with this project's recipe at its default flags (the run picks its batch layout), then time the plain
+    baselines on the same tokens."""
 
-    from open_instruct import reference_cache
     from open_instruct.config import DPOArguments, validate
     from open_instruct.dpo_tune_cache import run
+    from open_instruct.training import reference_cache
 
     baseline_rss = _current_rss_mb()
     timings: dict[str, float] = {}
@@ -163,7 +185,6 @@ def run_ours(model_dir: str, data: str, out: Path, max_steps: int | None, profil
         learning_rate=5e-7,
         warmup_ratio=0.0,
         seed=1,
-        packing=True,
         max_train_steps=max_steps,
         output_dir=str(out / "run"),
         reference_logprobs_cache_path=str(out / "refcache"),
@@ -200,7 +221,7 @@ def plain_baselines(model_dir: str, data: str, steps: int, out: Path, profile: b
     from open_instruct.config import DPOArguments
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.data.sampler import pair_dataloader
-    from open_instruct.packing import packed_forward_kwargs, prepare_model_for_packing
+    from open_instruct.model.packing import packed_forward_kwargs, prepare_model_for_packing
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = DPOArguments(
@@ -244,8 +265,8 @@ def profile_our_step(model, batches) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from open_instruct.losses import LossSettings, PreferenceLogps, sigmoid_dpo
-    from open_instruct.packing import packed_sequence_logprobs
+    from open_instruct.model.packing import packed_sequence_logprobs
+    from open_instruct.objectives.losses import LossSettings, PreferenceLogps, sigmoid_dpo
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-7)
@@ -268,7 +289,7 @@ def run_trl(model_dir: str, data: str, out: Path, max_steps: int | None) -> dict
     """Train with TRL's DPOTrainer (precomputed reference) on the same pairs and model."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     baseline_rss = _current_rss_mb()
@@ -284,13 +305,6 @@ def run_trl(model_dir: str, data: str, out: Path, max_steps: int | None) -> dict
 
     DPOTrainer._precompute_ref_logps = timed_precompute
     step_ends: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            step_ends.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            step_ends.append(time.perf_counter())
 
     config = DPOConfig(
         output_dir=str(out / "trl"),
@@ -323,7 +337,7 @@ def run_trl(model_dir: str, data: str, out: Path, max_steps: int | None) -> dict
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[StepClock()],
+        callbacks=[step_clock(step_ends)],
     )
     trainer.train()
     end_to_end = time.perf_counter() - start
@@ -405,7 +419,7 @@ def table(rows: list[tuple[str, dict, dict, int]]) -> str:
     )
     lines = []
     for label, ours, trl, pairs in rows:
-        for name, r in (("ours (--packing)", ours), ("TRL DPOTrainer", trl)):
+        for name, r in (("ours (default flags)", ours), ("TRL DPOTrainer", trl)):
             lines.append(
                 f"| {label} | {pairs} x {r['steps']} | {name} | {r['step_s']:.3f} | {r['end_to_end_s']:.1f} "
                 f"| {r['reference_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} "

@@ -35,7 +35,7 @@ def measure(variant: str, pairs: int, seq_len: int, prompt_len: int, vocab: int,
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from open_instruct.data.tokenize import IGNORE_INDEX
-    from open_instruct.logprobs import sequence_logprobs
+    from open_instruct.objectives.logprobs import sequence_logprobs
 
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -1,10 +1,12 @@
 # Shared by the launch scripts (sourced, not run): starts open_instruct/dpo_tune_cache.py on this node of a
-# NUM_NODES-node job with accelerate's standard multi-node launcher and DeepSpeed.
+# NUM_NODES-node job with accelerate's standard multi-node launcher and DeepSpeed (or FSDP2: ENGINE=fsdp2).
 #
 # Environment (defaults: one node):
 #   NUM_NODES (1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)
 #   GPUS_PER_NODE  (the GPUs nvidia-smi lists, else $DEFAULT_GPUS_PER_NODE set by the script)
 #   DEEPSPEED_CONFIG (set by the script: a configs/ds_configs file; empty: no DeepSpeed)   MIXED_PRECISION (bf16)
+#   ENGINE         deepspeed (the script's DEEPSPEED_CONFIG) or fsdp2 (configs/accelerate_configs/fsdp2.yaml: FSDP2 per
+#                  decoder layer; add --fsdp_shard_degree GPUS_PER_NODE at the end for HSDP across nodes)
 #   DRY_RUN=1      print the command instead of running it
 # The script sets GLOBAL_BATCH_SIZE and PER_DEVICE_BATCH_SIZE; gradient accumulation is derived so the global batch
 # stays the same on any number of nodes (an error when it does not divide evenly).
@@ -16,6 +18,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 MIXED_PRECISION=${MIXED_PRECISION:-bf16}
+ENGINE=${ENGINE:-deepspeed}
 if [ -z "${GPUS_PER_NODE:-}" ]; then
     GPUS_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
     [ "$GPUS_PER_NODE" -gt 0 ] || GPUS_PER_NODE=${DEFAULT_GPUS_PER_NODE:-8}
@@ -42,7 +45,12 @@ launch_dpo() {
         --num_processes "$NUM_PROCESSES"
         --main_process_ip "$MASTER_ADDR"
         --main_process_port "$MASTER_PORT")
-    if [ -n "${DEEPSPEED_CONFIG:-}" ]; then  # empty: plain accelerate (one GPU)
+    if [ "$ENGINE" = fsdp2 ]; then
+        cmd+=(--config_file configs/accelerate_configs/fsdp2.yaml)
+    elif [ "$ENGINE" != deepspeed ]; then
+        echo "error: ENGINE must be deepspeed or fsdp2, got '$ENGINE'" >&2
+        return 2
+    elif [ -n "${DEEPSPEED_CONFIG:-}" ]; then  # empty: plain accelerate (one GPU)
         cmd+=(--use_deepspeed --deepspeed_config_file "$DEEPSPEED_CONFIG" --deepspeed_multinode_launcher standard)
     fi
     cmd+=(open_instruct/dpo_tune_cache.py "$@")

@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export REFERENCE_LOGPROBS_CACHE_PATH=${REFERENCE_LOGPROBS_CACHE_PATH:-$DEMO_DIR/reference_cache}
 start=$(date +%s)
 [ -f "$DEMO_DIR/model/config.json" ] || python -m open_instruct.data.synthetic "$DEMO_DIR"
-python -m open_instruct.evaluation --model_name_or_path "$DEMO_DIR/model" --data "$DEMO_DIR/data/test.jsonl" \
+python -m open_instruct.training.evaluation --model_name_or_path "$DEMO_DIR/model" --data "$DEMO_DIR/data/test.jsonl" \
     --label "held-out preference accuracy before DPO"
 cmd=(python open_instruct/dpo_tune_cache.py
     --exp_name dpo_cpu_demo
@@ -31,6 +31,6 @@ cmd=(python open_instruct/dpo_tune_cache.py
     "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 "${cmd[@]}"
-python -m open_instruct.evaluation --model_name_or_path "$OUTPUT_DIR" --data "$DEMO_DIR/data/test.jsonl" \
+python -m open_instruct.training.evaluation --model_name_or_path "$OUTPUT_DIR" --data "$DEMO_DIR/data/test.jsonl" \
     --label "held-out preference accuracy after DPO"
 echo "demo wall time: $(( $(date +%s) - start ))s"

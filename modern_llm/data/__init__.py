@@ -1,0 +1,1 @@
+"""Dataset settings of each stage: pretraining text, instruction (chat) data, preference pairs."""

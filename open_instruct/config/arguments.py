@@ -1,0 +1,393 @@
+"""Every flag of the DPO recipe as one typed dataclass, with its validation.
+
+Flag names follow allenai/open-instruct so existing launch scripts keep working; legacy spellings are listed in each
+field's ``aliases`` metadata and accepted by the command-line and YAML parsers in :mod:`open_instruct.config.cli`.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
+from pathlib import Path
+from typing import Any
+
+from open_instruct.data.formats import FORMATS
+from open_instruct.errors import UserError
+from open_instruct.objectives.combination import combination_problems
+from open_instruct.objectives.losses import LossSettings, loss_names, loss_spec
+from open_instruct.training.preemption import parse_signals
+
+
+def _f(default: Any, help: str, aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None) -> Any:
+    meta: dict[str, Any] = {"help": help, "aliases": aliases}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LOSS_TYPES = loss_names()  # the loss registry's names and aliases (open_instruct.objectives.losses.LOSSES)
+SCHEDULERS = ("linear", "cosine", "constant")
+DATASET_FORMATS = ("auto", *FORMATS)  # the normalizers in data/formats.py
+CHAT_TEMPLATES = ("tulu", "zephyr", "chatml", "olmo")
+
+
+def default_reference_cache_dir() -> str:
+    """The reference log-prob cache folder: $REFERENCE_LOGPROBS_CACHE_PATH, else ~/.cache/open_instruct/..."""
+    return os.environ.get(
+        "REFERENCE_LOGPROBS_CACHE_PATH", str(Path.home() / ".cache" / "open_instruct" / "reference_logprobs")
+    )
+
+
+def _loss_hyperparameter_flags() -> type:
+    """``LossSettings``' fields as flags with the recipe's defaults: the base of DPOArguments, so a new loss
+    hyperparameter is one field in :mod:`open_instruct.objectives.losses`, not one here too."""
+    hints = typing.get_type_hints(LossSettings)
+    return make_dataclass(
+        "LossHyperparameterFlags",
+        [
+            (
+                f.name,
+                hints[f.name],
+                _f(
+                    f.metadata["flag_default"],
+                    f.metadata["help"],
+                    f.metadata.get("aliases", ()),
+                    f.metadata.get("choices"),
+                ),
+            )
+            for f in fields(LossSettings)
+        ],
+    )
+
+
+@dataclass
+class DPOArguments(_loss_hyperparameter_flags()):
+    """All settings of one DPO run. Defaults follow the Tulu 3 DPO recipe (dpo_norm, beta 5)."""
+
+    # --- experiment -------------------------------------------------------------------------------------------
+    exp_name: str = _f("dpo", "Name of the run (wandb run name, hub repo name).")
+    seed: int = _f(42, "Random seed for data order, dropout and synthetic data.")
+    output_dir: str = _f("output/dpo", "Where metrics, checkpoints and the final model go.")
+    logging_steps: int = _f(1, "Log metrics every N optimizer steps.")
+    checkpointing_steps: str | None = _f(None, "Save the training state every N optimizer steps, or 'epoch'.")
+    keep_last_n_checkpoints: int = _f(3, "Keep this many step checkpoints (-1: all).")
+    resume_from_checkpoint: str | None = _f(None, "A step_N checkpoint folder to resume from.")
+    preemption_signals: str = _f(
+        "SIGTERM,SIGINT,SIGUSR1",
+        "Signals that stop the run cleanly: finish the optimizer step (or reference batch), save a checkpoint (or "
+        "the reference shards), exit with code 75 to be requeued; the same command resumes. 'none': default actions.",
+    )
+    skip_nonfinite_batches: int = _f(0, "Tolerate up to N batches with a NaN/Inf loss (skipped and counted).")
+    with_tracking: bool = _f(False, "Log metrics and the config to wandb.", aliases=("report_to_wandb",))
+    wandb_project: str = _f("open_instruct_internal", "wandb project.", aliases=("wandb_project_name",))
+    wandb_entity: str | None = _f(None, "wandb entity (team or user).")
+    push_to_hub: bool = _f(False, "Upload the final model to the Hugging Face Hub.")
+    hf_entity: str | None = _f(None, "Hub user or organisation to push to.")
+    hf_repo_id: str | None = _f(None, "Hub repo id (default: <hf_entity>/<exp_name>).")
+    hf_repo_revision: str | None = _f(None, "Hub branch to push to (created if missing).")
+    hf_repo_private: bool = _f(True, "Create the Hub repo as private.")
+
+    # --- model ------------------------------------------------------------------------------------------------
+    model_name_or_path: str | None = _f(None, "Local folder or hub id of the SFT model.")
+    model_revision: str | None = _f(None, "Model revision (branch, tag or commit) on the hub.")
+    tokenizer_name_or_path: str | None = _f(
+        None, "Tokenizer folder or hub id (default: the model's).", aliases=("tokenizer_name",)
+    )
+    tokenizer_revision: str | None = _f(None, "Tokenizer revision on the hub (default: the model revision).")
+    use_slow_tokenizer: bool = _f(False, "Use the slow (Python) tokenizer instead of the fast one.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub repo to run.")
+    attn_implementation: str | None = _f(
+        None, "Attention kernel: flash_attention_3, flash_attention_2, sdpa or eager (default: best available)."
+    )
+    low_cpu_mem_usage: bool = _f(
+        False, "Load weights without a full extra copy in CPU memory (always the case with transformers >= 5)."
+    )
+    additional_model_arguments: str | None = _f(None, "JSON object of extra from_pretrained keyword arguments.")
+    mixed_precision: str | None = _f(
+        None, "no, bf16 or fp16 (default: what accelerate launch says, else no).", choices=("no", "bf16", "fp16")
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward to save memory.")
+    activation_memory_budget: float = _f(1.0, "Below 1.0 turns on gradient checkpointing.")
+    use_liger_kernel: bool = _f(False, "Liger fused kernels (CUDA only; falls back to chunked log-probs on CPU).")
+    use_lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
+    use_qlora: bool = _f(False, "QLoRA: LoRA on a 4-bit NF4 base model (needs CUDA and bitsandbytes; implies LoRA).")
+    lora_rank: int = _f(64, "LoRA rank.")
+    lora_alpha: float = _f(16, "LoRA alpha.")
+    lora_dropout: float = _f(0.1, "LoRA dropout.")
+    lora_target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module-name suffixes that get adapters (or all-linear).",
+    )
+    merge_lora: bool = _f(False, "Also save merged full weights (into <output_dir>/merged) after LoRA training.")
+    load_balancing_loss: bool = _f(False, "Add the MoE router load-balancing loss.")
+    load_balancing_weight: float = _f(0.001, "Weight of the load-balancing loss.")
+
+    # --- data -------------------------------------------------------------------------------------------------
+    mixer_list: list[str] = _f(
+        [], "Pairs of DATASET AMOUNT (fraction with a decimal point, or row count).", aliases=("dataset_mixer_list",)
+    )
+    mixer_list_splits: list[str] = _f(
+        ["train"], "Split per dataset (one for all, or one each).", aliases=("dataset_mixer_list_splits",)
+    )
+    eval_mixer_list: list[str] = _f(
+        [], "Evaluation datasets, same form as --mixer_list.", aliases=("dataset_mixer_eval_list",)
+    )
+    eval_mixer_list_splits: list[str] = _f(
+        ["test"], "Split per evaluation dataset.", aliases=("dataset_mixer_eval_list_splits",)
+    )
+    eval_fraction: float = _f(0.0, "Hold out this fraction of each training dataset's valid rows for evaluation.")
+    eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and at the end); needs an evaluation set.")
+    dataset_format: str = _f(
+        "auto", "Row format of every dataset (auto: detected from columns).", choices=DATASET_FORMATS
+    )
+    skip_invalid_rows: bool = _f(False, "Drop malformed rows with a summary instead of stopping.")
+    chat_template_name: str | None = _f(
+        None, "One of our chat templates instead of the tokenizer's.", choices=CHAT_TEMPLATES
+    )
+    add_bos: bool = _f(False, "Prepend the BOS token when the chat template does not.")
+    max_seq_length: int = _f(2048, "Maximum tokens per sequence (prompt + reply).")
+    max_response_length: int | None = _f(
+        None,
+        "Cut each reply to at most N tokens, EOS included (TRL's max_completion_length).",
+        aliases=("max_completion_length",),
+    )
+    max_train_samples: int | None = _f(None, "Use at most this many training pairs.")
+    cache_dataset_only: bool = _f(False, "Prepare and cache the tokenized dataset, then exit.")
+    dataset_local_cache_dir: str = _f("local_dataset_cache", "Where prepared (tokenized) datasets are cached.")
+    preprocessing_num_workers: int | None = _f(
+        None, "Processes that tokenize the data (None: 1); the prepared data is identical for any number."
+    )
+    reference_logprobs_cache_path: str = _f(
+        "", "Folder of the reference log-prob cache (default: $REFERENCE_LOGPROBS_CACHE_PATH or ~/.cache/...)."
+    )
+    packing: bool | None = _f(
+        None,
+        "Padding-free batches: a micro-batch's sequences laid end to end in one row, each attending only to itself "
+        "(also for the reference pass). Unset: the fastest layout proven equal to padded batches on this device "
+        "(packed on CPU; padded and grouped by length on CUDA until the GPU suite proves a packed kernel); the run "
+        "prints which and why. false: padded rows.",
+        aliases=("padding_free",),
+    )
+    max_tokens_per_batch: int | None = _f(
+        None,
+        "Token budget per micro-batch (packed: real tokens; padded: rows x longest): micro-batches hold as many "
+        "pairs as fit, instead of --per_device_train_batch_size pairs.",
+    )
+    group_by_length: bool | None = _f(
+        None,
+        "Batch pairs of similar length, batches still in shuffled order (less padding). Unset: on when the run "
+        "pads by default (see --packing).",
+    )
+    reference_batch_size: int | None = _f(None, "Batch size of the reference pass (default: 2x training).")
+
+    # --- optimisation -----------------------------------------------------------------------------------------
+    per_device_train_batch_size: int = _f(1, "Pairs per device per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(5e-7, "Peak learning rate.")
+    lr_scheduler_type: str = _f("linear", "Schedule after warmup.", choices=SCHEDULERS)
+    warmup_ratio: float = _f(0.1, "Fraction of optimizer steps spent warming up.")
+    warmup_steps: int | None = _f(None, "Optimizer steps spent warming up (overrides --warmup_ratio).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(-1.0, "Clip gradients to this norm (<= 0: no clipping).", aliases=("clip_grad_norm",))
+    num_epochs: int = _f(1, "Epochs over the training mix.", aliases=("num_train_epochs",))
+    max_train_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides num_epochs).")
+
+    # --- loss -------------------------------------------------------------------------------------------------
+    # (its hyperparameters: the LossSettings fields, inherited)
+    loss_type: list[str] = _f(
+        ["dpo_norm"],
+        "Preference loss, or several (TRL's names too): with --loss_weights the loss is their weighted sum.",
+        aliases=("dpo_loss_type",),
+        choices=LOSS_TYPES,
+    )
+    loss_weights: list[float] | None = _f(None, "One weight per --loss_type entry (default: 1 each).")
+    reference_free: bool = _f(False, "Use a zero reference (skips the reference pass).")
+    separate_forward: bool = _f(
+        False,
+        "Run chosen and rejected in two forwards, each padded to its own length (lower peak per forward).",
+        aliases=("concatenated_forward_false",),
+    )
+    logprob_chunk_size: int | None = _f(
+        None,
+        "Tokens per chunk of the output projection in the chunked log-probs "
+        "(default: 2^23 / vocabulary size, e.g. 65 at 128k, 1024 at 8k).",
+    )
+
+    # --- distributed ------------------------------------------------------------------------------------------
+    zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (0-3); with --deepspeed_config it overrides the file's.")
+    offload_optimizer: bool = _f(False, "ZeRO: offload optimizer state to CPU.")
+    offload_param: bool = _f(False, "ZeRO-3: offload parameters to CPU.")
+    deepspeed_config: str | None = _f(
+        None, "Path of a DeepSpeed JSON config ('auto' fields are filled from our flags)."
+    )
+    fsdp: bool = _f(
+        False,
+        "Train with PyTorch FSDP2 (fully_shard per decoder layer) instead of DeepSpeed "
+        "(also: accelerate launch --use_fsdp, or an accelerate config with distributed_type FSDP).",
+    )
+    fsdp_shard_degree: int | None = _f(
+        None, "FSDP2: ranks each parameter is sharded over (default: all, or the processes / --fsdp_num_replicas)."
+    )
+    fsdp_num_replicas: int | None = _f(
+        None, "FSDP2: model replicas, gradients all-reduced across them (HSDP when > 1; default 1)."
+    )
+    fsdp_offload_params: bool = _f(False, "FSDP2: keep sharded parameters, gradients and optimizer state on CPU.")
+    timeout: int = _f(1800, "Seconds before a collective operation times out.")
+
+    def __post_init__(self) -> None:
+        if not self.reference_logprobs_cache_path:
+            self.reference_logprobs_cache_path = default_reference_cache_dir()
+        if isinstance(self.loss_type, str):  # one name, as open-instruct and TRL both accept
+            self.loss_type = self.loss_type.split()
+        if isinstance(self.loss_weights, int | float):
+            self.loss_weights = [float(self.loss_weights)]
+
+    def _specs(self) -> list[Any]:
+        known = [name for name in self.loss_type if name in LOSS_TYPES]
+        return [loss_spec(name) for name in known]
+
+    @property
+    def length_normalized(self) -> bool:
+        """Whether every listed loss compares per-token averages (logged log-probs are then averages too)."""
+        specs = self._specs()
+        return bool(specs) and all(spec.length_normalized for spec in specs)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a listed loss compares against the reference model (else the cache pass is skipped)."""
+        return not self.reference_free and any(spec.needs_reference for spec in self._specs())
+
+    def loss_settings(self) -> LossSettings:
+        """The loss hyperparameters of this run."""
+        return LossSettings(**{f.name: getattr(self, f.name) for f in fields(LossSettings)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain values, for the run's config file and the tracker (never holds a token)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# Flags declared above whose behaviour is not built yet. Passing a non-default value is an error, never ignored.
+NOT_YET_SUPPORTED: tuple[str, ...] = ()
+
+
+def _model_option_problems(args: DPOArguments) -> list[str]:
+    """Inconsistent LoRA / MoE / model-loading flags."""
+    problems = []
+    if args.lora_rank < 1:
+        problems.append(f"--lora_rank must be >= 1, got {args.lora_rank}")
+    if args.lora_alpha <= 0:
+        problems.append(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not args.lora_target_modules:
+        problems.append("--lora_target_modules needs at least one module name")
+    if args.merge_lora and not (args.use_lora or args.use_qlora):
+        problems.append("--merge_lora needs --use_lora")
+    if args.merge_lora and args.use_qlora:
+        problems.append(
+            "--merge_lora with --use_qlora is not supported (the base is 4-bit): merge the saved adapter "
+            "into a bf16 copy of the base model with peft's merge_and_unload"
+        )
+    if args.load_balancing_weight < 0:
+        problems.append(f"--load_balancing_weight must be >= 0, got {args.load_balancing_weight}")
+    return problems
+
+
+def _count_problems(args: DPOArguments) -> list[str]:
+    """Counts and sizes below 1."""
+    problems = []
+    for name in (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_seq_length",
+        "logging_steps",
+        "num_epochs",
+    ):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in (
+        "logprob_chunk_size",
+        "max_train_steps",
+        "max_train_samples",
+        "max_response_length",
+        "reference_batch_size",
+        "max_tokens_per_batch",
+        "eval_steps",
+        "preprocessing_num_workers",
+    ):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name} must be >= 1, got {value}")
+    return problems
+
+
+def validate(args: DPOArguments) -> None:
+    """Reject out-of-range or inconsistent settings with one clear message, before any work starts."""
+    problems = []
+    if args.model_name_or_path is None and not (args.cache_dataset_only and args.tokenizer_name_or_path):
+        problems.append("--model_name_or_path is required (--cache_dataset_only needs only --tokenizer_name_or_path)")
+    if not args.mixer_list:
+        problems.append("--mixer_list is required (pairs of DATASET AMOUNT)")
+    if len(args.mixer_list) % 2:
+        problems.append(f"--mixer_list takes pairs of DATASET AMOUNT, got {len(args.mixer_list)} values")
+    if len(args.eval_mixer_list) % 2:
+        problems.append(f"--eval_mixer_list takes pairs of DATASET AMOUNT, got {len(args.eval_mixer_list)} values")
+    problems.extend(_count_problems(args))
+    if args.learning_rate < 0:
+        problems.append(f"--learning_rate must be >= 0, got {args.learning_rate}")
+    if args.beta <= 0:
+        problems.append(f"--beta must be > 0, got {args.beta}")
+    if not 0.0 <= args.warmup_ratio <= 1.0:
+        problems.append(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    if args.weight_decay < 0:
+        problems.append(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if not 0.0 <= args.label_smoothing < 0.5:
+        problems.append(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if not 0.0 <= args.eval_fraction < 1.0:
+        problems.append(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    problems.extend(combination_problems(args.loss_type, args.loss_weights, args.loss_settings(), args.reference_free))
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        problems.append(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if args.eval_mixer_list and args.eval_fraction > 0:
+        problems.append("--eval_mixer_list and --eval_fraction both define the evaluation set; pass one of them")
+    if args.eval_steps is not None and not args.eval_mixer_list and args.eval_fraction == 0:
+        problems.append("--eval_steps needs an evaluation set: pass --eval_mixer_list or --eval_fraction")
+    if args.nll_loss_weight < 0:
+        problems.append(f"--nll_loss_weight must be >= 0, got {args.nll_loss_weight}")
+    if not 0.0 < args.activation_memory_budget <= 1.0:
+        problems.append(f"--activation_memory_budget must be in (0, 1], got {args.activation_memory_budget}")
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
+            problems.append(
+                f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}"
+            )
+    try:
+        parse_signals(args.preemption_signals)
+    except ValueError as err:
+        problems.append(f"--preemption_signals: {err}")
+    if args.skip_nonfinite_batches < 0:
+        problems.append(f"--skip_nonfinite_batches must be >= 0, got {args.skip_nonfinite_batches}")
+    if args.keep_last_n_checkpoints < -1 or args.keep_last_n_checkpoints == 0:
+        problems.append(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {args.keep_last_n_checkpoints}")
+    for name in ("hf_entity", "hf_repo_id", "hf_repo_revision"):
+        if getattr(args, name) is not None and not args.push_to_hub:
+            problems.append(f"--{name} only applies with --push_to_hub")
+    if not args.hf_repo_private and not args.push_to_hub:
+        problems.append("--hf_repo_private only applies with --push_to_hub")
+    problems.extend(_model_option_problems(args))
+    for name in ("fsdp_shard_degree", "fsdp_num_replicas"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.zero_stage is not None and args.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"--zero_stage must be 0, 1, 2 or 3, got {args.zero_stage}")
+    defaults = DPOArguments(reference_logprobs_cache_path="unused")
+    for name in NOT_YET_SUPPORTED:
+        if getattr(args, name) != getattr(defaults, name):
+            problems.append(f"--{name} is not supported yet in this version")
+    if args.packing and args.separate_forward:
+        problems.append("--separate_forward splits padded rows; it does not apply to --packing (one row per batch)")
+    if problems:
+        raise UserError("invalid configuration: " + "; ".join(problems))

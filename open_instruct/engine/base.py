@@ -1,0 +1,128 @@
+"""The engine interface: what the rest of the code may ask of a distributed engine, and the plain default.
+
+An engine decides how ``accelerate.Accelerator`` is built (its plugin and process-group backend), and answers the few
+questions that depend on how parameters are laid out across ranks: this rank's piece of a parameter, whether a
+parameter is partitioned, how to edit partitioned parameters in place, how to get the full state dict, and how a
+training checkpoint is written and read. Everything else (model, data, loss, loop) is engine-agnostic.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+
+def effective_mixed_precision(args: Any, env: dict[str, str]) -> str:
+    """``--mixed_precision``, else what ``accelerate launch --mixed_precision`` set, else ``no``."""
+    return getattr(args, "mixed_precision", None) or env.get("ACCELERATE_MIXED_PRECISION") or "no"
+
+
+def precision_words(mixed_precision: str) -> str:
+    """How the engine line names a precision setting."""
+    return f"mixed precision {mixed_precision}" if mixed_precision in ("bf16", "fp16") else "fp32"
+
+
+def unwrap_model(model: Any) -> Any:
+    """The Hugging Face model inside DDP / DeepSpeed / PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+class Engine:
+    """Plain data parallel (accelerate's default: one process, DDP on GPUs, gloo ``MULTI_CPU`` on CPUs).
+
+    Subclasses override what differs. The static methods work on what the engine produced (parameters, a prepared
+    model, the accelerator), so callers reach them through :func:`open_instruct.engine.engine_of`.
+    """
+
+    name = "data_parallel"
+
+    def __init__(self, several_processes: bool = False, mixed_precision: str = "no", processes: int = 0) -> None:
+        self.several_processes = several_processes
+        self.mixed_precision = mixed_precision
+        self.processes = processes  # for the run log (0: not known)
+
+    @classmethod
+    def from_args(cls, args: Any, env: dict[str, str]) -> Engine | None:
+        """This engine for the run's flags and launcher environment, or None when the run does not ask for it."""
+        world_size = int(env.get("WORLD_SIZE", "1"))
+        return cls(world_size > 1, effective_mixed_precision(args, env), world_size)
+
+    @staticmethod
+    def drives(accelerator: Any) -> bool:
+        """Whether ``accelerator`` was built by this engine."""
+        return True
+
+    def accelerator_kwargs(self) -> dict[str, Any]:
+        """Engine-specific ``Accelerator`` keyword arguments (plugins, ``cpu``)."""
+        # Plain data parallel on CPU: accelerate's MULTI_CPU mode (gloo); without it each process would train alone.
+        return {"cpu": not torch.cuda.is_available() and self.several_processes}
+
+    @property
+    def backend(self) -> str | None:
+        """The process-group backend to force (None: accelerate's choice)."""
+        return None
+
+    def describe(self) -> str:
+        """One line for the run log."""
+        layout = (
+            f"data parallel (DDP), {self.processes or 'several'} processes"
+            if self.several_processes
+            else "single process"
+        )
+        return f"engine: {layout}, {precision_words(self.mixed_precision)}, no offload"
+
+    def build_accelerator(
+        self, gradient_accumulation_steps: int, mixed_precision: str | None, with_tracking: bool, timeout_s: int
+    ) -> Any:
+        """accelerate's ``Accelerator`` for this engine."""
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+        group = {"backend": self.backend} if self.backend else {}
+        return Accelerator(
+            **self.accelerator_kwargs(),
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            mixed_precision=mixed_precision,
+            log_with="wandb" if with_tracking else None,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s), **group)],
+        )
+
+    # --- questions about parameters and models the engine has laid out ------------------------------------------
+    @staticmethod
+    def local_shard(param: torch.Tensor) -> torch.Tensor | None:
+        """This rank's piece of ``param`` when the engine partitions it, else None."""
+        return None
+
+    @staticmethod
+    def hooks_forward(model: Any) -> bool:
+        """Whether the engine's hooks sit on the model object itself (no wrapper), so its submodules must not be
+        called on their own: the model's forward is the only entry."""
+        return False
+
+    @staticmethod
+    def gathered(params: list[torch.Tensor]) -> AbstractContextManager:
+        """A context in which partitioned ``params`` are whole and in-place edits on rank 0 reach every shard."""
+        return nullcontext()
+
+    @staticmethod
+    def full_state_dict(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
+        """The full (gathered) state dict of a prepared model; every rank must call it."""
+        return accelerator.get_state_dict(model)
+
+    @staticmethod
+    def save_state(accelerator: Any, path: str) -> None:
+        """Write model, optimizer, scheduler and sampler state into the folder ``path`` (every rank)."""
+        accelerator.save_state(path)
+
+    @staticmethod
+    def load_state(accelerator: Any, path: str) -> None:
+        """Restore what :meth:`save_state` wrote."""
+        accelerator.load_state(path)

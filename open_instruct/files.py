@@ -1,0 +1,50 @@
+"""Crash-safe writes: a reader sees the old file or the complete new one, never a partial one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write (a file or a folder); on success it replaces ``path`` in one
+    rename, on an error it is removed. A kill mid-write leaves only a hidden ``.NAME.PID.tmp`` leftover."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def move_contents(source: Path, target: Path) -> None:
+    """Rename each entry of ``source`` into ``target`` (one atomic rename per file), then remove ``source``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in sorted(source.iterdir()):
+        destination = target / item.name
+        if item.is_dir() and destination.is_dir():
+            shutil.rmtree(destination)
+        os.replace(item, destination)
+    source.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)

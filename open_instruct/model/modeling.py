@@ -1,0 +1,226 @@
+"""Load the tokenizer and the policy model: revisions, attention kernel, quantization, embedding growth, LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from open_instruct.config import DPOArguments, UserError
+
+ATTN_IMPLEMENTATIONS = ("flash_attention_3", "flash_attention_2", "sdpa", "eager", "flex_attention")
+EMBEDDING_MULTIPLE = 8
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def check_model_path(name: str | None, what: str = "model") -> None:
+    """A local-looking path that does not exist is an error before anything loads."""
+    if name and _looks_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"{what} path not found: {name}")
+
+
+def parse_additional_model_arguments(text: str | None) -> dict[str, Any]:
+    """``--additional_model_arguments`` as a dict; anything but a JSON object is a clear error."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--additional_model_arguments is not valid JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise UserError(f"--additional_model_arguments must be a JSON object, got {type(value).__name__}: {text!r}")
+    return value
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def _flash_available(version: int) -> bool:
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    return bool(is_flash_attn_3_available() if version == 3 else is_flash_attn_2_available())
+
+
+def resolve_attn_implementation(requested: str | None) -> tuple[str, str]:
+    """(attention implementation, why): the requested one if usable, else the best available one.
+
+    Best: flash-attention 3 on Hopper (compute capability 9.x), flash-attention 2 on Ampere or newer, when the package
+    is installed; otherwise PyTorch's sdpa. ``eager`` only on request.
+    """
+    capability = _cuda_capability()
+    if requested is not None:
+        if requested not in ATTN_IMPLEMENTATIONS:
+            raise UserError(
+                f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {requested!r}"
+            )
+        if requested.startswith("flash_attention"):
+            version = int(requested[-1])
+            if capability is None:
+                raise UserError(f"--attn_implementation {requested} needs a CUDA GPU; none found (use sdpa)")
+            if not _flash_available(version):
+                package = "flash_attn_3 (flash_attn_interface)" if version == 3 else "flash-attn"
+                raise UserError(f"--attn_implementation {requested}: package {package} is not installed or unusable")
+        return requested, "requested"
+    if capability is None:
+        return "sdpa", "default: no CUDA device"
+    if capability[0] == 9 and _flash_available(3):
+        return "flash_attention_3", f"default: compute capability {capability[0]}.{capability[1]}"
+    if capability[0] >= 8 and _flash_available(2):
+        return "flash_attention_2", f"default: compute capability {capability[0]}.{capability[1]}"
+    return "sdpa", f"default: no usable flash-attention for compute capability {capability[0]}.{capability[1]}"
+
+
+def check_model_options(args: DPOArguments) -> None:
+    """Environment checks of the model flags (CUDA, packages, attention), run before any data or model work."""
+    parse_additional_model_arguments(args.additional_model_arguments)
+    resolve_attn_implementation(args.attn_implementation)
+    if args.use_qlora:
+        if not torch.cuda.is_available():
+            raise UserError("--use_qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); none found on this machine")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--use_qlora needs bitsandbytes: pip install 'open_instruct[qlora]'")
+
+
+def load_tokenizer(args: DPOArguments) -> Any:
+    """The tokenizer, with our chat template when one is named and a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    from open_instruct.data.chat_templates import CHAT_TEMPLATES
+
+    name = args.tokenizer_name_or_path or args.model_name_or_path
+    check_model_path(name, "tokenizer")
+    revision = args.tokenizer_revision or (args.model_revision if name == args.model_name_or_path else None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=revision, use_fast=not args.use_slow_tokenizer, trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load tokenizer {name!r}: {err}") from err
+    if args.chat_template_name:
+        tokenizer.chat_template = CHAT_TEMPLATES[args.chat_template_name]
+    if not tokenizer.chat_template:
+        raise UserError(f"tokenizer {name!r} has no chat template; pass --chat_template_name")
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def _quantization_config() -> Any:
+    from transformers import BitsAndBytesConfig
+
+    # quant_storage bf16 lets a sharding engine shard the packed 4-bit weights like ordinary bf16 tensors.
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
+def grow_embeddings(model: Any, min_rows: int, multiple: int = EMBEDDING_MULTIPLE) -> tuple[int, int]:
+    """Grow input and output embeddings to ``min_rows`` rounded up to ``multiple``; new rows get the mean of the old.
+
+    The mean row gives an added token (e.g. a pad token) an average embedding and, in the output layer, an average
+    logit, so the model's distribution over the old vocabulary barely moves. Works on engine-partitioned weights.
+    Returns (old rows, new rows).
+    """
+    from open_instruct.engine import gathered
+
+    old = model.get_input_embeddings().num_embeddings  # num_embeddings stays right when the engine partitions .weight
+    if min_rows <= old:
+        return old, old
+    model.resize_token_embeddings(min_rows, pad_to_multiple_of=multiple, mean_resizing=False)
+    params = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not params[0]:
+        params.append(head.weight)
+    with gathered(params), torch.no_grad():
+        for weight in params:
+            weight[old:] = weight[:old].float().mean(dim=0).to(weight.dtype)
+    return old, model.get_input_embeddings().num_embeddings
+
+
+def load_model(args: DPOArguments, tokenizer: Any, log: Callable[[str], None] = print) -> Any:
+    """The policy model; its embeddings grow (to a multiple of 8) when the tokenizer gained tokens; LoRA if asked."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(args.model_name_or_path)
+    extra = parse_additional_model_arguments(args.additional_model_arguments)
+    if "torch_dtype" in extra:  # the transformers 4 name of ``dtype``; it must replace our fp32 default, not clash
+        extra["dtype"] = extra.pop("torch_dtype")
+    attn, why = resolve_attn_implementation(args.attn_implementation)
+    log(f"model: attention implementation {attn} ({why})")
+    options: dict[str, Any] = {"dtype": torch.float32}
+    if args.use_qlora:
+        check_model_options(args)
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        options = {"dtype": torch.bfloat16, "quantization_config": _quantization_config()}
+        # ZeRO-3 places (and shards) the weights itself; transformers refuses a device_map with it.
+        if not is_deepspeed_zero3_enabled():
+            options["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_name_or_path,
+            revision=args.model_revision,
+            trust_remote_code=args.trust_remote_code,
+            attn_implementation=attn,
+            low_cpu_mem_usage=args.low_cpu_mem_usage,
+            **{**options, **extra},
+        )
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"could not load model {args.model_name_or_path!r}: {err}") from err
+    if args.load_balancing_loss:
+        from open_instruct.model.moe import require_moe
+
+        experts, top_k = require_moe(model.config, args.model_name_or_path)
+        log(f"model: MoE with {experts} experts, top-{top_k}; load-balancing loss weight {args.load_balancing_weight}")
+    old, new = grow_embeddings(model, len(tokenizer))
+    if new != old:
+        log(
+            f"model: embeddings grown from {old} to {new} rows for a tokenizer of {len(tokenizer)} tokens "
+            f"(new rows = mean of the old ones)"
+        )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if (args.gradient_checkpointing or args.activation_memory_budget < 1.0) and not args.use_qlora:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if args.use_lora or args.use_qlora:
+        from open_instruct.model.lora import LoraSettings, apply_lora, describe
+
+        model = apply_lora(
+            model,
+            LoraSettings(
+                rank=args.lora_rank,
+                alpha=args.lora_alpha,
+                dropout=args.lora_dropout,
+                target_modules=tuple(args.lora_target_modules),
+                quantized=args.use_qlora,
+                gradient_checkpointing=args.gradient_checkpointing or args.activation_memory_budget < 1.0,
+            ),
+        )
+        log(f"model: {'QLoRA (4-bit NF4 base)' if args.use_qlora else 'LoRA'}: {describe(model)}")
+    return model
+
+
+def reference_identity(args: DPOArguments, model: Any) -> dict[str, Any]:
+    """Model settings that change reference log-probs, for the reference-cache key (the weights are hashed apart)."""
+    from open_instruct.engine import unwrap_model
+
+    return {
+        "model_revision": args.model_revision,
+        "tokenizer_revision": args.tokenizer_revision,
+        "additional_model_arguments": parse_additional_model_arguments(args.additional_model_arguments),
+        "quantization": "nf4-double-bf16" if args.use_qlora else None,
+        "vocab_rows": unwrap_model(model).get_input_embeddings().num_embeddings,
+    }

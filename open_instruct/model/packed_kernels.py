@@ -1,0 +1,98 @@
+"""Two more packed-attention kernels from PyTorch itself, as transformers attention implementations.
+
+``sdpa_varlen`` (open_instruct/model/packing.py) loops over the sequences of a packed row; these run the row in one call:
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash-attention's varlen kernel shipped in PyTorch;
+  CUDA only, bf16/fp16), reading ``cu_seq_lens_q`` like flash-attention does.
+- ``flex_packed``: FlexAttention with a causal document mask built from ``cu_seq_lens_q``. Called uncompiled it runs
+  PyTorch's reference implementation (``T^2`` memory; forward on any device, backward on CUDA only): right for
+  checks, not for speed.
+
+Both are registered on demand (:func:`register_packed_kernels`) and measured by the GPU suite's tests; the product's
+packed path still chooses between flash-attention and ``sdpa_varlen`` (:func:`packing.prepare_model_for_packing`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+TORCH_VARLEN = "torch_varlen"
+FLEX_PACKED = "flex_packed"
+
+
+def torch_varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal varlen attention over a packed row: ``query`` ``[1, H, T, D]``, ``key``/``value`` ``[1, Hkv, T, D]``;
+    returns ``[1, T, H, D]``."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if cu_seq_lens_q is None:
+        raise ValueError(f"{TORCH_VARLEN} attention needs a packed batch (cu_seq_lens_q)")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    params = inspect.signature(varlen_attn).parameters
+    options: dict[str, Any] = {"scale": scaling}
+    options.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            options["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    cu = cu_seq_lens_q.to(torch.int32)
+    longest = int(max_length_q) if max_length_q is not None else int(cu.diff().max())
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+    return out.unsqueeze(0), None
+
+
+def document_ids(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
+    """The sequence index of every position ``[T]`` of a packed row with these cumulative lengths ``[S + 1]``."""
+    starts = torch.zeros(total, dtype=torch.long, device=cu_seq_lens.device)
+    starts[cu_seq_lens[1:-1].long()] = 1
+    return starts.cumsum(0)
+
+
+def flex_packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """FlexAttention with a causal same-sequence mask over a packed row; shapes as :func:`torch_varlen_attention`."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if cu_seq_lens_q is None:
+        raise ValueError(f"{FLEX_PACKED} attention needs a packed batch (cu_seq_lens_q)")
+    total = query.shape[2]
+    doc = document_ids(cu_seq_lens_q, total)
+
+    def same_sequence_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    block = create_block_mask(same_sequence_causal, None, None, total, total, device=query.device)
+    gqa = key.shape[1] != query.shape[1]
+    out = flex_attention(query, key, value, block_mask=block, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_packed_kernels() -> None:
+    """Make ``torch_varlen`` and ``flex_packed`` valid ``attn_implementation`` names (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(TORCH_VARLEN, torch_varlen_attention)
+    AttentionInterface.register(FLEX_PACKED, flex_packed_attention)

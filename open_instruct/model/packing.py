@@ -1,0 +1,136 @@
+"""Padding-free (packed) forwards: many sequences end to end in one row, each attending only to itself.
+
+A packed row ``[1, T]`` holds the chosen then the rejected sequences of a micro-batch. Positions restart at 0 for every
+sequence, and the boundaries travel as ``cu_seq_lens`` (cumulative lengths ``[S + 1]``, int32) to attention:
+- flash-attention (GPU): transformers' own varlen path reads ``cu_seq_lens_q/k`` and ``max_length_q/k``.
+- everywhere else: ``sdpa_varlen``, registered here, runs causal SDPA on each sequence's slice. ``position_ids`` alone
+  do not isolate the sequences under transformers 5's sdpa/eager paths when a 2D mask is given, and a block-diagonal
+  ``[T, T]`` mask would cost ``T^2`` memory and compute; per-slice attention costs ``sum(L_i^2)`` like padding does.
+
+Log-probs come from the same :func:`open_instruct.objectives.logprobs.sequence_logprobs` as the padded path; only the final
+per-token values are summed per sequence instead of per row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from open_instruct.data.tokenize import IGNORE_INDEX
+from open_instruct.engine import unwrap_model
+from open_instruct.objectives.logprobs import SequenceLogprobs, sequence_logprobs
+
+VARLEN_SDPA = "sdpa_varlen"
+
+
+def varlen_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention per packed sequence. ``query`` ``[1, H, T, D]``, ``key``/``value`` ``[1, Hkv, T, D]``;
+    returns ``[1, T, H, D]`` like transformers' attention functions. Without ``cu_seq_lens_q`` it is plain causal
+    SDPA (right padding needs no mask under causal attention), honouring a 4D mask when one is given."""
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+    dropout = dropout if module.training else 0.0
+    if cu_seq_lens_q is None:
+        causal = attention_mask is None and query.shape[2] > 1
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal
+        )
+        return out.transpose(1, 2).contiguous(), None
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
+    # One split (its backward is one concatenation), not per-sequence slicing: each slice's backward would
+    # allocate and zero a gradient the size of the whole row.
+    lengths = cu_seq_lens_q.diff().tolist()
+    pieces = [
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    ]
+    out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_varlen_attention() -> None:
+    """Make ``sdpa_varlen`` a valid ``attn_implementation`` for transformers models (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+
+
+def packed_attention_implementation(current: str | None) -> str:
+    """The attention implementation a packed run needs: flash-attention stays (it reads the varlen kwargs natively);
+    sdpa, eager and anything else become ``sdpa_varlen``."""
+    if current and current.startswith("flash_attention"):
+        return current
+    return VARLEN_SDPA
+
+
+def prepare_model_for_packing(model: Any) -> str:
+    """Switch the model to an attention implementation that honours packed boundaries; returns its name."""
+    inner = unwrap_model(model)
+    target = packed_attention_implementation(inner.config._attn_implementation)
+    if target == VARLEN_SDPA:
+        register_varlen_attention()
+    if inner.config._attn_implementation != target:
+        inner.set_attn_implementation(target)
+    return target
+
+
+def packed_forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model keyword arguments that carry a packed batch's boundaries (positions and cumulative lengths)."""
+    cu = batch["cu_seq_lens"]
+    max_length = int(batch["max_length"]) if "max_length" in batch else int(cu.diff().max())
+    return {
+        "position_ids": batch["position_ids"],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }
+
+
+def packed_sequence_logprobs(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    impl: str = "chunked",
+    chunk_size: int | None = None,
+    with_sum_sq: bool = False,
+) -> SequenceLogprobs:
+    """Per-sequence log-probs ``[S]`` of a packed batch, in the collator's sequence order (chosen, then rejected).
+
+    The row's labels already hide the first token of every sequence, so no target crosses a boundary."""
+    row = sequence_logprobs(
+        model,
+        batch["input_ids"],
+        None,
+        batch["labels"],
+        impl=impl,
+        chunk_size=chunk_size,
+        with_sum_sq=with_sum_sq,
+        **packed_forward_kwargs(batch),
+    )
+    labels = batch["labels"]
+    seq_ids = batch["sequence_ids"][:, :-1][
+        labels[:, 1:] != IGNORE_INDEX
+    ]  # [T_labels], the sequence of each target token
+    n = batch["cu_seq_lens"].shape[0] - 1
+    sums = torch.zeros(n, dtype=row.token_logps.dtype, device=row.token_logps.device).index_add(
+        0, seq_ids, row.token_logps
+    )
+    counts = torch.zeros(n, dtype=torch.long, device=labels.device).index_add(0, seq_ids, torch.ones_like(seq_ids))
+    return SequenceLogprobs(
+        sums=sums, counts=counts, token_logps=row.token_logps, token_seq=seq_ids, token_log_sum_sq=row.token_log_sum_sq
+    )

@@ -1,0 +1,1 @@
+"""Log-probs (chunked, full, Liger) and the preference-loss registry."""

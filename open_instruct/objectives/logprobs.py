@@ -1,0 +1,388 @@
+"""Per-sequence log-probabilities of the label tokens, without ever holding full-vocabulary logits by default.
+
+Three implementations with one contract (``sequence_logprobs``):
+- ``full``: the model's own logits, fp32 log-softmax, gather. Simple; memory ``[N, L, V]``. For tests and small vocabs.
+- ``chunked`` (default): the decoder's hidden states at label positions only, times the output embedding in chunks of
+  tokens; each chunk's logits are recomputed in the backward (activation checkpointing), so at most ``[chunk, V]``
+  logits exist at once. An output layer that an engine partitions (ZeRO-3) is gathered once per call on every rank
+  (:mod:`open_instruct.engine.zero3_head`), never once per chunk. Pure PyTorch: CPU and GPU.
+- ``liger``: the same label-position hidden states through Liger's fused linear cross-entropy (CUDA only), see
+  :mod:`open_instruct.model.liger`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from open_instruct.data.tokenize import IGNORE_INDEX
+from open_instruct.engine import hooks_forward, is_partitioned, unwrap_model
+from open_instruct.engine.zero3_head import partitioned_head_logps, zero3_partitioned
+
+# Config fields that change logits after the output projection; the chunked path does not apply them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass
+class SequenceLogprobs:
+    """Log-probs of the label tokens: per sequence ``sums``/``counts`` ``[N]``, per token ``token_logps`` ``[T]``.
+
+    ``token_log_sum_sq`` ``[T]`` (detached, only when asked for): ``log sum_v p_v^2`` at each label position, which
+    TRL's WPO weights subtract from the token's log-prob.
+    """
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    token_logps: torch.Tensor
+    token_seq: torch.Tensor
+    token_log_sum_sq: torch.Tensor | None = None
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Average log-prob per label token ``[N]`` (0 for a sequence without labels)."""
+        return self.sums / self.counts.clamp(min=1).to(self.sums.dtype)
+
+
+def supports_chunked(model: Any) -> bool:
+    """Whether the chunked path reproduces this model's logits (no softcapping or scaling after the head)."""
+    config = unwrap_model(model).config
+    return not any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets ``[N, L-1]`` and their mask."""
+    targets = labels[:, 1:]
+    return targets, targets != IGNORE_INDEX
+
+
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _log_sum_sq(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z) per row, fp32, detached (a weight, not a gradient path)."""
+    with torch.no_grad():
+        z = logits.detach().float()
+        return torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+
+
+def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> SequenceLogprobs:
+    """Per-sequence sums and counts ``[N]`` from the label tokens' log-probs ``[T]`` and the label mask ``[N, L-1]``."""
+    n = mask.shape[0]
+    token_seq = torch.arange(n, device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, token_seq, token_logps)
+    return SequenceLogprobs(sums=sums, counts=mask.sum(-1), token_logps=token_logps, token_seq=token_seq)
+
+
+def full_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    with_sum_sq: bool = False,
+    **forward_kwargs: Any,
+) -> SequenceLogprobs:
+    """Reference implementation: the whole ``[N, L, V]`` logits, fp32."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs).logits
+    targets, mask = next_token_targets(labels)
+    selected = logits[:, :-1][mask]
+    out = reduce_token_logps(_token_logps(selected, targets[mask]), mask)
+    if with_sum_sq:
+        out.token_log_sum_sq = _log_sum_sq(selected)
+    return out
+
+
+def decoder_hidden_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, **forward_kwargs: Any
+) -> torch.Tensor:
+    """Final hidden states ``[N, L, H]`` from the model's decoder, skipping the output projection.
+
+    A wrapped model (an engine's wrapper, DDP) is called through the wrapper, never around it: the wrapper's forward
+    does per-forward bookkeeping (an engine may advance its gradient-accumulation micro-step there; without it each
+    micro-batch's gradients replace the previous ones instead of adding up), and an engine that hooks the model
+    itself (FSDP2) gathers its shards there. The decoder's output is taken with
+    a forward hook, and the head runs on one position per row only (``logits_to_keep=1``).
+    """
+    inner = unwrap_model(model)
+    decoder = getattr(inner, inner.base_model_prefix)
+    if model is inner and not hooks_forward(model):
+        return decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs
+        ).last_hidden_state
+    captured: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda _module, _args, out: captured.append(out.last_hidden_state))
+    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+        forward_kwargs = {"logits_to_keep": 1, **forward_kwargs}
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+# Default chunk: as many tokens as keep one chunk's logits at 2^23 values (32 MiB in fp32). The step holds about four
+# [chunk, vocab] tensors at once (logits, log-sum-exp work space, their gradients), so a fixed token count would make
+# the peak grow with the vocabulary: 1024 tokens x 128,256 x 4 bytes is already 0.5 GiB per tensor.
+CHUNK_LOGITS_BUDGET = 1 << 23
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk that keep ``chunk x vocab_size`` at ``CHUNK_LOGITS_BUDGET`` (at least 16 tokens)."""
+    return max(16, CHUNK_LOGITS_BUDGET // max(vocab_size, 1))
+
+
+def _project_in_chunks(
+    head: Any, selected: torch.Tensor, targets: torch.Tensor, chunk_size: int, with_sum_sq: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Label-token log-probs ``[T]`` (and WPO's ``log sum p^2`` ``[T]`` if asked for) of hidden states ``[T, H]``,
+    ``chunk_size`` tokens of logits at a time, each chunk recomputed in the backward."""
+    if zero3_partitioned(head):
+        # One gather per call on every rank whatever its number of label tokens (see engine/zero3_head.py);
+        # WPO's sum of squares takes one call on all label tokens ([T, V] logits at once).
+        if with_sum_sq:
+            logits = head(selected)
+            return _token_logps(logits, targets), _log_sum_sq(logits)
+        return partitioned_head_logps(selected, targets, head, chunk_size, _token_logps), None
+
+    def project(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _token_logps(head(h), t)
+
+    def project_with_sum_sq(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(h)
+        return _token_logps(logits, t), _log_sum_sq(logits)
+
+    fn = project_with_sum_sq if with_sum_sq else project
+    pieces = []
+    for start in range(0, selected.shape[0], chunk_size):
+        h, t = selected[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(fn, h, t, use_reentrant=False))
+        else:
+            pieces.append(fn(h, t))
+    # No label token at all: an empty [0] tensor that stays on the graph, so the backward still runs.
+    empty = selected.float().sum(-1)
+    if not with_sum_sq:
+        return (torch.cat(pieces) if pieces else empty), None
+    logps = torch.cat([p[0] for p in pieces]) if pieces else empty
+    return logps, torch.cat([p[1] for p in pieces]) if pieces else empty.detach()
+
+
+def _projected_inside_forward(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    with_sum_sq: bool,
+    **forward_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunked projection run as the output layer's own forward, inside the model's forward.
+
+    For an engine that hooks the model itself (FSDP2): its output layer is gathered, and its gradients reduced, by
+    hooks around that layer's call inside the model's forward; a second call after the forward would free the
+    gathered weights under the first call's backward. So for this one forward the output layer computes the label
+    tokens' log-probs from all positions' hidden states (``logits_to_keep=0``) and returns them as its "logits".
+    """
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings()
+    project = head.forward
+    extra: dict[str, torch.Tensor] = {}
+
+    def label_logps(hidden: torch.Tensor) -> torch.Tensor:
+        logps, sum_sq = _project_in_chunks(project, hidden[:, :-1][mask], targets, chunk_size, with_sum_sq)
+        if sum_sq is not None:
+            extra["sum_sq"] = sum_sq
+        return logps
+
+    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+        forward_kwargs = {**forward_kwargs, "logits_to_keep": 0}
+    own = head.__dict__.get("forward")  # an instance-level forward (a hook library's) to put back afterwards
+    head.forward = label_logps
+    try:
+        logps = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs).logits
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    return logps, extra.get("sum_sq")
+
+
+def chunked_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int | None = None,
+    with_sum_sq: bool = False,
+    **forward_kwargs: Any,
+) -> SequenceLogprobs:
+    """Memory-lean implementation: output projection only at label positions, ``chunk_size`` tokens at a time
+    (``None``: :func:`auto_chunk_size` of the vocabulary); ``with_sum_sq`` also returns WPO's per-token
+    ``log sum_v p_v^2`` from the same chunk's logits."""
+    targets, mask = next_token_targets(labels)
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings()
+    if chunk_size is None:  # out_features stays the full vocabulary even when an engine partitions the weight
+        chunk_size = auto_chunk_size(getattr(head, "out_features", None) or inner.config.vocab_size)
+    if hooks_forward(model):
+        logps, sum_sq = _projected_inside_forward(
+            model, input_ids, attention_mask, mask, targets[mask], chunk_size, with_sum_sq, **forward_kwargs
+        )
+    else:
+        hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
+        logps, sum_sq = _project_in_chunks(head, hidden[:, :-1][mask], targets[mask], chunk_size, with_sum_sq)
+    out = reduce_token_logps(logps, mask)
+    out.token_log_sum_sq = sum_sq
+    return out
+
+
+IMPLEMENTATIONS = ("full", "chunked", "liger")
+
+
+def sequence_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    impl: str = "chunked",
+    chunk_size: int | None = None,
+    with_sum_sq: bool = False,
+    **forward_kwargs: Any,
+) -> SequenceLogprobs:
+    """Log-probs of the label tokens of each row of ``input_ids`` ``[N, L]`` with the chosen implementation.
+
+    ``chunked`` and ``liger`` use the full path for models whose logits are transformed after the head (softcapping).
+    ``with_sum_sq`` (TRL's WPO weights) needs the logits, so it is served by the chunked or full path, never Liger's.
+    Without autograd (reference pass, evaluation) ``liger`` takes the chunked path: Liger's fused kernel computes the
+    gradient inside its forward, which a no-grad pass would pay for and throw away, while the chunked path is then a
+    plain chunk-by-chunk matmul and log-sum-exp.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown log-prob implementation {impl!r}; one of {IMPLEMENTATIONS}")
+    if impl == "full" or not supports_chunked(model):
+        return full_logprobs(model, input_ids, attention_mask, labels, with_sum_sq, **forward_kwargs)
+    if with_sum_sq:
+        return chunked_logprobs(model, input_ids, attention_mask, labels, chunk_size, True, **forward_kwargs)
+    if impl == "liger" and torch.is_grad_enabled():
+        return liger_logprobs(model, input_ids, attention_mask, labels, **forward_kwargs)
+    return chunked_logprobs(model, input_ids, attention_mask, labels, chunk_size, **forward_kwargs)
+
+
+def concat_logprobs(first: SequenceLogprobs, second: SequenceLogprobs) -> SequenceLogprobs:
+    """Rows of ``first`` then rows of ``second`` as one ``SequenceLogprobs``."""
+    sum_sq = None
+    if first.token_log_sum_sq is not None and second.token_log_sum_sq is not None:
+        sum_sq = torch.cat([first.token_log_sum_sq, second.token_log_sum_sq])
+    return SequenceLogprobs(
+        sums=torch.cat([first.sums, second.sums]),
+        counts=torch.cat([first.counts, second.counts]),
+        token_logps=torch.cat([first.token_logps, second.token_logps]),
+        token_seq=torch.cat([first.token_seq, second.token_seq + first.sums.shape[0]]),
+        token_log_sum_sq=sum_sq,
+    )
+
+
+def token_positions(lp: SequenceLogprobs) -> torch.Tensor:
+    """0-based position ``[T]`` of each label token within its own sequence (tokens of a sequence in order)."""
+    order = torch.argsort(lp.token_seq, stable=True)
+    starts = lp.counts.cumsum(0) - lp.counts
+    positions = torch.empty_like(lp.token_seq)
+    positions[order] = torch.arange(order.shape[0], device=order.device) - starts[lp.token_seq[order]]
+    return positions
+
+
+def shared_and_tail_sums(lp: SequenceLogprobs) -> tuple[torch.Tensor, torch.Tensor]:
+    """LD-DPO's split ``[2B]`` each of a pair batch (rows: chosen then rejected): the sum over each reply's first
+    min(n_c, n_r) label tokens, and over the rest."""
+    half = lp.counts.shape[0] // 2
+    shared_len = torch.minimum(lp.counts[:half], lp.counts[half:]).repeat(2)
+    in_shared = token_positions(lp) < shared_len[lp.token_seq]
+    zeros = torch.zeros_like(lp.sums)
+    shared = zeros.index_add(0, lp.token_seq, lp.token_logps * in_shared)
+    tail = zeros.index_add(0, lp.token_seq, lp.token_logps * ~in_shared)
+    return shared, tail
+
+
+def wpo_token_means(lp: SequenceLogprobs) -> torch.Tensor:
+    """TRL's WPO term ``[N]``, detached: per sequence, the average over label tokens of log p - log sum_v p_v^2."""
+    if lp.token_log_sum_sq is None:
+        raise ValueError("WPO weights need log sum p^2 per token: compute the log-probs with with_sum_sq=True")
+    aligned = (lp.token_logps.detach() - lp.token_log_sum_sq).to(lp.sums.dtype)
+    sums = torch.zeros_like(lp.sums).index_add(0, lp.token_seq, aligned)
+    return (sums / lp.counts.clamp(min=1).to(sums.dtype)).detach()
+
+
+def _half_batch(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """Rows ``rows`` of the ``[2B, L]`` tensors, trimmed to their own longest sequence (right padding)."""
+    mask = batch["attention_mask"][rows]
+    length = max(1, int(mask.sum(-1).max())) if mask.numel() else 1
+    return {key: batch[key][rows, :length] for key in ("input_ids", "attention_mask", "labels")}
+
+
+def pair_logprobs(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    logprob_fn: Any,
+    separate_forward: bool = False,
+) -> SequenceLogprobs:
+    """Log-probs ``[2B]`` (chosen rows, then rejected) of a padded pair batch: one concatenated forward, or two.
+
+    ``separate_forward`` runs the chosen half, then the rejected half, each padded only to its own longest
+    sequence: the transient peak of each forward (attention, MLP, logit chunks) halves and no row is padded to the
+    other half's length; the graphs of both halves are still kept for the one backward.
+    """
+    if not separate_forward:
+        return logprob_fn(model, batch)
+    half = batch["input_ids"].shape[0] // 2
+    chosen = logprob_fn(model, _half_batch(batch, slice(0, half)))
+    rejected = logprob_fn(model, _half_batch(batch, slice(half, None)))
+    return concat_logprobs(chosen, rejected)
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype autocast casts matmul inputs to on ``device`` right now, or None when autocast is off."""
+    device_type = torch.device(device).type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def liger_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, **forward_kwargs: Any
+) -> SequenceLogprobs:
+    """Label-token log-probs via Liger's fused linear cross-entropy on the label positions' hidden states ``[T, H]``.
+
+    The kernel never holds more than a chunk of the ``[T, V]`` logits; with ``reduction="none"`` it returns the
+    per-token cross-entropy ``-log p`` and back-propagates per-token gradients.
+    """
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    head = unwrap_model(model).get_output_embeddings()
+    if is_partitioned(head.weight):
+        # A partitioned head: only the module call gathers it, which the chunked path does.
+        return chunked_logprobs(model, input_ids, attention_mask, labels, **forward_kwargs)
+    hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
+    targets, mask = next_token_targets(labels)
+    selected = hidden[:, :-1][mask]  # [T, H]
+    if selected.shape[0] == 0:
+        return reduce_token_logps(selected.float().sum(-1), mask)
+    weight, bias = head.weight, head.bias
+    dtype = autocast_dtype(selected.device)
+    if dtype is not None:  # Triton kernels ignore autocast: cast as autocast would for the head's matmul
+        selected, weight = selected.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    nll = liger_fused_linear_cross_entropy(
+        selected,
+        weight,
+        targets[mask],
+        bias=bias,
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+        accum_dtype=torch.float32,
+    )
+    return reduce_token_logps(-nll.float(), mask)

@@ -1,0 +1,244 @@
+"""Pretraining a causal LM from scratch on raw text: the stage before SFT, with the same machinery, top to bottom.
+
+    python -m open_instruct.pretrain [recipe.yaml] --model_name_or_path CONFIG --tokenizer_name_or_path TOK \\
+        --mixer_list corpus.txt 1.0 --max_seq_length 512 [--text_column text] ...
+    accelerate launch -m open_instruct.pretrain ...
+
+``--model_name_or_path`` names the architecture only: a folder or hub id whose ``config.json`` is built with fresh
+weights (the Python API takes a Llama-shaped ``ModelConfig`` too). The text (:mod:`open_instruct.data.text`) is
+tokenized, joined with EOS and packed into blocks of ``--max_seq_length`` tokens; the loss is the mean negative
+log-likelihood per token; the held-out perplexity is evaluated before training, every ``--eval_steps`` and at the end.
+Checkpoints, exact resume, logging and the final Hugging Face folder are those of SFT and DPO; that folder (or its
+``pretrain_final.pt``) is ``run_sft``'s ``pretrain_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: import the package, not this folder's modules by bare name
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from open_instruct.api import (
+    TextDatasetConfig,
+    TrainingConfig,
+    dataset_arguments,
+    final_checkpoint,
+    fresh_accelerate_state,
+    training_arguments,
+)
+from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.finetune import DPO_ONLY, sft_step
+from open_instruct.training.recipe import preflight
+
+# Flags that make no sense for a model trained from scratch on raw text: an error, never ignored.
+NOT_FOR_PRETRAINING = (*DPO_ONLY, "chat_template_name", "use_lora", "use_qlora", "model_revision", "add_bos")
+
+
+def check_pretrain_arguments(args: DPOArguments) -> None:
+    """Reject flags pretraining does not use, then run the common validation."""
+    defaults = DPOArguments(reference_logprobs_cache_path="unused")
+    used = [f"--{name}" for name in NOT_FOR_PRETRAINING if getattr(args, name) != getattr(defaults, name)]
+    if used:
+        raise UserError(f"{', '.join(used)}: not used by pretraining from scratch")
+    if args.max_seq_length < 2:
+        raise UserError(f"--max_seq_length (the block size) must be >= 2, got {args.max_seq_length}")
+    validate(args)
+
+
+def load_text_tokenizer(args: DPOArguments) -> Any:
+    """The tokenizer (no chat template needed: the data is raw text)."""
+    from transformers import AutoTokenizer
+
+    name = args.tokenizer_name_or_path or args.model_name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(
+            name, revision=args.tokenizer_revision, use_fast=not args.use_slow_tokenizer
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"could not load tokenizer {name!r} (pretraining needs --tokenizer_name_or_path): {err}"
+        ) from err
+
+
+def build_model(args: DPOArguments, tokenizer: Any, log: Any = print) -> Any:
+    """Fresh weights (from the run's seed) for the architecture in ``--model_name_or_path``'s config.json."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from open_instruct.model.modeling import resolve_attn_implementation
+
+    try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"no model config at {args.model_name_or_path!r}: {err}") from err
+    if config.vocab_size < len(tokenizer):
+        raise UserError(f"the model config's vocab_size {config.vocab_size} < the tokenizer's {len(tokenizer)} tokens")
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and args.max_seq_length > context:
+        raise UserError(f"--max_seq_length {args.max_seq_length} exceeds the model's context of {context} tokens")
+    attn, why = resolve_attn_implementation(args.attn_implementation)
+    log(f"model: attention implementation {attn} ({why})")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    log(f"model: {type(model).__name__} from scratch, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
+    return model
+
+
+def blocks_fingerprint(records: list[dict[str, Any]]) -> str:
+    """sha256 over the token blocks: identifies the run's data for exact resume."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(torch.tensor(r["input_ids"], dtype=torch.int64).numpy())
+    return digest.hexdigest()
+
+
+def run(args: DPOArguments, text_column: str = "text") -> Path:
+    """Pretrain one model from scratch on raw text; returns the folder holding the final checkpoint."""
+    import json
+
+    from torch.utils.data import DataLoader
+
+    from open_instruct.data.sft import SFTCollator
+    from open_instruct.data.text import prepare_text_data
+    from open_instruct.files import write_text_atomic
+    from open_instruct.objectives.logprobs import sequence_logprobs
+    from open_instruct.report.tracking import MetricsLogger
+    from open_instruct.training import recipe
+    from open_instruct.training.evaluation import NLLEvaluator
+    from open_instruct.training.precision import in_run_precision
+    from open_instruct.training.resume import run_signature, start_or_resume
+
+    # 1. Engine, seed, tokenizer, text packed into blocks (every file read before the model is built).
+    accelerator, output_dir = recipe.start_run(args)
+    tokenizer = load_text_tokenizer(args)
+    records, eval_records, stats = prepare_text_data(args, tokenizer, text_column)
+    accelerator.print(
+        f"data: {stats['documents']} documents, {stats['tokens']} tokens -> {stats['blocks']} blocks of "
+        f"{stats['block_size']} ({stats['dropped_tail_tokens']} tail tokens dropped)"
+        + (f"; {len(eval_records)} held-out blocks" if eval_records else "")
+    )
+    if accelerator.is_main_process:
+        write_text_atomic(output_dir / "data_statistics.json", json.dumps(stats, indent=2))
+
+    # 2. Model with fresh weights, optimizer, schedule, data loader under the engine.
+    model = build_model(args, tokenizer, log=accelerator.print)
+    collate = SFTCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    train_loader = DataLoader(records, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate)
+    run = recipe.prepare_training(args, accelerator, model, train_loader, output_dir, "blocks", "pretrain")
+
+    def logprob_fn_fp(m: Any, batch: dict[str, torch.Tensor]) -> Any:
+        return sequence_logprobs(
+            m, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size=args.logprob_chunk_size
+        )
+
+    logprob_fn = in_run_precision(accelerator, logprob_fn_fp, report=accelerator.print)
+
+    # 3. Training (from the newest complete checkpoint when there is one), held-out perplexity before and during.
+    logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
+    signature = run_signature(
+        args, len(records), blocks_fingerprint(records), run.total_steps, accelerator.num_processes
+    )
+    faults = start_or_resume(args, accelerator, signature, logger)
+    evaluate = None
+    if eval_records:
+        eval_loader = accelerator.prepare_data_loader(
+            DataLoader(
+                eval_records, batch_size=2 * args.per_device_train_batch_size, shuffle=False, collate_fn=collate
+            )
+        )
+        evaluate = NLLEvaluator(
+            accelerator, run.model, eval_loader, len(eval_records), logprob_fn, logger, perplexity=True
+        )
+        if faults.resume_state is None:
+            evaluate(0)  # the untrained model: the baseline the run's perplexity is read against
+    recipe.train(args, accelerator, run, sft_step(logprob_fn), logger, evaluate, faults)
+
+    # 4. Final checkpoint in Hugging Face format (run_sft's starting point), curves.
+    recipe.finish_run(accelerator, run.model, tokenizer, output_dir)
+    accelerator.end_training()
+    return output_dir
+
+
+def pretrain_arguments(
+    model_config: Any, train: TrainingConfig, dataset: TextDatasetConfig, tokenizer_name: str | None
+) -> DPOArguments:
+    """Validated DPOArguments for the API's configs; the architecture is written to ``output_dir/model_config``."""
+    from transformers import AutoTokenizer
+
+    from open_instruct.model.scratch import transformers_config, write_config_folder
+
+    values = {**training_arguments(train), **dataset_arguments(dataset, train, "pretraining text")}
+    name = tokenizer_name or train.tokenizer_name
+    if name is None and isinstance(model_config, str | os.PathLike) and Path(model_config).is_dir():
+        name = str(model_config)  # a model folder with its tokenizer
+    if name is None:
+        raise UserError("pretraining needs a tokenizer: set TrainingConfig.tokenizer_name (or tokenizer_name=)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load tokenizer {name!r}: {err}") from err
+    config = transformers_config(model_config, tokenizer)
+    block = dataset.block_size or getattr(config, "max_position_embeddings", None)
+    if block is None:
+        raise UserError("set TextDatasetConfig.block_size: the model config has no max_position_embeddings")
+    folder = write_config_folder(config, Path(train.output_dir) / "model_config")
+    values.update(model_name_or_path=str(folder), tokenizer_name_or_path=name, max_seq_length=block)
+    try:
+        args = DPOArguments(**values)
+    except TypeError as err:
+        raise UserError(f"invalid setting: {err}") from err
+    check_pretrain_arguments(args)
+    return args
+
+
+def run_training(
+    model_config: Any,
+    train_config: TrainingConfig | None = None,
+    dataset_config: TextDatasetConfig | None = None,
+    tokenizer_name: str | None = None,
+) -> Path:
+    """Pretrain a causal LM from scratch; returns its final checkpoint (the output folder, or ``pretrain_final.pt``
+    with ``save_format="pt"``), ``run_sft``'s ``pretrain_checkpoint``.
+
+    ``model_config``: a :class:`~open_instruct.model.scratch.ModelConfig`, a transformers ``PretrainedConfig``, a dict,
+    or a folder / hub id with ``config.json``. The text: ``dataset_config`` or ``train_config.dataset_name`` (and its
+    ``eval_dataset_name`` / ``eval_fraction`` for the held-out perplexity), tokenized with ``tokenizer_name`` or
+    ``train_config.tokenizer_name``.
+    """
+    train = train_config or TrainingConfig()
+    dataset = dataset_config or TextDatasetConfig()
+    args = pretrain_arguments(model_config, train, dataset, tokenizer_name)
+    preflight(args)
+    with fresh_accelerate_state():
+        folder = Path(run(args, dataset.text_column))
+    return final_checkpoint(folder, train, "pretrain", args.tokenizer_name_or_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: one clear line and exit code 2 for bad input."""
+    from open_instruct.config.cli import exit_on_user_error, parse_args
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--text_column", default="text")
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+
+    def entry() -> None:
+        args = parse_args(rest)
+        check_pretrain_arguments(args)
+        preflight(args)
+        run(args, known.text_column)
+
+    exit_on_user_error(entry)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""What a run reports: console and metrics.jsonl tracking, wandb, curve plots, Hub push."""

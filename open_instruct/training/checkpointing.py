@@ -1,0 +1,234 @@
+"""Training-state checkpoints (``step_N`` folders), exact resume, and the final model save.
+
+A checkpoint folder holds accelerate's state (model, optimizer, scheduler, sampler seed/epoch, RNG), our
+``trainer_state.json`` (step counters, data position, what the run was) and one ``rng_state_<rank>.pt`` per process.
+The ``COMPLETED`` marker is written last, after every rank finished writing: a folder without it is a checkpoint a
+kill cut in half, and is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from open_instruct.config import UserError
+from open_instruct.engine import engine_of, local_shard
+from open_instruct.files import move_contents, write_text_atomic
+
+COMPLETED = "COMPLETED"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where the loop is: enough to continue exactly. ``batches_in_epoch`` counts this rank's micro-batches."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    tokens_total: int = 0
+    nonfinite_skipped: int = 0
+    signature: dict[str, Any] = field(default_factory=dict)
+    eval_pending: bool = False  # a stop signal cut the evaluation at ``step`` short: the resume runs it first
+
+
+@dataclass
+class CheckpointPolicy:
+    """When to save and how many to keep. ``every_steps`` None with ``each_epoch`` False: never."""
+
+    output_dir: Path
+    every_steps: int | None = None
+    each_epoch: bool = False
+    keep_last_n: int = 3
+    # Tests only: (step, seconds) to wait before that checkpoint's COMPLETED marker, so a kill lands mid-write.
+    test_write_delay: tuple[int, float] | None = None
+
+    @classmethod
+    def from_flag(
+        cls,
+        output_dir: str | Path,
+        checkpointing_steps: str | None,
+        keep_last_n: int,
+        test_write_delay: tuple[int, float] | None = None,
+    ) -> CheckpointPolicy:
+        """Parse ``--checkpointing_steps N|epoch``."""
+        every = int(checkpointing_steps) if checkpointing_steps and checkpointing_steps.isdigit() else None
+        return cls(Path(output_dir), every, checkpointing_steps == "epoch", keep_last_n, test_write_delay)
+
+    def due(self, step: int, end_of_epoch: bool) -> bool:
+        """Whether a checkpoint is due after optimizer step ``step``."""
+        return bool((self.every_steps and step % self.every_steps == 0) or (self.each_epoch and end_of_epoch))
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """``<output_dir>/step_<step>``."""
+    return Path(output_dir) / f"step_{step}"
+
+
+def is_complete(path: str | Path) -> bool:
+    """A checkpoint counts only once its ``COMPLETED`` marker exists."""
+    return (Path(path) / COMPLETED).is_file()
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every ``step_N`` folder (complete or not), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[Path]]:
+    """(newest complete checkpoint or None, incomplete folders newer than it)."""
+    incomplete: list[Path] = []
+    for _, path in reversed(list_checkpoints(output_dir)):
+        if is_complete(path):
+            return path, incomplete
+        incomplete.append(path)
+    return None, incomplete
+
+
+def resolve_resume(output_dir: str | Path, resume_from: str | None) -> tuple[Path | None, str]:
+    """The checkpoint to resume from (explicit flag, else the newest complete one in ``output_dir``) and why."""
+    if resume_from:
+        path = Path(resume_from).expanduser()
+        if not path.is_dir():
+            raise UserError(f"--resume_from_checkpoint: folder not found: {path}")
+        if not is_complete(path):
+            raise UserError(
+                f"--resume_from_checkpoint: {path} has no {COMPLETED} marker (a checkpoint cut short); "
+                "pick an earlier step_N folder"
+            )
+        return path, f"resuming from {path} (--resume_from_checkpoint)"
+    path, incomplete = latest_complete_checkpoint(output_dir)
+    notes = [f"ignoring incomplete checkpoint {p} (no {COMPLETED} marker)" for p in incomplete]
+    if path is not None:
+        notes.append(f"resuming from {path} (newest complete checkpoint in --output_dir)")
+    return path, "\n".join(notes)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) random states of this process."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, state: TrainerState) -> Path:
+    """Write ``step_<state.step>`` on every rank, then the ``COMPLETED`` marker, then prune old checkpoints."""
+    path = checkpoint_dir(policy.output_dir, state.step)
+    if not model_is_finite(accelerator, model):
+        raise UserError(
+            f"the model's weights became NaN/Inf by optimizer step {state.step} (an overflow in the "
+            f"gradients?); checkpoint {path} was not written"
+        )
+    if accelerator.is_main_process and path.exists():
+        shutil.rmtree(path)  # a leftover from a kill mid-write, or an earlier run's
+    accelerator.wait_for_everyone()
+    engine_of(accelerator).save_state(accelerator, str(path))
+    torch.save(capture_rng(), path / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        write_text_atomic(path / TRAINER_STATE, json.dumps(asdict(state), indent=2))
+    if policy.test_write_delay and policy.test_write_delay[0] == state.step:
+        time.sleep(policy.test_write_delay[1])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_text_atomic(path / COMPLETED, f"step {state.step}\n")
+        prune_checkpoints(policy.output_dir, policy.keep_last_n)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last_n: int) -> list[Path]:
+    """Delete all but the newest ``keep_last_n`` complete checkpoints (-1 keeps all), and incomplete ones older than
+    the newest complete one. Returns what was removed."""
+    checkpoints = list_checkpoints(output_dir)
+    complete = [p for _, p in checkpoints if is_complete(p)]
+    if not complete:
+        return []
+    newest_step = max(s for s, p in checkpoints if is_complete(p))
+    doomed = [p for s, p in checkpoints if not is_complete(p) and s < newest_step]
+    if keep_last_n >= 0:
+        doomed += complete[: max(0, len(complete) - keep_last_n)]
+    for path in doomed:
+        # Drop the marker first: a kill during the delete leaves an ignored folder, never a half-deleted "complete" one.
+        (path / COMPLETED).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def load_checkpoint(accelerator: Any, path: str | Path, signature: dict[str, Any]) -> tuple[TrainerState, Any]:
+    """Restore accelerate's state from ``path``; returns our counters and this rank's RNG states (to restore once
+    the resumed data iterator exists, so the random streams line up with an uninterrupted run)."""
+    path = Path(path)
+    state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+    changed = {k: (state.signature.get(k), v) for k, v in signature.items() if state.signature.get(k) != v}
+    if changed:
+        details = ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise UserError(
+            f"cannot resume exactly from {path}: the run changed ({details}); "
+            "use the original settings or a new --output_dir"
+        )
+    engine_of(accelerator).load_state(accelerator, str(path))
+    rng_file = path / f"rng_state_{accelerator.process_index}.pt"
+    rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+    return state, rng
+
+
+def model_is_finite(accelerator: Any, model: Any) -> bool:
+    """Whether every parameter on every rank is finite (partitioned parameters are checked where their shards live)."""
+    bad = torch.zeros(1, device=accelerator.device)
+    for param in model.parameters():
+        data = local_shard(param).detach()
+        if data.numel() and not torch.isfinite(data).all():
+            bad += 1
+            break
+    return float(accelerator.reduce(bad, reduction="sum")) == 0
+
+
+def save_final_model(
+    accelerator: Any, model: Any, tokenizer: Any, output_dir: str | Path, merge_lora: bool = False
+) -> Path:
+    """Write the model (safetensors) and tokenizer in Hugging Face format directly into ``output_dir``.
+
+    Every rank takes part (a partitioning engine gathers the full weights); the main process writes into a temporary folder and then
+    renames each file into place, so a reader never sees a partial file. A LoRA model writes its adapter instead (and,
+    with ``merge_lora``, merged full weights into ``output_dir/merged``). A model with NaN/Inf weights is refused.
+    """
+    from open_instruct.model.lora import find_peft_model, save_lora_model
+
+    if not model_is_finite(accelerator, model):
+        raise UserError("the trained model has NaN/Inf weights; the final model was not written")
+    if find_peft_model(model) is not None:
+        return save_lora_model(accelerator, model, tokenizer, output_dir, merge=merge_lora)
+    output_dir = Path(output_dir)
+    state_dict = engine_of(accelerator).full_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        tmp = output_dir / ".final_model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        move_contents(tmp, output_dir)  # one rename per file: a reader never sees a partial file
+    accelerator.wait_for_everyone()
+    return output_dir

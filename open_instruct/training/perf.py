@@ -1,0 +1,76 @@
+"""Model FLOPs utilisation (MFU): the FLOPs a step's tokens need, over what the device could do in that time.
+
+Convention (PaLM, appendix B): a token costs ``6 N`` FLOPs for forward plus backward through the ``N`` matmul
+parameters (every parameter except the input embedding, whose lookup is free; the output head counts even when tied),
+plus ``12 * layers * hidden * L`` for attention over its sequence of length ``L`` (scores and weighted sum, forward and
+backward, counted without the causal halving). Recomputation (gradient checkpointing) is not counted: it is overhead,
+not model FLOPs. Peaks are dense bf16 tensor-core figures from the vendors' data sheets (SXM parts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+}
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """Dense bf16 peak FLOP/s of a CUDA device from the table, or None (CPU, unknown GPU: MFU is then not logged)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def matmul_parameters(model: Any) -> int:
+    """Parameters that take part in matmuls: all but the input embedding (plus the head's when it is tied)."""
+    params = {id(p): p.numel() for p in model.parameters()}
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    total = sum(params.values()) - embedding.numel()
+    if head is not None and head.weight is embedding:
+        total += embedding.numel()
+    return total
+
+
+def training_flops(matmul_params: int, num_layers: int, hidden_size: int, sequence_lengths: torch.Tensor) -> float:
+    """Forward + backward FLOPs of training on sequences of these lengths ``[S]`` (padding excluded)."""
+    lengths = sequence_lengths.double()
+    return float(6 * matmul_params * lengths.sum() + 12 * num_layers * hidden_size * (lengths * lengths).sum())
+
+
+def batch_sequence_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Real lengths ``[S]`` of the sequences of a padded (``attention_mask``) or packed (``cu_seq_lens``) batch."""
+    if "cu_seq_lens" in batch:
+        return batch["cu_seq_lens"].diff()
+    return batch["attention_mask"].sum(-1)
+
+
+def mfu(flops: float, seconds: float, peak: float, world_size: int = 1) -> float:
+    """Fraction of the ``world_size`` devices' peak that ``flops`` in ``seconds`` represent."""
+    return flops / max(seconds, 1e-9) / (peak * world_size)
+
+
+class FlopCounter:
+    """Counts a model's training FLOPs per batch; built once from the model's shape."""
+
+    def __init__(self, model: Any) -> None:
+        from open_instruct.engine import unwrap_model
+
+        inner = unwrap_model(model)
+        self.matmul_params = matmul_parameters(inner)
+        self.num_layers = inner.config.num_hidden_layers
+        self.hidden_size = inner.config.hidden_size
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> float:
+        return training_flops(self.matmul_params, self.num_layers, self.hidden_size, batch_sequence_lengths(batch))

@@ -1,0 +1,200 @@
+"""The recipe skeleton every stage shares: start (engine, seed, output folder), prepare the trainable pieces
+(optimizer, schedule, data loader under the engine), train with the stage's step function, finish (final model,
+curves, Hub). A stage supplies its data, its step function and its evaluator; nothing else differs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from open_instruct.config import DPOArguments, UserError
+from open_instruct.data.sampler import real_rows_fn
+from open_instruct.files import write_text_atomic
+from open_instruct.report.tracking import MetricsLogger
+from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, train_loop
+
+
+def preflight(args: DPOArguments) -> None:
+    """Cheap checks of every input path, before any process group, model or dataset is touched."""
+    from open_instruct.data.sources import is_data_file
+    from open_instruct.model.modeling import check_model_options, check_model_path
+
+    check_model_options(args)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
+    check_model_path(args.model_name_or_path, "model")
+    check_model_path(args.tokenizer_name_or_path, "tokenizer")
+    for name in args.mixer_list[0::2] + args.eval_mixer_list[0::2]:
+        path = Path(name).expanduser()
+        if (is_data_file(path) or name.startswith((".", "/", "~"))) and not path.exists():
+            raise UserError(f"dataset file not found: {name}")
+
+
+def command_line(argv: list[str] | None, check: Any, run: Any) -> None:
+    """A recipe's command-line entry: parse, ``check(args)``, preflight, ``run(args)``; bad input is one ``error:``
+    line and exit code 2; a run stopped by a preemption signal (its progress saved) exits with code 75."""
+    import sys
+
+    from open_instruct.config.cli import exit_on_user_error, parse_args
+    from open_instruct.training.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+    def entry() -> None:
+        args = parse_args(argv)
+        check(args)
+        preflight(args)
+        try:
+            run(args)
+        except Preempted:
+            sys.exit(PREEMPTED_EXIT_CODE)
+
+    exit_on_user_error(entry)
+
+
+def start_run(args: DPOArguments) -> tuple[Any, Path]:
+    """(accelerator built by the engine the flags select, output folder); the seed is set."""
+    from accelerate.utils import set_seed
+
+    from open_instruct.engine import select_engine
+
+    engine = select_engine(args)
+    accelerator = engine.build_accelerator(
+        args.gradient_accumulation_steps, args.mixed_precision, args.with_tracking, args.timeout
+    )
+    accelerator.print(engine.describe())
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return accelerator, output_dir
+
+
+def optimizer_steps(
+    num_batches: int, world_size: int, gradient_accumulation_steps: int, num_epochs: int, max_train_steps: int | None
+) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for this many micro-batches on this many ranks."""
+    batches_per_rank = math.ceil(num_batches / world_size)
+    per_epoch = max(1, math.ceil(batches_per_rank / gradient_accumulation_steps))
+    return per_epoch, max_train_steps or per_epoch * num_epochs
+
+
+def build_scheduler(args: DPOArguments, optimizer: Any, total_steps: int, num_processes: int) -> Any:
+    """The learning-rate schedule: warmup (``--warmup_steps``, else ``--warmup_ratio``), then ``--lr_scheduler_type``."""
+    from transformers import get_scheduler
+
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
+    schedule = "constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type
+    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+    return get_scheduler(
+        schedule,
+        optimizer,
+        num_warmup_steps=warmup_steps * num_processes,
+        num_training_steps=total_steps * num_processes,
+    )
+
+
+@dataclass
+class Trainable:
+    """The prepared pieces of a run and its step counts."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    steps_per_epoch: int
+    total_steps: int
+    run_config: dict[str, Any]
+    real_rows: Any = None  # (epoch, micro-batch position) -> its real rows: open_instruct.data.sampler.real_rows_fn
+
+
+def prepare_training(
+    args: DPOArguments, accelerator: Any, model: Any, train_loader: Any, output_dir: Path, unit: str, stage: str
+) -> Trainable:
+    """AdamW on the trainable parameters (LoRA: the adapters), the schedule, and everything under the engine;
+    writes ``run_config.json``. ``unit`` names an example in the log line (pairs, conversations)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    steps_per_epoch, total_steps = optimizer_steps(
+        len(train_loader),
+        accelerator.num_processes,
+        args.gradient_accumulation_steps,
+        args.num_epochs,
+        args.max_train_steps,
+    )
+    scheduler = build_scheduler(args, optimizer, total_steps, accelerator.num_processes)
+    real_rows = real_rows_fn(train_loader, accelerator.num_processes, accelerator.process_index)  # before sharding
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    run_config = {
+        **args.to_dict(),
+        **({"stage": stage} if stage != "dpo" else {}),
+        "global_batch_size": global_batch,
+        "total_optimizer_steps": total_steps,
+        "world_size": accelerator.num_processes,
+    }
+    accelerator.print(
+        f"global batch {global_batch} {unit} ({args.per_device_train_batch_size} per device x "
+        f"{args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes); "
+        f"{total_steps} optimizer steps"
+    )
+    if accelerator.is_main_process:
+        write_text_atomic(output_dir / "run_config.json", json.dumps(run_config, indent=2, default=str))
+    return Trainable(model, optimizer, scheduler, train_loader, steps_per_epoch, total_steps, run_config, real_rows)
+
+
+def train(
+    args: DPOArguments,
+    accelerator: Any,
+    run: Trainable,
+    step_fn: StepFn,
+    logger: MetricsLogger,
+    evaluate: Any = None,
+    faults: FaultTolerance | None = None,
+    flops_fn: Any = None,
+    peak_flops: float | None = None,
+) -> dict[str, Any]:
+    """Start the trackers, then the loop with the stage's ``step_fn``; returns the last logged metrics."""
+    if args.with_tracking:
+        accelerator.init_trackers(
+            args.wandb_project,
+            config=run.run_config,
+            init_kwargs={"wandb": {"name": args.exp_name, "entity": args.wandb_entity}},
+        )
+    settings = LoopSettings(
+        num_epochs=math.ceil(run.total_steps / run.steps_per_epoch),
+        max_train_steps=run.total_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        logging_steps=args.logging_steps,
+        eval_steps=args.eval_steps,
+        flops_fn=flops_fn,
+        peak_flops=peak_flops,
+        real_rows=run.real_rows,
+    )
+    return train_loop(
+        accelerator,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.train_loader,
+        step_fn,
+        settings,
+        logger,
+        evaluate=evaluate,
+        faults=faults,
+    )
+
+
+def finish_run(accelerator: Any, model: Any, tokenizer: Any, output_dir: Path, merge_lora: bool = False) -> Path:
+    """The final model in Hugging Face format, and ``curves.png`` beside ``metrics.jsonl``."""
+    from open_instruct.report.plot import write_curves
+    from open_instruct.training.checkpointing import save_final_model
+
+    save_final_model(accelerator, model, tokenizer, output_dir, merge_lora=merge_lora)
+    accelerator.print(f"saved the final model to {output_dir}")
+    if accelerator.is_main_process:
+        curves = write_curves(output_dir)
+        if curves is not None:
+            accelerator.print(f"training curves: {curves}")
+    return output_dir

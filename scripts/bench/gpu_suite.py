@@ -1,0 +1,396 @@
+"""The GPU suite: one command on one H100/H200, about 5 minutes; ``--tiny`` runs the same plumbing on CPU (CI).
+
+    bash scripts/bench/gpu_suite.sh                 # all parts, results under gpu_suite_out/
+    bash scripts/bench/gpu_suite.sh --only train    # rerun one part; the report is rebuilt from every part's file
+    python scripts/bench/gpu_suite.py --tiny        # CPU, tiny model, a few steps: checks the suite itself
+
+Parts (each writes ``<out>/part_<name>.json``; every invocation ends by writing ``suite.json`` and ``suite.md``):
+1. ``tests``: ``pytest -m gpu`` (Liger vs chunked in fp32 and bf16; packed vs padded per attention kernel; torch
+   varlen / FlexAttention on the packed layout).
+2. ``train``: a randomly initialised Llama-3.2-1B-shaped model (16 layers, hidden 2048, 128,256 vocabulary, built here,
+   no hub) trained with our CLI for ``--steps`` steps on packed micro-batches of 2k and 4k tokens, bf16, with and
+   without ``--use_liger_kernel`` under ZeRO-2, and with Liger under ZeRO-3 at 4k; one process (torchrun) each.
+3. ``trl``: TRL's DPOTrainer (precomputed reference, bf16; padding-free only with flash-attention installed, padded
+   otherwise) on the same model and pairs, at the 4k budget's pairs per step, where TRL is installed.
+4. ``report``: tokens/s, MFU (``perf/mfu_step``), peak ``torch.cuda.max_memory_allocated``, reference pairs/s.
+
+Under ZeRO-3 the Liger row uses Liger's model kernels but the chunked log-probs: a partitioned output layer is only
+gathered by its own module call (open_instruct/objectives/logprobs.py).
+
+On this workplace's lent GPU (device tool), one call with the wheels carried:
+    bash scripts/bench/gpu_wheels.sh download   # here, once
+    run(command="bash scripts/bench/gpu_suite.sh 2>&1 | tee $OUT/suite.log; cp gpu_suite_out/suite.* $OUT/",
+        carry=[".whl"], timeout_s=600)
+
+Numbers are medians over the steps after ``WARMUP`` steps. The pairs are synthetic (the word-level task tokenizer's
+words at random, prompts 64-320 words, replies 64-400): throughput depends on token counts, not on their meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+PARTS = ("tests", "train", "trl", "report")
+WARMUP = 3
+LLAMA_1B = {
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
+TINY = {**LLAMA_1B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+TINY.update(num_attention_heads=4, num_key_value_heads=2)
+
+
+def settings(tiny: bool) -> dict:
+    """What each mode runs: the model shape, pairs, steps, and the (token budget, liger, engine) grid."""
+    if tiny:
+        return {
+            "shape": TINY,
+            "pairs": 48,
+            "lengths": (8, 40),
+            "steps": 4,
+            "grid": [(256, False, "zero2"), (256, True, "zero3"), (256, False, "fsdp2")],
+            "trl_budget": 256,
+        }
+    # Five runs of ~30-40 s each (start, 1B load, reference pass over 256 pairs, the steps) fit the 5-minute goal.
+    grid = [(b, liger, "zero2") for b in (2048, 4096) for liger in (False, True)]
+    grid += [(4096, True, "zero3"), (4096, True, "fsdp2")]
+    return {"shape": LLAMA_1B, "pairs": 256, "lengths": (64, 400), "steps": 24, "grid": grid, "trl_budget": 4096}
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def build_inputs(out: Path, cfg: dict) -> tuple[Path, Path, Path]:
+    """(model folder, our pairs jsonl, TRL's pairs jsonl), written once per output folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from open_instruct.data.synthetic import FILLER, NUMBERS, WORDS, build_tokenizer
+
+    model_dir, ours, trl = out / "model", out / "pairs.jsonl", out / "pairs_trl.jsonl"
+    if not model_dir.exists():
+        tokenizer = build_tokenizer()
+        config = LlamaConfig(
+            **cfg["shape"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(0)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        tmp = out / "model.tmp"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(model_dir)
+        del model
+    if not ours.exists():
+        rng, vocab = random.Random(0), list(WORDS) + NUMBERS + FILLER
+        low, high = cfg["lengths"]
+
+        def text(n: int) -> str:
+            return " ".join(rng.choice(vocab) for _ in range(n))
+
+        with ours.open("w") as a, trl.open("w") as b:
+            for _ in range(cfg["pairs"]):
+                prompt = [{"role": "user", "content": text(rng.randint(low, max(low, high * 4 // 5)))}]
+                chosen = {"role": "assistant", "content": text(rng.randint(low, high))}
+                rejected = {"role": "assistant", "content": text(rng.randint(low, high))}
+                a.write(json.dumps({"chosen": prompt + [chosen], "rejected": prompt + [rejected]}) + "\n")
+                b.write(json.dumps({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}) + "\n")
+    return model_dir, ours, trl
+
+
+def child_env(out: Path) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "HF_DATASETS_CACHE": str(out / "hf_datasets"),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+    except ImportError:
+        pass
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_memory_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+# ------------------------------------------------------------------------------------------------------ part 1
+def part_tests(out: Path, tiny: bool) -> dict:
+    """``pytest -m gpu`` over tests/test_gpu_paths.py; on CPU (tiny) they are collected and skipped."""
+    start = time.perf_counter()
+    report = out / "gpu_tests.xml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "tests/test_gpu_paths.py", f"--junitxml={report}"],
+        cwd=ROOT,
+        env=child_env(out),
+        capture_output=True,
+        text=True,
+    )
+    (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(proc.stdout[-3000:])
+    return {"returncode": proc.returncode, "summary": summary, "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------------------------------ part 2
+def run_name(budget: int, liger: bool, engine: str) -> str:
+    return f"ours_{budget}_{'liger' if liger else 'chunked'}_{engine}"
+
+
+def engine_flags(engine: str) -> list[str]:
+    """``zero2`` / ``zero3``: DeepSpeed ZeRO at that stage; ``fsdp2``: FSDP2 (one shard per process)."""
+    return ["--fsdp"] if engine == "fsdp2" else ["--zero_stage", engine.removeprefix("zero")]
+
+
+def train_flags(
+    model: Path, data: Path, run_dir: Path, budget: int, liger: bool, engine: str, steps: int
+) -> list[str]:
+    flags = [
+        "--model_name_or_path", str(model),
+        "--mixer_list", str(data), "1.0",
+        "--max_seq_length", "2048",
+        "--packing",
+        "--max_tokens_per_batch", str(budget),
+        "--per_device_train_batch_size", "1",
+        "--max_train_steps", str(steps),
+        "--learning_rate", "1e-6",
+        "--warmup_ratio", "0",
+        "--loss_type", "dpo_norm",
+        "--mixed_precision", "bf16",
+        "--logging_steps", "1",
+        "--seed", "1",
+        "--output_dir", str(run_dir / "out"),
+        "--reference_logprobs_cache_path", str(run_dir / "reference_cache"),
+        "--dataset_local_cache_dir", str(run_dir.parent / "dataset_cache"),
+        "--reference_batch_size", "8",
+    ]  # fmt: skip
+    return flags + engine_flags(engine) + (["--use_liger_kernel"] if liger else [])
+
+
+def child_train(argv: list[str]) -> None:
+    """Inside torchrun: our CLI's run, timing the reference pass; writes ``child.json`` beside the run."""
+    from open_instruct.config import validate
+    from open_instruct.config.cli import parse_args
+    from open_instruct.dpo_tune_cache import run
+    from open_instruct.training import reference_cache
+    from open_instruct.training.recipe import preflight
+
+    compute, timing = reference_cache.compute, {}
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        result = compute(*args, **kwargs)
+        timing["reference_s"], timing["reference_pairs"] = time.perf_counter() - start, kwargs.get("rows", args[4])
+        return result
+
+    reference_cache.compute = timed
+    args = parse_args(argv)
+    validate(args)
+    preflight(args)
+    start = time.perf_counter()
+    out = run(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        result = {**timing, "run_s": time.perf_counter() - start, "peak_memory_gib": peak_memory_gib()}
+        (Path(out).parent / "child.json").write_text(json.dumps(result))
+
+
+def summarize_run(run_dir: Path) -> dict:
+    """Medians after warm-up from metrics.jsonl, plus what the child measured."""
+    rows = [json.loads(line) for line in (run_dir / "out" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steady = [r for r in rows if "perf/tokens_per_second_step" in r][WARMUP:] or rows
+    child = json.loads((run_dir / "child.json").read_text())
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in steady if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    pairs = child.get("reference_pairs")
+    return {
+        "steps": len(rows),
+        "tokens_per_s": median("perf/tokens_per_second_step"),
+        "mfu": median("perf/mfu_step"),
+        "peak_memory_gib": child["peak_memory_gib"],
+        "reference_pairs_per_s": pairs / child["reference_s"] if pairs and child.get("reference_s") else None,
+        "final_loss": rows[-1].get("train_loss") if rows else None,
+        "run_s": child["run_s"],
+    }
+
+
+def part_train(out: Path, cfg: dict, steps: int) -> dict:
+    model, data, _ = build_inputs(out, cfg)
+    results = {}
+    for budget, liger, engine in cfg["grid"]:
+        name = run_name(budget, liger, engine)
+        run_dir = out / name
+        flags = train_flags(model, data, run_dir, budget, liger, engine, steps)
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+            "--master_port", str(free_port()), __file__, "--child-train", *flags,
+        ]  # fmt: skip
+        start = time.perf_counter()
+        proc = subprocess.run(command, cwd=ROOT, env=child_env(out), capture_output=True, text=True)
+        (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            print(f"{name}: FAILED ({proc.returncode}); log {out / f'{name}.log'}\n{proc.stderr[-2000:]}", flush=True)
+            results[name] = {"error": (proc.stderr or proc.stdout)[-1500:]}
+            continue
+        results[name] = {"budget": budget, "liger": liger, "engine": engine, **summarize_run(run_dir)}
+        results[name]["wall_s"] = time.perf_counter() - start
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------ part 3
+def part_trl(out: Path, cfg: dict, steps: int) -> dict:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return {"skipped": "trl is not installed"}
+    model, _, trl_data = build_inputs(out, cfg)
+    command = [sys.executable, str(Path(__file__).with_name("gpu_suite_trl.py")), str(model), str(trl_data), str(out)]
+    proc = subprocess.run(
+        [*command, str(cfg["trl_budget"]), str(steps)], cwd=ROOT, env=child_env(out), capture_output=True, text=True
+    )
+    (out / "trl.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(f"trl: FAILED; log {out / 'trl.log'}\n{proc.stderr[-2000:]}", flush=True)
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    result = json.loads((out / "trl.json").read_text())
+    print(f"trl: {json.dumps(result)}", flush=True)
+    return {f"trl_{cfg['trl_budget']}": result}
+
+
+# ------------------------------------------------------------------------------------------------------ part 4
+def environment() -> dict:
+    import platform
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for name in ("transformers", "accelerate", "deepspeed", "liger_kernel", "trl", "triton", "flash_attn"):
+        try:
+            from importlib.metadata import version
+
+            info[name] = version(name.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - not installed
+            info[name] = None
+    return info
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(suite: dict) -> str:
+    env = suite["environment"]
+    lines = [
+        f"GPU suite on {env['device']} (torch {env['torch']}, transformers {env['transformers']}, "
+        f"deepspeed {env['deepspeed']}, liger {env['liger_kernel']}, trl {env['trl']}); model {suite['model']}",
+        "",
+        f"GPU tests: {suite.get('tests', {}).get('summary', 'not run')}",
+        "",
+        "| run | tokens/step | liger | engine | tokens/s | MFU % | peak GiB | ref pairs/s | steps |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in {**suite.get("train", {}), **suite.get("trl", {})}.items():
+        if not isinstance(r, dict) or "error" in r or "skipped" in r:
+            lines.append(f"| {name} | | | | {('FAILED' if isinstance(r, dict) and 'error' in r else 'skipped')} |")
+            continue
+        lines.append(
+            f"| {name} | {r.get('budget', '-')} | {r.get('liger', '-')} | {r.get('engine', '-')} | "
+            f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')} | "
+            f"{fmt(r['peak_memory_gib'], '.1f')} | {fmt(r['reference_pairs_per_s'], '.1f')} | {r['steps']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def part_report(out: Path, cfg: dict) -> dict:
+    suite = {"environment": environment(), "model": cfg["shape"]}
+    for part in ("tests", "train", "trl"):
+        path = out / f"part_{part}.json"
+        if path.exists():
+            suite[part] = json.loads(path.read_text())
+    (out / "suite.json").write_text(json.dumps(suite, indent=2))
+    table = markdown(suite)
+    (out / "suite.md").write_text(table)
+    print(table)
+    return suite
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child-train"]:
+        child_train(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=PARTS, help="Run one part (the report is always rebuilt).")
+    parser.add_argument("--tiny", "--dry-run", action="store_true", help="CPU, tiny model, a few steps (CI).")
+    parser.add_argument("--out", default=None, help="Output folder (default gpu_suite_out/, tiny: gpu_suite_tiny/).")
+    parser.add_argument("--steps", type=int, default=None, help="Training steps per run (default 24; tiny 4).")
+    args = parser.parse_args(argv)
+    cfg = settings(args.tiny)
+    steps = args.steps or cfg["steps"]
+    out = Path(args.out or ROOT / ("gpu_suite_tiny" if args.tiny else "gpu_suite_out")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    failed = False
+    parts = PARTS[:-1] if args.only is None else [p for p in (args.only,) if p != "report"]
+    for part in parts:
+        start = time.perf_counter()
+        print(f"== part {part}", flush=True)
+        if part == "tests":
+            result = part_tests(out, args.tiny)
+            failed |= result["returncode"] not in (0, 5)  # 5: nothing collected
+        elif part == "train":
+            result = part_train(out, cfg, steps)
+            failed |= any("error" in r for r in result.values())
+        else:
+            result = part_trl(out, cfg, steps)
+            failed |= "error" in result
+        (out / f"part_{part}.json").write_text(json.dumps(result, indent=2))
+        print(f"== part {part}: {time.perf_counter() - start:.0f}s", flush=True)
+    part_report(out, cfg)
+    print(f"wrote {out / 'suite.json'} and {out / 'suite.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
