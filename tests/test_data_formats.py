@@ -154,7 +154,7 @@ def test_detection_and_explicit_override():
     with pytest.raises(UserError, match="--dataset_format shp needs column\\(s\\) history, human_ref_A"):
         normalize_rows("d.jsonl", rows, "shp", skip_invalid=False)
     # prompt/chosen/rejected strings forced through the messages parser: each row is then malformed.
-    with pytest.raises(UserError, match="d.jsonl: row 0: bad_messages"):
+    with pytest.raises(UserError, match="d.jsonl: row 1: bad_messages"):
         normalize_rows("d.jsonl", rows, "messages", skip_invalid=False)
 
 
@@ -164,7 +164,7 @@ def test_invalid_rows_error_names_dataset_row_and_reason_and_counts_all():
     with pytest.raises(UserError) as err:
         normalize_rows("mine.jsonl", rows, "auto", skip_invalid=False)
     message = str(err.value)
-    assert message.startswith("mine.jsonl: row 2: empty_reply")
+    assert message.startswith("mine.jsonl: row 3: empty_reply")
     assert "3 invalid of 5 rows: 2 empty_reply, 1 identical_replies" in message
     assert "--skip_invalid_rows" in message
     pairs, report = normalize_rows("mine.jsonl", rows, "auto", skip_invalid=True)

@@ -83,7 +83,7 @@ def test_missing_and_unsupported_files_fail_clearly(tmp_path):
         load_rows(str(tmp_path / "data.csv"), "train")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": \n')
-    with pytest.raises(UserError, match="bad.jsonl:2: malformed JSON"):
+    with pytest.raises(UserError, match="bad.jsonl: line 2: malformed JSON"):
         load_rows(str(bad), "train")
 
 

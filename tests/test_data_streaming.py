@@ -151,7 +151,7 @@ def test_malformed_row_mid_file_names_its_line_before_tokenizing(kind, tmp_path,
         prepare_preference_data(_args(tmp_path, [str(data), "1.0"], skip_invalid_rows=False), bpe)
     message = str(err.value)
     if kind == "json":
-        assert message.startswith(f"{data}:{bad_line}: malformed JSON")
-    else:
-        assert f"row {bad_line - 1}: missing_field" in message and f"(at {data}:{bad_line})" in message
+        assert message.startswith(f"{data}: line {bad_line}: malformed JSON")
+    else:  # no blank lines: row N is line N
+        assert message.startswith(f"{data}: row {bad_line}: missing_field") and f"(line {bad_line})" in message
         assert "rejected" in message

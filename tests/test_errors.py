@@ -48,13 +48,13 @@ def test_missing_dataset_file(tmp_path, tiny_model_dir, capsys):
 def test_malformed_json_names_file_and_line(tmp_path, tiny_model_dir, capsys):
     data = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, '{"chosen": [oops'])
     err = run_main(args(tiny_model_dir, data, tmp_path / "o", mixer_list=[str(data), "1.0"]), capsys)
-    assert f"{data}:3: malformed JSON" in err
+    assert f"{data}: line 3: malformed JSON" in err
 
 
 def test_missing_fields_names_found_and_expected(tmp_path, tiny_model_dir, capsys):
     data = write_jsonl(tmp_path / "fields.jsonl", [GOOD, GOOD, {"chosen": GOOD["chosen"], "rejection": "x"}])
     err = run_main(args(tiny_model_dir, data, tmp_path / "o", mixer_list=[str(data), "1.0"]), capsys)
-    assert "row 2" in err and str(data) in err
+    assert f"{data}: row 3: missing_field" in err and "(line 3)" in err
     assert (
         "missing field(s) rejected" in err and "found chosen, rejection" in err and "expected chosen, rejected" in err
     )
@@ -63,7 +63,7 @@ def test_missing_fields_names_found_and_expected(tmp_path, tiny_model_dir, capsy
 def test_unrecognised_columns_name_found_and_expected(tmp_path, tiny_model_dir, capsys):
     data = write_jsonl(tmp_path / "cols.jsonl", [{"question": "q", "answer": "a"}])
     err = run_main(args(tiny_model_dir, data, tmp_path / "o", mixer_list=[str(data), "1.0"]), capsys)
-    assert "row 0" in err and "['answer', 'question']" in err and "{chosen, rejected}" in err
+    assert "row 1" in err and "['answer', 'question']" in err and "{chosen, rejected}" in err
 
 
 @pytest.mark.parametrize(

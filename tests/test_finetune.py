@@ -157,5 +157,5 @@ def test_sft_bad_rows_name_file_and_row(tiny_model_dir, tmp_path):
         + json.dumps({"messages": "oops"})
         + "\n"
     )
-    with pytest.raises(UserError, match=r"chat.jsonl: row 1: .*field 'messages' must be a non-empty list"):
+    with pytest.raises(UserError, match=r"chat.jsonl: row 2: .*field 'messages' must be a non-empty list"):
         run_sft(tiny_model_dir, TrainingConfig(output_dir=str(tmp_path / "o")), SFTDatasetConfig(str(data)))

@@ -1,6 +1,8 @@
 """Any known row shape -> the normal form ``{"prompt": [msg...], "chosen": [msg], "rejected": [msg]}``.
 
-A message is ``{"role": str, "content": str}``. The prompt holds every shared turn; chosen and rejected hold the final
+A message is ``{"role": str, "content": str}``; its role is ``system``, ``user`` or ``assistant``, and ``tool`` only
+where the chat template renders tool messages (the caller passes the roles its template renders:
+:func:`open_instruct.data.tokenize.template_roles`). Any other role is refused, never dropped silently. The prompt holds every shared turn; chosen and rejected hold the final
 assistant reply (one message each), which is the only part that gets labels.
 
 Formats (``--dataset_format``; ``auto`` detects one per dataset from its columns and first row):
@@ -35,6 +37,10 @@ EMPTY_REPLY = "empty_reply"
 IDENTICAL_REPLIES = "identical_replies"
 BAD_LABEL = "bad_label"
 NOT_A_TRANSCRIPT = "not_a_transcript"
+BAD_ROLE = "bad_role"
+
+CHAT_ROLES = frozenset({"system", "user", "assistant"})  # what every format accepts
+ALL_ROLES = CHAT_ROLES | {"tool"}  # the most a chat template may render
 
 # Notes: repairs applied to rows that are kept.
 MERGED_TURNS = "merged_consecutive_turns"
@@ -48,17 +54,32 @@ class RowError(ValueError):
         self.reason = reason
 
 
-def _check_messages(value: Any, field: str) -> list[Message]:
+def check_role(role: Any, roles: frozenset[str], where: str) -> None:
+    """Refuse a message role outside ``roles`` (``where`` names the field and message)."""
+    if isinstance(role, str) and role in roles:
+        return
+    if role == "tool":
+        raise RowError(BAD_ROLE, f"{where}: role 'tool': the chat template does not render tool messages")
+    shown = repr(role) if isinstance(role, str) else f"of type {type(role).__name__}"
+    raise RowError(BAD_ROLE, f"{where}: role {shown} is not one of {', '.join(sorted(roles))}")
+
+
+def _check_messages(value: Any, field: str, roles: frozenset[str] = CHAT_ROLES) -> list[Message]:
     if value is None:
         raise RowError(MISSING_FIELD, f"field '{field}' is missing")
     if not isinstance(value, list) or not value:
-        raise RowError(BAD_MESSAGES, f"field '{field}' must be a non-empty list of {{role, content}} messages")
-    for i, message in enumerate(value):
+        shown = "an empty list" if isinstance(value, list) else type(value).__name__
+        raise RowError(
+            BAD_MESSAGES, f"field '{field}' must be a non-empty list of {{role, content}} messages, got {shown}"
+        )
+    for i, message in enumerate(value, start=1):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise RowError(BAD_MESSAGES, f"field '{field}' message {i} must have 'role' and 'content'")
         if not isinstance(message["content"], str):
-            raise RowError(BAD_MESSAGES, f"field '{field}' message {i} content must be a string")
-    return [{"role": str(m["role"]), "content": m["content"]} for m in value]
+            kind = type(message["content"]).__name__
+            raise RowError(BAD_MESSAGES, f"field '{field}' message {i} content must be a string, got {kind}")
+        check_role(message["role"], roles, f"field '{field}' message {i}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _string(row: dict[str, Any], field: str) -> str:
@@ -87,29 +108,31 @@ def _finish(prompt: list[Message], chosen: Message, rejected: Message) -> Pair:
     return {"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}
 
 
-def from_messages(row: dict[str, Any], notes: Counter | None = None) -> Pair:
+def from_messages(row: dict[str, Any], notes: Counter | None = None, roles: frozenset[str] = CHAT_ROLES) -> Pair:
     """Tulu 3 / UltraFeedback: ``chosen`` and ``rejected`` message lists sharing every message but the last."""
-    chosen = _check_messages(row.get("chosen"), "chosen")
-    rejected = _check_messages(row.get("rejected"), "rejected")
+    chosen = _check_messages(row.get("chosen"), "chosen", roles)
+    rejected = _check_messages(row.get("rejected"), "rejected", roles)
     if chosen[:-1] != rejected[:-1]:
         raise RowError(PROMPTS_DIFFER, "'chosen' and 'rejected' must share every message but the last")
     return _finish(chosen[:-1], chosen[-1], rejected[-1])
 
 
-def from_prompt_chosen_rejected(row: dict[str, Any], notes: Counter | None = None) -> Pair:
+def from_prompt_chosen_rejected(
+    row: dict[str, Any], notes: Counter | None = None, roles: frozenset[str] = CHAT_ROLES
+) -> Pair:
     """TRL standard (strings) and conversational (``prompt`` messages, one-message ``chosen``/``rejected``)."""
     prompt = row.get("prompt")
     if isinstance(prompt, str):
         prompt_messages = [{"role": "user", "content": prompt}]
     else:
-        prompt_messages = _check_messages(prompt, "prompt")
+        prompt_messages = _check_messages(prompt, "prompt", roles)
     replies = []
     for name in ("chosen", "rejected"):
         value = row.get(name)
         if isinstance(value, str):
             replies.append({"role": "assistant", "content": value})
             continue
-        messages = _check_messages(value, name)
+        messages = _check_messages(value, name, roles)
         if len(messages) != 1:
             raise RowError(BAD_MESSAGES, f"field '{name}' must hold exactly one reply message, got {len(messages)}")
         replies.append(messages[0])
@@ -138,7 +161,7 @@ def split_transcript(text: str, field: str) -> tuple[list[Message], bool]:
     return messages, merged
 
 
-def from_hh_rlhf(row: dict[str, Any], notes: Counter | None = None) -> Pair:
+def from_hh_rlhf(row: dict[str, Any], notes: Counter | None = None, roles: frozenset[str] = CHAT_ROLES) -> Pair:
     """Anthropic HH-RLHF: two transcripts; the turns before the last become the prompt."""
     chosen, merged_chosen = split_transcript(_string(row, "chosen"), "chosen")
     rejected, merged_rejected = split_transcript(_string(row, "rejected"), "rejected")
@@ -149,7 +172,7 @@ def from_hh_rlhf(row: dict[str, Any], notes: Counter | None = None) -> Pair:
     return _finish(chosen[:-1], chosen[-1], rejected[-1])
 
 
-def from_shp(row: dict[str, Any], notes: Counter | None = None) -> Pair:
+def from_shp(row: dict[str, Any], notes: Counter | None = None, roles: frozenset[str] = CHAT_ROLES) -> Pair:
     """Stanford SHP: the post (``history``) is the prompt; ``labels`` 1 prefers ``human_ref_A``, 0 ``human_ref_B``."""
     history = _string(row, "history")
     ref_a, ref_b = _string(row, "human_ref_A"), _string(row, "human_ref_B")
@@ -166,7 +189,7 @@ def from_shp(row: dict[str, Any], notes: Counter | None = None) -> Pair:
     )
 
 
-Parser = Callable[[dict[str, Any], Counter | None], Pair]
+Parser = Callable[[dict[str, Any], Counter | None, frozenset[str]], Pair]
 
 # name -> (parser, columns the format needs).
 FORMATS: dict[str, tuple[Parser, tuple[str, ...]]] = {
@@ -200,8 +223,11 @@ def missing_columns(columns: list[str], format_name: str) -> list[str]:
     return [c for c in FORMATS[format_name][1] if c not in set(columns)]
 
 
-def normalize(row: dict[str, Any], format_name: str, notes: Counter | None = None) -> Pair:
-    """One raw row in the named format -> the normal form (raises RowError); repairs are counted in ``notes``."""
+def normalize(
+    row: dict[str, Any], format_name: str, notes: Counter | None = None, roles: frozenset[str] = CHAT_ROLES
+) -> Pair:
+    """One raw row in the named format -> the normal form (raises RowError); repairs are counted in ``notes``;
+    a message role outside ``roles`` is refused."""
     parser, required = FORMATS[format_name]
     missing = [name for name in required if name not in row]
     if missing:
@@ -210,4 +236,4 @@ def normalize(row: dict[str, Any], format_name: str, notes: Counter | None = Non
             f"missing field(s) {', '.join(missing)}; found {', '.join(sorted(row)) or 'none'}; "
             f"expected {', '.join(required)}",
         )
-    return parser(row, notes)
+    return parser(row, notes, roles)

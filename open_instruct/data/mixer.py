@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from open_instruct.config import UserError
-from open_instruct.data.formats import FORMATS, RowError, detect_format, missing_columns, normalize
+from open_instruct.data.formats import CHAT_ROLES, FORMATS, RowError, detect_format, missing_columns, normalize
 from open_instruct.data.sources import LOCAL_SUFFIXES, Located, iter_rows, load_rows
 
 __all__ = ["LOCAL_SUFFIXES", "MixEntry", "load_rows", "build_mix", "build_train_eval_mix", "parse_mixer_list"]
@@ -84,11 +84,17 @@ def _summary(counts: Counter) -> str:
 
 
 def check_rows(
-    name: str, rows: Iterable[Located], format_name: str, skip_invalid: bool, keep: Callable[[int, dict], None]
+    name: str,
+    rows: Iterable[Located],
+    format_name: str,
+    skip_invalid: bool,
+    keep: Callable[[int, dict], None],
+    roles: frozenset[str] = CHAT_ROLES,
 ) -> dict[str, Any]:
     """Check every row of one dataset in one streaming pass, calling ``keep(row number, pair)`` for each valid one;
     returns the report (counts per failure reason). Without ``skip_invalid`` any invalid row is an error that names
-    the first one (and its file and line when known) and counts all of them by reason."""
+    the first one (1-based row number, and its file and line when known) and counts all of them by reason. A message
+    role outside ``roles`` (those the chat template renders) is an invalid row."""
     if format_name not in ("auto", *FORMATS):
         raise UserError(f"--dataset_format must be auto or one of {', '.join(FORMATS)}, got {format_name!r}")
     report: dict[str, Any] = {"name": name, "format": format_name, "rows": 0, "valid": 0, "invalid": {}, "notes": {}}
@@ -100,11 +106,10 @@ def check_rows(
             report["format"] = format_name
         row_notes: Counter = Counter()
         try:
-            pair = normalize(row, format_name, row_notes)
+            pair = normalize(row, format_name, row_notes, roles)
         except RowError as err:
             invalid[err.reason] += 1
-            where = f" (at {location})" if location else ""
-            first_error = first_error or f"{name}: row {i}: {err.reason}: {err}{where}"
+            first_error = first_error or f"{name}: row {i + 1}: {err.reason}: {err}{_where(name, location)}"
             continue
         notes.update(row_notes)
         valid += 1
@@ -118,6 +123,13 @@ def check_rows(
     return report
 
 
+def _where(name: str, location: str | None) -> str:
+    """`` (line 4)`` when the row's file is the dataset itself, `` (at FILE, line 4)`` inside a folder."""
+    if not location:
+        return ""
+    return f" ({location.removeprefix(f'{name}, ')})" if location.startswith(f"{name}, ") else f" (at {location})"
+
+
 def _check_columns(name: str, first_row: dict[str, Any], format_name: str) -> str:
     """The dataset's format: detected from its first row, or checked against it."""
     columns = list(first_row.keys())
@@ -125,7 +137,7 @@ def _check_columns(name: str, first_row: dict[str, Any], format_name: str) -> st
         try:
             return detect_format(columns, first_row)
         except RowError as err:
-            raise UserError(f"{name}: row 0: {err}") from None
+            raise UserError(f"{name}: row 1: {err}") from None
     if missing := missing_columns(columns, format_name):
         raise UserError(
             f"{name}: --dataset_format {format_name} needs column(s) {', '.join(missing)}; "
@@ -156,7 +168,9 @@ def _appender(pairs: list[dict[str, Any]], name: str) -> Callable[[int, dict], N
     return lambda i, pair: pairs.append({**pair, "source": (name, i)})
 
 
-def _load_valid(entries: list[MixEntry], format_name: str, skip_invalid: bool) -> list[tuple[list, dict]]:
+def _load_valid(
+    entries: list[MixEntry], format_name: str, skip_invalid: bool, roles: frozenset[str]
+) -> list[tuple[list, dict]]:
     loaded = []
     for entry in entries:
         pairs: list[dict[str, Any]] = []
@@ -166,6 +180,7 @@ def _load_valid(entries: list[MixEntry], format_name: str, skip_invalid: bool) -
             format_name,
             skip_invalid,
             _appender(pairs, entry.name),
+            roles,
         )
         if not pairs:
             raise UserError(f"{entry.name} (split {entry.split!r}): no valid rows to take {entry.amount} from")
@@ -221,13 +236,14 @@ def build_train_eval_mix(
     seed: int,
     format_name: str = "auto",
     skip_invalid: bool = False,
+    roles: frozenset[str] = CHAT_ROLES,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """(training pairs, evaluation pairs, statistics). The evaluation mix is ``eval_entries`` or, with
     ``eval_fraction`` > 0, that fraction of each training dataset's valid rows, held out before upsampling.
     Both lists carry their own ``index`` from 0."""
     if eval_entries and eval_fraction > 0:
         raise UserError("give --eval_mixer_list or --eval_fraction, not both")
-    loaded = _load_valid(train_entries, format_name, skip_invalid)
+    loaded = _load_valid(train_entries, format_name, skip_invalid, roles)
     held: list[dict[str, Any]] = []
     if eval_fraction > 0:
         for number, (pairs, report) in enumerate(loaded):
@@ -238,7 +254,7 @@ def build_train_eval_mix(
     train = _mix(loaded, rng)
     stats: dict[str, Any] = {"datasets": [report for _, report in loaded]}
     if eval_entries:
-        eval_loaded = _load_valid(eval_entries, format_name, skip_invalid)
+        eval_loaded = _load_valid(eval_entries, format_name, skip_invalid, roles)
         evaluation = _mix(eval_loaded, rng)
         stats["eval_datasets"] = [report for _, report in eval_loaded]
     else:

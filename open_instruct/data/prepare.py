@@ -21,7 +21,7 @@ from open_instruct.data.mixer import MixEntry, build_train_eval_mix, parse_mixer
 from open_instruct.data.sources import source_fingerprint
 from open_instruct.data.statistics import build_statistics, padding_waste_of_lengths, write_statistics
 from open_instruct.data.streaming import MixPlan, TokenizeSettings, plan_mix, tokenize_unique, write_split
-from open_instruct.data.tokenize import tokenize_pairs
+from open_instruct.data.tokenize import template_roles, tokenize_pairs
 
 __all__ = ["PreparedData", "prepare_in_memory", "prepare_preference_data", "write_statistics"]
 
@@ -82,7 +82,13 @@ def prepare_in_memory(
     """The whole preparation with every pair in memory: (records, evaluation records, statistics). The reference
     the streaming preparation is tested against, and handy for small sets."""
     train_pairs, eval_pairs, mix_stats = build_train_eval_mix(
-        train_entries, eval_entries, args.eval_fraction, args.seed, args.dataset_format, args.skip_invalid_rows
+        train_entries,
+        eval_entries,
+        args.eval_fraction,
+        args.seed,
+        args.dataset_format,
+        args.skip_invalid_rows,
+        template_roles(tokenizer),
     )
     train_pairs = _cap(train_pairs, args.max_train_samples, args.seed)
     settings = (args.max_seq_length, args.add_bos, args.max_response_length)
@@ -147,6 +153,7 @@ def prepare_preference_data(
             args.dataset_format,
             args.skip_invalid_rows,
             args.max_train_samples,
+            template_roles(tokenizer),
         )  # pass 1: every row checked, errors raised here
         cache.write_entry(
             args.dataset_local_cache_dir, key, lambda folder: _build_entry(args, tokenizer, plan, folder)

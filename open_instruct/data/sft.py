@@ -12,33 +12,35 @@ from typing import Any
 import torch
 
 from open_instruct.config import DPOArguments, UserError
-from open_instruct.data.formats import RowError, detect_format, normalize
+from open_instruct.data.formats import CHAT_ROLES, RowError, check_role, detect_format, normalize
 from open_instruct.data.mixer import MixEntry, load_rows, parse_mixer_list, sample_indices, target_rows
-from open_instruct.data.tokenize import IGNORE_INDEX, render
+from open_instruct.data.tokenize import IGNORE_INDEX, render, template_roles
 
 Message = dict[str, str]
 
 
-def _messages(value: Any) -> list[Message]:
+def _messages(value: Any, roles: frozenset[str]) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise RowError("bad_messages", "field 'messages' must be a non-empty list of {role, content} messages")
-    for i, message in enumerate(value):
+    for i, message in enumerate(value, start=1):
         if (
             not isinstance(message, dict)
             or not isinstance(message.get("role"), str)
             or not isinstance(message.get("content"), str)
         ):
             raise RowError("bad_messages", f"field 'messages' message {i} must have a string 'role' and 'content'")
+        check_role(message["role"], roles, f"field 'messages' message {i}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def conversation(row: dict[str, Any]) -> list[Message]:
-    """The conversation of one row: its ``messages``, or a preference row's prompt plus chosen reply."""
+def conversation(row: dict[str, Any], roles: frozenset[str] = CHAT_ROLES) -> list[Message]:
+    """The conversation of one row: its ``messages``, or a preference row's prompt plus chosen reply; a role outside
+    ``roles`` (those the chat template renders) is refused."""
     if "messages" in row:
-        messages = _messages(row["messages"])
+        messages = _messages(row["messages"], roles)
     else:
         try:
-            pair = normalize(row, detect_format(list(row), row))
+            pair = normalize(row, detect_format(list(row), row), roles=roles)
         except RowError as err:
             raise RowError(err.reason, f"expected a 'messages' list or a preference row: {err}") from None
         messages = pair["prompt"] + pair["chosen"]
@@ -47,7 +49,9 @@ def conversation(row: dict[str, Any]) -> list[Message]:
     return messages
 
 
-def build_conversation_mix(entries: list[MixEntry], seed: int, skip_invalid: bool) -> tuple[list, dict[str, Any]]:
+def build_conversation_mix(
+    entries: list[MixEntry], seed: int, skip_invalid: bool, roles: frozenset[str] = CHAT_ROLES
+) -> tuple[list, dict[str, Any]]:
     """Load, validate and mix the datasets into conversations; returns (conversations, statistics)."""
     rng = random.Random(seed)
     mixed: list[list[Message]] = []
@@ -57,10 +61,12 @@ def build_conversation_mix(entries: list[MixEntry], seed: int, skip_invalid: boo
         valid, dropped = [], {}
         for i, row in enumerate(rows):
             try:
-                valid.append(conversation(row))
+                valid.append(conversation(row, roles))
             except RowError as err:
                 if not skip_invalid:
-                    raise UserError(f"{entry.name}: row {i}: {err} (--skip_invalid_rows drops such rows)") from None
+                    raise UserError(
+                        f"{entry.name}: row {i + 1}: {err} (--skip_invalid_rows drops such rows)"
+                    ) from None
                 dropped[str(err)] = dropped.get(str(err), 0) + 1
         chosen = sample_indices(len(valid), target_rows(entry.amount, len(valid)), rng)
         mixed.extend(valid[i] for i in chosen)
@@ -128,7 +134,8 @@ def prepare_sft_data(
         mixer_list if mixer_list is not None else args.mixer_list,
         splits if splits is not None else args.mixer_list_splits,
     )
-    conversations, stats = build_conversation_mix(entries, args.seed, args.skip_invalid_rows)
+    roles = template_roles(tokenizer)
+    conversations, stats = build_conversation_mix(entries, args.seed, args.skip_invalid_rows, roles)
     if args.max_train_samples is not None:
         conversations = conversations[: args.max_train_samples]
     records, truncated, dropped = [], 0, 0

@@ -8,13 +8,16 @@ only those are read. Anything that is not a local path goes to ``datasets.load_d
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
 import json
+import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from open_instruct.config import UserError
 
@@ -27,53 +30,106 @@ def is_data_file(path: Path) -> bool:
     return path.name.endswith(LOCAL_SUFFIXES)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+def _open_binary(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
 
 
-Located = tuple[dict[str, Any], str | None]  # a row and where it is ("file:line" for JSON lines), when known
+# What a damaged or truncated gzip stream raises: a bad header, a cut-off end, corrupt deflate data.
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def _unreadable(path: Path, err: Exception) -> UserError:
+    if isinstance(err, _GZIP_ERRORS) and path.name.endswith(".gz"):
+        return UserError(f"{path}: not a readable gzip file (damaged or truncated): {err}")
+    return UserError(f"{path}: cannot be read: {err}")
+
+
+def _decode(path: Path, raw: bytes, line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line += raw.count(b"\n", 0, err.start)
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise UserError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each line of a UTF-8 text file, gzip-compressed when named ``.gz``. A UTF-8
+    byte-order mark is dropped; a byte that is not UTF-8 names the file and line; a damaged or truncated gzip stream
+    names the file."""
+    try:
+        with _open_binary(path) as handle:
+            for number, raw in enumerate(handle, start=1):
+                if number == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                yield number, _decode(path, raw, number)
+    except (OSError, *_GZIP_ERRORS) as err:
+        raise _unreadable(path, err) from None
+
+
+def read_text(path: Path) -> str:
+    """The whole text of a file as :func:`iter_lines` reads it (byte-order mark dropped, errors named)."""
+    try:
+        with _open_binary(path) as handle:
+            raw = handle.read()
+    except (OSError, *_GZIP_ERRORS) as err:
+        raise _unreadable(path, err) from None
+    return _decode(path, raw.removeprefix(codecs.BOM_UTF8), 1)
+
+
+Located = tuple[dict[str, Any], str | None]  # a row and where it is ("FILE, line N" / "FILE, row N"), when known
+
+
+def _not_an_object(path: Path, where: str, row: Any) -> UserError:
+    return UserError(f"{path}: {where}: expected a JSON object (one row), got a JSON {_json_kind(row)}")
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), "null")
 
 
 def _iter_jsonl(path: Path) -> Iterator[Located]:
-    with _open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{line_number}: malformed JSON: {err.msg}") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            yield row, f"{path}:{line_number}"
+    for line_number, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {line_number}: malformed JSON: {err.msg}") from None
+        if not isinstance(row, dict):
+            raise _not_an_object(path, f"line {line_number}", row)
+        yield row, f"{path}, line {line_number}"
 
 
 def _iter_json(path: Path) -> Iterator[Located]:
-    with _open_text(path) as handle:
-        text = handle.read()
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON lines saved under a .json name
             yield from _iter_jsonl(path)
             return
-        raise UserError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
+        raise UserError(f"{path}: line {err.lineno}: malformed JSON: {err.msg}") from None
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         lengths = {len(v) for v in data.values()}
         if len(lengths) != 1:
             raise UserError(f"{path}: columns of a column-oriented JSON file must have one length, got {lengths}")
         columns = list(data)
-        for values in zip(*data.values()):
-            yield dict(zip(columns, values)), None
+        for number, values in enumerate(zip(*data.values()), start=1):
+            yield dict(zip(columns, values)), f"{path}, row {number}"
         return
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of rows or a mapping of column -> list")
-    for i, row in enumerate(data):
+        raise UserError(
+            f"{path}: expected a JSON list of rows or a mapping of column -> list, got a JSON {_json_kind(data)}"
+        )
+    for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
-            raise UserError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
-        yield row, None
+            raise _not_an_object(path, f"row {number}", row)
+        yield row, f"{path}, row {number}"
 
 
 def _iter_parquet(path: Path) -> Iterator[Located]:
@@ -86,9 +142,11 @@ def _iter_parquet(path: Path) -> Iterator[Located]:
         else:
             source = path
         batches = pq.ParquetFile(source).iter_batches(batch_size=BATCH_ROWS)
+        number = 0
         for batch in batches:
             for row in batch.to_pylist():
-                yield row, None
+                number += 1
+                yield row, f"{path}, row {number}"
     except Exception as err:  # pyarrow raises several types for damaged files
         raise UserError(f"{path}: not a readable parquet file: {err}") from None
 
@@ -119,13 +177,39 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
+# A shard suffix after a split name: train-00000-of-00004, train_0, test-3.
+_SHARD_SUFFIX = re.compile(r"[-_]\d+(-of-\d+)?$")
+# Names that say a file or folder holds one split (the Hub's own split words), alone or as a prefix (train_prefs).
+_SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "eval", "evaluation")
+_SPLIT_NAME = re.compile(rf"^({'|'.join(_SPLIT_WORDS)})([-_.].*)?$")
+
+
+def _split_names(file: Path, root: Path) -> list[str]:
+    """The split names a data file carries: its name without suffix and shard number, and its folders under root."""
+    stem = next(
+        file.name.removesuffix(s) for s in sorted(LOCAL_SUFFIXES, key=len, reverse=True) if file.name.endswith(s)
+    )
+    return [_SHARD_SUFFIX.sub("", stem), *file.relative_to(root).parts[:-1]]
+
+
 def folder_files(path: Path, split: str) -> list[Path]:
-    """The data files a folder contributes for ``split``, in a stable order."""
+    """The data files a folder contributes for ``split``, in a stable order: those whose name (less its shard
+    number) or a folder above them is exactly ``split``. A folder whose names say nothing about splits contributes
+    every file; one whose names name other splits only (``train_prefs``, ``train_sft`` for ``train``) is an error."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p))
     if not files:
         raise UserError(f"dataset folder {path} holds no {', '.join(LOCAL_SUFFIXES)} files")
-    in_split = [p for p in files if p.name.startswith((f"{split}.", f"{split}-", f"{split}_"))]
-    return in_split or files
+    names = {file: _split_names(file, path) for file in files}
+    in_split = [file for file in files if split in names[file]]
+    if in_split:
+        return in_split
+    named = sorted({name for found in names.values() for name in found if _SPLIT_NAME.match(name)})
+    if named:
+        raise UserError(
+            f"dataset folder {path}: no file or folder is named for split {split!r} exactly; it holds the "
+            f"split(s) {', '.join(named)}: pick one with --mixer_list_splits (or --eval_mixer_list_splits)"
+        )
+    return files
 
 
 def _saved_dataset(path: Path, split: str) -> Any:

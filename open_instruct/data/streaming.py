@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from open_instruct.config import UserError
-from open_instruct.data.formats import normalize
+from open_instruct.data.formats import ALL_ROLES, CHAT_ROLES, normalize
 from open_instruct.data.mixer import MixEntry, check_rows, held_out_positions, sample_indices, target_rows
 from open_instruct.data.pair_table import LIST_COLUMNS, PairRecords, PairTableWriter, columns_from_records
 from open_instruct.data.sources import iter_rows
@@ -55,13 +55,15 @@ class MixPlan:
     stats: dict[str, Any]
 
 
-def _scan(entries: list[MixEntry], format_name: str, skip_invalid: bool) -> list[tuple[list[int], dict]]:
+def _scan(
+    entries: list[MixEntry], format_name: str, skip_invalid: bool, roles: frozenset[str]
+) -> list[tuple[list[int], dict]]:
     """Pass 1: (valid row numbers, report) per dataset; raises on the first invalid dataset."""
     scanned = []
     for entry in entries:
         valid: list[int] = []
         keep = lambda i, _pair, valid=valid: valid.append(i)  # noqa: E731
-        report = check_rows(entry.name, iter_rows(entry.name, entry.split), format_name, skip_invalid, keep)
+        report = check_rows(entry.name, iter_rows(entry.name, entry.split), format_name, skip_invalid, keep, roles)
         if not valid:
             raise UserError(f"{entry.name} (split {entry.split!r}): no valid rows to take {entry.amount} from")
         scanned.append((valid, {**report, "split": entry.split, "amount": entry.amount}))
@@ -92,11 +94,12 @@ def plan_mix(
     format_name: str = "auto",
     skip_invalid: bool = False,
     max_train_samples: int | None = None,
+    roles: frozenset[str] = CHAT_ROLES,
 ) -> MixPlan:
     """Validate every dataset (pass 1) and draw the training and evaluation mixes as row numbers."""
     if eval_entries and eval_fraction > 0:
         raise UserError("give --eval_mixer_list or --eval_fraction, not both")
-    scanned = _scan(train_entries, format_name, skip_invalid)
+    scanned = _scan(train_entries, format_name, skip_invalid, roles)
     held: list[tuple[int, int]] = []
     if eval_fraction > 0:
         for number, (valid, report) in enumerate(scanned):
@@ -109,7 +112,7 @@ def plan_mix(
     evaluation = held
     eval_scanned = []
     if eval_entries:
-        eval_scanned = _scan(eval_entries, format_name, skip_invalid)
+        eval_scanned = _scan(eval_entries, format_name, skip_invalid, roles)
         evaluation = _mix(eval_scanned, len(train_entries), rng)
         stats["eval_datasets"] = [report for _, report in eval_scanned]
     if max_train_samples is not None and len(train) > max_train_samples:  # prepare._cap on row numbers
@@ -137,7 +140,7 @@ def _init_worker(tokenizer: Any, settings: TokenizeSettings) -> None:
 def _tokenize_chunk(rows: list[dict[str, Any]], format_name: str) -> tuple[dict, np.ndarray]:
     """Normalize and tokenize raw rows -> (list columns of every row, dropped rows empty; meta [n, 8] int64)."""
     settings: TokenizeSettings = _WORKER["settings"]
-    pairs = [normalize(row, format_name) for row in rows]
+    pairs = [normalize(row, format_name, roles=ALL_ROLES) for row in rows]  # roles were checked in pass 1
     results = tokenize_each(
         _WORKER["tokenizer"], pairs, settings.max_seq_length, settings.add_bos, settings.max_response_length
     )

@@ -8,14 +8,13 @@ tail shorter than a block is dropped. Every block is a full causal-LM example: i
 
 from __future__ import annotations
 
-import gzip
 import random
 from pathlib import Path
 from typing import Any
 
 from open_instruct.config import DPOArguments, UserError
 from open_instruct.data.mixer import hold_out, parse_mixer_list, sample_indices, target_rows
-from open_instruct.data.sources import load_rows
+from open_instruct.data.sources import iter_lines, load_rows
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 
@@ -26,12 +25,7 @@ def is_text_file(name: str) -> bool:
 
 
 def _read_lines(path: Path) -> list[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            return [line.rstrip("\n") for line in handle if line.strip()]
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err})") from None
+    return [line.rstrip("\n") for _, line in iter_lines(path) if line.strip()]
 
 
 def load_documents(name: str, split: str, text_column: str) -> list[str]:

@@ -51,6 +51,35 @@ def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+_PROBE = "role-probe-7f3a"
+# Where a role's message sits in a probe conversation: a system message leads, a tool result follows a reply.
+_PROBES = {
+    "system": [{"role": "system", "content": _PROBE}, {"role": "user", "content": "q"}],
+    "tool": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "tool", "content": _PROBE},
+    ],
+}
+
+
+def template_roles(tokenizer: Any) -> frozenset[str]:
+    """The message roles this tokenizer's chat template renders: ``user`` and ``assistant`` always; ``system`` and
+    ``tool`` when a probe message of that role shows up in the rendered text (a template that drops a role, or
+    raises on it, would train on conversations that silently lost those turns)."""
+    roles = {"user", "assistant"}
+    for role, messages in _PROBES.items():
+        try:
+            rendered = render(tokenizer, messages, add_generation_prompt=True)
+        except (
+            Exception
+        ):  # jinja raises its own TemplateError (and templates call raise_exception) on roles they refuse
+            continue
+        if _PROBE in rendered:
+            roles.add(role)
+    return frozenset(roles)
+
+
 def _strip_eos(reply: list[dict[str, str]], eos: str | None) -> tuple[list[dict[str, str]], bool]:
     content = reply[0]["content"]
     if eos and content.rstrip().endswith(eos):
