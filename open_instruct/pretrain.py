@@ -217,7 +217,7 @@ def run_training(
     train = train_config or TrainingConfig()
     dataset = dataset_config or TextDatasetConfig()
     args = pretrain_arguments(model_config, train, dataset, tokenizer_name)
-    preflight(args)
+    preflight(args, pretraining=True)
     with fresh_accelerate_state():
         folder = Path(run(args, dataset.text_column))
     return final_checkpoint(folder, train, "pretrain", args.tokenizer_name_or_path)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     def entry() -> None:
         args = parse_args(rest)
         check_pretrain_arguments(args)
-        preflight(args)
+        preflight(args, pretraining=True)
         run(args, known.text_column)
 
     exit_on_user_error(entry)

@@ -192,5 +192,7 @@ def test_malformed_row_stops_before_tokenizing_with_file_row_and_reason(tmp_path
     args = DPOArguments(
         model_name_or_path="unused", mixer_list=[str(bad), "1.0"], dataset_local_cache_dir=str(tmp_path / "c")
     )
-    with pytest.raises(UserError, match=f"^{re.escape(str(bad))}: row 2: identical_replies: .*1 invalid of 2 rows"):
+    with pytest.raises(
+        UserError, match=f"^{re.escape(str(bad))}: row 2 \\(line 2\\): identical_replies: .*1 invalid of 2 rows"
+    ):
         prepare_preference_data(args, word_tokenizer)

@@ -54,7 +54,7 @@ def test_malformed_json_names_file_and_line(tmp_path, tiny_model_dir, capsys):
 def test_missing_fields_names_found_and_expected(tmp_path, tiny_model_dir, capsys):
     data = write_jsonl(tmp_path / "fields.jsonl", [GOOD, GOOD, {"chosen": GOOD["chosen"], "rejection": "x"}])
     err = run_main(args(tiny_model_dir, data, tmp_path / "o", mixer_list=[str(data), "1.0"]), capsys)
-    assert f"{data}: row 3: missing_field" in err and "(line 3)" in err
+    assert f"{data}: row 3 (line 3): missing_field" in err
     assert (
         "missing field(s) rejected" in err and "found chosen, rejection" in err and "expected chosen, rejected" in err
     )

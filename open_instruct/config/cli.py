@@ -134,10 +134,18 @@ def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """Field values from a YAML recipe, aliases resolved and types checked."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder; expected a YAML file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):

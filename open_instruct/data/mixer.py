@@ -109,7 +109,7 @@ def check_rows(
             pair = normalize(row, format_name, row_notes, roles)
         except RowError as err:
             invalid[err.reason] += 1
-            first_error = first_error or f"{name}: row {i + 1}: {err.reason}: {err}{_where(name, location)}"
+            first_error = first_error or f"{name}: row {i + 1}{_where(name, location)}: {err.reason}: {err}"
             continue
         notes.update(row_notes)
         valid += 1

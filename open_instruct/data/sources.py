@@ -93,15 +93,17 @@ def _json_kind(value: Any) -> str:
 
 
 def _iter_jsonl(path: Path) -> Iterator[Located]:
+    row_number = 0
     for line_number, line in iter_lines(path):
         if not line.strip():
-            continue
+            continue  # blank lines hold no row
+        row_number += 1
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: line {line_number}: malformed JSON: {err.msg}") from None
         if not isinstance(row, dict):
-            raise _not_an_object(path, f"line {line_number}", row)
+            raise _not_an_object(path, f"row {row_number} (line {line_number})", row)
         yield row, f"{path}, line {line_number}"
 
 
@@ -210,6 +212,22 @@ def folder_files(path: Path, split: str) -> list[Path]:
             f"split(s) {', '.join(named)}: pick one with --mixer_list_splits (or --eval_mixer_list_splits)"
         )
     return files
+
+
+def check_folder(path: Path, split: str) -> None:
+    """The checks reading a dataset folder makes, without reading a row: a saved dataset has the split, any other
+    folder holds data files for it."""
+    if _is_saved_dataset(path):
+        splits_file = path / "dataset_dict.json"
+        if splits_file.is_file():
+            try:
+                splits = json.loads(splits_file.read_text()).get("splits", [])
+            except (ValueError, AttributeError, OSError) as err:
+                raise UserError(f"{splits_file}: not a readable saved-dataset index: {err}") from None
+            if split not in splits:
+                raise UserError(f"{path}: no split {split!r} (has {', '.join(map(str, splits))})")
+        return
+    folder_files(path, split)
 
 
 def _saved_dataset(path: Path, split: str) -> Any:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,18 +21,14 @@ from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, train_loop
 
 
-def preflight(args: DPOArguments) -> None:
-    """Cheap checks of every input path, before any process group, model or dataset is touched."""
-    from open_instruct.data.sources import is_data_file
-    from open_instruct.model.modeling import check_model_options, check_model_path
+def preflight(args: DPOArguments, pretraining: bool = False) -> None:
+    """Cheap checks of every input path, before any process group, model or dataset is touched: each path is the
+    kind of thing its flag needs and the output folder can be written (``config/path_checks.py``)."""
+    from open_instruct.config.path_checks import check_paths
+    from open_instruct.model.modeling import check_model_options
 
     check_model_options(args)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
-    check_model_path(args.model_name_or_path, "model")
-    check_model_path(args.tokenizer_name_or_path, "tokenizer")
-    for name in args.mixer_list[0::2] + args.eval_mixer_list[0::2]:
-        path = Path(name).expanduser()
-        if (is_data_file(path) or name.startswith((".", "/", "~"))) and not path.exists():
-            raise UserError(f"dataset file not found: {name}")
+    check_paths(args, pretraining)
 
 
 def command_line(argv: list[str] | None, check: Any, run: Any) -> None:
@@ -46,11 +44,29 @@ def command_line(argv: list[str] | None, check: Any, run: Any) -> None:
         check(args)
         preflight(args)
         try:
-            run(args)
+            with no_empty_output_on_error(args.output_dir):
+                run(args)
         except Preempted:
             sys.exit(PREEMPTED_EXIT_CODE)
 
     exit_on_user_error(entry)
+
+
+@contextmanager
+def no_empty_output_on_error(output_dir: str) -> Iterator[None]:
+    """Bad input found once the run started (a data row, a model file) leaves no output folder behind that this run
+    created and left empty: the folder appears with the run's first result, as far as the user can tell."""
+    path = Path(output_dir).expanduser()
+    existed = path.exists()
+    try:
+        yield
+    except UserError:
+        if not existed:
+            try:
+                path.rmdir()  # only when empty: another rank may have written into it, or just removed it
+            except OSError:
+                pass
+        raise
 
 
 def start_run(args: DPOArguments) -> tuple[Any, Path]:
