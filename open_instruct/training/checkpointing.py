@@ -23,6 +23,7 @@ import torch
 from open_instruct.config import UserError
 from open_instruct.engine import engine_of, local_shard
 from open_instruct.files import move_contents, write_text_atomic
+from open_instruct.training.safe_load import load_plain, weights_only_loads
 
 COMPLETED = "COMPLETED"
 TRAINER_STATE = "trainer_state.json"
@@ -119,24 +120,41 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> tuple[Pat
 
 
 def capture_rng() -> dict[str, Any]:
-    """Python, numpy, torch (and CUDA) random states of this process."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) random states of this process, as tensors, lists and numbers only: the file
+    loads with ``weights_only=True`` (no pickled objects)."""
+    version, words, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": [version, list(words), gauss],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def restore_rng(states: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng`."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    """Inverse of :func:`capture_rng` (also reads the tuples and numpy arrays older checkpoints stored)."""
+    version, words, gauss = states["python"]
+    random.setstate((version, tuple(words), gauss))
+    numpy_state = states["numpy"]
+    if isinstance(numpy_state, tuple):  # older checkpoints: np.random.get_state() itself
+        np.random.set_state(numpy_state)
+    else:
+        keys, pos, has_gauss, cached = numpy_state
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, state: TrainerState) -> Path:
-    """Write ``step_<state.step>`` on every rank, then the ``COMPLETED`` marker, then prune old checkpoints."""
+    """Write ``step_<state.step>`` on every rank, then the ``COMPLETED`` marker, then prune old checkpoints.
+
+    A write that fails on any rank (a full disk, a lost mount) removes the partial folder, keeps every earlier
+    checkpoint (pruning happens only after a complete one), and stops the run with one line saying which checkpoint
+    a rerun resumes from."""
     path = checkpoint_dir(policy.output_dir, state.step)
     if not model_is_finite(accelerator, model):
         raise UserError(
@@ -146,18 +164,46 @@ def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, stat
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)  # a leftover from a kill mid-write, or an earlier run's
     accelerator.wait_for_everyone()
-    engine_of(accelerator).save_state(accelerator, str(path))
-    torch.save(capture_rng(), path / f"rng_state_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        write_text_atomic(path / TRAINER_STATE, json.dumps(asdict(state), indent=2))
+    error = None
+    try:
+        engine_of(accelerator).save_state(accelerator, str(path))
+        torch.save(capture_rng(), path / f"rng_state_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            write_text_atomic(path / TRAINER_STATE, json.dumps(asdict(state), indent=2))
+    except OSError as err:
+        error = err
     if policy.test_write_delay and policy.test_write_delay[0] == state.step:
         time.sleep(policy.test_write_delay[1])
-    accelerator.wait_for_everyone()
+    _all_written(accelerator, path, error)  # every rank's files are there: the marker may go in
     if accelerator.is_main_process:
-        write_text_atomic(path / COMPLETED, f"step {state.step}\n")
+        try:
+            write_text_atomic(path / COMPLETED, f"step {state.step}\n")
+        except OSError as err:
+            error = err
+    _all_written(accelerator, path, error)
+    if accelerator.is_main_process:
         prune_checkpoints(policy.output_dir, policy.keep_last_n)
     accelerator.wait_for_everyone()
     return path
+
+
+def _all_written(accelerator: Any, path: Path, error: OSError | None) -> None:
+    """Agree across ranks (a collective, so also a barrier) whether every write succeeded; if one failed, remove the
+    partial checkpoint and raise on every rank, naming the checkpoint a rerun resumes from."""
+    failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), reduction="sum")
+    if float(failed) == 0:
+        return
+    if accelerator.is_main_process:
+        (path / COMPLETED).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    previous, _ = latest_complete_checkpoint(path.parent)
+    kept = (
+        f"the previous checkpoint {previous} is intact and a rerun resumes from it"
+        if previous
+        else ("there is no earlier checkpoint")
+    )
+    reason = (error.strerror or str(error)) if error is not None else "a write failed on another process"
+    raise UserError(f"could not write checkpoint {path}: {reason}; {kept}")
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last_n: int) -> list[Path]:
@@ -190,9 +236,11 @@ def load_checkpoint(accelerator: Any, path: str | Path, signature: dict[str, Any
             f"cannot resume exactly from {path}: the run changed ({details}); "
             "use the original settings or a new --output_dir"
         )
-    engine_of(accelerator).load_state(accelerator, str(path))
+    # A checkpoint folder may come from elsewhere: every pickle in it is loaded weights-only (never runs code).
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+    rng = load_plain(rng_file) if rng_file.is_file() else None
+    with weights_only_loads():
+        engine_of(accelerator).load_state(accelerator, str(path))
     return state, rng
 
 

@@ -1,0 +1,90 @@
+"""Loading checkpoint files that may come from elsewhere without letting them run code.
+
+A ``.pt``/``.bin``/``.pkl`` file is a pickle: an unrestricted load runs whatever functions it names. Everything we
+load ourselves goes through ``torch.load(..., weights_only=True)`` (tensors, plain containers, numbers, strings), plus
+the numpy array types accelerate's RNG files and older checkpoints of ours hold. While a training checkpoint is
+restored by accelerate or DeepSpeed (which asks for ``weights_only=False`` for its optimizer states),
+:func:`weights_only_loads` makes every ``torch.load`` a weights-only load with the same allowlist and DeepSpeed's
+plain-data classes: a file naming anything else is refused, naming the file and what it asked for.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from open_instruct.errors import UserError
+
+
+def _numpy_globals() -> list[Any]:
+    """What a pickled numpy array needs: its reconstructor, the array and dtype types (data, never code)."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+    found: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    found += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return found
+
+
+def _deepspeed_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors: enums and plain config values. Only when
+    DeepSpeed drives the run (is imported): otherwise no checkpoint of ours names them."""
+    if "deepspeed" not in sys.modules:
+        return []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:  # DeepSpeed not installed: its checkpoints cannot be resumed anyway
+        return []
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def allowed_globals() -> list[Any]:
+    """Every non-builtin a weights-only load of our checkpoints may construct."""
+    return _numpy_globals() + _deepspeed_globals()
+
+
+def _refused(source: Any, err: Exception) -> UserError:
+    # torch's message lists the first global the file asked for; its first lines say what was refused.
+    detail = " ".join(line.strip() for line in str(err).splitlines() if "global" in line.lower())[:300]
+    return UserError(
+        f"{source}: refused to load: it is a pickle that asks for more than tensors and plain data "
+        f"({detail or err}); a checkpoint must not run code, so this file was not loaded"
+    )
+
+
+def load_plain(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of a file of ours as a weights-only load (numpy arrays allowed); anything else is refused."""
+    with torch.serialization.safe_globals(allowed_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise _refused(path, err) from None
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within the block every ``torch.load`` (accelerate's, DeepSpeed's) is weights-only with our allowlist, whatever
+    its caller asked for; a file that needs more is refused with a :class:`UserError` naming it."""
+    original = torch.load
+
+    def guarded(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        kwargs.pop("pickle_module", None)  # a custom unpickler would bypass the restriction
+        with torch.serialization.safe_globals(allowed_globals()):
+            try:
+                return original(f, *args, **kwargs)
+            except pickle.UnpicklingError as err:
+                raise _refused(f, err) from None
+
+    torch.load = guarded
+    try:
+        yield
+    finally:
+        torch.load = original
