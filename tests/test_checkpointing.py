@@ -96,3 +96,134 @@ def test_bad_flags_are_named(flags, message):
     )
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(args)
+
+
+# --- A failed write keeps the previous checkpoint; no file in a checkpoint folder can run code. ----------------------
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """(accelerator, prepared model) of a tiny model after one optimizer step, on CPU in this process."""
+    import torch
+    from accelerate import Accelerator
+
+    from open_instruct.api import fresh_accelerate_state
+
+    with fresh_accelerate_state():
+        torch.manual_seed(0)
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model(torch.ones(3, 4)).sum().backward()
+        optimizer.step()
+        yield accelerator, model
+
+
+def _save(trained, root, step):
+    from open_instruct.training.checkpointing import TrainerState, save_checkpoint
+
+    return save_checkpoint(*trained, CheckpointPolicy(root, keep_last_n=5), TrainerState(step=step))
+
+
+def _contents(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_so(trained, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    previous = _save(trained, tmp_path, 2)
+    before = _contents(previous)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError) as err:
+        _save(trained, tmp_path, 4)
+    assert str(err.value) == (
+        f"could not write checkpoint {tmp_path / 'step_4'}: No space left on device; "
+        f"the previous checkpoint {previous} is intact and a rerun resumes from it"
+    )
+    assert not (tmp_path / "step_4").exists()  # the partial folder is gone
+    assert _contents(previous) == before and latest_complete_checkpoint(tmp_path) == (previous, [])
+
+
+def test_rng_state_is_plain_data_and_round_trips(trained, tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from open_instruct.training.checkpointing import load_checkpoint, restore_rng
+
+    path = _save(trained, tmp_path, 2)
+    torch.load(path / "rng_state_0.pt", weights_only=True)  # no allowlist needed: tensors, lists and numbers
+    draws = lambda: (random.random(), float(np.random.rand()), float(torch.rand(1)))  # noqa: E731
+    _, rng = load_checkpoint(trained[0], path, {})
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    restore_rng(rng)
+    first = draws()
+    restore_rng(rng)
+    assert draws() == first
+    # A checkpoint written before this format stored the states as Python/numpy objects: still read, still exact.
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(old, path / "rng_state_0.pt")
+    expected = draws()
+    _, rng = load_checkpoint(trained[0], path, {})
+    restore_rng(rng)
+    assert draws() == expected
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded without restrictions: it writes ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+@pytest.mark.parametrize("planted", ["rng_state_0.pt", "optimizer.bin", "random_states_0.pkl"])
+def test_a_checkpoint_file_that_would_run_code_is_refused(trained, tmp_path, planted):
+    import torch
+
+    from open_instruct.training.checkpointing import load_checkpoint
+
+    proof = tmp_path / "proof"
+    torch.save({"state": _RunsCode(proof)}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert proof.read_text() == "ran"  # the file does run code when loaded the unsafe way
+    path = _save(trained, tmp_path / "run", 2)
+    marker = tmp_path / "marker"
+    target = path / planted  # ours, accelerate's optimizer state, accelerate's RNG (whose load errors it swallows)
+    assert target.is_file()
+    torch.save({"state": _RunsCode(marker)}, target)
+    with pytest.raises(UserError) as err:
+        load_checkpoint(trained[0], path, {})
+    assert str(err.value).startswith(f"{target}: refused to load: it is a pickle that asks for more than tensors")
+    assert "(Unsupported global: GLOBAL exec was not an allowed global by default)" in str(err.value)
+    assert not marker.exists()
+
+
+def test_weights_only_is_forced_on_loads_that_ask_for_full_pickles(tmp_path):
+    import torch
+
+    from open_instruct.training.safe_load import weights_only_loads
+
+    marker = tmp_path / "marker"
+    torch.save([_RunsCode(marker)], tmp_path / "optim_states.pt")
+    with pytest.raises(UserError, match="optim_states.pt: refused to load"), weights_only_loads():
+        torch.load(tmp_path / "optim_states.pt", weights_only=False)  # as DeepSpeed's checkpoint engine asks
+    assert not marker.exists()
+    with pytest.raises(UserError, match="optim_states.pt: refused to load"), weights_only_loads():
+        try:
+            torch.load(tmp_path / "optim_states.pt")
+        except Exception:  # a caller that swallows the error (accelerate's RNG load) does not hide the refusal
+            pass
+    assert not marker.exists()
+    assert torch.load is not None and torch.load.__name__ == "load"  # restored after the block

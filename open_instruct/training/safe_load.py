@@ -11,6 +11,7 @@ plain-data classes: a file naming anything else is refused, naming the file and 
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,11 +52,12 @@ def allowed_globals() -> list[Any]:
 
 
 def _refused(source: Any, err: Exception) -> UserError:
-    # torch's message lists the first global the file asked for; its first lines say what was refused.
-    detail = " ".join(line.strip() for line in str(err).splitlines() if "global" in line.lower())[:300]
+    # torch's message says what was refused in its "WeightsUnpickler error:" line; the rest is advice to load anyway.
+    found = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", str(err))
+    detail = found.group(1) if found else str(err).splitlines()[0]
     return UserError(
         f"{source}: refused to load: it is a pickle that asks for more than tensors and plain data "
-        f"({detail or err}); a checkpoint must not run code, so this file was not loaded"
+        f"({detail}); a checkpoint must not run code, so this file was not loaded"
     )
 
 
@@ -71,8 +73,10 @@ def load_plain(path: str | Path, map_location: Any = "cpu") -> Any:
 @contextmanager
 def weights_only_loads() -> Iterator[None]:
     """Within the block every ``torch.load`` (accelerate's, DeepSpeed's) is weights-only with our allowlist, whatever
-    its caller asked for; a file that needs more is refused with a :class:`UserError` naming it."""
+    its caller asked for; a file that needs more is refused with a :class:`UserError` naming it, also when the caller
+    catches the error (accelerate skips RNG files it cannot read): the refusal is raised again at the block's end."""
     original = torch.load
+    refused: list[UserError] = []
 
     def guarded(f: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
@@ -81,10 +85,13 @@ def weights_only_loads() -> Iterator[None]:
             try:
                 return original(f, *args, **kwargs)
             except pickle.UnpicklingError as err:
-                raise _refused(f, err) from None
+                refused.append(_refused(f, err))
+                raise refused[-1] from None
 
     torch.load = guarded
     try:
         yield
     finally:
         torch.load = original
+    if refused:
+        raise refused[0]
