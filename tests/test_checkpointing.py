@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -188,7 +189,9 @@ class _RunsCode:
         return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
-@pytest.mark.parametrize("planted", ["rng_state_0.pt", "optimizer.bin", "random_states_0.pkl"])
+@pytest.mark.parametrize(
+    "planted", ["rng_state_0.pt", "optimizer.bin", "random_states_0.pkl", "pytorch_model_fsdp_0/.metadata"]
+)
 def test_a_checkpoint_file_that_would_run_code_is_refused(trained, tmp_path, planted):
     import torch
 
@@ -200,13 +203,19 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(trained, tmp_path, pla
     assert proof.read_text() == "ran"  # the file does run code when loaded the unsafe way
     path = _save(trained, tmp_path / "run", 2)
     marker = tmp_path / "marker"
-    target = path / planted  # ours, accelerate's optimizer state, accelerate's RNG (whose load errors it swallows)
-    assert target.is_file()
-    torch.save({"state": _RunsCode(marker)}, target)
+    # Ours, accelerate's optimizer state, accelerate's RNG (whose load errors it swallows), a distributed checkpoint's
+    # metadata (FSDP2; torch.distributed.checkpoint unpickles it itself).
+    target = path / planted
+    if target.name == ".metadata":
+        target.parent.mkdir()
+        target.write_bytes(pickle.dumps({"storage": _RunsCode(marker)}))
+    else:
+        assert target.is_file()
+        torch.save({"state": _RunsCode(marker)}, target)
     with pytest.raises(UserError) as err:
         load_checkpoint(trained[0], path, {})
     assert str(err.value).startswith(f"{target}: refused to load: it is a pickle that asks for more than tensors")
-    assert "(Unsupported global: GLOBAL exec was not an allowed global by default)" in str(err.value)
+    assert "(Unsupported global: GLOBAL " in str(err.value) and "exec" in str(err.value)
     assert not marker.exists()
 
 
@@ -227,3 +236,14 @@ def test_weights_only_is_forced_on_loads_that_ask_for_full_pickles(tmp_path):
             pass
     assert not marker.exists()
     assert torch.load is not None and torch.load.__name__ == "load"  # restored after the block
+
+
+def test_real_distributed_checkpoint_metadata_passes_the_check(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from open_instruct.training.safe_load import check_distributed_metadata
+
+    dcp.save({"weight": torch.ones(3, 2), "step": 4, "lr": 0.5}, checkpoint_id=str(tmp_path / "dcp"))
+    assert (tmp_path / "dcp" / ".metadata").is_file()
+    check_distributed_metadata(tmp_path)  # no error: only metadata classes, sizes and dtypes

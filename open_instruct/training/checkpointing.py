@@ -23,7 +23,7 @@ import torch
 from open_instruct.config import UserError
 from open_instruct.engine import engine_of, local_shard
 from open_instruct.files import move_contents, write_text_atomic
-from open_instruct.training.safe_load import load_plain, weights_only_loads
+from open_instruct.training.safe_load import check_distributed_metadata, load_plain, weights_only_loads
 
 COMPLETED = "COMPLETED"
 TRAINER_STATE = "trainer_state.json"
@@ -239,6 +239,7 @@ def load_checkpoint(accelerator: Any, path: str | Path, signature: dict[str, Any
     # A checkpoint folder may come from elsewhere: every pickle in it is loaded weights-only (never runs code).
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
     rng = load_plain(rng_file) if rng_file.is_file() else None
+    check_distributed_metadata(path)
     with weights_only_loads():
         engine_of(accelerator).load_state(accelerator, str(path))
     return state, rng

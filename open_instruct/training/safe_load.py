@@ -5,7 +5,9 @@ load ourselves goes through ``torch.load(..., weights_only=True)`` (tensors, pla
 the numpy array types accelerate's RNG files and older checkpoints of ours hold. While a training checkpoint is
 restored by accelerate or DeepSpeed (which asks for ``weights_only=False`` for its optimizer states),
 :func:`weights_only_loads` makes every ``torch.load`` a weights-only load with the same allowlist and DeepSpeed's
-plain-data classes: a file naming anything else is refused, naming the file and what it asked for.
+plain-data classes: a file naming anything else is refused, naming the file and what it asked for. The
+``.metadata`` files of distributed checkpoints, which ``torch.distributed.checkpoint`` unpickles itself, are read
+first with an unpickler that allows only their plain metadata classes (:func:`check_distributed_metadata`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,39 @@ def load_plain(path: str | Path, map_location: Any = "cpu") -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
             raise _refused(path, err) from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a distributed checkpoint's ``.metadata`` allowing only the plain classes it is made of: the
+    dataclasses and enums of ``torch.distributed.checkpoint.metadata``, its storage info, sizes, dtypes, layouts and
+    paths."""
+
+    _PATHS = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name) if module.startswith(("torch", "pathlib", "collections")) else None
+        allowed = (
+            (module == "torch.distributed.checkpoint.metadata" and isinstance(found, type))
+            or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size")}
+            or (module, name) == ("torch.serialization", "_get_layout")
+            or (module == "torch" and isinstance(found, torch.dtype))
+            or (module == "pathlib" and name in self._PATHS)
+            or (module, name) == ("collections", "OrderedDict")
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"WeightsUnpickler error: Unsupported global: GLOBAL {module}.{name}")
+        return found
+
+
+def check_distributed_metadata(folder: Path) -> None:
+    """Refuse a checkpoint whose distributed-checkpoint ``.metadata`` files (FSDP2's training checkpoints) name
+    anything but plain metadata classes: ``torch.distributed.checkpoint`` unpickles them without restriction."""
+    for path in sorted(folder.rglob(".metadata")):
+        with path.open("rb") as handle:
+            try:
+                _MetadataUnpickler(handle).load()
+            except (pickle.UnpicklingError, AttributeError, ImportError, EOFError) as err:
+                raise _refused(path, err) from None
 
 
 @contextmanager
