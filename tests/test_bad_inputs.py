@@ -91,6 +91,24 @@ def test_a_byte_order_mark_and_blank_lines_are_accepted(tmp_path, suffix):
     assert load_rows(str(path), "train") == rows
 
 
+def test_other_readers_name_the_line_too(tmp_path):
+    from open_instruct.config import UserError
+    from open_instruct.data.text import load_documents
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"first document\n\nsecond \x80 document\n")
+    with pytest.raises(UserError, match=r"corpus.txt: line 3: not UTF-8 text \(byte 0x80 at column 8\)"):
+        load_documents(str(corpus), "train", "text")
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes(json.dumps(GOOD).encode("utf-16"))
+    with pytest.raises(UserError, match=r"utf16.jsonl: line 1: not UTF-8 .*\(it looks like UTF-16\)"):
+        load_rows(str(utf16), "train")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match="deep.jsonl: line 1: JSON nested too deeply"):
+        load_rows(str(deep), "train")
+
+
 def test_a_yaml_recipe_that_is_not_utf8_names_its_line(tmp_path, tiny_model_dir, synthetic_data, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_bytes(b"beta: 0.1\nexp_name: \xff\n")
@@ -227,6 +245,18 @@ def test_tool_messages_only_where_the_chat_template_renders_them(tmp_path, tiny_
     main(_flags(tmp_path, tiny_model_dir, data, cache_dataset_only="true"))
     stats = json.loads((tmp_path / "out" / "dataset_statistics.json").read_text())
     assert stats["datasets"][0]["valid"] == 4
+
+
+def test_sft_conversations_check_roles_too():
+    from open_instruct.data.formats import ALL_ROLES, RowError
+    from open_instruct.data.sft import conversation
+
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "t"}, GOOD["chosen"][1]]}
+    with pytest.raises(RowError, match="field 'messages' message 2: role 'tool': the chat template does not render"):
+        conversation(chat)
+    assert conversation(chat, ALL_ROLES)[1] == {"role": "tool", "content": "t"}
+    with pytest.raises(RowError, match="message 1: role 'wizard' is not one of assistant, system, user"):
+        conversation({"messages": [{"role": "wizard", "content": "q"}, GOOD["chosen"][1]]})
 
 
 # --- 5. paths that exist as the wrong kind of thing -----------------------------------------------------------------

@@ -50,9 +50,10 @@ def _decode(path: Path, raw: bytes, line: int) -> str:
     except UnicodeDecodeError as err:
         line += raw.count(b"\n", 0, err.start)
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        utf16 = line == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
         raise UserError(
             f"{path}: line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
-            "save the file as UTF-8"
+            f"save the file as UTF-8{' (it looks like UTF-16)' if utf16 else ''}"
         ) from None
 
 
@@ -102,6 +103,8 @@ def _iter_jsonl(path: Path) -> Iterator[Located]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: line {line_number}: malformed JSON: {err.msg}") from None
+        except RecursionError:
+            raise UserError(f"{path}: line {line_number}: JSON nested too deeply to be a row") from None
         if not isinstance(row, dict):
             raise _not_an_object(path, f"row {row_number} (line {line_number})", row)
         yield row, f"{path}, line {line_number}"
@@ -111,6 +114,8 @@ def _iter_json(path: Path) -> Iterator[Located]:
     text = read_text(path)
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to be a list of rows") from None
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON lines saved under a .json name
             yield from _iter_jsonl(path)
