@@ -103,6 +103,31 @@ def test_workers_give_identical_bytes_and_share_the_cache_key(bpe, multiturn, tm
         assert open(f"{path_one}/{name}", "rb").read() == open(f"{path_two}/{name}", "rb").read(), name
 
 
+def test_tokenizing_workers_do_not_inherit_the_runs_stop_signal_handlers():
+    """The recipe installs its stop-signal handlers (which only record a signal) before preparing data; the pool's
+    workers are forked with them, and the pool stops them with SIGTERM: they must die of it, not record it (the pool's
+    join then waited forever)."""
+    import multiprocessing
+    import signal
+
+    from open_instruct.data.streaming import _init_worker
+    from open_instruct.training import preemption
+
+    preemption.install(preemption.parse_signals("SIGTERM,SIGINT,SIGUSR1"))
+    try:
+        pool = multiprocessing.get_context("fork").Pool(1, _init_worker, (None, None))
+        try:
+            handlers = [
+                pool.apply(signal.getsignal, (sig,)) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+            ]
+        finally:
+            pool.close()  # the sentinel, not SIGTERM: this test must fail, not hang, without the fix
+            pool.join()
+    finally:
+        preemption.uninstall()
+    assert handlers == [signal.SIG_DFL] * 3
+
+
 def test_loaders_read_the_memory_mapped_records_like_lists(bpe, multiturn, tmp_path):
     data = prepare_preference_data(_args(tmp_path, [str(multiturn), "1.0"]), bpe)
     as_list = list(data.records)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,6 +135,11 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(tokenizer: Any, settings: TokenizeSettings) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; the pool is the parallelism
+    # The pool stops its workers with SIGTERM: a stop-signal handler inherited through the fork (the run's, which only
+    # records the signal) would keep them alive and the pool's join would wait forever.
+    for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_DFL)
     _WORKER.update(tokenizer=tokenizer, settings=settings)
 
 

@@ -37,7 +37,7 @@ def command_line(argv: list[str] | None, check: Any, run: Any) -> None:
     import sys
 
     from open_instruct.config.cli import exit_on_user_error, parse_args
-    from open_instruct.training.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from open_instruct.training.preemption import PREEMPTED_EXIT_CODE, Preempted, uninstall
 
     def entry() -> None:
         args = parse_args(argv)
@@ -48,6 +48,8 @@ def command_line(argv: list[str] | None, check: Any, run: Any) -> None:
                 run(args)
         except Preempted:
             sys.exit(PREEMPTED_EXIT_CODE)
+        finally:
+            uninstall()  # the run's stop-signal handlers end with it, also for a caller in the same process
 
     exit_on_user_error(entry)
 
