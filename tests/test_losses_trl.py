@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from data_helpers import random_pair_records
 
 from open_instruct.objectives.combination import combination_problems, combined_loss, ld_weighted
 from open_instruct.objectives.logprobs import (
@@ -424,8 +425,6 @@ def test_valid_trl_recipes_pass():
 
 def test_ld_split_and_wpo_terms_same_packed_and_padded(tiny_model_dir):
     """LD-DPO's split sums and the WPO terms do not depend on the batch layout (padded rows or one packed row)."""
-    import random
-
     from transformers import AutoModelForCausalLM
 
     from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
@@ -433,16 +432,7 @@ def test_ld_split_and_wpo_terms_same_packed_and_padded(tiny_model_dir):
     from open_instruct.objectives.logprobs import sequence_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa", dtype=torch.float32)
-    rng = random.Random(5)
-    records = []
-    for i in range(4):
-        prompt = [rng.randrange(3, model.config.vocab_size) for _ in range(rng.randint(2, 5))]
-        record = {"index": i}
-        for side in ("chosen", "rejected"):
-            reply = [rng.randrange(3, model.config.vocab_size) for _ in range(rng.randint(1, 15))]
-            record[f"{side}_input_ids"] = prompt + reply
-            record[f"{side}_labels"] = [-100] * len(prompt) + reply
-        records.append(record)
+    records = random_pair_records(4, 5, model.config.vocab_size, (2, 5), (1, 15))
     padded = PaddedPairCollator(pad_token_id=0)(records)
     expected = sequence_logprobs(
         model, padded["input_ids"], padded["attention_mask"], padded["labels"], chunk_size=5, with_sum_sq=True
@@ -460,8 +450,6 @@ def test_ld_split_and_wpo_terms_same_packed_and_padded(tiny_model_dir):
 
 
 def _tiny_pair(tiny_model_dir):
-    import random
-
     from transformers import AutoModelForCausalLM
 
     from open_instruct.data.collate import PaddedPairCollator
@@ -472,16 +460,7 @@ def _tiny_pair(tiny_model_dir):
     with torch.no_grad():  # a policy some way from its reference
         for p in policy.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-    rng = random.Random(7)
-    records = []
-    for i in range(4):
-        prompt = [rng.randrange(3, policy.config.vocab_size) for _ in range(rng.randint(2, 5))]
-        record = {"index": i}
-        for side in ("chosen", "rejected"):
-            reply = [rng.randrange(3, policy.config.vocab_size) for _ in range(rng.randint(2, 14))]
-            record[f"{side}_input_ids"] = prompt + reply
-            record[f"{side}_labels"] = [-100] * len(prompt) + reply
-        records.append(record)
+    records = random_pair_records(4, 7, policy.config.vocab_size, (2, 5), (2, 14))
     return policy, reference, PaddedPairCollator(pad_token_id=0)(records)
 
 
