@@ -310,12 +310,17 @@ def dpo_arguments(
         values["reference_logprobs_cache_path"] = dpo.reference_cache_dir
     if tokenizer_name:
         values["tokenizer_name_or_path"] = tokenizer_name
-    try:
-        args = DPOArguments(**values)
-    except TypeError as err:
-        raise UserError(f"invalid setting: {err}") from err
+    args = arguments_from(values)
     validate(args)
     return args
+
+
+def arguments_from(values: dict[str, Any]) -> DPOArguments:
+    """The arguments the API's configs translate to, not yet validated; a setting of the wrong name is a UserError."""
+    try:
+        return DPOArguments(**values)
+    except TypeError as err:
+        raise UserError(f"invalid setting: {err}") from err
 
 
 def source_tokenizer(checkpoint: str, tokenizer_name: str | None) -> str:

@@ -19,6 +19,7 @@ import torch
 from open_instruct.api import (
     SFTDatasetConfig,
     TrainingConfig,
+    arguments_from,
     dataset_arguments,
     final_checkpoint,
     fresh_accelerate_state,
@@ -158,7 +159,7 @@ def run_sft(
     }
     if tokenizer_name:
         values["tokenizer_name_or_path"] = tokenizer_name
-    args = DPOArguments(**values)
+    args = arguments_from(values)
     check_sft_arguments(args)
     if is_state_dict_file(str(pretrain_checkpoint)):
         args.model_name_or_path = str(

@@ -29,6 +29,7 @@ import torch
 from open_instruct.api import (
     TextDatasetConfig,
     TrainingConfig,
+    arguments_from,
     dataset_arguments,
     final_checkpoint,
     fresh_accelerate_state,
@@ -192,10 +193,7 @@ def pretrain_arguments(
         raise UserError("set TextDatasetConfig.block_size: the model config has no max_position_embeddings")
     folder = write_config_folder(config, Path(train.output_dir) / "model_config")
     values.update(model_name_or_path=str(folder), tokenizer_name_or_path=name, max_seq_length=block)
-    try:
-        args = DPOArguments(**values)
-    except TypeError as err:
-        raise UserError(f"invalid setting: {err}") from err
+    args = arguments_from(values)
     check_pretrain_arguments(args)
     return args
 
