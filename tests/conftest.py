@@ -55,18 +55,20 @@ def distributed_env(cache_dir: Path) -> dict[str, str]:
     return {**cli_env(cache_dir), "DS_ACCELERATOR": "cpu", "ACCELERATE_LOG_LEVEL": "error"}
 
 
-def launch(command: list[str], cache_dir: Path, timeout: int = 420) -> None:
-    """Run a training command (one process or torchrun) to its end; fail the test with the tail of its output."""
+def launch(command: list[str], cache_dir: Path, timeout: int = 420) -> subprocess.CompletedProcess:
+    """Run a training command (one process or torchrun) to its end, under ``distributed_env``; fail the test with the
+    tail of its output."""
     result = subprocess.run(
         command, cwd=ROOT, env=distributed_env(cache_dir), capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return result
 
 
-def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``python -m open_instruct.dpo_tune_cache ARGS`` and capture its output."""
+def run_python(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` (a ``-m`` module or a script) in this checkout under ``cli_env`` and capture its output."""
     return subprocess.run(
-        [sys.executable, "-m", "open_instruct.dpo_tune_cache", *args],
+        [sys.executable, *args],
         env=cli_env(cache_dir),
         cwd=ROOT,
         capture_output=True,
@@ -74,6 +76,11 @@ def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> s
         timeout=timeout,
         **kwargs,
     )
+
+
+def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m open_instruct.dpo_tune_cache ARGS`` and capture its output."""
+    return run_python(["-m", "open_instruct.dpo_tune_cache", *args], cache_dir, timeout, **kwargs)
 
 
 def small_run_args(model_dir: Path, train_file: Path, output_dir: Path, **overrides) -> list[str]:

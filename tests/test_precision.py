@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, free_port, read_metrics, run_cli, small_run_args, torchrun_command
+from conftest import (
+    free_port,
+    launch,
+    read_metrics,
+    run_cli,
+    run_python,
+    small_run_args,
+    torchrun_command,
+)
 from model_helpers import padded_rows, tiny_llama
 
 from open_instruct.objectives.logprobs import sequence_logprobs
@@ -189,7 +195,6 @@ def test_bf16_training_tracks_fp32(tiny_model_dir, synthetic_data, fp32_losses, 
 
 @pytest.mark.slow
 def test_bf16_zero2_and_zero3_on_two_processes_track_fp32(tiny_model_dir, synthetic_data, fp32_losses, tmp_path):
-    env = {**cli_env(tmp_path / "cache"), "DS_ACCELERATOR": "cpu", "ACCELERATE_LOG_LEVEL": "error"}
     for stage in ("2", "3"):
         out = tmp_path / f"zero{stage}"
         flags = _flags(
@@ -200,10 +205,7 @@ def test_bf16_zero2_and_zero3_on_two_processes_track_fp32(tiny_model_dir, synthe
             zero_stage=stage,
             mixed_precision="bf16",
         )
-        result = subprocess.run(
-            torchrun_command(flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=420
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        result = launch(torchrun_command(flags), tmp_path / "cache")
         _check_run(out, fp32_losses, result.stdout)
 
 
@@ -212,14 +214,7 @@ def test_sft_stage_runs_in_bf16_too(tiny_model_dir, synthetic_data, tmp_path):
     args = ["--model_name_or_path", str(tiny_model_dir), "--mixer_list", str(synthetic_data[0]), "16"]
     args += ["--max_seq_length", "64", "--per_device_train_batch_size", "8", "--mixed_precision", "bf16"]
     args += ["--output_dir", str(tmp_path / "out")]
-    result = subprocess.run(
-        [sys.executable, "-m", "open_instruct.finetune", *args],
-        cwd=ROOT,
-        env=cli_env(tmp_path / "cache"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_python(["-m", "open_instruct.finetune", *args], tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "precision: decoder matmuls bfloat16, log-probs float32" in result.stdout
     assert all(math.isfinite(r["train_loss"]) for r in read_metrics(tmp_path / "out") if "train_loss" in r)
