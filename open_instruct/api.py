@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import typing
 from collections.abc import Iterator, Sequence
@@ -252,7 +253,7 @@ def dataset_arguments(dataset: Any, train: TrainingConfig, kind: str) -> dict[st
             dataset, eval_dataset_name=train.eval_dataset_name, eval_fraction=train.eval_fraction
         )
     amount = dataset.amount
-    if not isinstance(amount, int | float) or isinstance(amount, bool) or amount <= 0:
+    if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0 < amount < math.inf:
         raise UserError(f"amount must be a positive fraction (float) or row count (int), got {amount!r}")
     values: dict[str, Any] = {
         "mixer_list": [name, repr(float(amount)) if isinstance(amount, float) else str(amount)],

@@ -206,5 +206,25 @@ def rules_table() -> str:
     return "\n".join(lines)
 
 
+START, END = "<!-- flag-rules:start -->", "<!-- flag-rules:end -->"
+
+
+def with_table(readme: str) -> str:
+    """``readme`` with the text between the flag-rules markers replaced by :func:`rules_table`."""
+    head, _, rest = readme.partition(START)
+    _, _, tail = rest.partition(END)
+    return f"{head}{START}\n{rules_table()}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the table, or with ``--write README.md`` put it between the markers there."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--write"] and len(argv) == 2:
+        path = Path(argv[1])
+        path.write_text(with_table(path.read_text()))
+    else:
+        print(rules_table())
+
+
 if __name__ == "__main__":
-    print(rules_table())
+    main()
