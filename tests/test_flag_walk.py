@@ -302,3 +302,34 @@ def test_run_level_flags(world, monkeypatch):
     assert set(checks) == set(RUN_FLAGS), f"run flags without a check here: {set(RUN_FLAGS) - set(checks)}"
     failed = [f for f, check in checks.items() if not check()]
     assert not failed, f"no visible effect of {failed}"
+
+
+def test_a_single_file_has_no_split_but_its_own_name(tmp_path, world):
+    from open_instruct.config.flag_rules import single_file_split_problems
+
+    named = tmp_path / "validation.jsonl"
+    shutil.copy(world["train"], named)
+    data_dir, train = world["DATA_DIR"], str(world["train"])
+    assert not single_file_split_problems([train, "1.0"], ["train"], "mixer_list_splits", "train")
+    assert not single_file_split_problems([str(named), "1.0"], ["validation"], "mixer_list_splits", "train")
+    assert not single_file_split_problems([data_dir, "1.0"], ["test"], "mixer_list_splits", "train")  # a folder
+    [problem] = single_file_split_problems([data_dir, "1.0", train, "1.0"], ["test"], "mixer_list_splits", "train")
+    assert problem.startswith(f"--mixer_list_splits test: {train} is a single file and has no splits")
+
+
+@pytest.mark.slow
+def test_zero_stage_without_a_launcher_trains_on_one_process(world, tmp_path):
+    """No torchrun, no accelerate launch: ZeRO-2 still runs (a one-process group), and trains like plain DDP would."""
+    from conftest import read_metrics, run_cli
+
+    flags = small_run_args(world["model"], world["train"], tmp_path / "z", mixer_list=[str(world["train"]), "16"])
+    zero = run_cli(flags + ["--zero_stage", "2"], tmp_path / "cache")
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    assert "engine: deepspeed zero-2, 1 process," in zero.stdout
+    plain = run_cli(
+        small_run_args(world["model"], world["train"], tmp_path / "p", mixer_list=[str(world["train"]), "16"]),
+        tmp_path / "cache",
+    )
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    losses = [[r["train_loss"] for r in read_metrics(tmp_path / d)] for d in ("z", "p")]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-5)
