@@ -11,6 +11,7 @@ import sys
 import pytest
 from conftest import ROOT, cli_env
 
+from open_instruct import api
 from open_instruct.api import DPOConfig, PreferenceDatasetConfig, TrainingConfig, dpo_arguments
 from open_instruct.config import DPOArguments, UserError, validate
 from open_instruct.config.cli import load_yaml_config, parse_args
@@ -136,3 +137,24 @@ def test_readme_flag_rules_table_is_current():
     readme = (ROOT / "README.md").read_text()
     assert rules_table() in readme
     assert with_table(readme) == readme, "run: python -m open_instruct.config.flag_rules --write README.md"
+
+
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [(cls, f.name) for cls in ("SFTDatasetConfig", "TextDatasetConfig") for f in numeric_fields(getattr(api, cls))],
+    ids=str,
+)
+def test_sft_and_pretraining_configs_refuse_nan_and_inf(cls, name, tiny_model_dir, tmp_path):
+    """SFT's and pretraining's own numbers (max_seq_length, block_size, amount, ...) reach the same checker."""
+    from open_instruct.finetune import run_sft
+    from open_instruct.pretrain import pretrain_arguments
+
+    train = TrainingConfig(output_dir=str(tmp_path), micro_batch_size=2, batch_size=2)
+    for bad in (math.nan, math.inf):
+        dataset = getattr(api, cls)(dataset_name=str(tmp_path / "d.jsonl"), **{name: bad})
+        with pytest.raises(UserError):
+            if cls == "SFTDatasetConfig":
+                run_sft(tmp_path / "missing_checkpoint", train, dataset)
+            else:
+                pretrain_arguments(str(tiny_model_dir), train, dataset, None)
+        assert not (tmp_path / "d.jsonl").exists()
