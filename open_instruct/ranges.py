@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +84,6 @@ def range_problems(settings: Any, prefix: str = "--") -> list[str]:
 
 def numeric_fields(cls: type) -> list[dataclasses.Field]:
     """The fields of ``cls`` that hold numbers (int, float, optional or in a list; not bool)."""
-    import typing
-
     hints = typing.get_type_hints(cls)
     numeric = []
     for f in dataclasses.fields(cls):

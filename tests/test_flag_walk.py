@@ -237,11 +237,11 @@ def test_flag_without_what_it_needs_errors_or_notes(flag, world, capsys, monkeyp
     if rule.kind == "error":
         with pytest.raises(UserError) as err:
             validate(args)
-        assert rule.message(flag) in str(err.value)
+        assert rule.message(flag, args) in str(err.value)
     else:
         validate(args)
         lines = capsys.readouterr().err.strip().splitlines()
-        assert lines == [rule.message(flag)], lines
+        assert lines == [rule.message(flag, args)], lines
     validate(parse_args(_base(world, flag) + WITHOUT.get(flag, [])))  # the baseline says nothing
     assert not capsys.readouterr().err.strip()
 

@@ -25,11 +25,14 @@ class FlagRule:
     applies: Callable[[Any], bool]
     kind: str
     why: str
+    detail: Callable[[Any], str] | None = None  # names the offending value (a file) in the message
 
-    def message(self, flag: str) -> str:
+    def message(self, flag: str, args: Any = None) -> str:
+        """The error (without ``error:``) or the whole note line."""
+        why = self.detail(args) if self.detail is not None and args is not None else self.why
         if self.kind == "error":
-            return f"--{flag} needs {self.needs}: {self.why}"
-        return f"note: --{flag} has no effect without {self.needs}: {self.why}"
+            return f"--{flag} needs {self.needs}: {why}"
+        return f"note: --{flag} has no effect without {self.needs}: {why}"
 
 
 def _lora(args: Any) -> bool:
@@ -88,15 +91,27 @@ def single_file_split_problems(mix: list[str], splits: list[str], flag: str, def
     return problems
 
 
-def _splits_of_files_ok(args: Any) -> bool:
-    return not single_file_split_problems(args.mixer_list, args.mixer_list_splits, "mixer_list_splits", "train")
+def _split_problems(args: Any) -> list[str]:
+    return single_file_split_problems(args.mixer_list, args.mixer_list_splits, "mixer_list_splits", "train")
 
 
-def _eval_splits_of_files_ok(args: Any) -> bool:
-    return not single_file_split_problems(args.eval_mixer_list, args.eval_mixer_list_splits, "x", "test")
+def _eval_split_problems(args: Any) -> list[str]:
+    return single_file_split_problems(
+        args.eval_mixer_list, args.eval_mixer_list_splits, "eval_mixer_list_splits", "test"
+    )
 
 
-_LORA = "without --use_lora (or --use_qlora) no adapters are made"
+def _file_detail(problems: Callable[[Any], list[str]], fallback: str) -> Callable[[Any], str]:
+    def detail(args: Any) -> str:
+        found = problems(args)
+        return found[0].partition(": ")[2] if found else fallback
+
+    return detail
+
+
+_LORA = "no adapters are trained (--use_qlora counts too)"
+_SPLITS = "a single file has no splits: asked for another, it would give the same rows (pass a folder or hub dataset)"
+_EVAL_SPLITS = "they name parts of the --eval_mixer_list datasets; a single file has no splits"
 _WANDB = "nothing is logged to wandb"
 
 FLAG_RULES: dict[str, FlagRule] = {
@@ -125,16 +140,18 @@ FLAG_RULES: dict[str, FlagRule] = {
     "hf_repo_private": FlagRule("--push_to_hub", lambda a: a.push_to_hub, "error", "nothing is uploaded without it"),
     "eval_steps": FlagRule("an evaluation set", _eval_set, "error", "pass --eval_mixer_list or --eval_fraction"),
     "eval_mixer_list_splits": FlagRule(
-        "--eval_mixer_list",
-        lambda a: bool(a.eval_mixer_list) and _eval_splits_of_files_ok(a),
+        "--eval_mixer_list datasets with those splits",
+        lambda a: bool(a.eval_mixer_list) and not _eval_split_problems(a),
         "error",
-        "the splits name parts of the --eval_mixer_list datasets (a single file has no splits)",
+        _EVAL_SPLITS,
+        _file_detail(_eval_split_problems, _EVAL_SPLITS),
     ),
     "mixer_list_splits": FlagRule(
-        "a dataset with that split",
-        _splits_of_files_ok,
+        "datasets with those splits",
+        lambda a: not _split_problems(a),
         "error",
-        "a single file has no splits and would give the same rows as 'train' (pass a folder or hub dataset)",
+        _SPLITS,
+        _file_detail(_split_problems, _SPLITS),
     ),
     "model_revision": FlagRule("a hub model", _hub_model, "note", "a local model folder is read as it is on disk"),
     "tokenizer_revision": FlagRule(
@@ -182,9 +199,9 @@ def rule_problems(args: Any, defaults: Any, say: Callable[[str], None] | None = 
         if value == default or rule.applies(args):
             continue
         if rule.kind == "error":
-            problems.append(rule.message(flag))
+            problems.append(rule.message(flag, args))
         else:
-            say(rule.message(flag))
+            say(rule.message(flag, args))
     return problems
 
 
