@@ -113,7 +113,7 @@ EFFECTS: dict[str, Effect | TestedIn | RuleOnly] = {
     "eval_mixer_list": _e("data", "TEST_FILE 1.0"),
     "eval_mixer_list_splits": _e("data", "train", "--eval_mixer_list DATA_DIR 1.0"),
     "eval_fraction": _e("data", "0.25"),
-    "eval_steps": TestedIn("tests/test_eval.py::test_bad_eval_settings_are_clear_errors", ("2",)),
+    "eval_steps": TestedIn("tests/test_eval.py::test_eval_metrics_at_every_eval_step_and_the_end", ("2",)),
     "dataset_format": TestedIn("tests/test_data_formats.py::test_detection_and_explicit_override"),
     "skip_invalid_rows": TestedIn(
         "tests/test_data_formats.py::test_invalid_rows_error_names_dataset_row_and_reason_and_counts_all"
