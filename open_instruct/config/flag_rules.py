@@ -26,13 +26,19 @@ class FlagRule:
     kind: str
     why: str
     detail: Callable[[Any], str] | None = None  # names the offending value (a file) in the message
+    overridden: bool = False  # ``needs`` names a flag that takes its place, not one it acts through
+
+    @property
+    def when(self) -> str:
+        """When the rule fires, in words: ``without --use_lora``, ``alongside --warmup_steps``."""
+        return f"{'alongside' if self.overridden else 'without'} {self.needs}"
 
     def message(self, flag: str, args: Any = None) -> str:
         """The error (without ``error:``) or the whole note line."""
         why = self.detail(args) if self.detail is not None and args is not None else self.why
         if self.kind == "error":
             return f"--{flag} needs {self.needs}: {why}"
-        return f"note: --{flag} has no effect without {self.needs}: {why}"
+        return f"note: --{flag} has no effect {self.when}: {why}"
 
 
 def _lora(args: Any) -> bool:
@@ -172,6 +178,20 @@ FLAG_RULES: dict[str, FlagRule] = {
         "note",
         "the losses listed (or --reference_free) skip the reference pass",
     ),
+    "warmup_ratio": FlagRule(
+        "--warmup_steps",
+        lambda a: a.warmup_steps is None,
+        "note",
+        "--warmup_steps sets the warmup length instead",
+        overridden=True,
+    ),
+    "num_epochs": FlagRule(
+        "--max_train_steps",
+        lambda a: a.max_train_steps is None,
+        "note",
+        "--max_train_steps sets the length of training instead",
+        overridden=True,
+    ),
     "timeout": FlagRule(
         "a launcher with several processes", _several_processes, "note", "one process runs no collective operation"
     ),
@@ -213,12 +233,12 @@ def say_note(line: str) -> None:
 
 def rules_table() -> str:
     """README's table of the rules, in Markdown."""
-    lines = ["| flag | needs | without it | why |", "| --- | --- | --- | --- |"]
+    lines = ["| flag | given | gives | why |", "| --- | --- | --- | --- |"]
     for flag, rule in FLAG_RULES.items():
-        lines.append(f"| `--{flag}` | {rule.needs} | {rule.kind} | {rule.why} |")
+        lines.append(f"| `--{flag}` | {rule.when} | {rule.kind} | {rule.why} |")
     lines.append(
-        "| `--use_slow_tokenizer` | a tokenizer with a slow version | note | a tokenizer.json-only tokenizer has no "
-        "slow (Python) version |"
+        "| `--use_slow_tokenizer` | with a tokenizer that has no slow version | note | a tokenizer.json-only "
+        "tokenizer loads fast |"
     )
     return "\n".join(lines)
 
