@@ -158,3 +158,13 @@ def test_sft_and_pretraining_configs_refuse_nan_and_inf(cls, name, tiny_model_di
             else:
                 pretrain_arguments(str(tiny_model_dir), train, dataset, None)
         assert not (tmp_path / "d.jsonl").exists()
+
+
+@pytest.mark.parametrize("amount", ["nan", "inf", "nan.0", "-inf.0", "1.0e400", "1e400", "-0.5", "0.0"])
+def test_mixer_amounts_must_be_finite_and_positive(amount):
+    """The AMOUNT of --mixer_list (and YAML's dataset_mixer) is a number too: no NaN, no infinity, nothing <= 0."""
+    from open_instruct.data.mixer import parse_mixer_list
+
+    with pytest.raises(UserError, match=rf"--mixer_list: amount for 'a.jsonl' must be .*got '{amount}'"):
+        parse_mixer_list(["a.jsonl", amount], ["train"])
+    assert parse_mixer_list(["a.jsonl", "1.0e2"], ["train"])[0].amount == "1.0e2"  # finite exponent form stays valid
