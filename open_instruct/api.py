@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import typing
 from collections.abc import Iterator, Sequence
@@ -185,7 +186,6 @@ def training_arguments(train: TrainingConfig) -> dict[str, Any]:
     if train.save_format == "pt" and (train.extra.get("use_lora") or train.extra.get("use_qlora")):
         raise UserError("save_format='pt' writes full weights; a LoRA run saves an adapter (use save_format='hf')")
     values = {
-        "exp_name": train.run_name,
         "output_dir": str(train.output_dir),
         "seed": train.seed,
         "per_device_train_batch_size": train.micro_batch_size,
@@ -209,6 +209,8 @@ def training_arguments(train: TrainingConfig) -> dict[str, Any]:
     }
     if train.tokenizer_name:
         values["tokenizer_name_or_path"] = train.tokenizer_name
+    if train.with_tracking or train.push_to_hub or train.run_name != TrainingConfig.run_name:
+        values["exp_name"] = train.run_name  # else the note that a run name without wandb or hub does nothing
     known = {f.name for f in dataclasses.fields(DPOArguments)}
     unknown = sorted(set(train.extra) - known)
     if unknown:
@@ -251,7 +253,7 @@ def dataset_arguments(dataset: Any, train: TrainingConfig, kind: str) -> dict[st
             dataset, eval_dataset_name=train.eval_dataset_name, eval_fraction=train.eval_fraction
         )
     amount = dataset.amount
-    if not isinstance(amount, int | float) or isinstance(amount, bool) or amount <= 0:
+    if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0 < amount < math.inf:
         raise UserError(f"amount must be a positive fraction (float) or row count (int), got {amount!r}")
     values: dict[str, Any] = {
         "mixer_list": [name, repr(float(amount)) if isinstance(amount, float) else str(amount)],

@@ -59,14 +59,18 @@ def load_text_tokenizer(args: DPOArguments) -> Any:
     from transformers import AutoTokenizer
 
     name = args.tokenizer_name_or_path or args.model_name_or_path
+    from open_instruct.model.modeling import note_slow_tokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             name, revision=args.tokenizer_revision, use_fast=not args.use_slow_tokenizer
         )
     except (OSError, ValueError) as err:
         raise UserError(
             f"could not load tokenizer {name!r} (pretraining needs --tokenizer_name_or_path): {err}"
         ) from err
+    note_slow_tokenizer(args, tokenizer, name)
+    return tokenizer
 
 
 def build_model(args: DPOArguments, tokenizer: Any, log: Any = print) -> Any:

@@ -124,9 +124,11 @@ def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
             return [kind(v) for v in items]
         if kind is bool:
             return value if isinstance(value, bool) else str_to_bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected a whole number, got {value}")  # int() would truncate it silently
         if kind in (int, float, str):
             return kind(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+    except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError) as err:
         raise UserError(f"{source}: {name}: {err}") from err
     return value
 

@@ -209,6 +209,14 @@ class DeepSpeedEngine(Engine):
     def drives(accelerator: Any) -> bool:
         return getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
+    def build_accelerator(
+        self, gradient_accumulation_steps: int, mixed_precision: str | None, with_tracking: bool, timeout_s: int
+    ) -> Any:
+        """As the base engine's; run without a launcher, first a one-process group (DeepSpeed needs one)."""
+        if single_process_group_env(os.environ):
+            self.processes = 1
+        return super().build_accelerator(gradient_accumulation_steps, mixed_precision, with_tracking, timeout_s)
+
     def accelerator_kwargs(self) -> dict[str, Any]:
         from accelerate.utils import DeepSpeedPlugin
 
@@ -230,7 +238,11 @@ class DeepSpeedEngine(Engine):
             for k in ("offload_optimizer", "offload_param")
             if zero.get(k, {}).get("device", "none") != "none"
         ]
-        processes = f"{self.processes} processes" if self.processes else "launcher's processes"
+        processes = (
+            f"{self.processes} process{'es' if self.processes > 1 else ''}"
+            if self.processes
+            else "launcher's processes"
+        )
         return (
             f"engine: deepspeed zero-{zero.get('stage', 0)}, {processes}, {precision_words(self.mixed_precision)}, "
             + (f"{'+'.join(offload)} offloaded to CPU" if offload else "no offload")
@@ -247,6 +259,23 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def single_process_group_env(env: Any) -> bool:
+    """Without a launcher (no WORLD_SIZE), set the variables torchrun would for one process on this machine, so
+    ``python -m open_instruct.dpo_tune_cache --zero_stage 2`` runs ZeRO on one process instead of failing for want
+    of a process group. Returns whether it did."""
+    if "WORLD_SIZE" in env or "RANK" in env:
+        return False
+    import socket
+
+    with socket.socket() as s:  # a free port on loopback for the one-member group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    )
+    return True
 
 
 def zero_stage_of(accelerator: Any) -> int | None:

@@ -89,6 +89,15 @@ def check_model_options(args: DPOArguments) -> None:
             raise UserError("--use_qlora needs bitsandbytes: pip install 'open_instruct[qlora]'")
 
 
+def note_slow_tokenizer(args: DPOArguments, tokenizer: Any, name: str) -> None:
+    """``--use_slow_tokenizer`` asks ``use_fast=False``; a tokenizer that has only a ``tokenizer.json`` (no slow
+    Python version) still loads fast, and the run says so instead of ignoring the flag."""
+    from open_instruct.config.flag_rules import SLOW_TOKENIZER_NOTE, say_note
+
+    if args.use_slow_tokenizer and getattr(tokenizer, "is_fast", False):
+        say_note(SLOW_TOKENIZER_NOTE.format(name=name))
+
+
 def load_tokenizer(args: DPOArguments) -> Any:
     """The tokenizer, with our chat template when one is named and a pad token guaranteed."""
     from transformers import AutoTokenizer
@@ -104,6 +113,7 @@ def load_tokenizer(args: DPOArguments) -> Any:
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load tokenizer {name!r}: {err}") from err
+    note_slow_tokenizer(args, tokenizer, name)
     if args.chat_template_name:
         tokenizer.chat_template = CHAT_TEMPLATES[args.chat_template_name]
     if not tokenizer.chat_template:

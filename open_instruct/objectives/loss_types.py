@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from open_instruct.ranges import Range
+
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
@@ -62,24 +64,35 @@ def _hyperparameter(default: Any, help: str, flag_default: Any = None, **meta: o
 class LossSettings:
     """The hyperparameters the losses read (TRL's names for TRL's modifiers). Each field is also a flag of the DPO
     recipe and a field of the API's ``DPOConfig`` (both derived from here); metadata: ``help``, ``aliases``,
-    ``flag_default`` (the recipe's default), ``choices``."""
+    ``flag_default`` (the recipe's default), ``choices``, ``valid`` (the :class:`~open_instruct.ranges.Range`)."""
 
-    beta: float = _hyperparameter(0.1, "DPO beta (inverse temperature).", 5.0, aliases=("dpo_beta",))
+    beta: float = _hyperparameter(
+        0.1, "DPO beta (inverse temperature).", 5.0, aliases=("dpo_beta",), valid=Range(0, low_open=True)
+    )
     label_smoothing: float = _hyperparameter(
-        0.0, "Conservative DPO / robust / exo_pair / aot: assumed label noise.", aliases=("dpo_label_smoothing",)
+        0.0,
+        "Conservative DPO / robust / exo_pair / aot: assumed label noise.",
+        aliases=("dpo_label_smoothing",),
+        valid=Range(0, 0.5, high_open=True),
     )
     gamma_beta_ratio: float = _hyperparameter(
-        0.3, "SimPO target margin divided by beta.", aliases=("dpo_gamma_beta_ratio",)
+        0.3, "SimPO target margin divided by beta.", aliases=("dpo_gamma_beta_ratio",), valid=Range(0)
     )
-    nll_loss_weight: float = _hyperparameter(0.0, "RPO: weight of the chosen reply's NLL added to the loss.")
+    nll_loss_weight: float = _hyperparameter(
+        0.0, "RPO: weight of the chosen reply's NLL added to the loss.", valid=Range(0)
+    )
     f_divergence_type: str = _hyperparameter(
         "reverse_kl", "f-DPO divergence of the margin losses.", choices=F_DIVERGENCES
     )
-    f_alpha_divergence_coef: float = _hyperparameter(0.5, "alpha of --f_divergence_type alpha_divergence.")
-    discopop_tau: float = _hyperparameter(0.05, "Temperature of the discopop loss.")
+    f_alpha_divergence_coef: float = _hyperparameter(
+        0.5, "alpha of --f_divergence_type alpha_divergence.", valid=Range()
+    )
+    discopop_tau: float = _hyperparameter(0.05, "Temperature of the discopop loss.", valid=Range(0, low_open=True))
     # applied to the log-probs before the loss (open_instruct.objectives.combination)
     ld_alpha: float | None = _hyperparameter(
-        None, "LD-DPO: weight in [0, 1] of the log-probs past the shorter reply's length (None: plain sums)."
+        None,
+        "LD-DPO: weight in [0, 1] of the log-probs past the shorter reply's length (None: plain sums).",
+        valid=Range(0, 1),
     )
     # applied to each component's per-pair loss (open_instruct.objectives.combination)
     use_weighting: bool = _hyperparameter(False, "WPO weights (TRL's aligned form) on every listed loss.")

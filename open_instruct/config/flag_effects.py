@@ -1,0 +1,161 @@
+"""Where each flag's effect is shown: one entry per ``DPOArguments`` field, read by ``tests/test_flag_walk.py``.
+
+The test walks every field of the dataclass, so a new flag without an entry here fails it by name. An entry says how
+its effect is observed against a baseline run's settings, cheaply:
+
+- ``Effect(probe, value, context)``: with ``context`` flags on both sides, adding ``--flag value`` changes what the
+  probe computes with the project's own code: ``loss`` (the combined loss of fixed log-probs), ``setup`` (optimizer,
+  schedule and step counts from ``recipe.prepare_training``), ``data`` (the prepared pairs), ``batches`` (the training
+  loader's batches), ``model`` (the loaded model), ``engine`` (the selected engine and its DeepSpeed config),
+  ``tokenizer`` (its class and the lines it prints), ``signals`` (the stop signals), ``run`` (one short training run's
+  files and metrics, for the few flags only a run shows).
+- ``TestedIn(test)``: a test elsewhere asserts the effect and is too costly to repeat (a Hub upload, a GPU kernel, a
+  resume); the walk checks that the test exists and names the flag.
+- ``RuleOnly(value)``: only its ``FLAG_RULES`` line can be shown here (its effect needs the Hub or several processes).
+
+A flag with a ``FLAG_RULES`` entry is also given without what it needs, and its error or note must appear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Effect:
+    probe: str
+    value: tuple[str, ...]
+    context: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TestedIn:
+    __test__ = False  # a name pytest would otherwise collect
+    test: str
+    value: tuple[str, ...] = ()  # for a flag with a FLAG_RULES entry: a value to give it without what it needs
+
+
+@dataclass(frozen=True)
+class RuleOnly:
+    value: tuple[str, ...]
+
+
+def _e(probe: str, value: str, *context: str) -> Effect:
+    return Effect(probe, tuple(value.split()), tuple(" ".join(context).split()))
+
+
+EFFECTS: dict[str, Effect | TestedIn | RuleOnly] = {
+    # --- loss hyperparameters (LossSettings) ---
+    "beta": _e("loss", "0.5"),
+    "label_smoothing": _e("loss", "0.2", "--loss_type dpo"),
+    "gamma_beta_ratio": _e("loss", "0.9", "--loss_type simpo"),
+    "nll_loss_weight": _e("loss", "1.0"),
+    "f_divergence_type": _e("loss", "forward_kl", "--loss_type dpo"),
+    "f_alpha_divergence_coef": _e("loss", "0.2", "--loss_type dpo --f_divergence_type alpha_divergence"),
+    "discopop_tau": _e("loss", "0.5", "--loss_type discopop"),
+    "ld_alpha": TestedIn("tests/test_losses_trl.py::test_model_level_matches_trl_dpo_trainer"),
+    "use_weighting": _e("loss", "true", "--loss_type dpo"),
+    "loss_type": _e("loss", "ipo"),
+    "loss_weights": _e("loss", "1.0 0.25", "--loss_type dpo ipo"),
+    "reference_free": _e("loss", "true", "--loss_type dpo"),
+    # --- experiment ---
+    "exp_name": TestedIn("tests/test_hub_tracking.py::test_repo_id_resolution", ("myrun",)),
+    "seed": _e("batches", "7"),
+    "output_dir": _e("run", "OTHER_DIR"),
+    "logging_steps": _e("run", "2"),
+    "checkpointing_steps": _e("run", "1"),
+    "keep_last_n_checkpoints": _e("run", "1", "--checkpointing_steps 1"),
+    "resume_from_checkpoint": TestedIn(
+        "tests/test_fault_tolerance.py::test_resume_with_changed_batch_settings_is_refused"
+    ),
+    "preemption_signals": _e("signals", "SIGUSR1"),
+    "skip_nonfinite_batches": TestedIn(
+        "tests/test_fault_tolerance.py::test_skip_nonfinite_batches_tolerates_and_counts"
+    ),
+    "with_tracking": TestedIn("tests/test_hub_tracking.py::test_wandb_offline_run_holds_config_and_every_metric"),
+    "wandb_project": TestedIn(
+        "tests/test_hub_tracking.py::test_wandb_offline_run_holds_config_and_every_metric", ("proj",)
+    ),
+    "wandb_entity": RuleOnly(("team",)),
+    "push_to_hub": TestedIn("tests/test_hub_tracking.py::test_push_to_hub_uploads_the_final_model_privately"),
+    "hf_entity": TestedIn("tests/test_hub_tracking.py::test_repo_id_resolution", ("org",)),
+    "hf_repo_id": TestedIn("tests/test_hub_tracking.py::test_repo_id_resolution", ("org/x",)),
+    "hf_repo_revision": TestedIn(
+        "tests/test_hub_tracking.py::test_push_to_hub_uploads_the_final_model_privately", ("dev",)
+    ),
+    "hf_repo_private": RuleOnly(("false",)),
+    # --- model ---
+    "model_name_or_path": _e("model", "OTHER_MODEL"),
+    "model_revision": RuleOnly(("main",)),
+    "tokenizer_name_or_path": _e("data", "OTHER_TOKENIZER"),
+    "tokenizer_revision": RuleOnly(("main",)),
+    "use_slow_tokenizer": _e("tokenizer", "true"),
+    "trust_remote_code": TestedIn("tests/test_modeling.py::test_trust_remote_code_gates_custom_model_code"),
+    "attn_implementation": _e("model", "eager"),
+    "low_cpu_mem_usage": RuleOnly(("true",)),
+    "additional_model_arguments": _e("model", '{"rms_norm_eps":0.001}'),
+    "mixed_precision": _e("engine", "bf16"),
+    "gradient_checkpointing": _e("model", "true"),
+    "activation_memory_budget": _e("model", "0.5"),
+    "use_liger_kernel": TestedIn("tests/test_losses.py::test_cli_wpo_with_nll_separate_forward_and_liger_fallback"),
+    "use_lora": _e("model", "true"),
+    "use_qlora": TestedIn("tests/test_modeling.py::test_qlora_without_cuda_fails_before_any_work"),
+    "lora_rank": _e("model", "4", "--use_lora"),
+    "lora_alpha": _e("model", "4", "--use_lora"),
+    "lora_dropout": _e("model", "0.3", "--use_lora"),
+    "lora_target_modules": _e("model", "q_proj", "--use_lora"),
+    "merge_lora": TestedIn("tests/test_lora.py::test_lora_cli_run_saves_adapter_and_merged_model", ("true",)),
+    "load_balancing_loss": TestedIn("tests/test_moe.py::test_moe_cli_run_logs_aux_loss"),
+    "load_balancing_weight": TestedIn("tests/test_moe.py::test_aux_loss_is_logged_and_changes_the_gradient", ("0.1",)),
+    # --- data ---
+    "mixer_list": _e("data", "TRAIN_FILE 8"),
+    "mixer_list_splits": _e("data", "test", "--mixer_list DATA_DIR 1.0"),
+    "eval_mixer_list": _e("data", "TEST_FILE 1.0"),
+    "eval_mixer_list_splits": _e("data", "train", "--eval_mixer_list DATA_DIR 1.0"),
+    "eval_fraction": _e("data", "0.25"),
+    "eval_steps": TestedIn("tests/test_eval.py::test_eval_metrics_at_every_eval_step_and_the_end", ("2",)),
+    "dataset_format": TestedIn("tests/test_data_formats.py::test_detection_and_explicit_override"),
+    "skip_invalid_rows": TestedIn(
+        "tests/test_data_formats.py::test_invalid_rows_error_names_dataset_row_and_reason_and_counts_all"
+    ),
+    "chat_template_name": _e("data", "chatml"),
+    "add_bos": _e("data", "true"),
+    "max_seq_length": _e("data", "24"),
+    "max_response_length": _e("data", "3"),
+    "max_train_samples": _e("data", "5"),
+    "cache_dataset_only": TestedIn(
+        "tests/test_data_prepare.py::test_cache_dataset_only_prepares_and_exits_without_a_model"
+    ),
+    "dataset_local_cache_dir": _e("data", "OTHER_DIR"),
+    "preprocessing_num_workers": TestedIn(
+        "tests/test_data_streaming.py::test_workers_give_identical_bytes_and_share_the_cache_key"
+    ),
+    "reference_logprobs_cache_path": _e("run", "OTHER_DIR"),
+    "packing": _e("batches", "false"),
+    "max_tokens_per_batch": _e("batches", "40"),
+    "group_by_length": _e("batches", "true", "--packing false"),
+    "reference_batch_size": TestedIn("tests/test_world_size.py::test_partial_last_step_matches_one_process", ("4",)),
+    # --- optimisation ---
+    "per_device_train_batch_size": _e("setup", "2"),
+    "gradient_accumulation_steps": _e("setup", "2"),
+    "learning_rate": _e("setup", "3e-4"),
+    "lr_scheduler_type": _e("setup", "cosine", "--warmup_ratio 0"),
+    "warmup_ratio": _e("setup", "0.5"),
+    "warmup_steps": _e("setup", "3"),
+    "weight_decay": _e("setup", "0.1"),
+    "max_grad_norm": _e("engine", "1.0", "--zero_stage 2"),
+    "num_epochs": _e("setup", "2"),
+    "max_train_steps": _e("setup", "2"),
+    "separate_forward": TestedIn("tests/test_logprobs.py::test_separate_forward_matches_concatenated"),
+    "logprob_chunk_size": TestedIn("tests/test_lora_zero3.py::test_lora_zero3_two_processes_match_one_process"),
+    # --- distributed ---
+    "zero_stage": _e("engine", "2"),
+    "offload_optimizer": _e("engine", "true", "--zero_stage 2"),
+    "offload_param": _e("engine", "true", "--zero_stage 3"),
+    "deepspeed_config": _e("engine", "configs/ds_configs/stage3_no_offloading_accelerate.conf"),
+    "fsdp": _e("engine", "true"),
+    "fsdp_shard_degree": _e("engine", "1"),
+    "fsdp_num_replicas": _e("engine", "1"),
+    "fsdp_offload_params": _e("engine", "true"),
+    "timeout": RuleOnly(("60",)),
+}
