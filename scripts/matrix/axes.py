@@ -12,6 +12,7 @@ ENGINES: dict[str, tuple[int, list[str]]] = {
     "zero2": (2, ["--zero_stage", "2"]),
     "zero3": (2, ["--zero_stage", "3"]),
     "zero3_offload": (2, ["--zero_stage", "3", "--offload_optimizer", "true", "--offload_param", "true"]),
+    "fsdp2": (2, ["--fsdp", "true"]),  # PyTorch FSDP2 (fully_shard), 2 shards x 1 replica
 }
 # Left out of the pairwise set that `make test` runs (it compiles DeepSpeed's CPU Adam); the 3-wise set has it.
 SLOW_ENGINES = ("zero3_offload",)
