@@ -108,12 +108,14 @@ def test_table_of_the_earlier_format_reads_as_one_run(tmp_path):
     path = tmp_path / "combinations.md"
     path.write_text(
         "# Combination matrix\n\nMade by `python scripts/matrix/run.py --strength 3` (1 of the 1 cells); launches "
-        "took single 3s. Each cell trains the tiny model.\n\n| # | " + " | ".join(options.AXES) + " | result | loss diff "
+        "took single 3s. Each cell trains the tiny model.\n\n| # | "
+        + " | ".join(options.AXES)
+        + " | result | loss diff "
         "| weights |\n|---|\n| 0 | " + " | ".join(cell.values()) + " | pass (refused) |  |  |\n\nRefused combinations "
         "(documented in README):\n\n- cell 0: `error: no`\n"
     )
     runs, rows = table.read(path)
-    assert runs == ["Made by `python scripts/matrix/run.py --strength 3` (1 of the 1 cells); launches took single 3s"]
+    assert runs == ["`python scripts/matrix/run.py --strength 3` (1 of the 1 cells); launches took single 3s"]
     assert rows == {
         options.name(cell): {"result": "pass (refused)", "loss": "", "weights": "", "run": "1", "error": "error: no"}
     }

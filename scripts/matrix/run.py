@@ -176,6 +176,8 @@ def write_table(
     ran = f"{len(chosen)} of the {len(cells)} cells of the {ns.strength}-wise set over {engines} engines"
     ran += "".join(f": {flag} {value}" for flag, value in (("rows", ns.cells), ("only", ns.only)) if value)
     this_run = f"`{command}` ({ran}); launches took " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+    # Launch times mean little on a shared machine: say how busy it was.
+    this_run += f" (load average {os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores)"
     path = Path(ns.table)
     if ns.merge:
         runs, rows = table.merge(cells, table.rows_of(chosen, verdicts, 0), path, this_run)

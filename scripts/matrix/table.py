@@ -51,7 +51,7 @@ def read(path: Path) -> tuple[list[str], dict[str, dict]]:
     columns: list[str] = []
     for line in path.read_text().splitlines():
         if old := _OLD_PROVENANCE.match(line):
-            runs.append(f"Made by {old.group(1)}")
+            runs.append(old.group(1))
         elif (run := _RUN.match(line)) and not columns:
             runs.append(run.group(2))
         elif line.startswith("| # |"):
