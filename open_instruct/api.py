@@ -354,6 +354,8 @@ def fresh_accelerate_state() -> Iterator[None]:
     """Let several runs share one Python process (a notebook, SFT then DPO): accelerate keeps global state."""
     from accelerate.state import AcceleratorState, GradientState
 
+    from open_instruct.engine.fsdp2 import restore_process_state
+
     AcceleratorState._reset_state()
     GradientState._reset_state()
     try:
@@ -361,6 +363,7 @@ def fresh_accelerate_state() -> Iterator[None]:
     finally:
         AcceleratorState._reset_state()
         GradientState._reset_state()
+        restore_process_state()
 
 
 def run_dpo(

@@ -205,7 +205,9 @@ class Fsdp2Engine(Engine):
         state = accelerator.state
         if state.distributed_type == DistributedType.MULTI_CPU:
             # accelerate applies an FSDP plugin only on accelerator devices; FSDP2 itself runs on CPU tensors (gloo).
-            # Both shared states: each new AcceleratorState() copies the process state's fields over its own.
+            # Both shared states: each new AcceleratorState() copies the process state's fields over its own. The
+            # process state outlives the run: restore_process_state() switches it back for the next run.
+            _SWITCHED_FROM.append(DistributedType.MULTI_CPU)
             PartialState().distributed_type = DistributedType.FSDP
             state.distributed_type = DistributedType.FSDP
             state.fsdp_plugin = self.plugin()
@@ -268,6 +270,21 @@ class Fsdp2Engine(Engine):
             if accelerator.is_main_process:
                 full[name.replace("._checkpoint_wrapped_module", "")] = whole.detach().to("cpu", copy=True)
         return full
+
+
+# The distributed type an FSDP2 run on CPU switched the process state from (at most one entry).
+_SWITCHED_FROM: list[Any] = []
+
+
+def restore_process_state() -> None:
+    """Undo the CPU switch to FSDP of ``Fsdp2Engine.build_accelerator`` in accelerate's process state, which lives
+    as long as the process: a later run in it (the Python API's next stage, a matrix cell) starts from the launcher's
+    own type and switches again if it is FSDP2 too."""
+    from accelerate.state import PartialState
+
+    if _SWITCHED_FROM and PartialState._shared_state:
+        PartialState._shared_state["distributed_type"] = _SWITCHED_FROM.pop()
+    _SWITCHED_FROM.clear()
 
 
 def _attach_hsdp_mesh(accelerator: Any, shards: int, replicas: int) -> None:
