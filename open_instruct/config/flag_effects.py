@@ -134,7 +134,9 @@ EFFECTS: dict[str, Effect | TestedIn | RuleOnly] = {
     "packing": _e("batches", "false"),
     "max_tokens_per_batch": _e("batches", "40"),
     "group_by_length": _e("batches", "true", "--packing false"),
-    "reference_batch_size": TestedIn("tests/test_world_size.py::test_partial_last_step_matches_one_process", ("4",)),
+    "reference_batch_size": TestedIn(
+        "tests/test_fault_tolerance.py::test_kill_during_reference_pass_leaves_no_cache_file", ("4",)
+    ),
     # --- optimisation ---
     "per_device_train_batch_size": _e("setup", "2"),
     "gradient_accumulation_steps": _e("setup", "2"),
