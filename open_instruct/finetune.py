@@ -175,7 +175,7 @@ def run_sft(
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: one clear line and exit code 2 for bad input."""
-    command_line(argv, check_sft_arguments, run)
+    command_line(argv, check_sft_arguments, run, stage="sft")
 
 
 if __name__ == "__main__":

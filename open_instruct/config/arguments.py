@@ -16,6 +16,7 @@ from open_instruct.data.formats import FORMATS
 from open_instruct.errors import UserError
 from open_instruct.objectives.combination import combination_problems
 from open_instruct.objectives.losses import LossSettings, loss_names, loss_spec
+from open_instruct.plan.gpus import GPUS
 from open_instruct.training.preemption import parse_signals
 
 
@@ -237,6 +238,22 @@ class DPOArguments(_loss_hyperparameter_flags()):
     fsdp_offload_params: bool = _f(False, "FSDP2: keep sharded parameters, gradients and optimizer state on CPU.")
     timeout: int = _f(1800, "Seconds before a collective operation times out.")
 
+    # --- planning ---------------------------------------------------------------------------------------------
+    dry_run: bool = _f(
+        False,
+        "Check every flag, the model's config.json (no weights), the datasets' first rows, the output folder, the Hub "
+        "target and tracking; print the plan (recipe, memory per GPU by phase, fit, time) and exit 0.",
+    )
+    dry_run_gpu: str | None = _f(None, "The GPU to plan for (default: this machine's).", choices=tuple(GPUS))
+    dry_run_num_processes: int | None = _f(
+        None, "Processes (GPUs) to plan for (default: the launcher's WORLD_SIZE, else nodes x local GPUs)."
+    )
+    dry_run_num_nodes: int | None = _f(None, "Nodes to plan for (default: NUM_NODES / the launcher's, else 1).")
+    dry_run_num_pairs: int | None = _f(
+        None, "Training examples to plan for when a dataset's size cannot be read (a Hub dataset offline)."
+    )
+    dry_run_mfu: float | None = _f(None, "Model FLOPs utilisation for the time estimate (default: measured, or 0.35).")
+
     def __post_init__(self) -> None:
         if not self.reference_logprobs_cache_path:
             self.reference_logprobs_cache_path = default_reference_cache_dir()
@@ -324,6 +341,22 @@ def _count_problems(args: DPOArguments) -> list[str]:
     return problems
 
 
+def _dry_run_problems(args: DPOArguments) -> list[str]:
+    """The planning flags: positive, and only with --dry_run."""
+    problems = []
+    for name in ("dry_run_num_processes", "dry_run_num_nodes", "dry_run_num_pairs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name} must be >= 1, got {value}")
+    if args.dry_run_mfu is not None and not 0.0 < args.dry_run_mfu <= 1.0:
+        problems.append(f"--dry_run_mfu must be in (0, 1], got {args.dry_run_mfu}")
+    planning = ("dry_run_gpu", "dry_run_num_processes", "dry_run_num_nodes", "dry_run_num_pairs", "dry_run_mfu")
+    used = [f"--{name}" for name in planning if getattr(args, name) is not None]
+    if used and not args.dry_run:
+        problems.append(f"{', '.join(used)} only appl{'ies' if len(used) == 1 else 'y'} with --dry_run")
+    return problems
+
+
 def validate(args: DPOArguments) -> None:
     """Reject out-of-range or inconsistent settings with one clear message, before any work starts."""
     problems = []
@@ -387,6 +420,7 @@ def validate(args: DPOArguments) -> None:
     for name in NOT_YET_SUPPORTED:
         if getattr(args, name) != getattr(defaults, name):
             problems.append(f"--{name} is not supported yet in this version")
+    problems.extend(_dry_run_problems(args))
     if args.packing and args.separate_forward:
         problems.append("--separate_forward splits padded rows; it does not apply to --packing (one row per batch)")
     if problems:
