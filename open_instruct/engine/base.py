@@ -45,7 +45,8 @@ class StateLayout:
     also when autocast casts fp32 weights). ``master_copy``: the optimizer steps a separate fp32 copy of the weights.
     ``gathered``: what is gathered whole at once under parameter sharding ("module": the largest module, DeepSpeed's
     accounting; "layer": decoder layers, ``gathers`` of them at a time). ``bucket_elements``: gradient buckets per
-    rank; ``gradient_copy``: a second full copy of the gradients for the all-reduce (DDP)."""
+    rank; ``gradient_copy``: a second full copy of the gradients for the all-reduce (DDP); ``kept_gradients``: the
+    reduced gradient partition (working precision) is a buffer kept across steps, not freed by ``zero_grad``."""
 
     engine: str  # how the plan names it: "ZeRO-3", "FSDP2", "DDP", "single process"
     processes: int
@@ -61,6 +62,8 @@ class StateLayout:
     gathers: int = 0
     bucket_elements: int = 0
     gradient_copy: bool = False
+    kept_gradients: bool = False
+    live_elements: int = 0  # weights kept gathered at most between uses (ZeRO-3's stage3_max_live_parameters)
 
 
 def compute_bytes(mixed_precision: str) -> int:

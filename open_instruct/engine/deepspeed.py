@@ -261,6 +261,9 @@ class DeepSpeedEngine(Engine):
             gathered="module" if stage == 3 else "",
             gathers=1 if stage == 3 else 0,
             bucket_elements=bucket * buckets if stage >= 1 else 0,
+            # With stage3_max_reuse_distance this large, a gathered weight stays until the live limit forces it out.
+            live_elements=int(zero.get("stage3_max_live_parameters", 1_000_000_000)) if stage == 3 else 0,
+            kept_gradients=stage >= 2,  # ZeRO-2's grads_in_partition, ZeRO-3's flat gradient partition
         )
 
     @staticmethod

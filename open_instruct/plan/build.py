@@ -98,6 +98,7 @@ def workload_of(args: DPOArguments, stage: str, shape: ModelShape, packing: bool
         trainable=trainable,
         qlora=args.use_qlora,
         reference_pass=stage == "dpo" and args.needs_reference,
+        accumulation=args.gradient_accumulation_steps,
     )
 
 

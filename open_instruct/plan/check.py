@@ -83,8 +83,9 @@ def check_datasets(args: DPOArguments, notes: list[str]) -> int | None:
         else:
             reachable = hub_dataset_reachable(name)
             notes.append(f"Hub dataset {name}: " + ("reachable" if reachable else "not checked (Hub unreachable)"))
-            if amount is not None:
-                total = None
+            if amount is not None and total is not None:
+                # A row count is what the mix takes (assuming the dataset has that many); a fraction is unknown.
+                total = total + int(amount) if "." not in amount else None
     if args.dry_run_num_pairs:
         total = args.dry_run_num_pairs
     if total is not None:

@@ -15,6 +15,8 @@ Model states (present through the whole run):
 - optimizer: AdamW's two fp32 moments ``8 P_t / N_o``, plus ``4 P_t / N_o`` for the master copy (0 when offloaded);
 - gathered weights under parameter sharding: DeepSpeed's accounting ``2 c L`` (the largest module's 16-bit weights
   and gradients), FSDP2 ``gathers x c P_l + 4 P_l`` (layers in flight, one layer's unsharded fp32 gradients);
+- in a forward or backward ZeRO-3 keeps up to ``stage3_max_live_parameters`` weights gathered (our configs' reuse
+  distance releases none earlier): ``c min(P, live)`` when that exceeds the accounting above;
 - gradient buckets ``c x bucket elements`` (DeepSpeed's reduce buckets, two with overlap_comm).
 For bf16 DeepSpeed this is DeepSpeed's own estimator (``estimate_zero{2,3}_model_states_mem_needs``: ZeRO-2
 ``2P + 18P/N``, offloaded ``2P``; ZeRO-3 ``4L + 18P/N``, ``4L + 2P/N``, ``4L``), except that for ZeRO-3 we also
@@ -32,9 +34,11 @@ through the layer being differentiated). The log-prob step keeps the final hidde
 (``T c h`` and their fp32 gradient ``4 T h``) and computes ``k`` tokens of fp32 logits at a time: about four
 ``[k, V]`` tensors at once (logits, log-softmax, their gradients) = ``16 k V``.
 
-The training step's peak is the larger of the backward (model states + activations + backward work space + log-prob
-chunk + gathered + buckets; fp32 weights computed in 16-bit add autocast's cached copies ``c P``) and the optimizer
-step (model states + AdamW's temporaries ``4 P_t / N_o``: its square-root denominators). The reference pass (no
+The training step's peak is the largest of: the start of the backward (model states but the gradients, which only
+exist then under gradient accumulation or where the engine keeps its gradient partition, + activations + the larger of the log-prob chunk and the backward work space:
+the chunk's backward ends before the decoder's begins; fp32 weights computed in 16-bit add autocast's cached copies
+``c P``), its end (model states + work space) and the optimizer step (model states + AdamW's temporaries
+``4 P_t / N_o``: its square-root denominators). The reference pass (no
 gradients) holds the weights, what the engine allocates at start (DeepSpeed: the optimizer state), one layer's work
 ``T_r c (2h + 2i)`` and the chunk ``8 k V``.
 """
@@ -60,6 +64,7 @@ class Workload:
     trainable: int | None = None  # LoRA: adapter parameters (None: all)
     qlora: bool = False
     reference_pass: bool = True
+    accumulation: int = 1  # micro-batches per optimizer step
 
 
 @dataclass
@@ -136,8 +141,15 @@ def model_states(shape: ModelShape, layout: StateLayout, work: Workload) -> dict
     }
 
 
+def gathered_in_flight(shape: ModelShape, layout: StateLayout, accounted: float) -> float:
+    """Gathered weights during a forward or backward: ZeRO-3 keeps up to its live limit gathered between uses."""
+    if layout.offload_params or not layout.live_elements:
+        return accounted
+    return max(accounted, layout.compute_bytes * min(shape.parameters(), layout.live_elements))
+
+
 def training_step(shape: ModelShape, layout: StateLayout, work: Workload) -> Phase:
-    """The training step's peak per GPU: the larger of its backward and its optimizer step."""
+    """The training step's peak per GPU: the largest of the backward's start, its end and the optimizer step."""
     states = model_states(shape, layout, work)
     c, t, h = layout.compute_bytes, work.tokens, shape.hidden
     per_layer = layer_activation_bytes(shape, c)
@@ -145,21 +157,33 @@ def training_step(shape: ModelShape, layout: StateLayout, work: Workload) -> Pha
         activations = t * (shape.layers * c * h + per_layer)
     else:
         activations = t * shape.layers * per_layer
-    activations += t * c * (2 * shape.intermediate + 2 * h)  # the backward's work space
-    k = min(work.chunk, t)
-    logprobs = t * (c * h + 4 * h) + 16 * k * shape.vocab
-    autocast = c * shape.parameters() if c < layout.working_bytes and not layout.param_shards > 1 else 0.0
+    backward_work = t * c * (2 * shape.intermediate + 2 * h)
+    logprobs = t * (c * h + 4 * h) + 16 * min(work.chunk, t) * shape.vocab
+    autocast = c * shape.parameters() if c < layout.working_bytes and layout.param_shards == 1 else 0.0
     pt = work.trainable if work.trainable is not None else shape.parameters()
-    step_temporaries = 0.0 if layout.offload_optimizer else 4 * pt / layout.optimizer_shards
-    backward_extra = activations + logprobs + autocast
-    phase = Phase("training step", dict(states))
-    if backward_extra >= step_temporaries:
-        phase.parts.update({"activations": activations, "log-prob chunk": logprobs})
-        if autocast:
-            phase.parts["autocast weight copies"] = autocast
-    else:
-        phase.parts["optimizer step temporaries"] = step_temporaries
-    return phase
+    fixed = {k: v for k, v in states.items() if k != "gradients"}
+    fixed["gathered weights"] = gathered_in_flight(shape, layout, states["gathered weights"])
+    grads = states["gradients"]
+    kept = layout.working_bytes * pt / layout.grad_shards if layout.kept_gradients and grads else 0.0
+    # Gradients of earlier micro-batches are there from the start of the backward (accumulation), else they
+    # appear as the activations go; the log-prob chunk's backward ends before the decoder's work space is needed.
+    candidates = [
+        {
+            **fixed,
+            "gradients": grads if work.accumulation > 1 else kept,
+            "activations": activations,
+            "log-prob chunk": max(logprobs, backward_work),
+            "autocast weight copies": autocast,
+        },
+        {**fixed, "gradients": grads, "activations": backward_work, "autocast weight copies": autocast},
+        {
+            **fixed,
+            "gradients": grads,
+            "optimizer step temporaries": 0.0 if layout.offload_optimizer else 4 * pt / layout.optimizer_shards,
+        },
+    ]
+    peak = max(candidates, key=lambda parts: sum(parts.values()))
+    return Phase("training step", {k: v for k, v in peak.items() if v or k in states})
 
 
 def reference_pass(shape: ModelShape, layout: StateLayout, work: Workload) -> Phase:
@@ -171,7 +195,7 @@ def reference_pass(shape: ModelShape, layout: StateLayout, work: Workload) -> Ph
         "parameters": states["parameters"],
         "gradients": states["gradients"] if allocated_at_start else 0.0,
         "optimizer states": states["optimizer states"] if allocated_at_start else 0.0,
-        "gathered weights": states["gathered weights"] / 2,  # weights only, no gradients
+        "gathered weights": gathered_in_flight(shape, layout, states["gathered weights"] / 2),
         "activations": t * c * (2 * shape.hidden + 2 * shape.intermediate),
         "log-prob chunk": 8 * min(work.chunk, t) * shape.vocab,
     }
