@@ -284,3 +284,16 @@ def test_planning_flags_need_dry_run(tmp_path):
     args = parse_args(["--model_name_or_path", "m", "--mixer_list", "d.jsonl", "1.0", "--dry_run_num_nodes", "2"])
     with pytest.raises(UserError, match="--dry_run_num_nodes only applies with --dry_run"):
         validate(args)
+
+
+def test_sft_entry_plans_without_writing(tiny_model_dir, synthetic_data, tmp_path, capsys):
+    from open_instruct import finetune
+
+    out = tmp_path / "sft"
+    finetune.main(
+        ["--model_name_or_path", str(tiny_model_dir), "--mixer_list", str(synthetic_data[0]), "1.0"]
+        + ["--output_dir", str(out), "--per_device_train_batch_size", "8", "--dry_run"]
+    )
+    printed = capsys.readouterr().out
+    assert "plan (sft)" in printed and "global batch 8 conversations" in printed and "256 conversations" in printed
+    assert not out.exists()

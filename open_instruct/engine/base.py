@@ -44,8 +44,8 @@ class StateLayout:
     engine keeps 16-bit weights, 4 for fp32); ``compute_bytes``: per weight as the matmuls read it (2 under bf16/fp16,
     also when autocast casts fp32 weights). ``master_copy``: the optimizer steps a separate fp32 copy of the weights.
     ``gathered``: what is gathered whole at once under parameter sharding ("module": the largest module, DeepSpeed's
-    accounting; "layer": decoder layers, ``gathers`` of them at a time). ``bucket_elements``: gradient buckets per
-    rank; ``gradient_copy``: a second full copy of the gradients for the all-reduce (DDP); ``kept_gradients``: the
+    accounting; "layer": decoder layers, ``gathers`` of them at a time, -1: all). ``bucket_elements``: gradient
+    buckets per rank; ``gradient_copy``: a second full copy of the gradients for the all-reduce (DDP); ``kept_gradients``: the
     reduced gradient partition (working precision) is a buffer kept across steps, not freed by ``zero_grad``."""
 
     engine: str  # how the plan names it: "ZeRO-3", "FSDP2", "DDP", "single process"

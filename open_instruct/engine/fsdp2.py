@@ -255,7 +255,7 @@ class Fsdp2Engine(Engine):
             offload_optimizer=layout.offload_params,
             offload_params=layout.offload_params,
             gathered="layer",
-            gathers=2 if layout.reshard_after_forward else 0,  # 0: no reshard, every layer stays whole
+            gathers=2 if layout.reshard_after_forward else -1,  # -1: no reshard, every layer stays whole
         )
 
     # --- parameters as FSDP2 lays them out: DTensors sharded on dim 0 ----------------------------------------------

@@ -23,17 +23,21 @@ def _splits(names: list[str], splits: list[str]) -> list[str]:
     return splits * len(names) if len(splits) == 1 else splits
 
 
-def check_local_dataset(name: str, split: str, dataset_format: str) -> int:
-    """Rows of a local dataset; its first rows must parse in ``dataset_format`` (``auto``: detected)."""
+def check_local_dataset(name: str, split: str, dataset_format: str, stage: str = "dpo") -> int:
+    """Rows of a local dataset; its first rows must parse: preference pairs in ``dataset_format`` (``auto``:
+    detected), or for SFT conversations (``messages``, or a preference row's chosen side)."""
     from open_instruct.data.formats import RowError, detect_format, normalize
+    from open_instruct.data.sft import conversation
     from open_instruct.data.sources import iter_rows
 
     rows = 0
     for row, location in iter_rows(name, split):
         if rows < FIRST_ROWS:
             try:
-                fmt = detect_format(list(row), row) if dataset_format == "auto" else dataset_format
-                normalize(row, fmt)
+                if stage == "sft":
+                    conversation(row)
+                else:
+                    normalize(row, detect_format(list(row), row) if dataset_format == "auto" else dataset_format)
             except RowError as err:
                 raise UserError(f"{location or name}: {err}") from err
         rows += 1
@@ -65,7 +69,7 @@ def _amount(amount: str, rows: int) -> int:
     return min(rows, int(value)) if "." not in amount else int(math.floor(rows * value))
 
 
-def check_datasets(args: DPOArguments, notes: list[str]) -> int | None:
+def check_datasets(args: DPOArguments, notes: list[str], stage: str = "dpo") -> int | None:
     """Training examples the mix yields (None when a Hub dataset's size cannot be read and no stand-in is given)."""
     from open_instruct.data.sources import is_data_file
 
@@ -77,7 +81,7 @@ def check_datasets(args: DPOArguments, notes: list[str]) -> int | None:
     for name, amount, split in pairs:
         path = Path(name).expanduser()
         if path.exists() or is_data_file(path):
-            rows = check_local_dataset(name, split, args.dataset_format)
+            rows = check_local_dataset(name, split, args.dataset_format, stage)
             if amount is not None and total is not None:
                 total += _amount(amount, rows)
         else:
@@ -142,7 +146,7 @@ def dry_run(args: DPOArguments, stage: str = "dpo") -> build.Plan:
     if args.model_name_or_path is None:
         raise UserError("--dry_run needs --model_name_or_path (the plan is of a model)")
     notes: list[str] = []
-    num_examples = check_datasets(args, notes)
+    num_examples = check_datasets(args, notes, stage)
     check_output(args, notes)
     check_hub_and_tracking(args, notes)
     plan = plan_of(args, stage, num_examples, notes)

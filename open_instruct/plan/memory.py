@@ -114,7 +114,7 @@ def model_states(shape: ModelShape, layout: StateLayout, work: Workload) -> dict
     lora = work.trainable is not None
     w, c = layout.working_bytes, layout.compute_bytes
     base_bytes = QLORA_BYTES_PER_PARAM if work.qlora else w
-    params = 0.0 if layout.offload_params else base_bytes * (p if lora else p) / layout.param_shards
+    params = 0.0 if layout.offload_params else base_bytes * p / layout.param_shards
     if lora and not layout.offload_params:
         params += w * pt / layout.param_shards
     if layout.offload_optimizer:
