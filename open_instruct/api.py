@@ -397,7 +397,7 @@ def run_dpo(
     args = dpo_arguments(
         checkpoint, train, dpo_config or DPOConfig(), preference_config or PreferenceDatasetConfig(), tokenizer_name
     )
-    if dry_run:
+    if dry_run or args.dry_run:
         return plan_run(args, "dpo")
     if is_state_dict_file(checkpoint):
         args.model_name_or_path = str(

@@ -161,7 +161,7 @@ def run_sft(
         values["tokenizer_name_or_path"] = tokenizer_name
     args = DPOArguments(**values)
     check_sft_arguments(args)
-    if dry_run:
+    if dry_run or args.dry_run:
         from open_instruct.api import plan_run
 
         return plan_run(args, "sft")

@@ -297,3 +297,12 @@ def test_sft_entry_plans_without_writing(tiny_model_dir, synthetic_data, tmp_pat
     printed = capsys.readouterr().out
     assert "plan (sft)" in printed and "global batch 8 conversations" in printed and "256 conversations" in printed
     assert not out.exists()
+
+
+def test_pretraining_refuses_dry_run_instead_of_ignoring_it():
+    from open_instruct.config import UserError
+    from open_instruct.pretrain import check_pretrain_arguments
+
+    args = parse_args(["--tokenizer_name_or_path", "t", "--mixer_list", "d.jsonl", "1.0", "--dry_run"])
+    with pytest.raises(UserError, match="--dry_run is not supported for pretraining"):
+        check_pretrain_arguments(args)
