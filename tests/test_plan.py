@@ -27,10 +27,11 @@ SCRIPTS = {  # launch script -> the environment it needs for a plan
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _opened: list[str] = []
+_recording = [False]  # the hook stays for the session (audit hooks cannot be removed): record only when asked
 
 
 def _audit(event: str, args: tuple) -> None:
-    if event == "open" and isinstance(args[0], str | Path):
+    if _recording[0] and event == "open" and isinstance(args[0], str | Path):
         _opened.append(str(args[0]))
 
 
@@ -218,9 +219,14 @@ def test_every_yaml_recipe_plans_without_weights_or_writes(
     monkeypatch.setenv("REFERENCE_LOGPROBS_CACHE_PATH", str(tmp_path / "ref"))
     before = _tree(tmp_path)
     _opened.clear()
-    dpo_tune_cache.main([str(recipe), "--dry_run", "--dry_run_gpu", "H100-80GB", "--dry_run_num_pairs", "100"])
+    _recording[0] = True
+    try:
+        dpo_tune_cache.main([str(recipe), "--dry_run", "--dry_run_gpu", "H100-80GB", "--dry_run_num_pairs", "100"])
+    finally:
+        _recording[0] = False
     printed = capsys.readouterr().out
     assert "memory per GPU" in printed and "GiB of" in printed
+    assert any(p.endswith("config.json") for p in _opened)  # the hook sees the model config being read
     assert not [p for p in _opened if p.endswith(WEIGHT_SUFFIXES)]
     assert _tree(tmp_path) == before
 
