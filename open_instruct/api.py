@@ -285,6 +285,18 @@ def preference_arguments(dataset: PreferenceDatasetConfig, train: TrainingConfig
     return values
 
 
+def plan_run(args: DPOArguments, stage: str) -> Any:
+    """The dry run of a stage from Python: checks, printed plan, the plan returned; nothing loaded or written."""
+    from open_instruct.model.state_dict import is_state_dict_file
+    from open_instruct.plan.check import dry_run
+    from open_instruct.training.recipe import preflight
+
+    if is_state_dict_file(args.model_name_or_path or ""):
+        raise UserError("dry_run: a .pt checkpoint holds weights; plan from its model folder or hub id instead")
+    preflight(args)
+    return dry_run(dataclasses.replace(args, dry_run=True), stage)
+
+
 def dpo_arguments(
     model: str,
     train: TrainingConfig,
@@ -373,9 +385,12 @@ def run_dpo(
     preference_config: PreferenceDatasetConfig | None = None,
     tokenizer_name: str | None = None,
     model_config: Any = None,
-) -> Path:
+    dry_run: bool = False,
+) -> Any:
     """DPO from an SFT checkpoint (HF folder, hub id, or ``.pt``); returns the final checkpoint (the output folder, or
-    ``dpo_final.pt`` with ``save_format="pt"``).
+    ``dpo_final.pt`` with ``save_format="pt"``). ``dry_run=True``: check every input and print the plan (memory per
+    GPU, time; see ``--dry_run``) without loading weights or writing anything; returns the
+    :class:`open_instruct.plan.build.Plan`.
 
     A ``.pt`` written by ``run_sft``/``run_training`` carries its model config and tokenizer. A bare state dict needs a
     tokenizer (``tokenizer_name`` or ``train_config.tokenizer_name``) and a model config (``model_config``: a folder,
@@ -392,6 +407,8 @@ def run_dpo(
     args = dpo_arguments(
         checkpoint, train, dpo_config or DPOConfig(), preference_config or PreferenceDatasetConfig(), tokenizer_name
     )
+    if dry_run or args.dry_run:
+        return plan_run(args, "dpo")
     if is_state_dict_file(checkpoint):
         args.model_name_or_path = str(
             state_dict_to_folder(checkpoint, tokenizer_name, model_config, Path(train.output_dir) / "initial_model")

@@ -49,6 +49,8 @@ def check_pretrain_arguments(args: DPOArguments) -> None:
     used = [f"--{name}" for name in NOT_FOR_PRETRAINING if getattr(args, name) != getattr(defaults, name)]
     if used:
         raise UserError(f"{', '.join(used)}: not used by pretraining from scratch")
+    if args.dry_run:  # the planner reads a model config; pretraining builds its model from flags
+        raise UserError("--dry_run is not supported for pretraining yet (it plans the DPO and SFT entries)")
     if args.max_seq_length < 2:
         raise UserError(f"--max_seq_length (the block size) must be >= 2, got {args.max_seq_length}")
     validate(args)

@@ -16,6 +16,7 @@ from open_instruct.data.formats import FORMATS
 from open_instruct.errors import UserError
 from open_instruct.objectives.combination import combination_problems
 from open_instruct.objectives.losses import LossSettings, loss_names, loss_spec
+from open_instruct.plan.gpus import GPUS
 from open_instruct.ranges import Range, range_problems
 from open_instruct.training.preemption import parse_signals
 
@@ -268,6 +269,28 @@ class DPOArguments(_loss_hyperparameter_flags()):
     )
     fsdp_offload_params: bool = _f(False, "FSDP2: keep sharded parameters, gradients and optimizer state on CPU.")
     timeout: int = _f(1800, "Seconds before a collective operation times out.", valid=POS)
+
+    # --- planning ---------------------------------------------------------------------------------------------
+    dry_run: bool = _f(
+        False,
+        "Check every flag, the model's config.json (no weights), the datasets' first rows, the output folder, the Hub "
+        "target and tracking; print the plan (recipe, memory per GPU by phase, fit, time) and exit 0.",
+    )
+    dry_run_gpu: str | None = _f(None, "The GPU to plan for (default: this machine's).", choices=tuple(GPUS))
+    dry_run_num_processes: int | None = _f(
+        None, "Processes (GPUs) to plan for (default: the launcher's WORLD_SIZE, else nodes x local GPUs).", valid=POS
+    )
+    dry_run_num_nodes: int | None = _f(
+        None, "Nodes to plan for (default: NUM_NODES / the launcher's, else 1).", valid=POS
+    )
+    dry_run_num_pairs: int | None = _f(
+        None, "Training examples to plan for when a dataset's size cannot be read (a Hub dataset offline).", valid=POS
+    )
+    dry_run_mfu: float | None = _f(
+        None,
+        "Model FLOPs utilisation for the time estimate (default: measured, or 0.35).",
+        valid=Range(0, 1, low_open=True),
+    )
 
     def __post_init__(self) -> None:
         if not self.reference_logprobs_cache_path:

@@ -160,4 +160,10 @@ EFFECTS: dict[str, Effect | TestedIn | RuleOnly] = {
     "fsdp_num_replicas": _e("engine", "1"),
     "fsdp_offload_params": _e("engine", "true"),
     "timeout": RuleOnly(("60",)),
+    "dry_run": TestedIn("tests/test_plan.py::test_python_api_plans_without_writing"),
+    "dry_run_gpu": TestedIn("tests/test_plan.py::test_dry_run_mfu_scales_the_predicted_time", ("H200",)),
+    "dry_run_num_processes": TestedIn("tests/test_plan.py::test_dry_run_mfu_scales_the_predicted_time", ("8",)),
+    "dry_run_num_nodes": TestedIn("tests/test_plan.py::test_planning_flags_need_dry_run", ("2",)),
+    "dry_run_num_pairs": TestedIn("tests/test_plan.py::test_dry_run_mfu_scales_the_predicted_time", ("100",)),
+    "dry_run_mfu": TestedIn("tests/test_plan.py::test_dry_run_mfu_scales_the_predicted_time", ("0.5",)),
 }

@@ -121,6 +121,13 @@ _EVAL_SPLITS = "they name parts of the --eval_mixer_list datasets; a single file
 _WANDB = "nothing is logged to wandb"
 
 FLAG_RULES: dict[str, FlagRule] = {
+    "dry_run_gpu": FlagRule("--dry_run", lambda a: a.dry_run, "error", "it only sets what a dry run plans for"),
+    "dry_run_num_processes": FlagRule(
+        "--dry_run", lambda a: a.dry_run, "error", "it only sets what a dry run plans for"
+    ),
+    "dry_run_num_nodes": FlagRule("--dry_run", lambda a: a.dry_run, "error", "it only sets what a dry run plans for"),
+    "dry_run_num_pairs": FlagRule("--dry_run", lambda a: a.dry_run, "error", "it only sets what a dry run plans for"),
+    "dry_run_mfu": FlagRule("--dry_run", lambda a: a.dry_run, "error", "it only sets what a dry run plans for"),
     "lora_rank": FlagRule("--use_lora", _lora, "note", _LORA),
     "lora_alpha": FlagRule("--use_lora", _lora, "note", _LORA),
     "lora_dropout": FlagRule("--use_lora", _lora, "note", _LORA),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from open_instruct.config import DPOArguments, UserError
-from open_instruct.engine.base import Engine, effective_mixed_precision, precision_words
+from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
 
 AUTO = "auto"
 # DeepSpeed's default is to print every 10 steps; we log ourselves.
@@ -246,6 +246,36 @@ class DeepSpeedEngine(Engine):
         return (
             f"engine: deepspeed zero-{zero.get('stage', 0)}, {processes}, {precision_words(self.mixed_precision)}, "
             + (f"{'+'.join(offload)} offloaded to CPU" if offload else "no offload")
+        )
+
+    def state_layout(self, hidden_size: int) -> StateLayout:
+        """ZeRO stage s splits the optimizer state (s >= 1), the gradients (s >= 2) and the weights (s = 3) over the
+        processes; DeepSpeed holds the weights in the run's precision and steps an fp32 master copy of them."""
+        zero = self.config["zero_optimization"]
+        stage = int(zero.get("stage", 0))
+        processes = max(self.processes, 1)
+        # accelerate fills an "auto" bucket from the hidden size (hidden^2 elements); ZeRO-1/2 keep two with overlap.
+        bucket = zero.get("reduce_bucket_size", "auto")
+        bucket = hidden_size * hidden_size if bucket == "auto" else int(bucket)
+        buckets = 2 if zero.get("overlap_comm", False) and stage in (1, 2) else 1
+        working = compute_bytes(self.mixed_precision)
+        return StateLayout(
+            engine=f"ZeRO-{stage}",
+            processes=processes,
+            param_shards=processes if stage == 3 else 1,
+            grad_shards=processes if stage >= 2 else 1,
+            optimizer_shards=processes if stage >= 1 else 1,
+            working_bytes=working,
+            compute_bytes=working,
+            master_copy=True,
+            offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") != "none",
+            offload_params=zero.get("offload_param", {}).get("device", "none") != "none",
+            gathered="module" if stage == 3 else "",
+            gathers=1 if stage == 3 else 0,
+            bucket_elements=bucket * buckets if stage >= 1 else 0,
+            # With stage3_max_reuse_distance this large, a gathered weight stays until the live limit forces it out.
+            live_elements=int(zero.get("stage3_max_live_parameters", 1_000_000_000)) if stage == 3 else 0,
+            kept_gradients=stage >= 2,  # ZeRO-2's grads_in_partition, ZeRO-3's flat gradient partition
         )
 
     @staticmethod

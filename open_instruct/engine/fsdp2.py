@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from open_instruct.config import UserError
-from open_instruct.engine.base import Engine, effective_mixed_precision, precision_words
+from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
 
 # Launcher wrap policies (FSDP_AUTO_WRAP_POLICY) we honour: per decoder layer. Anything else is refused, not ignored.
 _PER_LAYER_POLICIES = ("", "TRANSFORMER_BASED_WRAP")
@@ -238,6 +238,27 @@ class Fsdp2Engine(Engine):
         if layout.launcher_version == "1":
             parts.append("(the launcher's FSDP version 1 runs as FSDP2, the one FSDP this recipe has)")
         return ", ".join(parts)
+
+    def state_layout(self, hidden_size: int) -> StateLayout:
+        """Weights, gradients and optimizer state sharded over ``shards`` ranks (replicated across replicas), kept in
+        fp32 (the sharded weights are the master); each decoder layer gathered in the compute precision for its
+        forward and backward, the next one prefetched; offload: all sharded state on CPU."""
+        if not self.sharded:
+            return super().state_layout(hidden_size)
+        layout = self.layout
+        return StateLayout(
+            engine="FSDP2" if layout.replicas == 1 else f"HSDP ({layout.shards} shards x {layout.replicas} replicas)",
+            processes=layout.shards * layout.replicas,
+            param_shards=layout.shards,
+            grad_shards=layout.shards,
+            optimizer_shards=layout.shards,
+            working_bytes=4,
+            compute_bytes=compute_bytes(layout.mixed_precision),
+            offload_optimizer=layout.offload_params,
+            offload_params=layout.offload_params,
+            gathered="layer",
+            gathers=2 if layout.reshard_after_forward else -1,  # -1: no reshard, every layer stays whole
+        )
 
     # --- parameters as FSDP2 lays them out: DTensors sharded on dim 0 ----------------------------------------------
     @staticmethod

@@ -33,9 +33,10 @@ def preflight(args: DPOArguments) -> None:
             raise UserError(f"dataset file not found: {name}")
 
 
-def command_line(argv: list[str] | None, check: Any, run: Any) -> None:
-    """A recipe's command-line entry: parse, ``check(args)``, preflight, ``run(args)``; bad input is one ``error:``
-    line and exit code 2; a run stopped by a preemption signal (its progress saved) exits with code 75."""
+def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo") -> None:
+    """A recipe's command-line entry: parse, ``check(args)``, preflight, ``run(args)`` (with ``--dry_run``: the
+    plan of the ``stage`` instead, see :mod:`open_instruct.plan`); bad input is one ``error:`` line and exit code 2;
+    a run stopped by a preemption signal (its progress saved) exits with code 75."""
     import sys
 
     from open_instruct.config.cli import exit_on_user_error, parse_args
@@ -45,6 +46,11 @@ def command_line(argv: list[str] | None, check: Any, run: Any) -> None:
         args = parse_args(argv)
         check(args)
         preflight(args)
+        if args.dry_run:
+            from open_instruct.plan.check import dry_run
+
+            dry_run(args, stage)
+            return
         try:
             run(args)
         except Preempted:
