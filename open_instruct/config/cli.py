@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import DPOArguments, UserError, compat
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -81,6 +82,9 @@ def build_parser(cls: type = DPOArguments) -> argparse.ArgumentParser:
         options: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
         if kind is bool:
             options.update(nargs="?", const=True, type=str_to_bool, metavar="BOOL")
+            if f.default is True:  # as Hugging Face's argument parser (open-instruct's): --no_<flag> turns it off
+                negatives = [f"--no_{name[2:]}" for name in names]
+                parser.add_argument(*negatives, dest=f.name, action="store_false", default=argparse.SUPPRESS)
         elif is_list:
             options.update(nargs="+", type=kind)
         elif kind in (int, float):
@@ -99,11 +103,10 @@ def _normalize_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     unknown = []
     for key, value in raw.items():
-        if key in ("dataset_mixer", "dataset_eval_mixer"):
+        if key == "dataset_eval_mixer":
             if not isinstance(value, dict):
                 raise UserError(f"{source}: {key} must be a mapping of dataset -> amount")
-            target = "mixer_list" if key == "dataset_mixer" else "eval_mixer_list"
-            values[target] = [str(x) for item in value.items() for x in item]
+            values["eval_mixer_list"] = [str(x) for item in value.items() for x in item]
             continue
         if key not in names:
             unknown.append(key)
@@ -183,4 +186,7 @@ def parse_args(argv: list[str] | None = None) -> DPOArguments:
     for name in ("mixer_list", "eval_mixer_list"):
         if isinstance(values.get(name), str):  # a JSON mapping given on the command line
             values[name] = [str(x) for item in json.loads(values[name]).items() for x in item]
+    line = compat.notice(list(values))
+    if line and os.environ.get("RANK", "0") == "0":
+        print(line)
     return DPOArguments(**values)

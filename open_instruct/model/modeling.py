@@ -93,7 +93,7 @@ def load_tokenizer(args: DPOArguments) -> Any:
     """The tokenizer, with our chat template when one is named and a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    from open_instruct.data.chat_templates import CHAT_TEMPLATES
+    from open_instruct.data.chat_templates import CHAT_TEMPLATES, TOKENIZER_TEMPLATE_NAMES
 
     name = args.tokenizer_name_or_path or args.model_name_or_path
     check_model_path(name, "tokenizer")
@@ -104,7 +104,9 @@ def load_tokenizer(args: DPOArguments) -> Any:
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load tokenizer {name!r}: {err}") from err
-    if args.chat_template_name:
+    if args.chat_template_name in TOKENIZER_TEMPLATE_NAMES:
+        print(f"--chat_template_name {args.chat_template_name}: the tokenizer's own chat template (as open-instruct)")
+    elif args.chat_template_name:
         tokenizer.chat_template = CHAT_TEMPLATES[args.chat_template_name]
     if not tokenizer.chat_template:
         raise UserError(f"tokenizer {name!r} has no chat template; pass --chat_template_name")
