@@ -61,6 +61,9 @@ def normalize(args: Any) -> None:
         elif args.dataset_name is not None and args.dataset_mixer is None:
             args.mixer_list = mixer_of_dataset_name(args.dataset_name, args.dataset_config_name)
     _fold_tensor_parallel(args)
+    if not args.do_not_randomize_output_dir:  # open-instruct's default: one folder per experiment name (once)
+        args.output_dir = os.path.join(args.output_dir, args.exp_name)
+        args.do_not_randomize_output_dir = True
 
 
 def _selection_problems(args: Any) -> list[str]:
@@ -129,10 +132,17 @@ def problems(args: Any) -> list[str]:
         found.append("--cache_mode hf (a Hub dataset cache) is not supported; the prepared-data cache is local")
     if not isinstance(args.optimizer_kwargs, dict):
         found.append("--optimizer_kwargs must be a JSON object")
+    if args.optimizer_type == "muon" and (args.zero_stage is not None or args.deepspeed_config or args.fsdp):
+        found.append(
+            "--optimizer_type muon needs whole weight matrices: it runs on the plain data-parallel engine here, not "
+            "with --zero_stage / --deepspeed_config / --fsdp"
+        )
     if args.optimizer_type == "muon" and (args.use_8bit_optimizer or args.dpo_use_paged_optimizer):
         found.append(
             "--use_8bit_optimizer / --dpo_use_paged_optimizer are AdamW variants; not with --optimizer_type muon"
         )
+    if args.cache_logprobs_only and not args.needs_reference:
+        found.append("--cache_logprobs_only: this loss needs no reference log-probs (nothing to cache)")
     if "none" in args.report_to and len(args.report_to) > 1:
         found.append("--report_to none cannot be combined with trackers")
     for name in ("rope_scaling_old_context_len",):
