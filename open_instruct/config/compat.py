@@ -8,6 +8,7 @@ it (``--concatenated_forward false`` is ``--separate_forward``, ``--dataset_mixe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any
@@ -153,13 +154,23 @@ def problems(args: Any) -> list[str]:
     return found
 
 
+def _has_tensorboard() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def trackers(report_to: list[str]) -> list[str]:
-    """accelerate's tracker names for ``--report_to`` (``all``: every one we support)."""
+    """accelerate's tracker names for ``--report_to`` (``all``: wandb, and tensorboard when it is installed)."""
     if "none" in report_to:
         return []
     if "all" in report_to:
-        return ["wandb", "tensorboard"]
+        return ["wandb", "tensorboard"] if _has_tensorboard() else ["wandb"]
     return list(dict.fromkeys(report_to))
+
+
+def check_trackers(args: Any) -> None:
+    """Before any work: a tracker asked for by name must be installed."""
+    if args.with_tracking and "tensorboard" in trackers(args.report_to) and not _has_tensorboard():
+        raise UserError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 def notice(given: list[str]) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from open_instruct.config import DPOArguments, UserError
-from open_instruct.model.overrides import compile_decoder_layers, model_config, wants_checkpointing
+from open_instruct.model.overrides import compile_decoder_layers, model_config, wants_checkpointing, yarn_parameters
 
 ATTN_IMPLEMENTATIONS = ("flash_attention_3", "flash_attention_2", "sdpa", "eager", "flex_attention")
 EMBEDDING_MULTIPLE = 8
@@ -233,5 +233,5 @@ def reference_identity(args: DPOArguments, model: Any) -> dict[str, Any]:
         "vocab_rows": unwrap_model(model).get_input_embeddings().num_embeddings,
         # a different config or RoPE scaling changes every log-prob (default values keep older cache keys)
         **({"config_name": args.config_name} if args.config_name else {}),
-        **({"rope_scaling": unwrap_model(model).config.rope_scaling} if args.rope_scaling_factor else {}),
+        **({"rope_scaling": yarn_parameters(args)} if args.rope_scaling_factor else {}),
     }

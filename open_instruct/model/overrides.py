@@ -17,6 +17,17 @@ def is_olmo_core_config_name(name: str) -> bool:
     return "/" not in name and not Path(name).expanduser().exists()
 
 
+def yarn_parameters(args: Any) -> dict[str, Any]:
+    """The YaRN RoPE settings of ``--rope_scaling_*``."""
+    return {
+        "rope_type": "yarn",
+        "factor": args.rope_scaling_factor,
+        "beta_fast": args.rope_scaling_beta_fast,
+        "beta_slow": args.rope_scaling_beta_slow,
+        "original_max_position_embeddings": args.rope_scaling_old_context_len,
+    }
+
+
 def model_config(args: Any, log: Callable[[str], None] = print) -> Any:
     """The config to build the model with when ``--config_name`` or ``--rope_scaling_factor`` asks for one, else
     None (the checkpoint's own config.json)."""
@@ -40,13 +51,12 @@ def model_config(args: Any, log: Callable[[str], None] = print) -> Any:
     except (OSError, ValueError) as err:
         raise UserError(f"could not load model config {source!r}: {err}") from err
     if args.rope_scaling_factor is not None:
-        config.rope_scaling = {
-            "rope_type": "yarn",
-            "factor": args.rope_scaling_factor,
-            "beta_fast": args.rope_scaling_beta_fast,
-            "beta_slow": args.rope_scaling_beta_slow,
-            "original_max_position_embeddings": args.rope_scaling_old_context_len,
-        }
+        yarn = yarn_parameters(args)
+        current = getattr(config, "rope_parameters", None)
+        if isinstance(current, dict):  # transformers >= 5: one mapping with rope_theta in it
+            config.rope_parameters = {**current, **yarn}
+        else:
+            config.rope_scaling = yarn
         log(f"model: YaRN RoPE scaling x{args.rope_scaling_factor} from {args.rope_scaling_old_context_len} tokens")
     return config
 

@@ -27,6 +27,7 @@ def preflight(args: DPOArguments) -> None:
 
     check_model_options(args)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
     check_optimizer_environment(args)  # CUDA / bitsandbytes for the 8-bit and paged optimizers
+    compat.check_trackers(args)  # --report_to tensorboard needs its package
     check_model_path(args.model_name_or_path, "model")
     check_model_path(args.tokenizer_name_or_path, "tokenizer")
     for name in args.mixer_list[0::2] + args.eval_mixer_list[0::2]:
