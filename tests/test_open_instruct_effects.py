@@ -33,7 +33,7 @@ def _args(**values) -> DPOArguments:
 def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events,) = list(folder.rglob("events.out.tfevents.*"))  # the run's one event file
+    (events,) = list(folder.glob("*/events.out.tfevents.*"))  # the run's scalars (its hparams sit in a subfolder)
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
