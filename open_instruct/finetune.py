@@ -37,6 +37,11 @@ DPO_ONLY = (
     *hyperparameter_names(),
     "reference_free",
     "separate_forward",
+    "cache_logprobs_only",
+    # preference-pair preparation: the prepared-pairs cache and its JSONL copy
+    "dataset_mix_dir",
+    "overwrite_cache",
+    "skip_cache",
     "reference_batch_size",
     "dataset_format",
     # pair batching (packing, token budget, length grouping) is built for preference pairs only so far
