@@ -71,8 +71,9 @@ def run(args: DPOArguments) -> Path:
     flop_counter = FlopCounter(model)  # before the engine partitions the weights
     logprob_fn = preference.run_logprob_fn(args, model, accelerator)
     pad = tokenizer.pad_token_id
+    order_seed = args.seed if args.data_loader_seed is None else args.data_loader_seed
     train_loader = pair_dataloader(
-        data.records, pad, args.per_device_train_batch_size, args.seed, args.packing, args.max_tokens_per_batch,
+        data.records, pad, args.per_device_train_batch_size, order_seed, args.packing, args.max_tokens_per_batch,
         args.group_by_length,
     )  # fmt: skip
     run = recipe.prepare_training(args, accelerator, model, train_loader, output_dir, "pairs", "dpo")

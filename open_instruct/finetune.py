@@ -42,6 +42,7 @@ DPO_ONLY = (
     "dataset_mix_dir",
     "overwrite_cache",
     "skip_cache",
+    "data_loader_seed",  # the SFT loader shuffles with --seed
     "reference_batch_size",
     "dataset_format",
     # pair batching (packing, token budget, length grouping) is built for preference pairs only so far

@@ -95,7 +95,8 @@ def _fold_tensor_parallel(args: Any) -> None:
     """``--tensor_parallel_degree N``: the N ranks that would split each matmul shard the weights with FSDP2 instead
     (the degree is then 1, so folding again changes nothing)."""
     degree = args.tensor_parallel_degree
-    if degree <= 1 or args.zero_stage is not None or args.deepspeed_config:
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if degree <= 1 or args.zero_stage is not None or args.deepspeed_config or deepspeed_launch:
         return  # ZeRO already partitions every weight over all ranks
     args.fsdp = True
     if args.fsdp_shard_degree is not None:

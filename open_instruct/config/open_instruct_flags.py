@@ -42,7 +42,7 @@ class OpenInstructFlags:
 
     # --- experiment and logging -------------------------------------------------------------------------------
     run_name: str | None = _f(None, "Tracker run name (default: --exp_name).")
-    data_loader_seed: int | None = _f(None, "Seed of the data order (default: --seed).")
+    data_loader_seed: int | None = _f(None, "Seed of the DPO training data order (default: --seed).")
     do_not_randomize_output_dir: bool = _f(
         True,
         "Write into --output_dir as given. false (open-instruct's default): write into <output_dir>/<exp_name>.",
@@ -199,6 +199,8 @@ NO_EFFECT_HERE: tuple[str, ...] = (
     "ephemeral_save_interval",
     "hf_repo_url",
     "activation_checkpointing_modules",
+    "get_tokenizer_fn",
+    "cp_strategy",
 )
 
 # New flags whose default here is not open-instruct's: name -> (ours, theirs, why).
