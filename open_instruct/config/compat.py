@@ -58,7 +58,8 @@ def normalize(args: Any) -> None:
     if not args.mixer_list:
         # One selection mechanism given: it becomes the mixer list (two given are reported by ``problems``).
         if isinstance(args.dataset_mixer, dict) and args.dataset_name is None:
-            args.mixer_list = mixer_of_dataset_mixer(args.dataset_mixer)
+            # the mixer list now says the same; clearing the mapping keeps a recipe's YAML and flags identical
+            args.mixer_list, args.dataset_mixer = mixer_of_dataset_mixer(args.dataset_mixer), None
         elif args.dataset_name is not None and args.dataset_mixer is None:
             args.mixer_list = mixer_of_dataset_name(args.dataset_name, args.dataset_config_name)
     _fold_tensor_parallel(args)
