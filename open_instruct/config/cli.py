@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from open_instruct.config import DPOArguments, UserError, compat
+from open_instruct.config.open_instruct_flags import OpenInstructFlags
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -76,7 +77,11 @@ def build_parser(cls: type = DPOArguments) -> argparse.ArgumentParser:
     parser = _Parser(prog="dpo_tune_cache", allow_abbrev=False, description=cls.__doc__)
     parser.add_argument("config_file", nargs="?", help="YAML recipe; flags given after it override its values")
     hints = typing.get_type_hints(cls)
+    # open-instruct's flags beyond ours are listed apart in --help (they come first in the dataclass's field order)
+    theirs = {f.name for f in dataclasses.fields(OpenInstructFlags)}
+    compatibility = parser.add_argument_group("open-instruct's other DPO flags (README: Coming from open-instruct)")
     for f in dataclasses.fields(cls):
+        target = compatibility if f.name in theirs else parser
         kind, is_list = _base_type(hints[f.name])
         names = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
         options: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
@@ -84,7 +89,7 @@ def build_parser(cls: type = DPOArguments) -> argparse.ArgumentParser:
             options.update(nargs="?", const=True, type=str_to_bool, metavar="BOOL")
             if f.default is True:  # as Hugging Face's argument parser (open-instruct's): --no_<flag> turns it off
                 negatives = [f"--no_{name[2:]}" for name in names]
-                parser.add_argument(*negatives, dest=f.name, action="store_false", default=argparse.SUPPRESS)
+                target.add_argument(*negatives, dest=f.name, action="store_false", default=argparse.SUPPRESS)
         elif is_list:
             options.update(nargs="+", type=kind)
         elif kind in (int, float):
@@ -93,12 +98,13 @@ def build_parser(cls: type = DPOArguments) -> argparse.ArgumentParser:
             options.update(type=str)
         if "choices" in f.metadata:
             options["choices"] = f.metadata["choices"]
-        parser.add_argument(*names, **options)
+        target.add_argument(*names, **options)
     return parser
 
 
 def _normalize_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """Map aliases to field names, a ``dataset_mixer`` mapping to a mixer list, and reject unknown keys."""
+    """Map aliases to field names, a ``dataset_eval_mixer`` mapping to an eval mixer list (``dataset_mixer`` is a
+    flag of its own), and reject unknown keys."""
     names = _alias_map()
     values: dict[str, Any] = {}
     unknown = []

@@ -25,11 +25,17 @@ def profiled_steps(accelerator: Any, output_dir: Path) -> Iterator[Callable[[int
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"trace_rank{accelerator.process_index}.json"
     written: list[Path] = []
+    steps = [0]
 
     def write(prof: Any) -> None:
         prof.export_chrome_trace(str(path))
         written.append(path)
-        accelerator.print(f"profiling: trace of {ACTIVE} optimizer steps written to {path}")
+        recorded = min(ACTIVE, max(0, steps[0] - WAIT - WARMUP))  # fewer when the run ended inside the window
+        accelerator.print(f"profiling: trace of {recorded} optimizer steps written to {path}")
+
+    def step_hook(step: int) -> None:
+        steps[0] += 1
+        prof.step()
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(
@@ -39,6 +45,6 @@ def profiled_steps(accelerator: Any, output_dir: Path) -> Iterator[Callable[[int
         record_shapes=True,
     )
     with prof:
-        yield lambda step: prof.step()
+        yield step_hook
     if not written:  # the run had fewer steps than the schedule: nothing was recorded
         accelerator.print(f"profiling: the run ended before {WARMUP + ACTIVE} optimizer steps; no trace written")
