@@ -240,7 +240,10 @@ def test_concatenated_forward_false_is_our_separate_forward():
 def test_tensor_parallel_degree_shards_with_fsdp2_instead(capsys):
     args = _validated(BASE + ["--fsdp_shard_degree", "4", "--fsdp_num_replicas", "2", "--tensor_parallel_degree", "2"])
     assert (args.fsdp, args.fsdp_shard_degree, args.fsdp_num_replicas, args.tensor_parallel_degree) == (True, 8, 2, 1)
-    assert "--tensor_parallel_degree 2: no tensor parallelism here" in capsys.readouterr().out
+    assert "--tensor_parallel_degree 2: no tensor parallelism here; FSDP2 shards" in capsys.readouterr().out
+    args = _validated(BASE + ["--zero_stage", "3", "--tensor_parallel_degree", "2"])
+    assert (args.fsdp, args.tensor_parallel_degree) == (False, 1)
+    assert "no tensor parallelism here; DeepSpeed ZeRO partitions the weights" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--context_parallel_degree", "--cp_degree"])

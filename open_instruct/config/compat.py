@@ -93,21 +93,25 @@ def _selection_problems(args: Any) -> list[str]:
 
 
 def _fold_tensor_parallel(args: Any) -> None:
-    """``--tensor_parallel_degree N``: the N ranks that would split each matmul shard the weights with FSDP2 instead
-    (the degree is then 1, so folding again changes nothing)."""
+    """``--tensor_parallel_degree N``: the N ranks that would split each matmul shard the weights instead: with FSDP2,
+    or with ZeRO when the run uses it (the degree is then 1, so folding again changes nothing)."""
     degree = args.tensor_parallel_degree
-    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if degree <= 1 or args.zero_stage is not None or args.deepspeed_config or deepspeed_launch:
-        return  # ZeRO already partitions every weight over all ranks
-    args.fsdp = True
-    if args.fsdp_shard_degree is not None:
-        args.fsdp_shard_degree *= degree
+    if degree <= 1:
+        return
     args.tensor_parallel_degree = 1
-    if os.environ.get("RANK", "0") == "0":
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if args.zero_stage is not None or args.deepspeed_config or deepspeed_launch:
+        how = "DeepSpeed ZeRO partitions the weights over all ranks"
+    else:
+        args.fsdp = True
+        if args.fsdp_shard_degree is not None:
+            args.fsdp_shard_degree *= degree
         shard = f"--fsdp_shard_degree {args.fsdp_shard_degree}" if args.fsdp_shard_degree else "all ranks"
+        how = f"FSDP2 shards the weights over {shard}"
+    if os.environ.get("RANK", "0") == "0":
         print(
-            f"note: --tensor_parallel_degree {degree}: no tensor parallelism here; FSDP2 shards the weights over "
-            f"{shard} instead, and each rank takes its own micro-batch (the global batch is printed at start)"
+            f"note: --tensor_parallel_degree {degree}: no tensor parallelism here; {how} instead, and each rank "
+            "takes its own micro-batch (the global batch is printed at start)"
         )
 
 
