@@ -38,6 +38,12 @@ DPO_ONLY = (
     *hyperparameter_names(),
     "reference_free",
     "separate_forward",
+    "cache_logprobs_only",
+    # preference-pair preparation: the prepared-pairs cache and its JSONL copy
+    "dataset_mix_dir",
+    "overwrite_cache",
+    "skip_cache",
+    "data_loader_seed",  # the SFT loader shuffles with --seed
     "reference_batch_size",
     "dataset_format",
     # pair batching (packing, token budget, length grouping) is built for preference pairs only so far

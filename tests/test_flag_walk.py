@@ -17,7 +17,7 @@ from conftest import ROOT, small_run_args
 
 from open_instruct.config import DPOArguments, UserError, validate
 from open_instruct.config.cli import parse_args
-from open_instruct.config.flag_effects import EFFECTS, Effect, RuleOnly, TestedIn
+from open_instruct.config.flag_effects import EFFECTS, Effect, Inert, RuleOnly, TestedIn
 from open_instruct.config.flag_rules import FLAG_RULES
 
 FLAGS = [f.name for f in dataclasses.fields(DPOArguments)]
@@ -104,6 +104,7 @@ def _model(args: DPOArguments):
         bool(getattr(model, "is_activation_checkpointing", False)),
         config.rms_norm_eps,
         repr(peft),
+        repr(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)),
     )
 
 
@@ -121,7 +122,7 @@ def _batches(args: DPOArguments):
         records,
         tokenizer.pad_token_id,
         args.per_device_train_batch_size,
-        args.seed,
+        args.seed if args.data_loader_seed is None else args.data_loader_seed,  # as dpo_tune_cache orders the data
         layout.packing,
         args.max_tokens_per_batch,
         layout.group_by_length,
@@ -196,7 +197,7 @@ def test_every_flag_has_an_entry():
     assert not set(EFFECTS) - set(FLAGS), f"EFFECTS names unknown flags: {sorted(set(EFFECTS) - set(FLAGS))}"
     assert not set(FLAG_RULES) - set(FLAGS), f"FLAG_RULES names unknown flags: {sorted(set(FLAG_RULES) - set(FLAGS))}"
     for flag, entry in EFFECTS.items():
-        assert isinstance(entry, Effect | TestedIn | RuleOnly), flag
+        assert isinstance(entry, Effect | TestedIn | RuleOnly | Inert), flag
         if isinstance(entry, Effect):
             assert entry.probe in (*PROBES, "run"), f"{flag}: unknown probe {entry.probe!r}"
         if isinstance(entry, RuleOnly) or (isinstance(entry, TestedIn) and entry.value):
@@ -211,6 +212,16 @@ def test_flag_changes_what_it_should(flag, world):
     baseline = probe(_parse(base))
     changed = probe(_parse(base + [f"--{flag}", *_argv(world, entry.value, flag)]))
     assert changed != baseline, f"--{flag} {' '.join(entry.value)} did not change the {entry.probe} probe"
+
+
+@pytest.mark.parametrize("flag", [f for f in FLAGS if isinstance(EFFECTS.get(f), Inert)])
+def test_inert_open_instruct_flag_is_named_in_the_note(flag, world, capsys):
+    from open_instruct.config.open_instruct_flags import CLUSTER_ONLY, NO_EFFECT_HERE
+
+    assert flag in CLUSTER_ONLY + NO_EFFECT_HERE, f"--{flag}: Inert but not listed as cluster-only or no-effect"
+    _parse(_base(world, flag) + [f"--{flag}", *EFFECTS[flag].value])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and f"--{flag}" in notes[0], notes
 
 
 @pytest.mark.parametrize("flag", [f for f in FLAGS if isinstance(EFFECTS.get(f), TestedIn)])

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
+from open_instruct.config import compat
+from open_instruct.config.open_instruct_flags import OpenInstructFlags
+from open_instruct.data.chat_templates import CHAT_TEMPLATES as _TEMPLATE_TABLE
+from open_instruct.data.chat_templates import TOKENIZER_TEMPLATE_NAMES
 from open_instruct.data.formats import FORMATS
 from open_instruct.errors import UserError
 from open_instruct.objectives.combination import combination_problems
@@ -44,7 +48,7 @@ NONNEG = Range(0)
 LOSS_TYPES = loss_names()  # the loss registry's names and aliases (open_instruct.objectives.losses.LOSSES)
 SCHEDULERS = ("linear", "cosine", "constant")
 DATASET_FORMATS = ("auto", *FORMATS)  # the normalizers in data/formats.py
-CHAT_TEMPLATES = ("tulu", "zephyr", "chatml", "olmo")
+CHAT_TEMPLATES = (*_TEMPLATE_TABLE, *TOKENIZER_TEMPLATE_NAMES)  # data/chat_templates.py
 
 
 def default_reference_cache_dir() -> str:
@@ -78,8 +82,9 @@ def _loss_hyperparameter_flags() -> type:
 
 
 @dataclass
-class DPOArguments(_loss_hyperparameter_flags()):
-    """All settings of one DPO run. Defaults follow the Tulu 3 DPO recipe (dpo_norm, beta 5)."""
+class DPOArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
+    """All settings of one DPO run. Defaults follow the Tulu 3 DPO recipe (dpo_norm, beta 5); open-instruct's other
+    flags come from :class:`~open_instruct.config.open_instruct_flags.OpenInstructFlags`."""
 
     # --- experiment -------------------------------------------------------------------------------------------
     exp_name: str = _f("dpo", "Name of the run (wandb run name, hub repo name).")
@@ -181,7 +186,9 @@ class DPOArguments(_loss_hyperparameter_flags()):
     )
     max_train_samples: int | None = _f(None, "Use at most this many training pairs.", valid=POS)
     cache_dataset_only: bool = _f(False, "Prepare and cache the tokenized dataset, then exit.")
-    dataset_local_cache_dir: str = _f("local_dataset_cache", "Where prepared (tokenized) datasets are cached.")
+    dataset_local_cache_dir: str = _f(
+        "local_dataset_cache", "Where prepared (tokenized) datasets are cached.", aliases=("local_cache_dir",)
+    )
     preprocessing_num_workers: int | None = _f(
         None, "Processes that tokenize the data (None: 1); the prepared data is identical for any number.", valid=POS
     )
@@ -299,6 +306,7 @@ class DPOArguments(_loss_hyperparameter_flags()):
             self.loss_type = self.loss_type.split()
         if isinstance(self.loss_weights, int | float):
             self.loss_weights = [float(self.loss_weights)]
+        compat.normalize(self)
 
     def _specs(self) -> list[Any]:
         known = [name for name in self.loss_type if name in LOSS_TYPES]
@@ -333,8 +341,7 @@ def _consistency_problems(args: DPOArguments) -> list[str]:
     problems = []
     if args.model_name_or_path is None and not (args.cache_dataset_only and args.tokenizer_name_or_path):
         problems.append("--model_name_or_path is required (--cache_dataset_only needs only --tokenizer_name_or_path)")
-    if not args.mixer_list:
-        problems.append("--mixer_list is required (pairs of DATASET AMOUNT)")
+    problems.extend(compat.problems(args))  # incl. exactly one dataset selection (--mixer_list, --dataset_name, ...)
     for name in ("mixer_list", "eval_mixer_list"):
         if len(getattr(args, name)) % 2:
             problems.append(f"--{name} takes pairs of DATASET AMOUNT, got {len(getattr(args, name))} values")

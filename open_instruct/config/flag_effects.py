@@ -12,6 +12,8 @@ its effect is observed against a baseline run's settings, cheaply:
 - ``TestedIn(test)``: a test elsewhere asserts the effect and is too costly to repeat (a Hub upload, a GPU kernel, a
   resume); the walk checks that the test exists and names the flag.
 - ``RuleOnly(value)``: only its ``FLAG_RULES`` line can be shown here (its effect needs the Hub or several processes).
+- ``Inert(value)``: an open-instruct option with nothing to do here (``CLUSTER_ONLY`` / ``NO_EFFECT_HERE`` in
+  ``config/open_instruct_flags.py``); given, it is named in the one ``note:`` line the parser prints.
 
 A flag with a ``FLAG_RULES`` entry is also given without what it needs, and its error or note must appear.
 """
@@ -40,11 +42,16 @@ class RuleOnly:
     value: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Inert:
+    value: tuple[str, ...]
+
+
 def _e(probe: str, value: str, *context: str) -> Effect:
     return Effect(probe, tuple(value.split()), tuple(" ".join(context).split()))
 
 
-EFFECTS: dict[str, Effect | TestedIn | RuleOnly] = {
+EFFECTS: dict[str, Effect | TestedIn | RuleOnly | Inert] = {
     # --- loss hyperparameters (LossSettings) ---
     "beta": _e("loss", "0.5"),
     "label_smoothing": _e("loss", "0.2", "--loss_type dpo"),
@@ -166,4 +173,94 @@ EFFECTS: dict[str, Effect | TestedIn | RuleOnly] = {
     "dry_run_num_nodes": TestedIn("tests/test_plan.py::test_planning_flags_need_dry_run", ("2",)),
     "dry_run_num_pairs": TestedIn("tests/test_plan.py::test_dry_run_mfu_scales_the_predicted_time", ("100",)),
     "dry_run_mfu": TestedIn("tests/test_plan.py::test_dry_run_mfu_scales_the_predicted_time", ("0.5",)),
+    # --- open-instruct's flags (config/open_instruct_flags.py) ---
+    "run_name": TestedIn("tests/test_modern_llm.py::test_documented_dpo_example_runs_as_written"),
+    "do_not_randomize_output_dir": TestedIn(
+        "tests/test_open_instruct_flags.py::test_output_dir_per_experiment_name_when_asked_as_open_instruct"
+    ),
+    "report_to": TestedIn("tests/test_open_instruct_effects.py::test_reporting_flags_in_one_run"),
+    "log_grad_norm": TestedIn("tests/test_open_instruct_effects.py::test_reporting_flags_in_one_run"),
+    "profiling": TestedIn("tests/test_open_instruct_effects.py::test_reporting_flags_in_one_run"),
+    "config_name": TestedIn("tests/test_open_instruct_effects.py::test_config_name_and_rope_scaling_shape_the_model"),
+    "rope_scaling_factor": TestedIn(
+        "tests/test_open_instruct_effects.py::test_config_name_and_rope_scaling_shape_the_model"
+    ),
+    "use_fast": TestedIn("tests/test_open_instruct_flags.py::test_save_to_hub_and_use_fast_are_our_flags"),
+    "dataset_name": TestedIn("tests/test_open_instruct_effects.py::test_dataset_config_name_reaches_the_hub_loader"),
+    "dataset_config_name": TestedIn(
+        "tests/test_open_instruct_effects.py::test_dataset_config_name_reaches_the_hub_loader"
+    ),
+    "dataset_mixer": TestedIn(
+        "tests/test_open_instruct_flags.py::test_dataset_mixer_and_dataset_name_become_the_mixer_list"
+    ),
+    "dataset_mix_dir": TestedIn("tests/test_open_instruct_effects.py::test_reporting_flags_in_one_run"),
+    "overwrite_cache": TestedIn("tests/test_open_instruct_effects.py::test_overwrite_and_skip_cache_prepare_again"),
+    "skip_cache": TestedIn("tests/test_open_instruct_effects.py::test_overwrite_and_skip_cache_prepare_again"),
+    "transform_fn": TestedIn("tests/test_open_instruct_flags.py::test_save_to_hub_and_use_fast_are_our_flags"),
+    "cache_mode": TestedIn("tests/test_open_instruct_flags.py::test_save_to_hub_and_use_fast_are_our_flags"),
+    "optimizer_type": TestedIn(
+        "tests/test_open_instruct_effects.py::test_muon_takes_the_decoder_matrices_and_adamw_the_rest"
+    ),
+    "optimizer_kwargs": TestedIn(
+        "tests/test_open_instruct_effects.py::test_adamw_takes_optimizer_kwargs_and_rejects_unknown_ones"
+    ),
+    "use_8bit_optimizer": TestedIn(
+        "tests/test_open_instruct_effects.py::test_bitsandbytes_optimizers_stop_before_any_work_without_cuda"
+    ),
+    "dpo_use_paged_optimizer": TestedIn(
+        "tests/test_open_instruct_effects.py::test_bitsandbytes_optimizers_stop_before_any_work_without_cuda"
+    ),
+    "sync_each_batch": TestedIn(
+        "tests/test_open_instruct_effects.py::test_sync_each_batch_never_skips_the_gradient_sync"
+    ),
+    "concatenated_forward": TestedIn(
+        "tests/test_open_instruct_flags.py::test_concatenated_forward_false_is_our_separate_forward"
+    ),
+    "compile_model": TestedIn(
+        "tests/test_open_instruct_effects.py::test_compile_model_compiles_each_decoder_layer_in_place"
+    ),
+    "activation_checkpointing_mode": TestedIn(
+        "tests/test_open_instruct_effects.py::test_selected_modules_checkpoints_every_decoder_layer"
+    ),
+    "cache_logprobs_only": TestedIn(
+        "tests/test_open_instruct_effects.py::test_cache_logprobs_only_through_the_dpo_py_entry"
+    ),
+    "zero_hpz_partition_size": TestedIn(
+        "tests/test_open_instruct_effects.py::test_zero_hpz_partition_size_goes_into_the_zero3_config"
+    ),
+    "tensor_parallel_degree": TestedIn(
+        "tests/test_open_instruct_flags.py::test_tensor_parallel_degree_shards_with_fsdp2_instead"
+    ),
+    "context_parallel_degree": TestedIn(
+        "tests/test_open_instruct_flags.py::test_tensor_parallel_degree_shards_with_fsdp2_instead"
+    ),
+    "cp_degree": TestedIn("tests/test_open_instruct_flags.py::test_tensor_parallel_degree_shards_with_fsdp2_instead"),
+    "save_to_hub": TestedIn("tests/test_open_instruct_flags.py::test_save_to_hub_and_use_fast_are_our_flags"),
+    "loss_implementation": Inert(("x",)),
+    "tokenizer_files_hash": Inert(("abc",)),
+    "ground_truths_key": Inert(("gt",)),
+    "sft_messages_key": Inert(("m",)),
+    "target_columns": Inert(("a",)),
+    "config_hash": Inert(("h",)),
+    "ephemeral_save_interval": Inert(("10",)),
+    "hf_repo_url": Inert(("https://x",)),
+    "activation_checkpointing_modules": Inert(("mlp",)),
+    "get_tokenizer_fn": Inert(("get_tokenizer_tulu_v1",)),
+    "cp_strategy": Inert(("ulysses",)),
+    "try_launch_beaker_eval_jobs": Inert(("false",)),
+    "try_auto_save_to_beaker": Inert(("false",)),
+    "gs_bucket_path": Inert(("gs://b",)),
+    "oe_eval_tasks": Inert(("mmlu",)),
+    "oe_eval_max_length": Inert(("2048",)),
+    "oe_eval_gpu_multiplier": Inert(("2",)),
+    "eval_workspace": Inert(("w",)),
+    "eval_priority": Inert(("low",)),
+    "hf_metadata_dataset": Inert(("d",)),
+    "send_slack_alerts": Inert(("true",)),
+    "wandb_group_name": RuleOnly(("grp",)),
+    "fused_optimizer": RuleOnly(("false",)),
+    "data_loader_seed": _e("batches", "7"),
+    "rope_scaling_beta_fast": _e("model", "16.0", "--rope_scaling_factor 2.0"),
+    "rope_scaling_beta_slow": _e("model", "2.0", "--rope_scaling_factor 2.0"),
+    "rope_scaling_old_context_len": _e("model", "1024", "--rope_scaling_factor 2.0"),
 }

@@ -65,6 +65,12 @@ def _several_processes(args: Any) -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _deepspeed(args: Any) -> bool:
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     return args.zero_stage is not None or bool(args.deepspeed_config) or launched
@@ -141,13 +147,22 @@ FLAG_RULES: dict[str, FlagRule] = {
     ),
     "wandb_project": FlagRule("--with_tracking", lambda a: a.with_tracking, "note", _WANDB),
     "wandb_entity": FlagRule("--with_tracking", lambda a: a.with_tracking, "note", _WANDB),
+    "wandb_group_name": FlagRule("--with_tracking", lambda a: a.with_tracking, "note", _WANDB),
+    "fused_optimizer": FlagRule(
+        "a CUDA GPU", lambda a: _cuda(), "note", "the fused AdamW kernel runs on CUDA only; elsewhere AdamW is unfused"
+    ),
     "exp_name": FlagRule(
         "--with_tracking or --push_to_hub",
         lambda a: a.with_tracking or a.push_to_hub,
         "note",
         "it names the wandb run and the default hub repo only",
     ),
-    "hf_entity": FlagRule("--push_to_hub", lambda a: a.push_to_hub, "error", "nothing is uploaded without it"),
+    "hf_entity": FlagRule(
+        "--push_to_hub",
+        lambda a: a.push_to_hub,
+        "note",
+        "it names the owner of the pushed repo (open-instruct's Hub dataset cache is not used here)",
+    ),
     "hf_repo_id": FlagRule("--push_to_hub", lambda a: a.push_to_hub, "error", "nothing is uploaded without it"),
     "hf_repo_revision": FlagRule("--push_to_hub", lambda a: a.push_to_hub, "error", "nothing is uploaded without it"),
     "hf_repo_private": FlagRule("--push_to_hub", lambda a: a.push_to_hub, "error", "nothing is uploaded without it"),

@@ -8,9 +8,11 @@ training checkpoint is written and read. Everything else (model, data, loss, loo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,18 +127,36 @@ class Engine:
         return StateLayout("DDP", max(self.processes, 1), compute_bytes=compute, gradient_copy=True)
 
     def build_accelerator(
-        self, gradient_accumulation_steps: int, mixed_precision: str | None, with_tracking: bool, timeout_s: int
+        self,
+        gradient_accumulation_steps: int,
+        mixed_precision: str | None,
+        trackers: Sequence[str],
+        timeout_s: int,
+        project_dir: str | None = None,
+        sync_each_batch: bool = False,
     ) -> Any:
-        """accelerate's ``Accelerator`` for this engine."""
+        """accelerate's ``Accelerator`` for this engine; ``trackers`` are accelerate's tracker names (tensorboard
+        writes under ``<project_dir>/tensorboard``); ``sync_each_batch`` all-reduces gradients every micro-batch."""
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+        from accelerate.utils import (
+            DataLoaderConfiguration,
+            GradientAccumulationPlugin,
+            InitProcessGroupKwargs,
+            ProjectConfiguration,
+        )
 
         group = {"backend": self.backend} if self.backend else {}
+        project = None
+        if project_dir is not None:
+            project = ProjectConfiguration(project_dir=project_dir, logging_dir=str(Path(project_dir) / "tensorboard"))
         return Accelerator(
             **self.accelerator_kwargs(),
-            gradient_accumulation_steps=gradient_accumulation_steps,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=gradient_accumulation_steps, sync_each_batch=sync_each_batch
+            ),
             mixed_precision=mixed_precision,
-            log_with="wandb" if with_tracking else None,
+            log_with=list(trackers) or None,
+            project_config=project,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s), **group)],
         )

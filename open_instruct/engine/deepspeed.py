@@ -146,6 +146,12 @@ def resolve_deepspeed_config(args: DPOArguments, env: dict[str, str] | None = No
         source = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "accelerate launch --use_deepspeed")
     config = copy.deepcopy(config)
     stage = config["zero_optimization"].get("stage", 0)
+    hpz = getattr(args, "zero_hpz_partition_size", None)
+    if hpz is not None and stage == 3:
+        # ZeRO++ hpZ: a secondary copy of the weights partitioned within groups of this many ranks (a node).
+        config["zero_optimization"]["zero_hpz_partition_size"] = hpz
+    elif hpz is not None and int(env.get("RANK", "0")) == 0:
+        print(f"note: --zero_hpz_partition_size applies to ZeRO-3 only; {source} has stage {stage} (not used)")
     if config["zero_optimization"].get("offload_param", {}).get("device", "none") != "none" and stage != 3:
         raise UserError(f"{source}: offload_param needs ZeRO stage 3, the config has stage {stage}")
     _settle(

@@ -20,6 +20,7 @@ import torch
 
 from open_instruct.config import UserError
 from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
+from open_instruct.model.overrides import wants_checkpointing
 
 # Launcher wrap policies (FSDP_AUTO_WRAP_POLICY) we honour: per decoder layer. Anything else is refused, not ignored.
 _PER_LAYER_POLICIES = ("", "TRANSFORMER_BASED_WRAP")
@@ -147,7 +148,7 @@ class Fsdp2Engine(Engine):
             activation_checkpointing=launcher
             and _true(env.get("FSDP_ACTIVATION_CHECKPOINTING"))
             and not args.gradient_checkpointing,
-            gradient_checkpointing=bool(args.gradient_checkpointing or args.activation_memory_budget < 1.0),
+            gradient_checkpointing=wants_checkpointing(args),
             reshard_after_forward=_reshard_after_forward(env) if launcher else True,
             launcher_version=env.get("FSDP_VERSION", "1") if launcher else None,
             launched="LOCAL_RANK" in env or world_size > 1,
@@ -190,10 +191,8 @@ class Fsdp2Engine(Engine):
         # On CPU accelerate only forms a process group in its MULTI_CPU mode (gloo); FSDP is switched on after.
         return {"fsdp_plugin": self.plugin(), "cpu": not torch.cuda.is_available()}
 
-    def build_accelerator(
-        self, gradient_accumulation_steps: int, mixed_precision: str | None, with_tracking: bool, timeout_s: int
-    ) -> Any:
-        accelerator = super().build_accelerator(gradient_accumulation_steps, mixed_precision, with_tracking, timeout_s)
+    def build_accelerator(self, *args: Any, **kwargs: Any) -> Any:
+        accelerator = super().build_accelerator(*args, **kwargs)
         if not self.sharded:
             return accelerator
         # accelerate marks the process as FSDP in the environment (ACCELERATE_USE_FSDP); a later run in this process
