@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import typing
 from collections.abc import Iterator, Sequence
@@ -185,7 +186,6 @@ def training_arguments(train: TrainingConfig) -> dict[str, Any]:
     if train.save_format == "pt" and (train.extra.get("use_lora") or train.extra.get("use_qlora")):
         raise UserError("save_format='pt' writes full weights; a LoRA run saves an adapter (use save_format='hf')")
     values = {
-        "exp_name": train.run_name,
         "output_dir": str(train.output_dir),
         "seed": train.seed,
         "per_device_train_batch_size": train.micro_batch_size,
@@ -209,6 +209,8 @@ def training_arguments(train: TrainingConfig) -> dict[str, Any]:
     }
     if train.tokenizer_name:
         values["tokenizer_name_or_path"] = train.tokenizer_name
+    if train.with_tracking or train.push_to_hub or train.run_name != TrainingConfig.run_name:
+        values["exp_name"] = train.run_name  # else the note that a run name without wandb or hub does nothing
     known = {f.name for f in dataclasses.fields(DPOArguments)}
     unknown = sorted(set(train.extra) - known)
     if unknown:
@@ -251,7 +253,7 @@ def dataset_arguments(dataset: Any, train: TrainingConfig, kind: str) -> dict[st
             dataset, eval_dataset_name=train.eval_dataset_name, eval_fraction=train.eval_fraction
         )
     amount = dataset.amount
-    if not isinstance(amount, int | float) or isinstance(amount, bool) or amount <= 0:
+    if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0 < amount < math.inf:
         raise UserError(f"amount must be a positive fraction (float) or row count (int), got {amount!r}")
     values: dict[str, Any] = {
         "mixer_list": [name, repr(float(amount)) if isinstance(amount, float) else str(amount)],
@@ -283,6 +285,18 @@ def preference_arguments(dataset: PreferenceDatasetConfig, train: TrainingConfig
     return values
 
 
+def plan_run(args: DPOArguments, stage: str) -> Any:
+    """The dry run of a stage from Python: checks, printed plan, the plan returned; nothing loaded or written."""
+    from open_instruct.model.state_dict import is_state_dict_file
+    from open_instruct.plan.check import dry_run
+    from open_instruct.training.recipe import preflight
+
+    if is_state_dict_file(args.model_name_or_path or ""):
+        raise UserError("dry_run: a .pt checkpoint holds weights; plan from its model folder or hub id instead")
+    preflight(args)
+    return dry_run(dataclasses.replace(args, dry_run=True), stage)
+
+
 def dpo_arguments(
     model: str,
     train: TrainingConfig,
@@ -310,12 +324,17 @@ def dpo_arguments(
         values["reference_logprobs_cache_path"] = dpo.reference_cache_dir
     if tokenizer_name:
         values["tokenizer_name_or_path"] = tokenizer_name
-    try:
-        args = DPOArguments(**values)
-    except TypeError as err:
-        raise UserError(f"invalid setting: {err}") from err
+    args = arguments_from(values)
     validate(args)
     return args
+
+
+def arguments_from(values: dict[str, Any]) -> DPOArguments:
+    """The arguments the API's configs translate to, not yet validated; a setting of the wrong name is a UserError."""
+    try:
+        return DPOArguments(**values)
+    except TypeError as err:
+        raise UserError(f"invalid setting: {err}") from err
 
 
 def source_tokenizer(checkpoint: str, tokenizer_name: str | None) -> str:
@@ -347,6 +366,8 @@ def fresh_accelerate_state() -> Iterator[None]:
     """Let several runs share one Python process (a notebook, SFT then DPO): accelerate keeps global state."""
     from accelerate.state import AcceleratorState, GradientState
 
+    from open_instruct.engine.fsdp2 import restore_process_state
+
     AcceleratorState._reset_state()
     GradientState._reset_state()
     try:
@@ -354,6 +375,7 @@ def fresh_accelerate_state() -> Iterator[None]:
     finally:
         AcceleratorState._reset_state()
         GradientState._reset_state()
+        restore_process_state()
 
 
 def run_dpo(
@@ -363,9 +385,12 @@ def run_dpo(
     preference_config: PreferenceDatasetConfig | None = None,
     tokenizer_name: str | None = None,
     model_config: Any = None,
-) -> Path:
+    dry_run: bool = False,
+) -> Any:
     """DPO from an SFT checkpoint (HF folder, hub id, or ``.pt``); returns the final checkpoint (the output folder, or
-    ``dpo_final.pt`` with ``save_format="pt"``).
+    ``dpo_final.pt`` with ``save_format="pt"``). ``dry_run=True``: check every input and print the plan (memory per
+    GPU, time; see ``--dry_run``) without loading weights or writing anything; returns the
+    :class:`open_instruct.plan.build.Plan`.
 
     A ``.pt`` written by ``run_sft``/``run_training`` carries its model config and tokenizer. A bare state dict needs a
     tokenizer (``tokenizer_name`` or ``train_config.tokenizer_name``) and a model config (``model_config``: a folder,
@@ -382,6 +407,8 @@ def run_dpo(
     args = dpo_arguments(
         checkpoint, train, dpo_config or DPOConfig(), preference_config or PreferenceDatasetConfig(), tokenizer_name
     )
+    if dry_run or args.dry_run:
+        return plan_run(args, "dpo")
     if is_state_dict_file(checkpoint):
         args.model_name_or_path = str(
             state_dict_to_folder(checkpoint, tokenizer_name, model_config, Path(train.output_dir) / "initial_model")

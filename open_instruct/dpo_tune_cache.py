@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a file: import the package, not this fol
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from open_instruct.config import DPOArguments, validate
-from open_instruct.data.prepare import prepare_preference_data, write_statistics
+from open_instruct.data.prepare import prepare_preference_data, save_mixed_pairs, write_statistics
 from open_instruct.data.sampler import pair_dataloader
 from open_instruct.data.statistics import format_summary
 from open_instruct.model.fast_path import choose_batch_layout
@@ -49,6 +49,8 @@ def run(args: DPOArguments) -> Path:
     accelerator.print(format_summary(data.statistics))
     if accelerator.is_main_process:
         write_statistics(data.statistics, output_dir)
+        if args.dataset_mix_dir:
+            accelerator.print(f"--dataset_mix_dir: {save_mixed_pairs(data.records, args.dataset_mix_dir)}")
     if args.cache_dataset_only:
         accelerator.print(f"--cache_dataset_only: prepared data cached at {data.statistics['cache']['path']}")
         return output_dir
@@ -69,14 +71,21 @@ def run(args: DPOArguments) -> Path:
     flop_counter = FlopCounter(model)  # before the engine partitions the weights
     logprob_fn = preference.run_logprob_fn(args, model, accelerator)
     pad = tokenizer.pad_token_id
+    order_seed = args.seed if args.data_loader_seed is None else args.data_loader_seed
     train_loader = pair_dataloader(
-        data.records, pad, args.per_device_train_batch_size, args.seed, args.packing, args.max_tokens_per_batch,
+        data.records, pad, args.per_device_train_batch_size, order_seed, args.packing, args.max_tokens_per_batch,
         args.group_by_length,
     )  # fmt: skip
     run = recipe.prepare_training(args, accelerator, model, train_loader, output_dir, "pairs", "dpo")
 
     # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash.
     references, ref_loaders = preference.reference_pass(args, accelerator, run.model, logprob_fn, pad, record_sets)
+    if args.cache_logprobs_only:
+        accelerator.print(
+            f"--cache_logprobs_only: reference log-probs cached under {args.reference_logprobs_cache_path}"
+        )
+        accelerator.end_training()
+        return output_dir
 
     # 5. Training, from the newest complete checkpoint when there is one (after the reference pass: it must see the
     # untouched weights).

@@ -19,6 +19,7 @@ import torch
 from open_instruct.api import (
     SFTDatasetConfig,
     TrainingConfig,
+    arguments_from,
     dataset_arguments,
     final_checkpoint,
     fresh_accelerate_state,
@@ -37,6 +38,12 @@ DPO_ONLY = (
     *hyperparameter_names(),
     "reference_free",
     "separate_forward",
+    "cache_logprobs_only",
+    # preference-pair preparation: the prepared-pairs cache and its JSONL copy
+    "dataset_mix_dir",
+    "overwrite_cache",
+    "skip_cache",
+    "data_loader_seed",  # the SFT loader shuffles with --seed
     "reference_batch_size",
     "dataset_format",
     # pair batching (packing, token budget, length grouping) is built for preference pairs only so far
@@ -140,11 +147,12 @@ def run_sft(
     dataset_config: SFTDatasetConfig | None = None,
     tokenizer_name: str | None = None,
     model_config: Any = None,
-) -> Path:
+    dry_run: bool = False,
+) -> Any:
     """Supervised fine-tuning from a pretrained checkpoint (HF folder, hub id, or ``.pt``: ours carry their model
     config and tokenizer, a bare state dict needs ``tokenizer_name`` and ``model_config``); returns the final
     checkpoint, the output folder or with ``save_format="pt"`` ``sft_final.pt``: a valid ``sft_checkpoint`` for
-    ``run_dpo``."""
+    ``run_dpo``. ``dry_run=True``: check and print the plan instead (see ``api.run_dpo``); returns it."""
     from open_instruct.model.state_dict import is_state_dict_file, state_dict_to_folder
 
     train = train_config or TrainingConfig()
@@ -158,8 +166,12 @@ def run_sft(
     }
     if tokenizer_name:
         values["tokenizer_name_or_path"] = tokenizer_name
-    args = DPOArguments(**values)
+    args = arguments_from(values)
     check_sft_arguments(args)
+    if dry_run or args.dry_run:
+        from open_instruct.api import plan_run
+
+        return plan_run(args, "sft")
     if is_state_dict_file(str(pretrain_checkpoint)):
         args.model_name_or_path = str(
             state_dict_to_folder(
@@ -175,7 +187,7 @@ def run_sft(
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: one clear line and exit code 2 for bad input."""
-    command_line(argv, check_sft_arguments, run)
+    command_line(argv, check_sft_arguments, run, stage="sft")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 from open_instruct.api import (
     TextDatasetConfig,
     TrainingConfig,
+    arguments_from,
     dataset_arguments,
     final_checkpoint,
     fresh_accelerate_state,
@@ -48,6 +49,8 @@ def check_pretrain_arguments(args: DPOArguments) -> None:
     used = [f"--{name}" for name in NOT_FOR_PRETRAINING if getattr(args, name) != getattr(defaults, name)]
     if used:
         raise UserError(f"{', '.join(used)}: not used by pretraining from scratch")
+    if args.dry_run:  # the planner reads a model config; pretraining builds its model from flags
+        raise UserError("--dry_run is not supported for pretraining yet (it plans the DPO and SFT entries)")
     if args.max_seq_length < 2:
         raise UserError(f"--max_seq_length (the block size) must be >= 2, got {args.max_seq_length}")
     validate(args)
@@ -58,14 +61,18 @@ def load_text_tokenizer(args: DPOArguments) -> Any:
     from transformers import AutoTokenizer
 
     name = args.tokenizer_name_or_path or args.model_name_or_path
+    from open_instruct.model.modeling import note_slow_tokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             name, revision=args.tokenizer_revision, use_fast=not args.use_slow_tokenizer
         )
     except (OSError, ValueError) as err:
         raise UserError(
             f"could not load tokenizer {name!r} (pretraining needs --tokenizer_name_or_path): {err}"
         ) from err
+    note_slow_tokenizer(args, tokenizer, name)
+    return tokenizer
 
 
 def build_model(args: DPOArguments, tokenizer: Any, log: Any = print) -> Any:
@@ -192,10 +199,7 @@ def pretrain_arguments(
         raise UserError("set TextDatasetConfig.block_size: the model config has no max_position_embeddings")
     folder = write_config_folder(config, Path(train.output_dir) / "model_config")
     values.update(model_name_or_path=str(folder), tokenizer_name_or_path=name, max_seq_length=block)
-    try:
-        args = DPOArguments(**values)
-    except TypeError as err:
-        raise UserError(f"invalid setting: {err}") from err
+    args = arguments_from(values)
     check_pretrain_arguments(args)
     return args
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,25 @@ def cli_env(cache_dir: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``python -m open_instruct.dpo_tune_cache ARGS`` and capture its output."""
+def distributed_env(cache_dir: Path) -> dict[str, str]:
+    """``cli_env`` for DeepSpeed and torchrun on CPU processes."""
+    return {**cli_env(cache_dir), "DS_ACCELERATOR": "cpu", "ACCELERATE_LOG_LEVEL": "error"}
+
+
+def launch(command: list[str], cache_dir: Path, timeout: int = 420) -> subprocess.CompletedProcess:
+    """Run a training command (one process or torchrun) to its end, under ``distributed_env``; fail the test with the
+    tail of its output."""
+    result = subprocess.run(
+        command, cwd=ROOT, env=distributed_env(cache_dir), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return result
+
+
+def run_python(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` (a ``-m`` module or a script) in this checkout under ``cli_env`` and capture its output."""
     return subprocess.run(
-        [sys.executable, "-m", "open_instruct.dpo_tune_cache", *args],
+        [sys.executable, *args],
         env=cli_env(cache_dir),
         cwd=ROOT,
         capture_output=True,
@@ -60,6 +76,11 @@ def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> s
         timeout=timeout,
         **kwargs,
     )
+
+
+def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m open_instruct.dpo_tune_cache ARGS`` and capture its output."""
+    return run_python(["-m", "open_instruct.dpo_tune_cache", *args], cache_dir, timeout, **kwargs)
 
 
 def small_run_args(model_dir: Path, train_file: Path, output_dir: Path, **overrides) -> list[str]:
@@ -89,6 +110,23 @@ def small_run_args(model_dir: Path, train_file: Path, output_dir: Path, **overri
     return args
 
 
+def comparison_flags(model_dir: Path, train_file: Path, pairs: int, **common) -> Callable[..., list[str]]:
+    """``flags(output_dir, per_device, **extra)``: ``small_run_args`` for runs compared across world sizes, on
+    ``pairs`` pairs, ``per_device`` of them per device and micro-batch, reference batches of 8 on every rank (same
+    padding, same float sums), lr 1e-2 (weights move enough for a wrong gradient to show), ``common`` in every run."""
+
+    def flags(output_dir: Path, per_device: int, **extra: str) -> list[str]:
+        values = {
+            "mixer_list": [str(train_file), str(pairs)],
+            "per_device_train_batch_size": str(per_device),
+            "reference_batch_size": "8",
+            "learning_rate": "1e-2",
+        }
+        return small_run_args(model_dir, train_file, output_dir, **{**values, **common, **extra})
+
+    return flags
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     """Rows of ``<output_dir>/metrics.jsonl``."""
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -99,6 +137,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def python_command(flags: list[str]) -> list[str]:
+    """``python -m open_instruct.dpo_tune_cache`` with these flags, one process."""
+    return [sys.executable, "-m", "open_instruct.dpo_tune_cache", *flags]
 
 
 def torchrun_command(flags: list[str], nproc: int = 2, port: int | None = None) -> list[str]:

@@ -41,3 +41,23 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int = 4000, eos_token: str
         pad_token="<pad>",
         additional_special_tokens=[t for t in SPECIAL[3:] if t != eos_token],
     )
+
+
+def random_pair_records(
+    n: int, seed: int, vocab: int, prompt_lengths: tuple[int, int], reply_lengths: tuple[int, int], low: int = 3
+) -> list[dict[str, Any]]:
+    """``n`` tokenized pairs of random ids in ``[low, vocab)``: a prompt shared by both sides (labels -100), then each
+    side's reply; lengths drawn uniformly from the (inclusive) ranges, in the order prompt, chosen, rejected."""
+    import random
+
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        prompt = [rng.randrange(low, vocab) for _ in range(rng.randint(*prompt_lengths))]
+        record: dict[str, Any] = {"index": i}
+        for side in ("chosen", "rejected"):
+            reply = [rng.randrange(low, vocab) for _ in range(rng.randint(*reply_lengths))]
+            record[f"{side}_input_ids"] = prompt + reply
+            record[f"{side}_labels"] = [-100] * len(prompt) + reply
+        records.append(record)
+    return records

@@ -16,46 +16,21 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") != "1":
     sys.exit("run with TRITON_INTERPRET=1 (Triton's interpreter must be chosen before Triton is imported)")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_helpers
 
 import torch  # noqa: E402
+from model_helpers import padded_rows, rel, tiny_llama  # noqa: E402
 
 from open_instruct.data.tokenize import IGNORE_INDEX  # noqa: E402
 from open_instruct.model.liger import liger_available  # noqa: E402
 from open_instruct.objectives.logprobs import chunked_logprobs, sequence_logprobs  # noqa: E402
 
-VOCAB = 97
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).float().eval()
-
 
 def batch() -> dict[str, torch.Tensor]:
     """Four right-padded rows ``[4, 12]``, labels after a 3-token prompt; row 3 has no label."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, VOCAB, (4, 12), generator=g)
-    attention = (torch.arange(12) < torch.tensor([12, 7, 10, 9])[:, None]).long()
-    labels = torch.where((torch.arange(12) >= 3) & (attention == 1), ids, IGNORE_INDEX)
-    labels[3] = IGNORE_INDEX
-    return {"input_ids": ids * attention, "attention_mask": attention, "labels": labels}
+    rows = padded_rows()
+    rows["labels"][3] = IGNORE_INDEX
+    return rows
 
 
 def values_and_grads(model, fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -126,7 +101,7 @@ def main() -> None:
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     result: dict[str, object] = {"liger_available_cpu": liger_available("cpu")}
-    model = tiny_llama()
+    model = tiny_llama().eval()
     result["flce_padded"] = compare(model, padded("chunked"), padded("liger"))
     b = batch()
     result["flce_chunk_of_3"] = compare(model, lambda m: chunked_logprobs(m, **b, chunk_size=3), padded("liger"))

@@ -85,7 +85,7 @@ def test_metrics_truncate_after_drops_later_and_cut_rows(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"hf_entity": "org"}, "--hf_entity only applies with --push_to_hub"),
+        ({"hf_repo_id": "org/x"}, "--hf_repo_id needs --push_to_hub"),
         ({"skip_nonfinite_batches": -1}, "--skip_nonfinite_batches must be >= 0"),
         ({"keep_last_n_checkpoints": 0}, "--keep_last_n_checkpoints must be >= 1 or -1"),
         ({"checkpointing_steps": "often"}, "--checkpointing_steps must be a positive integer or 'epoch'"),

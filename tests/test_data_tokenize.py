@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from open_instruct.data.chat_templates import CHAT_TEMPLATES
+from open_instruct.data.chat_templates import CHAT_TEMPLATES, LABEL_RULE_TEMPLATES
 from open_instruct.data.synthetic import CHAT_TEMPLATE as OWN_TEMPLATE
 from open_instruct.data.tokenize import IGNORE_INDEX, tokenize_pairs
 from tests.data_helpers import HH_SAMPLE, read_hh_rows, train_bpe_tokenizer
@@ -31,7 +31,7 @@ PAIRS = [
         "rejected": [_m("assistant", "not done")],
     },
 ]
-TEMPLATES = {**CHAT_TEMPLATES, "own": OWN_TEMPLATE}
+TEMPLATES = {**{name: CHAT_TEMPLATES[name] for name in LABEL_RULE_TEMPLATES}, "own": OWN_TEMPLATE}
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,29 @@ def test_engine_line_names_every_engine():
     assert one_rank.describe().startswith("engine: fsdp2, 1 shard x 1 replica, per decoder layer")
 
 
+def test_the_fsdp_switch_of_the_process_state_ends_with_the_run():
+    """On CPU an FSDP2 run switches accelerate's process state, which lives as long as the process, to FSDP; the next
+    run in the process (the Python API's next stage, a matrix cell: it crashed with "no attribute is_fsdp2") starts
+    from the launcher's type again. The 2-process path: several FSDP2 cells in one launch in tests/test_matrix.py."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    from open_instruct.api import fresh_accelerate_state
+    from open_instruct.engine import fsdp2
+
+    existed = bool(PartialState._shared_state)
+    try:
+        with fresh_accelerate_state():
+            before = PartialState(cpu=True).distributed_type
+            fsdp2._SWITCHED_FROM.append(before)  # as Fsdp2Engine.build_accelerator records its switch
+            PartialState().distributed_type = DistributedType.FSDP
+        assert PartialState().distributed_type == before != DistributedType.FSDP
+        assert not fsdp2._SWITCHED_FROM
+    finally:
+        if not existed:
+            PartialState._reset_state()
+
+
 def test_conflict_is_one_error_line_before_any_work(tiny_model_dir, synthetic_data, tmp_path):
     flags = _flags(tiny_model_dir, synthetic_data[0], tmp_path / "out", zero_stage="2")
     result = subprocess.run(

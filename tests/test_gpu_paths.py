@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
+from data_helpers import random_pair_records
+from model_helpers import rel, tiny_llama
 
 from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
-from open_instruct.data.tokenize import IGNORE_INDEX
 from open_instruct.model.packed_kernels import FLEX_PACKED, TORCH_VARLEN, register_packed_kernels
 from open_instruct.model.packing import packed_sequence_logprobs, prepare_model_for_packing
 from open_instruct.objectives.logprobs import sequence_logprobs
@@ -30,41 +30,14 @@ VOCAB = 4096
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
-
-
 def llama(attn: str = "sdpa"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config).float().cuda().eval()
+    sizes = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 8, "num_key_value_heads": 4}
+    model = tiny_llama(attn, vocab_size=VOCAB, max_position_embeddings=512, **sizes)
+    return model.cuda().eval()
 
 
 def records(n: int = 6, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        record = {"index": i}
-        prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(3, 20))]
-        for side in ("chosen", "rejected"):
-            reply = [rng.randrange(1, VOCAB) for _ in range(rng.randint(5, 120))]
-            record[f"{side}_input_ids"] = prompt + reply
-            record[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + reply
-        out.append(record)
-    return out
+    return random_pair_records(n, seed, VOCAB, (3, 20), (5, 120), low=1)
 
 
 def to_cuda(batch: dict) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import VOCAB, tiny_llama
 
 from open_instruct.data.tokenize import IGNORE_INDEX
 from open_instruct.model.liger import CPU_FALLBACK_MESSAGE, resolve_logprob_impl
@@ -15,27 +16,11 @@ from open_instruct.objectives.logprobs import (
     supports_chunked,
 )
 
-VOCAB = 97
-
 
 @pytest.fixture(scope="module")
 def model():
     """A randomly initialised tiny Llama in fp32 (untied head, so both embeddings get their own gradient)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).float().eval()  # eval: no dropout, so two forwards are comparable
+    return tiny_llama().eval()  # eval: no dropout, so two forwards are comparable
 
 
 def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -162,24 +147,13 @@ def test_liger_flag_without_cuda_falls_back_to_chunked(model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels need CUDA")
 def test_liger_matches_chunked_on_cuda():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from open_instruct.model.liger import apply_liger_kernels
     from open_instruct.objectives.logprobs import liger_logprobs
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
-    plain = LlamaForCausalLM(config).cuda().eval()
-    patched = LlamaForCausalLM(config).cuda().eval()
+    plain = tiny_llama(hidden_size=64, intermediate_size=128, max_position_embeddings=2048).cuda().eval()
+    patched = LlamaForCausalLM(plain.config).cuda().eval()
     patched.load_state_dict(plain.state_dict())
     apply_liger_kernels(patched)
     batch = {k: v.cuda() for k, v in make_batch(7).items()}

@@ -7,23 +7,13 @@ global batch (8 pairs per step), so every step's loss, the trained adapters and 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import ROOT, cli_env, read_metrics, small_run_args, torchrun_command
+from conftest import comparison_flags, launch, python_command, read_metrics, torchrun_command
 
 # fp32 on both sides; the only differences are the order of float sums (gradient reduce-scatter across 2 ranks).
 LOSS_ATOL = 1e-5
 WEIGHT_ATOL = 1e-5
-
-
-def _launch(command: list[str], cache: Path) -> None:
-    env = {**cli_env(cache), "DS_ACCELERATOR": "cpu", "ACCELERATE_LOG_LEVEL": "error"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
 
 
 @pytest.mark.slow
@@ -34,26 +24,20 @@ def test_lora_zero3_two_processes_match_one_process(tiny_model_dir, synthetic_da
 
     train, _ = synthetic_data
 
-    def flags(out: Path, per_device: int, **extra: str) -> list[str]:
-        return small_run_args(
-            tiny_model_dir,
-            train,
-            out,
-            mixer_list=[str(train), "32"],
-            per_device_train_batch_size=str(per_device),
-            reference_batch_size="8",
-            learning_rate="1e-2",
-            use_lora="true",
-            lora_rank="8",
-            lora_dropout="0.0",
-            merge_lora="true",
-            logprob_chunk_size="8",  # several chunks, a different number on each rank
-            **extra,
-        )
+    flags = comparison_flags(
+        tiny_model_dir,
+        train,
+        32,
+        use_lora="true",
+        lora_rank="8",
+        lora_dropout="0.0",
+        merge_lora="true",
+        logprob_chunk_size="8",  # several chunks, a different number on each rank
+    )
 
     one, two = tmp_path / "one", tmp_path / "two"
-    _launch([sys.executable, "-m", "open_instruct.dpo_tune_cache", *flags(one, 8)], tmp_path / "cache1")
-    _launch(torchrun_command(flags(two, 4, zero_stage="3", gradient_checkpointing="true")), tmp_path / "cache2")
+    launch(python_command(flags(one, 8)), tmp_path / "cache1")
+    launch(torchrun_command(flags(two, 4, zero_stage="3", gradient_checkpointing="true")), tmp_path / "cache2")
 
     expected = [row["train_loss"] for row in read_metrics(one)]
     losses = [row["train_loss"] for row in read_metrics(two)]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
+from trl_helpers import fused_head_model, trl_compute_loss
 
 from open_instruct.config import DPOArguments, UserError, validate
 from open_instruct.objectives.losses import LOSSES, LossSettings, PreferenceLogps, get_loss, wpo_weights
@@ -257,25 +257,18 @@ def _trl_dpo_loss(
     TRL (>= 1.0) computes the loss inline in ``_compute_loss``; the trainer object is a namespace holding only the
     attributes that method reads, and the model returns the per-token log-probs TRL's fused head would.
     """
-    from trl import DPOTrainer
-
     n = token_logps.shape[0]
-    zeros = torch.zeros_like(token_logps)
-
-    def model(**kwargs):
-        assert kwargs["fused_lm_head"]
-        return SimpleNamespace(
-            log_probs=token_logps,
-            entropy=zeros,
-            mean_logits=zeros,
-            is_top1=torch.zeros_like(token_logps, dtype=torch.bool),
-        )
-
-    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
-    trainer = SimpleNamespace(
+    inputs = {
+        "input_ids": torch.zeros(n, completion_mask.shape[1], dtype=torch.long),
+        "attention_mask": torch.ones_like(completion_mask),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
+    return trl_compute_loss(
+        fused_head_model(token_logps),
+        inputs,
         model=SimpleNamespace(training=True),
-        accelerator=accelerator,
-        aux_loss_enabled=False,
         ld_alpha=None,
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
@@ -284,18 +277,7 @@ def _trl_dpo_loss(
         beta=beta,
         label_smoothing=label_smoothing,
         use_weighting=False,
-        _total_train_tokens=0,
-        _tp_size=1,
-        _metrics={"train": defaultdict(list)},
     )
-    inputs = {
-        "input_ids": torch.zeros(n, completion_mask.shape[1], dtype=torch.long),
-        "attention_mask": torch.ones_like(completion_mask),
-        "completion_mask": completion_mask,
-        "ref_chosen_logps": ref_chosen,
-        "ref_rejected_logps": ref_rejected,
-    }
-    return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
 
 
 def _token_batch(batch: int, length: int, seed: int):

@@ -4,11 +4,12 @@ per-token log-probs, and against each paper's formula written here element by el
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
+from data_helpers import random_pair_records
+from trl_helpers import fused_head_model, trl_compute_loss
 
 from open_instruct.objectives.combination import combination_problems, combined_loss, ld_weighted
 from open_instruct.objectives.logprobs import (
@@ -41,30 +42,20 @@ def _token_batch(batch: int, length: int, seed: int, dtype=torch.float32):
 def _trl_loss(policy, reference, sum_sq, completion, **config) -> torch.Tensor:
     """TRL's ``DPOTrainer._compute_loss`` on stand-in models returning these per-token values (the reference model's
     forward too, so TRL applies LD-DPO to the reference itself). The trainer object holds only what the method reads."""
-    from trl import DPOTrainer
-
-    zeros = torch.zeros_like(policy)
-
-    def model(**kwargs):
-        assert kwargs["fused_lm_head"]
-        return SimpleNamespace(
-            log_probs=policy,
-            log_sum_sq_probs=sum_sq,
-            entropy=zeros,
-            mean_logits=zeros,
-            is_top1=torch.zeros_like(policy, dtype=torch.bool),
-        )
-
-    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
     loss_types = config.get("loss_type", ["sigmoid"])
     trainer_model = torch.nn.Module()  # what TRL inspects: training mode, checkpointing, not a PEFT model
     trainer_model.is_gradient_checkpointing = False
-    trainer = SimpleNamespace(
+    inputs = {
+        "input_ids": torch.zeros_like(completion),
+        "attention_mask": torch.ones_like(completion),
+        "completion_mask": completion,
+    }
+    return trl_compute_loss(
+        fused_head_model(policy, log_sum_sq_probs=sum_sq),
+        inputs,
         model=trainer_model,
         ref_model=lambda **kwargs: SimpleNamespace(log_probs=reference),
         args=SimpleNamespace(discopop_tau=config.get("discopop_tau", 0.05), gradient_checkpointing_kwargs=None),
-        accelerator=accelerator,
-        aux_loss_enabled=False,
         precompute_ref_logps=False,
         ld_alpha=config.get("ld_alpha"),
         f_divergence_type=config.get("f_divergence_type", "reverse_kl"),
@@ -74,16 +65,7 @@ def _trl_loss(policy, reference, sum_sq, completion, **config) -> torch.Tensor:
         beta=config.get("beta", 0.3),
         label_smoothing=config.get("label_smoothing", 0.0),
         use_weighting=config.get("use_weighting", False),
-        _total_train_tokens=0,
-        _tp_size=1,
-        _metrics={"train": defaultdict(list)},
     )
-    inputs = {
-        "input_ids": torch.zeros_like(completion),
-        "attention_mask": torch.ones_like(completion),
-        "completion_mask": completion,
-    }
-    return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
 
 
 def _reference_table(reference: torch.Tensor, mask: torch.Tensor) -> ReferenceLogps:
@@ -424,8 +406,6 @@ def test_valid_trl_recipes_pass():
 
 def test_ld_split_and_wpo_terms_same_packed_and_padded(tiny_model_dir):
     """LD-DPO's split sums and the WPO terms do not depend on the batch layout (padded rows or one packed row)."""
-    import random
-
     from transformers import AutoModelForCausalLM
 
     from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
@@ -433,16 +413,7 @@ def test_ld_split_and_wpo_terms_same_packed_and_padded(tiny_model_dir):
     from open_instruct.objectives.logprobs import sequence_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa", dtype=torch.float32)
-    rng = random.Random(5)
-    records = []
-    for i in range(4):
-        prompt = [rng.randrange(3, model.config.vocab_size) for _ in range(rng.randint(2, 5))]
-        record = {"index": i}
-        for side in ("chosen", "rejected"):
-            reply = [rng.randrange(3, model.config.vocab_size) for _ in range(rng.randint(1, 15))]
-            record[f"{side}_input_ids"] = prompt + reply
-            record[f"{side}_labels"] = [-100] * len(prompt) + reply
-        records.append(record)
+    records = random_pair_records(4, 5, model.config.vocab_size, (2, 5), (1, 15))
     padded = PaddedPairCollator(pad_token_id=0)(records)
     expected = sequence_logprobs(
         model, padded["input_ids"], padded["attention_mask"], padded["labels"], chunk_size=5, with_sum_sq=True
@@ -460,8 +431,6 @@ def test_ld_split_and_wpo_terms_same_packed_and_padded(tiny_model_dir):
 
 
 def _tiny_pair(tiny_model_dir):
-    import random
-
     from transformers import AutoModelForCausalLM
 
     from open_instruct.data.collate import PaddedPairCollator
@@ -472,16 +441,7 @@ def _tiny_pair(tiny_model_dir):
     with torch.no_grad():  # a policy some way from its reference
         for p in policy.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-    rng = random.Random(7)
-    records = []
-    for i in range(4):
-        prompt = [rng.randrange(3, policy.config.vocab_size) for _ in range(rng.randint(2, 5))]
-        record = {"index": i}
-        for side in ("chosen", "rejected"):
-            reply = [rng.randrange(3, policy.config.vocab_size) for _ in range(rng.randint(2, 14))]
-            record[f"{side}_input_ids"] = prompt + reply
-            record[f"{side}_labels"] = [-100] * len(prompt) + reply
-        records.append(record)
+    records = random_pair_records(4, 7, policy.config.vocab_size, (2, 5), (2, 14))
     return policy, reference, PaddedPairCollator(pad_token_id=0)(records)
 
 
@@ -498,7 +458,6 @@ def test_model_level_matches_trl_dpo_trainer(tiny_model_dir, config):
     """TRL's ``_compute_loss`` with its fused LM head on the tiny policy and reference models, against our chunked
     log-probs, our reference pass (as cached) and our objective: loss and every parameter gradient, fp32."""
     pytest.importorskip("trl")
-    from trl import DPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
     from open_instruct.training import reference_cache
@@ -528,13 +487,17 @@ def test_model_level_matches_trl_dpo_trainer(tiny_model_dir, config):
     outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
     add_fused_lm_head(policy, outputs=outputs)
     add_fused_lm_head(reference)
-    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
-    trainer = SimpleNamespace(
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "completion_mask": (batch["labels"] != -100).long(),
+    }
+    trl = trl_compute_loss(
+        policy,
+        inputs,
         model=policy,
         ref_model=reference,
         args=SimpleNamespace(discopop_tau=settings.discopop_tau, gradient_checkpointing_kwargs=None),
-        accelerator=accelerator,
-        aux_loss_enabled=False,
         precompute_ref_logps=False,
         ld_alpha=settings.ld_alpha,
         f_divergence_type=settings.f_divergence_type,
@@ -544,16 +507,7 @@ def test_model_level_matches_trl_dpo_trainer(tiny_model_dir, config):
         beta=settings.beta,
         label_smoothing=settings.label_smoothing,
         use_weighting=settings.use_weighting,
-        _total_train_tokens=0,
-        _tp_size=1,
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
     )
-    inputs = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": batch["attention_mask"],
-        "completion_mask": (batch["labels"] != -100).long(),
-    }
-    trl = DPOTrainer._compute_loss(trainer, policy, inputs, return_outputs=False)
     trl.backward()
     torch.testing.assert_close(ours.detach(), trl.detach(), rtol=1e-5, atol=1e-5)
     for name, p in policy.named_parameters():

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, free_port, read_metrics, run_cli, small_run_args, torchrun_command
+from conftest import (
+    free_port,
+    launch,
+    read_metrics,
+    run_cli,
+    run_python,
+    small_run_args,
+    torchrun_command,
+)
+from model_helpers import padded_rows, tiny_llama
 
-from open_instruct.data.tokenize import IGNORE_INDEX
 from open_instruct.objectives.logprobs import sequence_logprobs
 from open_instruct.training.evaluation import gather_table
 from open_instruct.training.precision import in_run_precision, record_activation_dtypes
 from open_instruct.training.reference_cache import compute as reference_pass
 
-VOCAB = 97
 # Largest per-step |loss(bf16) - loss(fp32)| accepted over 10 steps of the tiny model at lr 1e-3 (measured: 8e-4 for
 # autocast, 2e-3 for ZeRO-3). bf16 keeps 8 bits of mantissa, so per-token log-probs move by ~1e-2 and the DPO loss,
 # a difference of averaged log-probs through a sigmoid, by a few 1e-3.
@@ -32,35 +37,12 @@ LOSS_TOLERANCE = 0.02
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).float()
+    return tiny_llama()
 
 
 def make_batch() -> dict[str, torch.Tensor]:
     """A padded pair batch ``[4, 12]``: 2 chosen rows then 2 rejected, labels after a 3-token prompt."""
-    g = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(1, VOCAB, (4, 12), generator=g)
-    attention = (torch.arange(12) < torch.tensor([12, 7, 10, 9])[:, None]).long()
-    labels = torch.where((torch.arange(12) >= 3) & (attention == 1), input_ids, IGNORE_INDEX)
-    return {
-        "input_ids": input_ids * attention,
-        "attention_mask": attention,
-        "labels": labels,
-        "index": torch.arange(2),
-    }
+    return {**padded_rows(), "index": torch.arange(2)}
 
 
 def accelerator_for(mixed_precision: str):
@@ -213,7 +195,6 @@ def test_bf16_training_tracks_fp32(tiny_model_dir, synthetic_data, fp32_losses, 
 
 @pytest.mark.slow
 def test_bf16_zero2_and_zero3_on_two_processes_track_fp32(tiny_model_dir, synthetic_data, fp32_losses, tmp_path):
-    env = {**cli_env(tmp_path / "cache"), "DS_ACCELERATOR": "cpu", "ACCELERATE_LOG_LEVEL": "error"}
     for stage in ("2", "3"):
         out = tmp_path / f"zero{stage}"
         flags = _flags(
@@ -224,10 +205,7 @@ def test_bf16_zero2_and_zero3_on_two_processes_track_fp32(tiny_model_dir, synthe
             zero_stage=stage,
             mixed_precision="bf16",
         )
-        result = subprocess.run(
-            torchrun_command(flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=420
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        result = launch(torchrun_command(flags), tmp_path / "cache")
         _check_run(out, fp32_losses, result.stdout)
 
 
@@ -236,14 +214,7 @@ def test_sft_stage_runs_in_bf16_too(tiny_model_dir, synthetic_data, tmp_path):
     args = ["--model_name_or_path", str(tiny_model_dir), "--mixer_list", str(synthetic_data[0]), "16"]
     args += ["--max_seq_length", "64", "--per_device_train_batch_size", "8", "--mixed_precision", "bf16"]
     args += ["--output_dir", str(tmp_path / "out")]
-    result = subprocess.run(
-        [sys.executable, "-m", "open_instruct.finetune", *args],
-        cwd=ROOT,
-        env=cli_env(tmp_path / "cache"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_python(["-m", "open_instruct.finetune", *args], tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "precision: decoder matmuls bfloat16, log-probs float32" in result.stdout
     assert all(math.isfinite(r["train_loss"]) for r in read_metrics(tmp_path / "out") if "train_loss" in r)

@@ -9,14 +9,12 @@ and, on 2 processes, against one process for a run whose last optimizer step is 
 from __future__ import annotations
 
 import copy
-import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, read_metrics, small_run_args, torchrun_command
+from conftest import comparison_flags, launch, python_command, read_metrics, torchrun_command
+from data_helpers import random_pair_records
+from model_helpers import tiny_llama
 
 from open_instruct.data.sampler import pair_dataloader, real_rows_fn
 
@@ -28,33 +26,12 @@ LOSS_ATOL, WEIGHT_ATOL = 1e-5, 1e-4
 
 def _records(n: int, seed: int = 0) -> list[dict]:
     """Pairs of random tokens with a shared prompt (label -100) and answers of very different lengths."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        prompt = [rng.randrange(3, 64) for _ in range(rng.randint(2, 6))]
-        row = {"index": i}
-        for side in ("chosen", "rejected"):
-            answer = [rng.randrange(3, 64) for _ in range(rng.randint(2, 30))]
-            row[f"{side}_input_ids"] = prompt + answer
-            row[f"{side}_labels"] = [-100] * len(prompt) + answer
-        out.append(row)
-    return out
+    return random_pair_records(n, seed, 64, (2, 6), (2, 30))
 
 
 def _model() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).float()
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_key_value_heads": 2}
+    return tiny_llama(vocab_size=64, num_attention_heads=2, max_position_embeddings=128, pad_token_id=None, **sizes)
 
 
 def _step_pieces(packing: bool) -> tuple:
@@ -145,12 +122,6 @@ def test_real_rows_are_each_pair_once_in_accelerates_shards(world, batch, mode):
     assert sorted(seen) == list(range(30))
 
 
-def _launch(command: list[str], cache: Path) -> None:
-    env = {**cli_env(cache), "DS_ACCELERATOR": "cpu", "ACCELERATE_LOG_LEVEL": "error"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-
-
 @pytest.mark.slow
 def test_partial_last_step_matches_one_process(tiny_model_dir, synthetic_data, tmp_path):
     """30 pairs, 4 optimizer steps of 8 (the last one 6): one process (4 per device x 2 accumulation) against 2
@@ -159,30 +130,18 @@ def test_partial_last_step_matches_one_process(tiny_model_dir, synthetic_data, t
 
     train, _ = synthetic_data
 
-    def flags(out: Path, per_device: int, **extra: str) -> list[str]:
-        return small_run_args(
-            tiny_model_dir,
-            train,
-            out,
-            mixer_list=[str(train), "30"],
-            per_device_train_batch_size=str(per_device),
-            gradient_accumulation_steps="2",
-            reference_batch_size="8",
-            learning_rate="1e-2",
-            # Padded rows: at lr 1e-2 Adam amplifies ZeRO-3's different reduction order on near-zero gradients of
-            # packed rows past 1e-4 in a few weights; the packed engines are compared in scripts/matrix.
-            packing="false",
-            **extra,
-        )
+    # Padded rows: at lr 1e-2 Adam amplifies ZeRO-3's different reduction order on near-zero gradients of packed rows
+    # past 1e-4 in a few weights; the packed engines are compared in scripts/matrix.
+    flags = comparison_flags(tiny_model_dir, train, 30, gradient_accumulation_steps="2", packing="false")
 
     one = tmp_path / "one"
-    _launch([sys.executable, "-m", "open_instruct.dpo_tune_cache", *flags(one, 4)], tmp_path / "cache")
+    launch(python_command(flags(one, 4)), tmp_path / "cache")
     expected = read_metrics(one)
     assert [row["training_step"] for row in expected] == [1, 2, 3, 4]
     weights = load_file(one / "model.safetensors")
     for engine, extra in (("ddp", {}), ("zero2", {"zero_stage": "2"}), ("zero3", {"zero_stage": "3"})):
         out = tmp_path / engine
-        _launch(torchrun_command(flags(out, 2, **extra)), tmp_path / "cache")
+        launch(torchrun_command(flags(out, 2, **extra)), tmp_path / "cache")
         rows = read_metrics(out)
         assert [r["training_step"] for r in rows] == [1, 2, 3, 4], engine
         for got, want in zip(rows, expected):

@@ -12,26 +12,43 @@ from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
+from open_instruct.config import compat
+from open_instruct.config.open_instruct_flags import OpenInstructFlags
+from open_instruct.data.chat_templates import CHAT_TEMPLATES as _TEMPLATE_TABLE
+from open_instruct.data.chat_templates import TOKENIZER_TEMPLATE_NAMES
 from open_instruct.data.formats import FORMATS
 from open_instruct.errors import UserError
 from open_instruct.objectives.combination import combination_problems
 from open_instruct.objectives.losses import LossSettings, loss_names, loss_spec
+from open_instruct.plan.gpus import GPUS
+from open_instruct.ranges import Range, range_problems
 from open_instruct.training.preemption import parse_signals
 
 
-def _f(default: Any, help: str, aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None) -> Any:
+def _f(
+    default: Any,
+    help: str,
+    aliases: tuple[str, ...] = (),
+    choices: tuple[str, ...] | None = None,
+    valid: Range | None = None,
+) -> Any:
+    """A flag: its default, help, legacy aliases, choices and (numbers) valid range, checked by ``validate``."""
     meta: dict[str, Any] = {"help": help, "aliases": aliases}
     if choices is not None:
         meta["choices"] = choices
+    if valid is not None:
+        meta["valid"] = valid
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+POS = Range(1)  # counts and sizes
+NONNEG = Range(0)
 LOSS_TYPES = loss_names()  # the loss registry's names and aliases (open_instruct.objectives.losses.LOSSES)
 SCHEDULERS = ("linear", "cosine", "constant")
 DATASET_FORMATS = ("auto", *FORMATS)  # the normalizers in data/formats.py
-CHAT_TEMPLATES = ("tulu", "zephyr", "chatml", "olmo")
+CHAT_TEMPLATES = (*_TEMPLATE_TABLE, *TOKENIZER_TEMPLATE_NAMES)  # data/chat_templates.py
 
 
 def default_reference_cache_dir() -> str:
@@ -56,6 +73,7 @@ def _loss_hyperparameter_flags() -> type:
                     f.metadata["help"],
                     f.metadata.get("aliases", ()),
                     f.metadata.get("choices"),
+                    f.metadata.get("valid"),
                 ),
             )
             for f in fields(LossSettings)
@@ -64,23 +82,26 @@ def _loss_hyperparameter_flags() -> type:
 
 
 @dataclass
-class DPOArguments(_loss_hyperparameter_flags()):
-    """All settings of one DPO run. Defaults follow the Tulu 3 DPO recipe (dpo_norm, beta 5)."""
+class DPOArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
+    """All settings of one DPO run. Defaults follow the Tulu 3 DPO recipe (dpo_norm, beta 5); open-instruct's other
+    flags come from :class:`~open_instruct.config.open_instruct_flags.OpenInstructFlags`."""
 
     # --- experiment -------------------------------------------------------------------------------------------
     exp_name: str = _f("dpo", "Name of the run (wandb run name, hub repo name).")
-    seed: int = _f(42, "Random seed for data order, dropout and synthetic data.")
+    seed: int = _f(42, "Random seed for data order, dropout and synthetic data.", valid=Range(0, 2**32 - 1))
     output_dir: str = _f("output/dpo", "Where metrics, checkpoints and the final model go.")
-    logging_steps: int = _f(1, "Log metrics every N optimizer steps.")
+    logging_steps: int = _f(1, "Log metrics every N optimizer steps.", valid=POS)
     checkpointing_steps: str | None = _f(None, "Save the training state every N optimizer steps, or 'epoch'.")
-    keep_last_n_checkpoints: int = _f(3, "Keep this many step checkpoints (-1: all).")
+    keep_last_n_checkpoints: int = _f(3, "Keep this many step checkpoints (-1: all).", valid=Range(1, also=(-1,)))
     resume_from_checkpoint: str | None = _f(None, "A step_N checkpoint folder to resume from.")
     preemption_signals: str = _f(
         "SIGTERM,SIGINT,SIGUSR1",
         "Signals that stop the run cleanly: finish the optimizer step (or reference batch), save a checkpoint (or "
         "the reference shards), exit with code 75 to be requeued; the same command resumes. 'none': default actions.",
     )
-    skip_nonfinite_batches: int = _f(0, "Tolerate up to N batches with a NaN/Inf loss (skipped and counted).")
+    skip_nonfinite_batches: int = _f(
+        0, "Tolerate up to N batches with a NaN/Inf loss (skipped and counted).", valid=NONNEG
+    )
     with_tracking: bool = _f(False, "Log metrics and the config to wandb.", aliases=("report_to_wandb",))
     wandb_project: str = _f("open_instruct_internal", "wandb project.", aliases=("wandb_project_name",))
     wandb_entity: str | None = _f(None, "wandb entity (team or user).")
@@ -110,20 +131,22 @@ class DPOArguments(_loss_hyperparameter_flags()):
         None, "no, bf16 or fp16 (default: what accelerate launch says, else no).", choices=("no", "bf16", "fp16")
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward to save memory.")
-    activation_memory_budget: float = _f(1.0, "Below 1.0 turns on gradient checkpointing.")
+    activation_memory_budget: float = _f(
+        1.0, "Below 1.0 turns on gradient checkpointing.", valid=Range(0, 1, low_open=True)
+    )
     use_liger_kernel: bool = _f(False, "Liger fused kernels (CUDA only; falls back to chunked log-probs on CPU).")
     use_lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
     use_qlora: bool = _f(False, "QLoRA: LoRA on a 4-bit NF4 base model (needs CUDA and bitsandbytes; implies LoRA).")
-    lora_rank: int = _f(64, "LoRA rank.")
-    lora_alpha: float = _f(16, "LoRA alpha.")
-    lora_dropout: float = _f(0.1, "LoRA dropout.")
+    lora_rank: int = _f(64, "LoRA rank.", valid=POS)
+    lora_alpha: float = _f(16, "LoRA alpha.", valid=Range(0, low_open=True))
+    lora_dropout: float = _f(0.1, "LoRA dropout.", valid=Range(0, 1, high_open=True))
     lora_target_modules: list[str] = _f(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Module-name suffixes that get adapters (or all-linear).",
     )
     merge_lora: bool = _f(False, "Also save merged full weights (into <output_dir>/merged) after LoRA training.")
     load_balancing_loss: bool = _f(False, "Add the MoE router load-balancing loss.")
-    load_balancing_weight: float = _f(0.001, "Weight of the load-balancing loss.")
+    load_balancing_weight: float = _f(0.001, "Weight of the load-balancing loss.", valid=NONNEG)
 
     # --- data -------------------------------------------------------------------------------------------------
     mixer_list: list[str] = _f(
@@ -138,8 +161,14 @@ class DPOArguments(_loss_hyperparameter_flags()):
     eval_mixer_list_splits: list[str] = _f(
         ["test"], "Split per evaluation dataset.", aliases=("dataset_mixer_eval_list_splits",)
     )
-    eval_fraction: float = _f(0.0, "Hold out this fraction of each training dataset's valid rows for evaluation.")
-    eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and at the end); needs an evaluation set.")
+    eval_fraction: float = _f(
+        0.0,
+        "Hold out this fraction of each training dataset's valid rows for evaluation.",
+        valid=Range(0, 1, high_open=True),
+    )
+    eval_steps: int | None = _f(
+        None, "Evaluate every N optimizer steps (and at the end); needs an evaluation set.", valid=POS
+    )
     dataset_format: str = _f(
         "auto", "Row format of every dataset (auto: detected from columns).", choices=DATASET_FORMATS
     )
@@ -148,17 +177,20 @@ class DPOArguments(_loss_hyperparameter_flags()):
         None, "One of our chat templates instead of the tokenizer's.", choices=CHAT_TEMPLATES
     )
     add_bos: bool = _f(False, "Prepend the BOS token when the chat template does not.")
-    max_seq_length: int = _f(2048, "Maximum tokens per sequence (prompt + reply).")
+    max_seq_length: int = _f(2048, "Maximum tokens per sequence (prompt + reply).", valid=POS)
     max_response_length: int | None = _f(
         None,
         "Cut each reply to at most N tokens, EOS included (TRL's max_completion_length).",
         aliases=("max_completion_length",),
+        valid=POS,
     )
-    max_train_samples: int | None = _f(None, "Use at most this many training pairs.")
+    max_train_samples: int | None = _f(None, "Use at most this many training pairs.", valid=POS)
     cache_dataset_only: bool = _f(False, "Prepare and cache the tokenized dataset, then exit.")
-    dataset_local_cache_dir: str = _f("local_dataset_cache", "Where prepared (tokenized) datasets are cached.")
+    dataset_local_cache_dir: str = _f(
+        "local_dataset_cache", "Where prepared (tokenized) datasets are cached.", aliases=("local_cache_dir",)
+    )
     preprocessing_num_workers: int | None = _f(
-        None, "Processes that tokenize the data (None: 1); the prepared data is identical for any number."
+        None, "Processes that tokenize the data (None: 1); the prepared data is identical for any number.", valid=POS
     )
     reference_logprobs_cache_path: str = _f(
         "", "Folder of the reference log-prob cache (default: $REFERENCE_LOGPROBS_CACHE_PATH or ~/.cache/...)."
@@ -175,25 +207,28 @@ class DPOArguments(_loss_hyperparameter_flags()):
         None,
         "Token budget per micro-batch (packed: real tokens; padded: rows x longest): micro-batches hold as many "
         "pairs as fit, instead of --per_device_train_batch_size pairs.",
+        valid=POS,
     )
     group_by_length: bool | None = _f(
         None,
         "Batch pairs of similar length, batches still in shuffled order (less padding). Unset: on when the run "
         "pads by default (see --packing).",
     )
-    reference_batch_size: int | None = _f(None, "Batch size of the reference pass (default: 2x training).")
+    reference_batch_size: int | None = _f(None, "Batch size of the reference pass (default: 2x training).", valid=POS)
 
     # --- optimisation -----------------------------------------------------------------------------------------
-    per_device_train_batch_size: int = _f(1, "Pairs per device per micro-batch.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    learning_rate: float = _f(5e-7, "Peak learning rate.")
+    per_device_train_batch_size: int = _f(1, "Pairs per device per micro-batch.", valid=POS)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", valid=POS)
+    learning_rate: float = _f(5e-7, "Peak learning rate.", valid=NONNEG)
     lr_scheduler_type: str = _f("linear", "Schedule after warmup.", choices=SCHEDULERS)
-    warmup_ratio: float = _f(0.1, "Fraction of optimizer steps spent warming up.")
-    warmup_steps: int | None = _f(None, "Optimizer steps spent warming up (overrides --warmup_ratio).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(-1.0, "Clip gradients to this norm (<= 0: no clipping).", aliases=("clip_grad_norm",))
-    num_epochs: int = _f(1, "Epochs over the training mix.", aliases=("num_train_epochs",))
-    max_train_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides num_epochs).")
+    warmup_ratio: float = _f(0.1, "Fraction of optimizer steps spent warming up.", valid=Range(0, 1))
+    warmup_steps: int | None = _f(None, "Optimizer steps spent warming up (overrides --warmup_ratio).", valid=NONNEG)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", valid=NONNEG)
+    max_grad_norm: float = _f(
+        -1.0, "Clip gradients to this norm (<= 0: no clipping).", aliases=("clip_grad_norm",), valid=Range()
+    )
+    num_epochs: int = _f(1, "Epochs over the training mix.", aliases=("num_train_epochs",), valid=POS)
+    max_train_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides num_epochs).", valid=POS)
 
     # --- loss -------------------------------------------------------------------------------------------------
     # (its hyperparameters: the LossSettings fields, inherited)
@@ -203,7 +238,7 @@ class DPOArguments(_loss_hyperparameter_flags()):
         aliases=("dpo_loss_type",),
         choices=LOSS_TYPES,
     )
-    loss_weights: list[float] | None = _f(None, "One weight per --loss_type entry (default: 1 each).")
+    loss_weights: list[float] | None = _f(None, "One weight per --loss_type entry (default: 1 each).", valid=NONNEG)
     reference_free: bool = _f(False, "Use a zero reference (skips the reference pass).")
     separate_forward: bool = _f(
         False,
@@ -214,10 +249,13 @@ class DPOArguments(_loss_hyperparameter_flags()):
         None,
         "Tokens per chunk of the output projection in the chunked log-probs "
         "(default: 2^23 / vocabulary size, e.g. 65 at 128k, 1024 at 8k).",
+        valid=POS,
     )
 
     # --- distributed ------------------------------------------------------------------------------------------
-    zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (0-3); with --deepspeed_config it overrides the file's.")
+    zero_stage: int | None = _f(
+        None, "DeepSpeed ZeRO stage (0-3); with --deepspeed_config it overrides the file's.", valid=Range(0, 3)
+    )
     offload_optimizer: bool = _f(False, "ZeRO: offload optimizer state to CPU.")
     offload_param: bool = _f(False, "ZeRO-3: offload parameters to CPU.")
     deepspeed_config: str | None = _f(
@@ -229,13 +267,37 @@ class DPOArguments(_loss_hyperparameter_flags()):
         "(also: accelerate launch --use_fsdp, or an accelerate config with distributed_type FSDP).",
     )
     fsdp_shard_degree: int | None = _f(
-        None, "FSDP2: ranks each parameter is sharded over (default: all, or the processes / --fsdp_num_replicas)."
+        None,
+        "FSDP2: ranks each parameter is sharded over (default: all, or the processes / --fsdp_num_replicas).",
+        valid=POS,
     )
     fsdp_num_replicas: int | None = _f(
-        None, "FSDP2: model replicas, gradients all-reduced across them (HSDP when > 1; default 1)."
+        None, "FSDP2: model replicas, gradients all-reduced across them (HSDP when > 1; default 1).", valid=POS
     )
     fsdp_offload_params: bool = _f(False, "FSDP2: keep sharded parameters, gradients and optimizer state on CPU.")
-    timeout: int = _f(1800, "Seconds before a collective operation times out.")
+    timeout: int = _f(1800, "Seconds before a collective operation times out.", valid=POS)
+
+    # --- planning ---------------------------------------------------------------------------------------------
+    dry_run: bool = _f(
+        False,
+        "Check every flag, the model's config.json (no weights), the datasets' first rows, the output folder, the Hub "
+        "target and tracking; print the plan (recipe, memory per GPU by phase, fit, time) and exit 0.",
+    )
+    dry_run_gpu: str | None = _f(None, "The GPU to plan for (default: this machine's).", choices=tuple(GPUS))
+    dry_run_num_processes: int | None = _f(
+        None, "Processes (GPUs) to plan for (default: the launcher's WORLD_SIZE, else nodes x local GPUs).", valid=POS
+    )
+    dry_run_num_nodes: int | None = _f(
+        None, "Nodes to plan for (default: NUM_NODES / the launcher's, else 1).", valid=POS
+    )
+    dry_run_num_pairs: int | None = _f(
+        None, "Training examples to plan for when a dataset's size cannot be read (a Hub dataset offline).", valid=POS
+    )
+    dry_run_mfu: float | None = _f(
+        None,
+        "Model FLOPs utilisation for the time estimate (default: measured, or 0.35).",
+        valid=Range(0, 1, low_open=True),
+    )
 
     def __post_init__(self) -> None:
         if not self.reference_logprobs_cache_path:
@@ -244,6 +306,7 @@ class DPOArguments(_loss_hyperparameter_flags()):
             self.loss_type = self.loss_type.split()
         if isinstance(self.loss_weights, int | float):
             self.loss_weights = [float(self.loss_weights)]
+        compat.normalize(self)
 
     def _specs(self) -> list[Any]:
         known = [name for name in self.loss_type if name in LOSS_TYPES]
@@ -273,92 +336,24 @@ class DPOArguments(_loss_hyperparameter_flags()):
 NOT_YET_SUPPORTED: tuple[str, ...] = ()
 
 
-def _model_option_problems(args: DPOArguments) -> list[str]:
-    """Inconsistent LoRA / MoE / model-loading flags."""
+def _consistency_problems(args: DPOArguments) -> list[str]:
+    """Flags that contradict each other (a flag missing what it needs is a ``FLAG_RULES`` entry instead)."""
     problems = []
-    if args.lora_rank < 1:
-        problems.append(f"--lora_rank must be >= 1, got {args.lora_rank}")
-    if args.lora_alpha <= 0:
-        problems.append(f"--lora_alpha must be > 0, got {args.lora_alpha}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.model_name_or_path is None and not (args.cache_dataset_only and args.tokenizer_name_or_path):
+        problems.append("--model_name_or_path is required (--cache_dataset_only needs only --tokenizer_name_or_path)")
+    problems.extend(compat.problems(args))  # incl. exactly one dataset selection (--mixer_list, --dataset_name, ...)
+    for name in ("mixer_list", "eval_mixer_list"):
+        if len(getattr(args, name)) % 2:
+            problems.append(f"--{name} takes pairs of DATASET AMOUNT, got {len(getattr(args, name))} values")
     if not args.lora_target_modules:
         problems.append("--lora_target_modules needs at least one module name")
-    if args.merge_lora and not (args.use_lora or args.use_qlora):
-        problems.append("--merge_lora needs --use_lora")
     if args.merge_lora and args.use_qlora:
         problems.append(
             "--merge_lora with --use_qlora is not supported (the base is 4-bit): merge the saved adapter "
             "into a bf16 copy of the base model with peft's merge_and_unload"
         )
-    if args.load_balancing_weight < 0:
-        problems.append(f"--load_balancing_weight must be >= 0, got {args.load_balancing_weight}")
-    return problems
-
-
-def _count_problems(args: DPOArguments) -> list[str]:
-    """Counts and sizes below 1."""
-    problems = []
-    for name in (
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "max_seq_length",
-        "logging_steps",
-        "num_epochs",
-    ):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in (
-        "logprob_chunk_size",
-        "max_train_steps",
-        "max_train_samples",
-        "max_response_length",
-        "reference_batch_size",
-        "max_tokens_per_batch",
-        "eval_steps",
-        "preprocessing_num_workers",
-    ):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            problems.append(f"--{name} must be >= 1, got {value}")
-    return problems
-
-
-def validate(args: DPOArguments) -> None:
-    """Reject out-of-range or inconsistent settings with one clear message, before any work starts."""
-    problems = []
-    if args.model_name_or_path is None and not (args.cache_dataset_only and args.tokenizer_name_or_path):
-        problems.append("--model_name_or_path is required (--cache_dataset_only needs only --tokenizer_name_or_path)")
-    if not args.mixer_list:
-        problems.append("--mixer_list is required (pairs of DATASET AMOUNT)")
-    if len(args.mixer_list) % 2:
-        problems.append(f"--mixer_list takes pairs of DATASET AMOUNT, got {len(args.mixer_list)} values")
-    if len(args.eval_mixer_list) % 2:
-        problems.append(f"--eval_mixer_list takes pairs of DATASET AMOUNT, got {len(args.eval_mixer_list)} values")
-    problems.extend(_count_problems(args))
-    if args.learning_rate < 0:
-        problems.append(f"--learning_rate must be >= 0, got {args.learning_rate}")
-    if args.beta <= 0:
-        problems.append(f"--beta must be > 0, got {args.beta}")
-    if not 0.0 <= args.warmup_ratio <= 1.0:
-        problems.append(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
-    if args.weight_decay < 0:
-        problems.append(f"--weight_decay must be >= 0, got {args.weight_decay}")
-    if not 0.0 <= args.label_smoothing < 0.5:
-        problems.append(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    if not 0.0 <= args.eval_fraction < 1.0:
-        problems.append(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
-    problems.extend(combination_problems(args.loss_type, args.loss_weights, args.loss_settings(), args.reference_free))
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        problems.append(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
     if args.eval_mixer_list and args.eval_fraction > 0:
         problems.append("--eval_mixer_list and --eval_fraction both define the evaluation set; pass one of them")
-    if args.eval_steps is not None and not args.eval_mixer_list and args.eval_fraction == 0:
-        problems.append("--eval_steps needs an evaluation set: pass --eval_mixer_list or --eval_fraction")
-    if args.nll_loss_weight < 0:
-        problems.append(f"--nll_loss_weight must be >= 0, got {args.nll_loss_weight}")
-    if not 0.0 < args.activation_memory_budget <= 1.0:
-        problems.append(f"--activation_memory_budget must be in (0, 1], got {args.activation_memory_budget}")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             problems.append(
@@ -368,26 +363,25 @@ def validate(args: DPOArguments) -> None:
         parse_signals(args.preemption_signals)
     except ValueError as err:
         problems.append(f"--preemption_signals: {err}")
-    if args.skip_nonfinite_batches < 0:
-        problems.append(f"--skip_nonfinite_batches must be >= 0, got {args.skip_nonfinite_batches}")
-    if args.keep_last_n_checkpoints < -1 or args.keep_last_n_checkpoints == 0:
-        problems.append(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {args.keep_last_n_checkpoints}")
-    for name in ("hf_entity", "hf_repo_id", "hf_repo_revision"):
-        if getattr(args, name) is not None and not args.push_to_hub:
-            problems.append(f"--{name} only applies with --push_to_hub")
-    if not args.hf_repo_private and not args.push_to_hub:
-        problems.append("--hf_repo_private only applies with --push_to_hub")
-    problems.extend(_model_option_problems(args))
-    for name in ("fsdp_shard_degree", "fsdp_num_replicas"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.zero_stage is not None and args.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"--zero_stage must be 0, 1, 2 or 3, got {args.zero_stage}")
-    defaults = DPOArguments(reference_logprobs_cache_path="unused")
+    if args.packing and args.separate_forward:
+        problems.append("--separate_forward splits padded rows; it does not apply to --packing (one row per batch)")
+    return problems
+
+
+def validate(args: DPOArguments) -> None:
+    """Reject out-of-range or inconsistent settings with one clear message, before any work starts: every number
+    finite and in its field's ``valid`` range, the loss combination sound, each flag's ``FLAG_RULES`` entry kept
+    (a ``note`` rule prints its line instead)."""
+    from open_instruct.config.flag_rules import rule_problems
+
+    problems = range_problems(args)
+    problems.extend(_consistency_problems(args))
+    problems.extend(combination_problems(args.loss_type, args.loss_weights, args.loss_settings(), args.reference_free))
+    defaults = DPOArguments(reference_logprobs_cache_path=args.reference_logprobs_cache_path)
     for name in NOT_YET_SUPPORTED:
         if getattr(args, name) != getattr(defaults, name):
             problems.append(f"--{name} is not supported yet in this version")
-    if args.packing and args.separate_forward:
-        problems.append("--separate_forward splits padded rows; it does not apply to --packing (one row per batch)")
+    if not problems:  # the rules read values (paths, counts) that must first be sound
+        problems.extend(rule_problems(args, defaults))
     if problems:
-        raise UserError("invalid configuration: " + "; ".join(problems))
+        raise UserError("invalid configuration: " + "; ".join(dict.fromkeys(problems)))

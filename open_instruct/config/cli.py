@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -18,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import DPOArguments, UserError, compat
+from open_instruct.config.open_instruct_flags import OpenInstructFlags
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -75,12 +77,19 @@ def build_parser(cls: type = DPOArguments) -> argparse.ArgumentParser:
     parser = _Parser(prog="dpo_tune_cache", allow_abbrev=False, description=cls.__doc__)
     parser.add_argument("config_file", nargs="?", help="YAML recipe; flags given after it override its values")
     hints = typing.get_type_hints(cls)
+    # open-instruct's flags beyond ours are listed apart in --help (they come first in the dataclass's field order)
+    theirs = {f.name for f in dataclasses.fields(OpenInstructFlags)}
+    compatibility = parser.add_argument_group("open-instruct's other DPO flags (README: Coming from open-instruct)")
     for f in dataclasses.fields(cls):
+        target = compatibility if f.name in theirs else parser
         kind, is_list = _base_type(hints[f.name])
         names = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
         options: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
         if kind is bool:
             options.update(nargs="?", const=True, type=str_to_bool, metavar="BOOL")
+            if f.default is True:  # as Hugging Face's argument parser (open-instruct's): --no_<flag> turns it off
+                negatives = [f"--no_{name[2:]}" for name in names]
+                target.add_argument(*negatives, dest=f.name, action="store_false", default=argparse.SUPPRESS)
         elif is_list:
             options.update(nargs="+", type=kind)
         elif kind in (int, float):
@@ -89,21 +98,21 @@ def build_parser(cls: type = DPOArguments) -> argparse.ArgumentParser:
             options.update(type=str)
         if "choices" in f.metadata:
             options["choices"] = f.metadata["choices"]
-        parser.add_argument(*names, **options)
+        target.add_argument(*names, **options)
     return parser
 
 
 def _normalize_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """Map aliases to field names, a ``dataset_mixer`` mapping to a mixer list, and reject unknown keys."""
+    """Map aliases to field names, a ``dataset_eval_mixer`` mapping to an eval mixer list (``dataset_mixer`` is a
+    flag of its own), and reject unknown keys."""
     names = _alias_map()
     values: dict[str, Any] = {}
     unknown = []
     for key, value in raw.items():
-        if key in ("dataset_mixer", "dataset_eval_mixer"):
+        if key == "dataset_eval_mixer":
             if not isinstance(value, dict):
                 raise UserError(f"{source}: {key} must be a mapping of dataset -> amount")
-            target = "mixer_list" if key == "dataset_mixer" else "eval_mixer_list"
-            values[target] = [str(x) for item in value.items() for x in item]
+            values["eval_mixer_list"] = [str(x) for item in value.items() for x in item]
             continue
         if key not in names:
             unknown.append(key)
@@ -124,9 +133,11 @@ def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
             return [kind(v) for v in items]
         if kind is bool:
             return value if isinstance(value, bool) else str_to_bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected a whole number, got {value}")  # int() would truncate it silently
         if kind in (int, float, str):
             return kind(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+    except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError) as err:
         raise UserError(f"{source}: {name}: {err}") from err
     return value
 
@@ -191,4 +202,7 @@ def parse_args(argv: list[str] | None = None) -> DPOArguments:
     for name in ("mixer_list", "eval_mixer_list"):
         if isinstance(values.get(name), str):  # a JSON mapping given on the command line
             values[name] = [str(x) for item in json.loads(values[name]).items() for x in item]
+    line = compat.notice(list(values))
+    if line and os.environ.get("RANK", "0") == "0":
+        print(line)
     return DPOArguments(**values)

@@ -115,7 +115,10 @@ def regular_file(name: str | None, flag: str) -> None:
 def check_paths(args: Any, pretraining: bool = False) -> None:
     """Every path flag of a run, checked for kind and (output) writability. ``pretraining``: the recipe reads
     ``.txt`` corpora and its model path names an architecture (a ``config.json`` file will do)."""
-    writable_folder(args.output_dir, "--output_dir")
+    if getattr(args, "dry_run", False):  # a plan may be made away from the cluster that will write the output
+        folder_to_create(args.output_dir, "--output_dir")
+    else:
+        writable_folder(args.output_dir, "--output_dir")
     folder_to_create(args.dataset_local_cache_dir, "--dataset_local_cache_dir")
     if args.reference_logprobs_cache_path:
         folder_to_create(args.reference_logprobs_cache_path, "--reference_logprobs_cache_path")

@@ -1,38 +1,19 @@
-"""Our chat templates, selectable with ``--chat_template_name``.
+"""The chat templates ``--chat_template_name`` selects: open-instruct's table (:mod:`.open_instruct_templates`) and ours.
 
-Rules every template keeps (tests check each on a real BPE tokenizer):
-- at most one BOS: only ``olmo`` renders one itself; ``--add_bos`` adds it to the others, never twice;
+Rules the templates in ``LABEL_RULE_TEMPLATES`` keep (tests check each on a real BPE tokenizer):
+- at most one BOS: none renders one itself; ``--add_bos`` adds it, never twice;
 - each assistant reply ends with exactly one EOS, and the conversation's final reply ends right there (no trailing
   newline gets a label);
 - the prompt rendered with ``add_generation_prompt`` is a character prefix of the conversation rendered with the
   reply, which the tokenizer relies on to find the label boundary.
 """
 
+from open_instruct.data.open_instruct_templates import OPEN_INSTRUCT_TEMPLATES
+
 # After a turn: EOS, then a newline unless it ends the rendered text (last message, no generation prompt after it).
 _NEWLINE = "('' if loop.last and not add_generation_prompt else '\n')"
-_REPLY_END = "eos_token + " + _NEWLINE
 
-_ROLE_MARKERS = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + " + _REPLY_END + " }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
-CHAT_TEMPLATES: dict[str, str] = {
-    # Tulu 2/3: role markers on their own line, EOS closes each assistant reply.
-    "tulu": _ROLE_MARKERS,
-    # OLMo 2 instruct: the Tulu layout behind a BOS.
-    "olmo": "{{ bos_token }}" + _ROLE_MARKERS,
-    # Zephyr: every turn, not only the assistant's, ends with EOS.
-    "zephyr": (
-        "{% for message in messages %}"
-        "{{ '<|' + message['role'] + '|>\n' + message['content'] + " + _REPLY_END + " }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-    ),
+_OURS: dict[str, str] = {
     # ChatML (Qwen, OpenHermes): <|im_start|>role ... <|im_end|>. A reply also ends with the tokenizer's EOS unless
     # that EOS is <|im_end|> itself (Qwen instruct), so the model learns to stop either way and never sees it twice.
     "chatml": (
@@ -44,3 +25,15 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
 }
+
+# Every name --chat_template_name takes: open-instruct's table (same names, same text), then ours.
+CHAT_TEMPLATES: dict[str, str] = {**OPEN_INSTRUCT_TEMPLATES, **_OURS}
+
+# The templates that keep the three rules above (tests check each); open-instruct's others render what open-instruct
+# renders, e.g. zephyr's newline after the final EOS, or no EOS at all in the R1 and RL-zero prompts.
+LABEL_RULE_TEMPLATES: tuple[str, ...] = ("tulu", "olmo", "chatml")
+
+# Names that keep the tokenizer's own template. open-instruct falls back to the tokenizer's template for any name
+# missing from its table, and its Olmo 3 scripts rely on that with "olmo123"; here that fallback is this explicit
+# list (any other unknown name is an error).
+TOKENIZER_TEMPLATE_NAMES: tuple[str, ...] = ("olmo123",)

@@ -9,6 +9,7 @@ from a held-out fraction of the training datasets' rows (held out before upsampl
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -38,9 +39,10 @@ def _amount_value(amount: str) -> float | None:
     except ValueError:
         pass
     try:
-        return float(amount) if "." in amount else None
+        value = float(amount)
     except ValueError:
         return None
+    return value if "." in amount and math.isfinite(value) else None  # "1.0e400" is infinite: refused
 
 
 def parse_mixer_list(values: list[str], splits: list[str], flag: str = "--mixer_list") -> list[MixEntry]:

@@ -9,6 +9,7 @@ inputs only reads them.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from open_instruct.data.statistics import build_statistics, padding_waste_of_len
 from open_instruct.data.streaming import MixPlan, TokenizeSettings, plan_mix, tokenize_unique, write_split
 from open_instruct.data.tokenize import template_roles, tokenize_pairs
 
-__all__ = ["PreparedData", "prepare_in_memory", "prepare_preference_data", "write_statistics"]
+__all__ = ["PreparedData", "prepare_in_memory", "prepare_preference_data", "save_mixed_pairs", "write_statistics"]
 
 
 @dataclass
@@ -142,7 +143,9 @@ def prepare_preference_data(
     )
     key = cache.cache_key(_key_inputs(args, tokenizer, train_entries, eval_entries))
     path = cache.entry_path(args.dataset_local_cache_dir, key)
-    cached = cache.load(args.dataset_local_cache_dir, key)
+    # --overwrite_cache / --skip_cache: prepare again; the new entry replaces the old one atomically.
+    fresh = args.overwrite_cache or args.skip_cache
+    cached = None if fresh else cache.load(args.dataset_local_cache_dir, key)
     status = "loaded"
     if cached is None:
         plan = plan_mix(
@@ -158,7 +161,7 @@ def prepare_preference_data(
         cache.write_entry(
             args.dataset_local_cache_dir, key, lambda folder: _build_entry(args, tokenizer, plan, folder)
         )
-        cached, status = cache.load(args.dataset_local_cache_dir, key), "written"
+        cached, status = cache.load(args.dataset_local_cache_dir, key), "rewritten" if fresh else "written"
         if cached is None:
             raise UserError(f"the prepared-data cache just written at {path} cannot be read back")
     records, eval_records, stats = cached
@@ -170,3 +173,18 @@ def prepare_preference_data(
         "waste_fraction": padding_waste_of_lengths(chosen, rejected, batch, args.seed),
     }
     return PreparedData(records, stats, eval_records)
+
+
+def save_mixed_pairs(records: Sequence[dict[str, Any]], folder: str | Path) -> Path:
+    """``--dataset_mix_dir``: the mixed, tokenized training pairs as ``train_pairs.jsonl`` (one pair per line, in
+    training-table order), written to a temporary name and renamed."""
+    path = Path(folder) / "train_pairs.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as handle:
+        for record in records:
+            handle.write(
+                json.dumps({k: int(v) if k == "index" else [int(x) for x in v] for k, v in record.items()}) + "\n"
+            )
+    os.replace(tmp, path)
+    return path

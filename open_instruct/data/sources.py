@@ -3,7 +3,8 @@
 Local: ``.jsonl``, ``.json`` (a list of rows, a mapping of columns, or JSON lines), ``.parquet``, each optionally
 ``.gz``-compressed; a folder saved by ``datasets.save_to_disk``; any other folder is searched (recursively) for such
 files, and when some of their names start with the split name (``train.jsonl``, ``test-00000-of-00001.parquet``)
-only those are read. Anything that is not a local path goes to ``datasets.load_dataset(name, split=split)``.
+only those are read. Anything that is not a local path goes to ``datasets.load_dataset(name, split=split)``
+(``NAME:CONFIG`` selects a hub configuration).
 """
 
 from __future__ import annotations
@@ -261,8 +262,9 @@ def iter_rows(name: str, split: str) -> Iterator[Located]:
         raise UserError(f"dataset file not found: {name}")
     import datasets
 
+    repo, _, config = name.partition(":")  # NAME:CONFIG names a hub configuration (--dataset_config_name)
     try:
-        dataset = datasets.load_dataset(name, split=split)  # memory-mapped Arrow in the datasets cache
+        dataset = datasets.load_dataset(repo, config or None, split=split)  # memory-mapped Arrow in the datasets cache
     except Exception as err:  # hub errors come in many types; the user needs the name and the reason
         raise UserError(f"could not load dataset {name!r} (split {split!r}): {err}") from err
     return _iter_arrow_dataset(dataset)

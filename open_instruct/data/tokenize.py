@@ -139,6 +139,22 @@ class TokenizedPair:
     eos_stripped: int = 0
 
 
+def _thinking_boundary(tokenizer: Any, prompt: list[dict[str, str]], prompt_text: str, full_text: str) -> str:
+    """The prompt's text when the generation prompt is not a prefix of the reply: thinking templates (open-instruct's
+    ``olmo_thinker``, ``tulu_thinker``) open the reply with ``<think>``, which a reply without it does not repeat.
+    The history must still be a prefix; the reply then starts where the two renderings part."""
+    history = render(tokenizer, prompt, add_generation_prompt=False)
+    if not full_text.startswith(history):
+        raise UserError(
+            "the chat template renders the prompt differently when a reply follows, so the "
+            "reply cannot be labelled alone; pick another with --chat_template_name"
+        )
+    common = len(history)
+    while common < min(len(prompt_text), len(full_text)) and prompt_text[common] == full_text[common]:
+        common += 1
+    return full_text[:common]
+
+
 def _render_all(tokenizer: Any, pairs: list[dict[str, Any]]) -> tuple[list[str], list[str], list[int]]:
     """(prompt texts, full texts: chosen and rejected of each pair in turn, EOS strips per pair)."""
     eos = tokenizer.eos_token
@@ -152,11 +168,9 @@ def _render_all(tokenizer: Any, pairs: list[dict[str, Any]]) -> tuple[list[str],
             stripped_count += stripped
             full_text = render(tokenizer, pair["prompt"] + reply, add_generation_prompt=False)
             if not full_text.startswith(prompt_text):
-                raise UserError(
-                    "the chat template renders the prompt differently when a reply follows, so the "
-                    "reply cannot be labelled alone; pick another with --chat_template_name"
-                )
+                prompt_text = _thinking_boundary(tokenizer, pair["prompt"], prompt_text, full_text)
             fulls.append(full_text)
+        prompts[-1] = prompt_text
         stripped_counts.append(stripped_count)
     return prompts, fulls, stripped_counts
 

@@ -8,8 +8,11 @@ training checkpoint is written and read. Everything else (model, data, loss, loo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +35,42 @@ def unwrap_model(model: Any) -> Any:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """How an engine lays out a model's training state on each rank: what the memory planner (``plan/memory.py``)
+    reads, so that nothing outside ``engine/`` re-derives ZeRO or FSDP facts from flags.
+
+    A shard count of 1 means every rank holds the whole thing. ``working_bytes``: bytes per stored weight (2 when the
+    engine keeps 16-bit weights, 4 for fp32); ``compute_bytes``: per weight as the matmuls read it (2 under bf16/fp16,
+    also when autocast casts fp32 weights). ``master_copy``: the optimizer steps a separate fp32 copy of the weights.
+    ``gathered``: what is gathered whole at once under parameter sharding ("module": the largest module, DeepSpeed's
+    accounting; "layer": decoder layers, ``gathers`` of them at a time, -1: all). ``bucket_elements``: gradient
+    buckets per rank; ``gradient_copy``: a second full copy of the gradients for the all-reduce (DDP); ``kept_gradients``: the
+    reduced gradient partition (working precision) is a buffer kept across steps, not freed by ``zero_grad``."""
+
+    engine: str  # how the plan names it: "ZeRO-3", "FSDP2", "DDP", "single process"
+    processes: int
+    param_shards: int = 1
+    grad_shards: int = 1
+    optimizer_shards: int = 1
+    working_bytes: int = 4
+    compute_bytes: int = 4
+    master_copy: bool = False
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gathered: str = ""
+    gathers: int = 0
+    bucket_elements: int = 0
+    gradient_copy: bool = False
+    kept_gradients: bool = False
+    live_elements: int = 0  # weights kept gathered at most between uses (ZeRO-3's stage3_max_live_parameters)
+
+
+def compute_bytes(mixed_precision: str) -> int:
+    """Bytes per weight or activation element the forward computes in."""
+    return 2 if mixed_precision in ("bf16", "fp16") else 4
 
 
 class Engine:
@@ -78,19 +117,46 @@ class Engine:
         )
         return f"engine: {layout}, {precision_words(self.mixed_precision)}, no offload"
 
+    def state_layout(self, hidden_size: int) -> StateLayout:
+        """How the run's weights, gradients and optimizer state sit on each rank (``hidden_size`` sizes the buckets
+        an engine derives from it). fp32 weights; under bf16/fp16 autocast computes on 16-bit copies."""
+        compute = compute_bytes(self.mixed_precision)
+        if not self.several_processes:
+            return StateLayout("single process", 1, compute_bytes=compute)
+        # DDP keeps its own flat copy of the gradients for the all-reduce (gradient_as_bucket_view is off).
+        return StateLayout("DDP", max(self.processes, 1), compute_bytes=compute, gradient_copy=True)
+
     def build_accelerator(
-        self, gradient_accumulation_steps: int, mixed_precision: str | None, with_tracking: bool, timeout_s: int
+        self,
+        gradient_accumulation_steps: int,
+        mixed_precision: str | None,
+        trackers: Sequence[str],
+        timeout_s: int,
+        project_dir: str | None = None,
+        sync_each_batch: bool = False,
     ) -> Any:
-        """accelerate's ``Accelerator`` for this engine."""
+        """accelerate's ``Accelerator`` for this engine; ``trackers`` are accelerate's tracker names (tensorboard
+        writes under ``<project_dir>/tensorboard``); ``sync_each_batch`` all-reduces gradients every micro-batch."""
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+        from accelerate.utils import (
+            DataLoaderConfiguration,
+            GradientAccumulationPlugin,
+            InitProcessGroupKwargs,
+            ProjectConfiguration,
+        )
 
         group = {"backend": self.backend} if self.backend else {}
+        project = None
+        if project_dir is not None:
+            project = ProjectConfiguration(project_dir=project_dir, logging_dir=str(Path(project_dir) / "tensorboard"))
         return Accelerator(
             **self.accelerator_kwargs(),
-            gradient_accumulation_steps=gradient_accumulation_steps,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=gradient_accumulation_steps, sync_each_batch=sync_each_batch
+            ),
             mixed_precision=mixed_precision,
-            log_with="wandb" if with_tracking else None,
+            log_with=list(trackers) or None,
+            project_config=project,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s), **group)],
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from open_instruct.config import DPOArguments, UserError
-from open_instruct.engine.base import Engine, effective_mixed_precision, precision_words
+from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
 
 AUTO = "auto"
 # DeepSpeed's default is to print every 10 steps; we log ourselves.
@@ -146,6 +146,12 @@ def resolve_deepspeed_config(args: DPOArguments, env: dict[str, str] | None = No
         source = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "accelerate launch --use_deepspeed")
     config = copy.deepcopy(config)
     stage = config["zero_optimization"].get("stage", 0)
+    hpz = getattr(args, "zero_hpz_partition_size", None)
+    if hpz is not None and stage == 3:
+        # ZeRO++ hpZ: a secondary copy of the weights partitioned within groups of this many ranks (a node).
+        config["zero_optimization"]["zero_hpz_partition_size"] = hpz
+    elif hpz is not None and int(env.get("RANK", "0")) == 0:
+        print(f"note: --zero_hpz_partition_size applies to ZeRO-3 only; {source} has stage {stage} (not used)")
     if config["zero_optimization"].get("offload_param", {}).get("device", "none") != "none" and stage != 3:
         raise UserError(f"{source}: offload_param needs ZeRO stage 3, the config has stage {stage}")
     _settle(
@@ -209,6 +215,14 @@ class DeepSpeedEngine(Engine):
     def drives(accelerator: Any) -> bool:
         return getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
+    def build_accelerator(
+        self, gradient_accumulation_steps: int, mixed_precision: str | None, with_tracking: bool, timeout_s: int
+    ) -> Any:
+        """As the base engine's; run without a launcher, first a one-process group (DeepSpeed needs one)."""
+        if single_process_group_env(os.environ):
+            self.processes = 1
+        return super().build_accelerator(gradient_accumulation_steps, mixed_precision, with_tracking, timeout_s)
+
     def accelerator_kwargs(self) -> dict[str, Any]:
         from accelerate.utils import DeepSpeedPlugin
 
@@ -230,10 +244,44 @@ class DeepSpeedEngine(Engine):
             for k in ("offload_optimizer", "offload_param")
             if zero.get(k, {}).get("device", "none") != "none"
         ]
-        processes = f"{self.processes} processes" if self.processes else "launcher's processes"
+        processes = (
+            f"{self.processes} process{'es' if self.processes > 1 else ''}"
+            if self.processes
+            else "launcher's processes"
+        )
         return (
             f"engine: deepspeed zero-{zero.get('stage', 0)}, {processes}, {precision_words(self.mixed_precision)}, "
             + (f"{'+'.join(offload)} offloaded to CPU" if offload else "no offload")
+        )
+
+    def state_layout(self, hidden_size: int) -> StateLayout:
+        """ZeRO stage s splits the optimizer state (s >= 1), the gradients (s >= 2) and the weights (s = 3) over the
+        processes; DeepSpeed holds the weights in the run's precision and steps an fp32 master copy of them."""
+        zero = self.config["zero_optimization"]
+        stage = int(zero.get("stage", 0))
+        processes = max(self.processes, 1)
+        # accelerate fills an "auto" bucket from the hidden size (hidden^2 elements); ZeRO-1/2 keep two with overlap.
+        bucket = zero.get("reduce_bucket_size", "auto")
+        bucket = hidden_size * hidden_size if bucket == "auto" else int(bucket)
+        buckets = 2 if zero.get("overlap_comm", False) and stage in (1, 2) else 1
+        working = compute_bytes(self.mixed_precision)
+        return StateLayout(
+            engine=f"ZeRO-{stage}",
+            processes=processes,
+            param_shards=processes if stage == 3 else 1,
+            grad_shards=processes if stage >= 2 else 1,
+            optimizer_shards=processes if stage >= 1 else 1,
+            working_bytes=working,
+            compute_bytes=working,
+            master_copy=True,
+            offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") != "none",
+            offload_params=zero.get("offload_param", {}).get("device", "none") != "none",
+            gathered="module" if stage == 3 else "",
+            gathers=1 if stage == 3 else 0,
+            bucket_elements=bucket * buckets if stage >= 1 else 0,
+            # With stage3_max_reuse_distance this large, a gathered weight stays until the live limit forces it out.
+            live_elements=int(zero.get("stage3_max_live_parameters", 1_000_000_000)) if stage == 3 else 0,
+            kept_gradients=stage >= 2,  # ZeRO-2's grads_in_partition, ZeRO-3's flat gradient partition
         )
 
     @staticmethod
@@ -247,6 +295,23 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def single_process_group_env(env: Any) -> bool:
+    """Without a launcher (no WORLD_SIZE), set the variables torchrun would for one process on this machine, so
+    ``python -m open_instruct.dpo_tune_cache --zero_stage 2`` runs ZeRO on one process instead of failing for want
+    of a process group. Returns whether it did."""
+    if "WORLD_SIZE" in env or "RANK" in env:
+        return False
+    import socket
+
+    with socket.socket() as s:  # a free port on loopback for the one-member group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    )
+    return True
 
 
 def zero_stage_of(accelerator: Any) -> int | None:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from open_instruct.config import UserError
-from open_instruct.engine.base import Engine, effective_mixed_precision, precision_words
+from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
+from open_instruct.model.overrides import wants_checkpointing
 
 # Launcher wrap policies (FSDP_AUTO_WRAP_POLICY) we honour: per decoder layer. Anything else is refused, not ignored.
 _PER_LAYER_POLICIES = ("", "TRANSFORMER_BASED_WRAP")
@@ -147,7 +148,7 @@ class Fsdp2Engine(Engine):
             activation_checkpointing=launcher
             and _true(env.get("FSDP_ACTIVATION_CHECKPOINTING"))
             and not args.gradient_checkpointing,
-            gradient_checkpointing=bool(args.gradient_checkpointing or args.activation_memory_budget < 1.0),
+            gradient_checkpointing=wants_checkpointing(args),
             reshard_after_forward=_reshard_after_forward(env) if launcher else True,
             launcher_version=env.get("FSDP_VERSION", "1") if launcher else None,
             launched="LOCAL_RANK" in env or world_size > 1,
@@ -190,10 +191,8 @@ class Fsdp2Engine(Engine):
         # On CPU accelerate only forms a process group in its MULTI_CPU mode (gloo); FSDP is switched on after.
         return {"fsdp_plugin": self.plugin(), "cpu": not torch.cuda.is_available()}
 
-    def build_accelerator(
-        self, gradient_accumulation_steps: int, mixed_precision: str | None, with_tracking: bool, timeout_s: int
-    ) -> Any:
-        accelerator = super().build_accelerator(gradient_accumulation_steps, mixed_precision, with_tracking, timeout_s)
+    def build_accelerator(self, *args: Any, **kwargs: Any) -> Any:
+        accelerator = super().build_accelerator(*args, **kwargs)
         if not self.sharded:
             return accelerator
         # accelerate marks the process as FSDP in the environment (ACCELERATE_USE_FSDP); a later run in this process
@@ -205,7 +204,9 @@ class Fsdp2Engine(Engine):
         state = accelerator.state
         if state.distributed_type == DistributedType.MULTI_CPU:
             # accelerate applies an FSDP plugin only on accelerator devices; FSDP2 itself runs on CPU tensors (gloo).
-            # Both shared states: each new AcceleratorState() copies the process state's fields over its own.
+            # Both shared states: each new AcceleratorState() copies the process state's fields over its own. The
+            # process state outlives the run: restore_process_state() switches it back for the next run.
+            _SWITCHED_FROM.append(DistributedType.MULTI_CPU)
             PartialState().distributed_type = DistributedType.FSDP
             state.distributed_type = DistributedType.FSDP
             state.fsdp_plugin = self.plugin()
@@ -236,6 +237,27 @@ class Fsdp2Engine(Engine):
         if layout.launcher_version == "1":
             parts.append("(the launcher's FSDP version 1 runs as FSDP2, the one FSDP this recipe has)")
         return ", ".join(parts)
+
+    def state_layout(self, hidden_size: int) -> StateLayout:
+        """Weights, gradients and optimizer state sharded over ``shards`` ranks (replicated across replicas), kept in
+        fp32 (the sharded weights are the master); each decoder layer gathered in the compute precision for its
+        forward and backward, the next one prefetched; offload: all sharded state on CPU."""
+        if not self.sharded:
+            return super().state_layout(hidden_size)
+        layout = self.layout
+        return StateLayout(
+            engine="FSDP2" if layout.replicas == 1 else f"HSDP ({layout.shards} shards x {layout.replicas} replicas)",
+            processes=layout.shards * layout.replicas,
+            param_shards=layout.shards,
+            grad_shards=layout.shards,
+            optimizer_shards=layout.shards,
+            working_bytes=4,
+            compute_bytes=compute_bytes(layout.mixed_precision),
+            offload_optimizer=layout.offload_params,
+            offload_params=layout.offload_params,
+            gathered="layer",
+            gathers=2 if layout.reshard_after_forward else -1,  # -1: no reshard, every layer stays whole
+        )
 
     # --- parameters as FSDP2 lays them out: DTensors sharded on dim 0 ----------------------------------------------
     @staticmethod
@@ -268,6 +290,21 @@ class Fsdp2Engine(Engine):
             if accelerator.is_main_process:
                 full[name.replace("._checkpoint_wrapped_module", "")] = whole.detach().to("cpu", copy=True)
         return full
+
+
+# The distributed type an FSDP2 run on CPU switched the process state from (at most one entry).
+_SWITCHED_FROM: list[Any] = []
+
+
+def restore_process_state() -> None:
+    """Undo the CPU switch to FSDP of ``Fsdp2Engine.build_accelerator`` in accelerate's process state, which lives
+    as long as the process: a later run in it (the Python API's next stage, a matrix cell) starts from the launcher's
+    own type and switches again if it is FSDP2 too."""
+    from accelerate.state import PartialState
+
+    if _SWITCHED_FROM and PartialState._shared_state:
+        PartialState._shared_state["distributed_type"] = _SWITCHED_FROM.pop()
+    _SWITCHED_FROM.clear()
 
 
 def _attach_hsdp_mesh(accelerator: Any, shards: int, replicas: int) -> None:

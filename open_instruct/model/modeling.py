@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from open_instruct.config import DPOArguments, UserError
+from open_instruct.model.overrides import compile_decoder_layers, model_config, wants_checkpointing, yarn_parameters
 
 ATTN_IMPLEMENTATIONS = ("flash_attention_3", "flash_attention_2", "sdpa", "eager", "flex_attention")
 EMBEDDING_MULTIPLE = 8
@@ -89,11 +90,20 @@ def check_model_options(args: DPOArguments) -> None:
             raise UserError("--use_qlora needs bitsandbytes: pip install 'open_instruct[qlora]'")
 
 
+def note_slow_tokenizer(args: DPOArguments, tokenizer: Any, name: str) -> None:
+    """``--use_slow_tokenizer`` asks ``use_fast=False``; a tokenizer that has only a ``tokenizer.json`` (no slow
+    Python version) still loads fast, and the run says so instead of ignoring the flag."""
+    from open_instruct.config.flag_rules import SLOW_TOKENIZER_NOTE, say_note
+
+    if args.use_slow_tokenizer and getattr(tokenizer, "is_fast", False):
+        say_note(SLOW_TOKENIZER_NOTE.format(name=name))
+
+
 def load_tokenizer(args: DPOArguments) -> Any:
     """The tokenizer, with our chat template when one is named and a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    from open_instruct.data.chat_templates import CHAT_TEMPLATES
+    from open_instruct.data.chat_templates import CHAT_TEMPLATES, TOKENIZER_TEMPLATE_NAMES
 
     name = args.tokenizer_name_or_path or args.model_name_or_path
     check_model_path(name, "tokenizer")
@@ -104,7 +114,10 @@ def load_tokenizer(args: DPOArguments) -> Any:
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load tokenizer {name!r}: {err}") from err
-    if args.chat_template_name:
+    note_slow_tokenizer(args, tokenizer, name)
+    if args.chat_template_name in TOKENIZER_TEMPLATE_NAMES:
+        print(f"--chat_template_name {args.chat_template_name}: the tokenizer's own chat template (as open-instruct)")
+    elif args.chat_template_name:
         tokenizer.chat_template = CHAT_TEMPLATES[args.chat_template_name]
     if not tokenizer.chat_template:
         raise UserError(f"tokenizer {name!r} has no chat template; pass --chat_template_name")
@@ -160,11 +173,14 @@ def load_model(args: DPOArguments, tokenizer: Any, log: Callable[[str], None] = 
     attn, why = resolve_attn_implementation(args.attn_implementation)
     log(f"model: attention implementation {attn} ({why})")
     options: dict[str, Any] = {"dtype": torch.float32}
+    config = model_config(args, log)  # --config_name, --rope_scaling_factor (None: the checkpoint's own)
+    if config is not None:
+        options["config"] = config
     if args.use_qlora:
         check_model_options(args)
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        options = {"dtype": torch.bfloat16, "quantization_config": _quantization_config()}
+        options.update(dtype=torch.bfloat16, quantization_config=_quantization_config())
         # ZeRO-3 places (and shards) the weights itself; transformers refuses a device_map with it.
         if not is_deepspeed_zero3_enabled():
             options["device_map"] = {"": torch.cuda.current_device()}
@@ -192,7 +208,7 @@ def load_model(args: DPOArguments, tokenizer: Any, log: Callable[[str], None] = 
         )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if (args.gradient_checkpointing or args.activation_memory_budget < 1.0) and not args.use_qlora:
+    if wants_checkpointing(args) and not args.use_qlora:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if args.use_lora or args.use_qlora:
@@ -206,10 +222,12 @@ def load_model(args: DPOArguments, tokenizer: Any, log: Callable[[str], None] = 
                 dropout=args.lora_dropout,
                 target_modules=tuple(args.lora_target_modules),
                 quantized=args.use_qlora,
-                gradient_checkpointing=args.gradient_checkpointing or args.activation_memory_budget < 1.0,
+                gradient_checkpointing=wants_checkpointing(args),
             ),
         )
         log(f"model: {'QLoRA (4-bit NF4 base)' if args.use_qlora else 'LoRA'}: {describe(model)}")
+    if args.compile_model:
+        compile_decoder_layers(model, log)
     return model
 
 
@@ -223,4 +241,7 @@ def reference_identity(args: DPOArguments, model: Any) -> dict[str, Any]:
         "additional_model_arguments": parse_additional_model_arguments(args.additional_model_arguments),
         "quantization": "nf4-double-bf16" if args.use_qlora else None,
         "vocab_rows": unwrap_model(model).get_input_embeddings().num_embeddings,
+        # a different config or RoPE scaling changes every log-prob (default values keep older cache keys)
+        **({"config_name": args.config_name} if args.config_name else {}),
+        **({"rope_scaling": yarn_parameters(args)} if args.rope_scaling_factor else {}),
     }

@@ -18,28 +18,17 @@ from typing import Any
 
 import torch
 
+from open_instruct.model.packing import packed_attention
+
 TORCH_VARLEN = "torch_varlen"
 FLEX_PACKED = "flex_packed"
 
 
-def torch_varlen_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    max_length_q: int | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
+def _torch_varlen(query, key, value, cu_seq_lens, scaling, longest, dropout) -> torch.Tensor:
     """Causal varlen attention over a packed row: ``query`` ``[1, H, T, D]``, ``key``/``value`` ``[1, Hkv, T, D]``;
-    returns ``[1, T, H, D]``."""
+    returns ``[1, T, H, D]``. (No dropout: these kernels serve measurements.)"""
     from torch.nn.attention.varlen import varlen_attn
 
-    if cu_seq_lens_q is None:
-        raise ValueError(f"{TORCH_VARLEN} attention needs a packed batch (cu_seq_lens_q)")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     params = inspect.signature(varlen_attn).parameters
     options: dict[str, Any] = {"scale": scaling}
@@ -49,10 +38,10 @@ def torch_varlen_attention(
             options["enable_gqa"] = True
         else:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    cu = cu_seq_lens_q.to(torch.int32)
-    longest = int(max_length_q) if max_length_q is not None else int(cu.diff().max())
+    cu = cu_seq_lens.to(torch.int32)
+    longest = int(longest) if longest is not None else int(cu.diff().max())
     out = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0)
 
 
 def document_ids(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
@@ -62,24 +51,12 @@ def document_ids(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
     return starts.cumsum(0)
 
 
-def flex_packed_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """FlexAttention with a causal same-sequence mask over a packed row; shapes as :func:`torch_varlen_attention`."""
+def _flex_packed(query, key, value, cu_seq_lens, scaling, longest, dropout) -> torch.Tensor:
+    """FlexAttention with a causal same-sequence mask over a packed row; shapes as :func:`_torch_varlen`."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if cu_seq_lens_q is None:
-        raise ValueError(f"{FLEX_PACKED} attention needs a packed batch (cu_seq_lens_q)")
     total = query.shape[2]
-    doc = document_ids(cu_seq_lens_q, total)
+    doc = document_ids(cu_seq_lens, total)
 
     def same_sequence_causal(b, h, q_idx, kv_idx):
         return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
@@ -87,7 +64,11 @@ def flex_packed_attention(
     block = create_block_mask(same_sequence_causal, None, None, total, total, device=query.device)
     gqa = key.shape[1] != query.shape[1]
     out = flex_attention(query, key, value, block_mask=block, scale=scaling, enable_gqa=gqa)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
+
+
+torch_varlen_attention = packed_attention(TORCH_VARLEN, _torch_varlen)
+flex_packed_attention = packed_attention(FLEX_PACKED, _flex_packed)
 
 
 def register_packed_kernels() -> None:

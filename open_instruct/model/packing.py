@@ -13,6 +13,7 @@ per-token values are summed per sequence instead of per row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,42 +26,81 @@ from open_instruct.objectives.logprobs import SequenceLogprobs, sequence_logprob
 VARLEN_SDPA = "sdpa_varlen"
 
 
-def varlen_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Causal attention per packed sequence. ``query`` ``[1, H, T, D]``, ``key``/``value`` ``[1, Hkv, T, D]``;
-    returns ``[1, T, H, D]`` like transformers' attention functions. Without ``cu_seq_lens_q`` it is plain causal
-    SDPA (right padding needs no mask under causal attention), honouring a 4D mask when one is given."""
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:
-        key = key.repeat_interleave(n_rep, dim=1)
-        value = value.repeat_interleave(n_rep, dim=1)
-    dropout = dropout if module.training else 0.0
-    if cu_seq_lens_q is None:
-        causal = attention_mask is None and query.shape[2] > 1
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal
-        )
-        return out.transpose(1, 2).contiguous(), None
-    if query.shape[0] != 1:
-        raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
+# A kernel for one packed row: (query [1, H, T, D], key and value [1, Hkv, T, D], cu_seq_lens [S + 1], scaling,
+# longest sequence or None, dropout) -> [1, T, H, D], each sequence attending causally to itself alone.
+PackedKernel = Callable[..., torch.Tensor]
+AttentionFn = Callable[..., tuple[torch.Tensor, None]]
+
+
+def packed_attention(
+    name: str, kernel: PackedKernel, unpacked: Callable[..., torch.Tensor] | None = None
+) -> AttentionFn:
+    """``kernel`` behind transformers' attention-function signature, for ``attn_implementation=name``.
+
+    A packed batch (``cu_seq_lens_q`` given) must be one row; any other batch goes to ``unpacked(query, key, value,
+    attention_mask, dropout, scaling)`` (``[B, T, H, D]`` out), or is refused when there is none. Dropout applies in
+    training mode only."""
+
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        dropout = dropout if module.training else 0.0
+        if cu_seq_lens_q is None:
+            if unpacked is None:
+                raise ValueError(f"{name} attention needs a packed batch (cu_seq_lens_q)")
+            return unpacked(query, key, value, attention_mask, dropout, scaling), None
+        if query.shape[0] != 1:
+            raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
+        return kernel(query, key, value, cu_seq_lens_q, scaling, max_length_q, dropout), None
+
+    attention.__name__ = f"{name}_attention"
+    return attention
+
+
+def _repeat_kv(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query key/value heads repeated up to the query's ``heads``."""
+    n_rep = heads // key.shape[1]
+    if n_rep == 1:
+        return key, value
+    return key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+
+
+def _sdpa_padded(query, key, value, attention_mask, dropout, scaling) -> torch.Tensor:
+    """Plain causal SDPA (right padding needs no mask under causal attention), honouring a 4D mask when given."""
+    key, value = _repeat_kv(key, value, query.shape[1])
+    causal = attention_mask is None and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def _sdpa_per_sequence(query, key, value, cu_seq_lens, scaling, longest, dropout) -> torch.Tensor:
+    """Causal SDPA on each sequence's slice of the packed row."""
+    key, value = _repeat_kv(key, value, query.shape[1])
     # One split (its backward is one concatenation), not per-sequence slicing: each slice's backward would
     # allocate and zero a gradient the size of the whole row.
-    lengths = cu_seq_lens_q.diff().tolist()
+    lengths = cu_seq_lens.diff().tolist()
     pieces = [
         F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
+
+
+# Causal attention per packed sequence, like transformers' attention functions: ``query`` ``[1, H, T, D]``,
+# ``key``/``value`` ``[1, Hkv, T, D]`` in, ``[1, T, H, D]`` out; an unpacked batch runs plain causal SDPA.
+varlen_sdpa_attention = packed_attention(VARLEN_SDPA, _sdpa_per_sequence, _sdpa_padded)
 
 
 def register_varlen_attention() -> None:

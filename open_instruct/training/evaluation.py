@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from open_instruct.objectives.logprobs import sequence_logprobs
 from open_instruct.objectives.losses import LossFn
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.preemption import EvaluationStopped, signal_name, stop_agreed
-from open_instruct.training.preference import PreferenceSettings, pair_losses
+from open_instruct.training.preference import PairObjective, PreferenceSettings
 from open_instruct.training.reference_cache import ReferenceLogps
 
 
@@ -76,36 +77,50 @@ def gather_table(
     return table
 
 
-class PreferenceEvaluator:
+@dataclass(eq=False)
+class HeldOutEvaluator:
+    """Evaluation on the held-out loader's ``rows`` examples: each example's values (``_values``) gathered into one
+    table, the table's metrics (``_metrics``) logged at the step. A subclass adds its fields, ``logger`` among them."""
+
+    accelerator: Any
+    model: Any
+    dataloader: Any
+    rows: int
+
+    def __call__(self, step: int) -> dict[str, float]:
+        """Evaluate now, log the metrics at ``step`` and return them."""
+        table = gather_table(self.accelerator, self.model, self.dataloader, self.rows, self._values)
+        metrics = self._metrics(table)
+        log_eval(self.accelerator, self.logger, step, metrics)
+        return metrics
+
+    def _values(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _metrics(self, table: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class PreferenceEvaluator(HeldOutEvaluator):
     """Held-out DPO metrics: ``eval/loss``, ``eval/rewards/{accuracy,margin,chosen,rejected}``, ``eval/logps/*``."""
 
-    def __init__(
-        self,
-        accelerator: Any,
-        model: Any,
-        dataloader: Any,
-        rows: int,
-        reference: ReferenceLogps | None,
-        logprob_fn: Any,
-        loss_fn: LossFn,
-        settings: PreferenceSettings,
-        logger: MetricsLogger,
-    ) -> None:
-        self.accelerator, self.model, self.dataloader, self.rows = accelerator, model, dataloader, rows
-        self.reference, self.logprob_fn, self.loss_fn, self.settings = reference, logprob_fn, loss_fn, settings
-        self.logger = logger
+    reference: ReferenceLogps | None
+    logprob_fn: Any
+    loss_fn: LossFn
+    settings: PreferenceSettings
+    logger: MetricsLogger
 
-    def _pair_values(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _values(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, 5]``: loss, chosen reward, rejected reward, chosen log-prob, rejected log-prob."""
-        chosen, rejected, out = pair_losses(model, batch, self.logprob_fn, self.loss_fn, self.reference, self.settings)
+        objective = PairObjective(self.logprob_fn, self.loss_fn, self.reference, self.settings)
+        chosen, rejected, out = objective.pair_losses(model, batch)
         no_reward = torch.full_like(out.losses, float("inf"))  # the loss defines no rewards (NaN means "missing")
         c = out.chosen_rewards if out.chosen_rewards is not None else no_reward
         r = out.rejected_rewards if out.rejected_rewards is not None else no_reward
         return torch.stack([out.losses, c, r, chosen, rejected], dim=1)
 
-    def __call__(self, step: int) -> dict[str, float]:
-        """Evaluate now, log the metrics at ``step`` and return them."""
-        table = gather_table(self.accelerator, self.model, self.dataloader, self.rows, self._pair_values)
+    def _metrics(self, table: torch.Tensor) -> dict[str, float]:
         loss, c, r, lc, lr = table.unbind(1)
         metrics = {
             "eval/loss": loss.mean().item(),
@@ -121,38 +136,27 @@ class PreferenceEvaluator:
                     "eval/rewards/rejected": r.mean().item(),
                 }
             )
-        log_eval(self.accelerator, self.logger, step, metrics)
         return metrics
 
 
-class NLLEvaluator:
+@dataclass(eq=False)
+class NLLEvaluator(HeldOutEvaluator):
     """Held-out SFT / pretraining metric: ``eval/loss``, the mean negative log-likelihood per label token (and with
     ``perplexity``, ``eval/perplexity``: its exponential)."""
 
-    def __init__(
-        self,
-        accelerator: Any,
-        model: Any,
-        dataloader: Any,
-        rows: int,
-        logprob_fn: Any,
-        logger: MetricsLogger,
-        perplexity: bool = False,
-    ) -> None:
-        self.accelerator, self.model, self.dataloader, self.rows = accelerator, model, dataloader, rows
-        self.logprob_fn, self.logger, self.perplexity = logprob_fn, logger, perplexity
+    logprob_fn: Any
+    logger: MetricsLogger
+    perplexity: bool = False
 
     def _values(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, 2]``: summed negative log-likelihood, label-token count."""
         lp = self.logprob_fn(model, batch)
         return torch.stack([-lp.sums, lp.counts.to(lp.sums.dtype)], dim=1)
 
-    def __call__(self, step: int) -> dict[str, float]:
-        """Evaluate now, log the metric at ``step`` and return it."""
-        table = gather_table(self.accelerator, self.model, self.dataloader, self.rows, self._values)
+    def _metrics(self, table: torch.Tensor) -> dict[str, float]:
         metrics = {"eval/loss": (table[:, 0].sum() / table[:, 1].sum().clamp(min=1)).item()}
         if self.perplexity:
             metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))  # capped: no overflow to inf
-        log_eval(self.accelerator, self.logger, step, metrics)
         return metrics
 
 

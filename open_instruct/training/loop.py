@@ -69,6 +69,9 @@ class LoopSettings:
     peak_flops: float | None = None  # the device's peak FLOP/s; None (CPU, unknown GPU): no perf/mfu_step
     # (epoch, micro-batch position on this rank) -> its real rows (open_instruct.data.sampler.real_rows_fn); None: all
     real_rows: Callable[[int, int], int] | None = None
+    sync_each_batch: bool = False  # all-reduce gradients after every micro-batch, not only the step's last
+    log_grad_norm: bool = False  # log the gradient norm before clipping as grad_norm
+    step_hook: Callable[[int], None] | None = None  # called after each optimizer step (the profiler's step)
 
 
 @dataclass
@@ -79,6 +82,7 @@ class StepMetrics:
     pairs: int = 0
     tokens: int = 0
     flops: float = 0.0
+    grad_norm: float | None = None  # of the interval's last optimizer step
 
     def add(self, values: dict[str, torch.Tensor], pairs: int, tokens: int) -> None:
         for name, value in values.items():
@@ -176,25 +180,29 @@ def _micro_step(
     settings: LoopSettings,
     guard: NonFiniteGuard,
     step: int,
-) -> tuple[bool, dict[str, torch.Tensor], int]:
+) -> tuple[bool, dict[str, torch.Tensor], int, float | None]:
     """Forward, guard, backward and (at the step's last micro-batch) the optimizer step of one micro-batch;
-    ``work``: (real rows, loss scale, whether it ends the optimizer step)."""
+    ``work``: (real rows, loss scale, whether it ends the optimizer step). Returns (finite, metric sums, count,
+    gradient norm before clipping when asked for and this micro-batch ended the step)."""
     rows, scale, boundary = work
     # accelerate's accumulate() would end the step when the loader says it is exhausted, which a read-ahead loader
     # says one window early: the boundary is set here, as accumulate() would, from the window.
     accelerator.gradient_state._set_sync_gradients(boundary)
-    with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
+    norm = None
+    with contextlib.nullcontext() if boundary or settings.sync_each_batch else accelerator.no_sync(model):
         loss, metrics, count = step_fn.run(model, batch, rows, scale)
         loss = guard.maybe_inject(loss, step + 1)
         finite = guard.check(accelerator, loss, batch["index"], step + 1)
         if finite:
             accelerator.backward(loss)
-        if accelerator.sync_gradients and settings.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        if accelerator.sync_gradients and (settings.max_grad_norm > 0 or settings.log_grad_norm):
+            # max_norm inf measures without clipping; the returned norm is the one before clipping either way.
+            limit = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
+            norm = accelerator.clip_grad_norm_(model.parameters(), limit)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-    return finite, metrics, count
+    return finite, metrics, count, (float(norm) if norm is not None and settings.log_grad_norm else None)
 
 
 def train_loop(
@@ -245,9 +253,10 @@ def train_loop(
             rows, scale = _window_rows(accelerator, window, step_fn, settings, epoch, seen)
             for i, batch in enumerate(window):
                 work = (rows[i], scale, i == len(window) - 1)
-                finite, metrics, count = _micro_step(
+                finite, metrics, count, norm = _micro_step(
                     accelerator, model, optimizer, scheduler, batch, work, step_fn, settings, faults.guard, step
                 )
+                interval.grad_norm = norm if norm is not None else interval.grad_norm
                 if finite:
                     interval.add(metrics, pairs=count, tokens=step_fn.tokens(batch, rows[i]))
                     if settings.peak_flops and settings.flops_fn is not None:
@@ -255,12 +264,16 @@ def train_loop(
             seen += len(window)
             step += 1
             bar.update(1)
+            if settings.step_hook is not None:
+                settings.step_hook(step)
             if step % settings.logging_steps == 0 or step == settings.max_train_steps:
                 row, perf = _interval_row(
                     accelerator, interval, settings, clock, scheduler.get_last_lr()[0], step / steps_per_epoch
                 )
                 last = {"training_step": step, **row, "token_count": clock["tokens"]}
                 last.update({"nonfinite_skipped": faults.guard.skipped, **perf})
+                if interval.grad_norm is not None:
+                    last["grad_norm"] = interval.grad_norm
                 logger.log(last)
                 interval = StepMetrics()
             end_of_epoch = seen >= len(dataloader)

@@ -13,11 +13,9 @@ from typing import Any
 
 import torch
 
-PEAK_BF16_FLOPS: dict[str, float] = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-}
+from open_instruct.plan.gpus import GPUS, gpu_of_cuda_name
+
+PEAK_BF16_FLOPS: dict[str, float] = {gpu.name: gpu.peak_bf16_flops for gpu in GPUS.values()}  # plan/gpus.py
 
 
 def peak_flops(device: torch.device | str) -> float | None:
@@ -25,11 +23,8 @@ def peak_flops(device: torch.device | str) -> float | None:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device).upper()
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    gpu = gpu_of_cuda_name(torch.cuda.get_device_name(device))
+    return gpu.peak_bf16_flops if gpu is not None else None
 
 
 def matmul_parameters(model: Any) -> int:

@@ -79,22 +79,24 @@ def summed_pair_logps(
     )
 
 
-def pair_losses(
-    model: Any,
-    batch: dict[str, torch.Tensor],
-    logprob_fn: Any,
-    loss_fn: LossFn,
-    reference: ReferenceLogps | None,
-    settings: PreferenceSettings,
-) -> tuple[torch.Tensor, torch.Tensor, LossOutput]:
-    """Policy (chosen, rejected) log-probs ``[B]`` and the loss output of one micro-batch (training and evaluation).
+@dataclass(frozen=True)
+class PairObjective:
+    """How a pair batch becomes losses, in training and evaluation alike: its log-prob function, the objective
+    (:func:`open_instruct.objectives.combination.combined_loss`: summed log-probs in, averaged per component as the
+    loss registry says), the cached reference log-probs (None without a reference) and the settings."""
 
-    ``loss_fn`` is the objective of :func:`open_instruct.objectives.combination.combined_loss`: it takes summed
-    log-probs and averages them per component as the loss registry says."""
-    lp = pair_logprobs(model, batch, logprob_fn, settings.separate_forward)
-    chosen, rejected = policy_logps(lp, settings.length_normalized)
-    out = loss_fn(summed_pair_logps(lp, batch["index"], reference, settings.loss_settings), settings.loss_settings)
-    return chosen, rejected, out
+    logprob_fn: Any
+    loss_fn: LossFn
+    reference: ReferenceLogps | None
+    settings: PreferenceSettings
+
+    def pair_losses(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, LossOutput]:
+        """Policy (chosen, rejected) log-probs ``[B]`` and the loss output of one micro-batch."""
+        settings = self.settings
+        lp = pair_logprobs(model, batch, self.logprob_fn, settings.separate_forward)
+        chosen, rejected = policy_logps(lp, settings.length_normalized)
+        logps = summed_pair_logps(lp, batch["index"], self.reference, settings.loss_settings)
+        return chosen, rejected, self.loss_fn(logps, settings.loss_settings)
 
 
 def preference_step(
@@ -112,7 +114,7 @@ def preference_step(
     The loss is ``scale`` x the sum of those pairs' losses (default ``1 / rows``: their mean); the other rows (repeats
     that even out the ranks) still run, so every rank issues the same collectives, but weigh nothing."""
     with capture_router_logits(model, enabled=settings.load_balancing_weight is not None) as router:
-        chosen, rejected, out = pair_losses(model, batch, logprob_fn, loss_fn, reference, settings)
+        chosen, rejected, out = PairObjective(logprob_fn, loss_fn, reference, settings).pair_losses(model, batch)
     rows = chosen.shape[0] if rows is None else rows
     scale = 1.0 / max(rows, 1) if scale is None else scale
     loss = out.losses[:rows].sum() * scale  # still a function of every row's forward: the backward runs as on others

@@ -4,21 +4,21 @@ curves, Hub). A stage supplies its data, its step function and its evaluator; no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import DPOArguments, UserError, compat
 from open_instruct.data.sampler import real_rows_fn
 from open_instruct.files import write_text_atomic
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, train_loop
+from open_instruct.training.optim import build_optimizer, check_optimizer_environment
+from open_instruct.training.profiling import profiled_steps
 
 
 def preflight(args: DPOArguments, pretraining: bool = False) -> None:
@@ -28,12 +28,15 @@ def preflight(args: DPOArguments, pretraining: bool = False) -> None:
     from open_instruct.model.modeling import check_model_options
 
     check_model_options(args)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
+    check_optimizer_environment(args)  # CUDA / bitsandbytes for the 8-bit and paged optimizers
+    compat.check_trackers(args)  # --report_to tensorboard needs its package
     check_paths(args, pretraining)
 
 
-def command_line(argv: list[str] | None, check: Any, run: Any) -> None:
-    """A recipe's command-line entry: parse, ``check(args)``, preflight, ``run(args)``; bad input is one ``error:``
-    line and exit code 2; a run stopped by a preemption signal (its progress saved) exits with code 75."""
+def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo") -> None:
+    """A recipe's command-line entry: parse, ``check(args)``, preflight, ``run(args)`` (with ``--dry_run``: the
+    plan of the ``stage`` instead, see :mod:`open_instruct.plan`); bad input is one ``error:`` line and exit code 2;
+    a run stopped by a preemption signal (its progress saved) exits with code 75."""
     import sys
 
     from open_instruct.config.cli import exit_on_user_error, parse_args
@@ -43,6 +46,11 @@ def command_line(argv: list[str] | None, check: Any, run: Any) -> None:
         args = parse_args(argv)
         check(args)
         preflight(args)
+        if args.dry_run:
+            from open_instruct.plan.check import dry_run
+
+            dry_run(args, stage)
+            return
         try:
             with no_empty_output_on_error(args.output_dir):
                 run(args)
@@ -54,7 +62,7 @@ def command_line(argv: list[str] | None, check: Any, run: Any) -> None:
     exit_on_user_error(entry)
 
 
-@contextmanager
+@contextlib.contextmanager
 def no_empty_output_on_error(output_dir: str) -> Iterator[None]:
     """Bad input found once the run started (a data row, a model file) leaves no output folder behind that this run
     created and left empty: the folder appears with the run's first result, as far as the user can tell."""
@@ -78,14 +86,25 @@ def start_run(args: DPOArguments) -> tuple[Any, Path]:
     from open_instruct.engine import select_engine
 
     engine = select_engine(args)
+    output_dir = Path(args.output_dir)
+    trackers = compat.trackers(args.report_to) if args.with_tracking else []
     accelerator = engine.build_accelerator(
-        args.gradient_accumulation_steps, args.mixed_precision, args.with_tracking, args.timeout
+        args.gradient_accumulation_steps,
+        args.mixed_precision,
+        trackers,
+        args.timeout,
+        project_dir=str(output_dir),
+        sync_each_batch=args.sync_each_batch,
     )
     accelerator.print(engine.describe())
     set_seed(args.seed)
-    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return accelerator, output_dir
+
+
+def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config for trackers: lists, mappings and None as text (tensorboard's hparams take only scalars)."""
+    return {k: v if isinstance(v, bool | int | float | str) else json.dumps(v, default=str) for k, v in config.items()}
 
 
 def optimizer_steps(
@@ -132,7 +151,7 @@ def prepare_training(
     """AdamW on the trainable parameters (LoRA: the adapters), the schedule, and everything under the engine;
     writes ``run_config.json``. ``unit`` names an example in the log line (pairs, conversations)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(args, model, trainable)
     steps_per_epoch, total_steps = optimizer_steps(
         len(train_loader),
         accelerator.num_processes,
@@ -173,11 +192,10 @@ def train(
     peak_flops: float | None = None,
 ) -> dict[str, Any]:
     """Start the trackers, then the loop with the stage's ``step_fn``; returns the last logged metrics."""
-    if args.with_tracking:
+    if accelerator.log_with:
+        wandb = {"name": args.run_name or args.exp_name, "entity": args.wandb_entity, "group": args.wandb_group_name}
         accelerator.init_trackers(
-            args.wandb_project,
-            config=run.run_config,
-            init_kwargs={"wandb": {"name": args.exp_name, "entity": args.wandb_entity}},
+            args.wandb_project, config=tracker_config(run.run_config), init_kwargs={"wandb": wandb}
         )
     settings = LoopSettings(
         num_epochs=math.ceil(run.total_steps / run.steps_per_epoch),
@@ -189,19 +207,24 @@ def train(
         flops_fn=flops_fn,
         peak_flops=peak_flops,
         real_rows=run.real_rows,
+        sync_each_batch=args.sync_each_batch,
+        log_grad_norm=args.log_grad_norm,
     )
-    return train_loop(
-        accelerator,
-        run.model,
-        run.optimizer,
-        run.scheduler,
-        run.train_loader,
-        step_fn,
-        settings,
-        logger,
-        evaluate=evaluate,
-        faults=faults,
-    )
+    profiler = profiled_steps(accelerator, Path(args.output_dir)) if args.profiling else contextlib.nullcontext()
+    with profiler as step_hook:
+        settings.step_hook = step_hook
+        return train_loop(
+            accelerator,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.train_loader,
+            step_fn,
+            settings,
+            logger,
+            evaluate=evaluate,
+            faults=faults,
+        )
 
 
 def finish_run(accelerator: Any, model: Any, tokenizer: Any, output_dir: Path, merge_lora: bool = False) -> Path:

@@ -35,6 +35,7 @@ def run_signature(args: DPOArguments, num_pairs: int, data_hash: str, total_step
         "data": data_hash,
         "num_pairs": num_pairs,
         "seed": args.seed,
+        **({"data_loader_seed": args.data_loader_seed} if args.data_loader_seed is not None else {}),
         "world_size": world_size,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,

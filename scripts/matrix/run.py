@@ -7,7 +7,10 @@ on 2 processes (where the engine has them) and compared with the 1-process fp32 
 A cell passes when it trains and its per-step losses and final weights are within the tolerance of its precision
 (``axes.TOLERANCE``), or when it is refused with one of the documented ``error:`` lines (``axes.REFUSALS``). Cells
 run grouped: one launch for the references and 1-process cells, one 2-process launch per engine. Exit code 1 if any
-cell fails. ``--cells 0,4`` runs only those rows of the set (a partial table says which ran).
+cell fails. ``--cells 0,4`` runs only those rows of the set, ``--only engine=fsdp2`` only the cells with those values
+(a partial table says which ran); with ``--merge`` the table keeps the last table's rows of the cells not run now:
+
+    python scripts/matrix/run.py --strength 3 --only engine=fsdp2 --table docs/combinations.md --merge
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import axes as options  # noqa: E402
+import table  # noqa: E402
 from covering import covering_array  # noqa: E402
 
 Cell = dict[str, str]
@@ -149,33 +153,37 @@ def run_matrix(cells: list[Cell], out: Path) -> tuple[list[dict], dict[str, floa
     return verdicts, times
 
 
-def table(cells: list[Cell], verdicts: list[dict], command: str, ran: str, times: dict[str, float]) -> str:
-    """The markdown table of a matrix run."""
-    lines = [
-        "# Combination matrix",
-        "",
-        f"Made by `{command}` ({ran}); launches took "
-        + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
-        + ". Each cell trains the tiny model a few steps (16 pairs, 2 per device) on 2 processes where its engine has "
-        "them and is compared with the 1-process fp32 run of the same global batch: `loss diff` is the largest "
-        "per-step difference of the training loss, `weights` is ||w - w_ref|| / ||w_ref - w_initial|| of the final "
-        "(LoRA: merged) weights. Tolerance per precision: "
-        + "; ".join(f"{p} loss {t['loss']:g}, weights {t['weights']:g}" for p, t in options.TOLERANCE.items())
-        + ".",
-        "",
-        "| # | " + " | ".join(options.AXES) + " | result | loss diff | weights |",
-        "|" + "---|" * (len(options.AXES) + 4),
-    ]
-    for i, (cell, verdict) in enumerate(zip(cells, verdicts)):
-        result = ("pass" if verdict["passed"] else "FAIL") + f" ({verdict['status']})"
-        loss = f"{verdict['loss_diff']:.1e}" if "loss_diff" in verdict else ""
-        weights = f"{verdict['weight_rel']:.1e}" if "weight_rel" in verdict else ""
-        lines.append(f"| {i} | " + " | ".join(cell[a] for a in options.AXES) + f" | {result} | {loss} | {weights} |")
-    refusals = [(i, v["error"]) for i, v in enumerate(verdicts) if v["status"] == "refused"]
-    if refusals:
-        lines += ["", "Refused combinations (documented in README):", ""]
-        lines += [f"- cell {i}: `{error}`" for i, error in refusals]
-    return "\n".join(lines) + "\n"
+def only(spec: str | None) -> dict[str, set[str]]:
+    """``--only engine=fsdp2,loss=dpo``: per axis, the values a cell may have (an axis named twice: either value)."""
+    wanted: dict[str, set[str]] = {}
+    for item in (spec or "").split(","):
+        if not item:
+            continue
+        axis, _, value = item.partition("=")
+        if axis not in options.AXES or value not in options.AXES[axis]:
+            known = "; ".join(f"{a}: {', '.join(v)}" for a, v in options.AXES.items())
+            raise ValueError(f"--only {item!r} is not an axis=value of the matrix ({known})")
+        wanted.setdefault(axis, set()).add(value)
+    return wanted
+
+
+def write_table(
+    ns: argparse.Namespace, argv: list[str] | None, cells: list[Cell], chosen: list[Cell], verdicts: list, times: dict
+) -> None:
+    """The run's table at ``--table``: this run's rows alone, or (``--merge``) over the rows of the last table."""
+    command = "python scripts/matrix/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    engines = len(options.axes(ns.exclude_slow)["engine"])
+    ran = f"{len(chosen)} of the {len(cells)} cells of the {ns.strength}-wise set over {engines} engines"
+    ran += "".join(f": {flag} {value}" for flag, value in (("rows", ns.cells), ("only", ns.only)) if value)
+    this_run = f"`{command}` ({ran}); launches took " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+    # Launch times mean little on a shared machine: say how busy it was.
+    this_run += f" (load average {os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores)"
+    path = Path(ns.table)
+    if ns.merge:
+        runs, rows = table.merge(cells, table.rows_of(chosen, verdicts, 0), path, this_run)
+    else:
+        runs, rows = [this_run], table.rows_of(chosen, verdicts, 1)
+    path.write_text(table.render(cells, rows, runs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,20 +192,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exclude-slow", action="store_true", help=f"leave out {', '.join(options.SLOW_ENGINES)}")
     parser.add_argument("--out", default="output/matrix", help="folder for the runs")
     parser.add_argument("--cells", default=None, help="comma-separated row numbers to run (default: all)")
+    parser.add_argument("--only", default=None, help="run only cells with these values, e.g. engine=fsdp2,loss=dpo")
     parser.add_argument("--table", default=None, help="write the markdown table here")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the --table's rows of the cells not run now (same cell values)"
+    )
     ns = parser.parse_args(argv)
+    try:
+        wanted = only(ns.only)
+    except ValueError as err:
+        parser.error(str(err))
     cells = covering_array(options.axes(ns.exclude_slow), ns.strength)
     picked = list(range(len(cells))) if ns.cells is None else [int(i) for i in ns.cells.split(",")]
+    picked = [i for i in picked if all(cells[i][axis] in values for axis, values in wanted.items())]
     chosen = [cells[i] for i in picked]
+    if not chosen:
+        parser.error(f"no cell of the {len(cells)} in the {ns.strength}-wise set matches --cells / --only")
     verdicts, times = run_matrix(chosen, Path(ns.out))
     for i, cell, verdict in zip(picked, chosen, verdicts):
         print(f"cell {i} {options.name(cell)}: {json.dumps(verdict)}")
     if ns.table:
-        command = "python scripts/matrix/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        ran = f"{len(chosen)} of the {len(cells)} cells of the {ns.strength}-wise set"
-        if ns.cells is not None:
-            ran += f": rows {ns.cells}"
-        Path(ns.table).write_text(table(chosen, verdicts, command, ran, times))
+        write_table(ns, argv, cells, chosen, verdicts, times)
     failed = [i for i, v in zip(picked, verdicts) if not v["passed"]]
     print(
         f"matrix: {len(chosen) - len(failed)} of {len(chosen)} cells pass" + (f"; failed: {failed}" if failed else "")

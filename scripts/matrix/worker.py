@@ -23,13 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def run_cell(cell: dict[str, str], argv: list[str]) -> dict[str, str]:
     """Run one cell; returns its status (``ok``, ``refused`` with the error line, or ``crashed`` with the trace)."""
     import open_instruct.dpo_tune_cache as entry
+    import open_instruct.training.preference as step
     from open_instruct.api import fresh_accelerate_state
     from open_instruct.config import UserError, validate
     from open_instruct.config.cli import parse_args
     from open_instruct.training.recipe import preflight
 
     # The log-prob axis: the implementation the step calls ("liger": Liger's kernel under Triton's interpreter).
-    entry.resolve_logprob_impl = lambda *a, **k: cell["logprobs"]
+    # Patched where the recipe looks it up; a run that never asks would silently ignore the axis, so that fails.
+    asked = []
+    step.resolve_logprob_impl = lambda *a, **k: asked.append(cell["logprobs"]) or cell["logprobs"]
     try:
         with fresh_accelerate_state():
             args = parse_args(argv)
@@ -40,6 +43,8 @@ def run_cell(cell: dict[str, str], argv: list[str]) -> dict[str, str]:
         return {"status": "refused", "error": f"error: {err}"}
     except Exception:  # noqa: BLE001 - a crash is a result here: the matrix reports it
         return {"status": "crashed", "error": traceback.format_exc()[-3000:]}
+    if not asked:
+        return {"status": "crashed", "error": "the log-prob axis was not applied: no call of resolve_logprob_impl"}
     return {"status": "ok"}
 
 

@@ -8,6 +8,8 @@
 #   ENGINE         deepspeed (the script's DEEPSPEED_CONFIG) or fsdp2 (configs/accelerate_configs/fsdp2.yaml: FSDP2 per
 #                  decoder layer; add --fsdp_shard_degree GPUS_PER_NODE at the end for HSDP across nodes)
 #   DRY_RUN=1      print the command instead of running it
+#   PLAN=1         run the recipe's --dry_run for this cluster instead: check every input, print memory per GPU and
+#                  time (no weights loaded, no GPU touched, nothing written); PLAN_GPU names the GPU (default H100-80GB)
 # The script sets GLOBAL_BATCH_SIZE and PER_DEVICE_BATCH_SIZE; gradient accumulation is derived so the global batch
 # stays the same on any number of nodes (an error when it does not divide evenly).
 
@@ -54,6 +56,18 @@ launch_dpo() {
         cmd+=(--use_deepspeed --deepspeed_config_file "$DEEPSPEED_CONFIG" --deepspeed_multinode_launcher standard)
     fi
     cmd+=(open_instruct/dpo_tune_cache.py "$@")
+    if [ "${PLAN:-0}" = 1 ]; then  # the same recipe and engine, planned in one process for the whole cluster
+        local plan=(python open_instruct/dpo_tune_cache.py --dry_run --dry_run_gpu "${PLAN_GPU:-H100-80GB}"
+            --dry_run_num_nodes "$NUM_NODES" --dry_run_num_processes "$NUM_PROCESSES"
+            --mixed_precision "$MIXED_PRECISION")
+        if [ "$ENGINE" = fsdp2 ]; then
+            plan+=(--fsdp)
+        elif [ -n "${DEEPSPEED_CONFIG:-}" ]; then
+            plan+=(--deepspeed_config "$DEEPSPEED_CONFIG")
+        fi
+        "${plan[@]}" "$@"
+        return
+    fi
     if [ "${DRY_RUN:-0}" = 1 ]; then
         printf '%q ' "${cmd[@]}"
         echo

@@ -8,9 +8,6 @@ OUTPUT_DIR=${OUTPUT_DIR:-$DEMO_DIR/output}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export REFERENCE_LOGPROBS_CACHE_PATH=${REFERENCE_LOGPROBS_CACHE_PATH:-$DEMO_DIR/reference_cache}
 start=$(date +%s)
-[ -f "$DEMO_DIR/model/config.json" ] || python -m open_instruct.data.synthetic "$DEMO_DIR"
-python -m open_instruct.training.evaluation --model_name_or_path "$DEMO_DIR/model" --data "$DEMO_DIR/data/test.jsonl" \
-    --label "held-out preference accuracy before DPO"
 cmd=(python open_instruct/dpo_tune_cache.py
     --exp_name dpo_cpu_demo
     --model_name_or_path "$DEMO_DIR/model"
@@ -30,6 +27,11 @@ cmd=(python open_instruct/dpo_tune_cache.py
     --dataset_local_cache_dir "$DEMO_DIR/dataset_cache"
     "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
+# PLAN=1: the plan only (checks, memory, time); needs $DEMO_DIR/model/config.json and the data, writes nothing.
+if [ "${PLAN:-0}" = 1 ]; then exec "${cmd[@]}" --dry_run; fi
+[ -f "$DEMO_DIR/model/config.json" ] || python -m open_instruct.data.synthetic "$DEMO_DIR"
+python -m open_instruct.training.evaluation --model_name_or_path "$DEMO_DIR/model" --data "$DEMO_DIR/data/test.jsonl" \
+    --label "held-out preference accuracy before DPO"
 "${cmd[@]}"
 python -m open_instruct.training.evaluation --model_name_or_path "$OUTPUT_DIR" --data "$DEMO_DIR/data/test.jsonl" \
     --label "held-out preference accuracy after DPO"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # OLMo 2 13B DPO: OLMo-2-1124-13B-SFT on the OLMo 2 13B preference mix, ZeRO-3, built for 2 nodes x 8 GPUs (NUM_NODES=2).
 # dpo_norm, beta 5, lr 8e-7 linear, warmup 0.1, 2048 tokens, 1 epoch, global batch 128 (accumulation derived).
-# OLMo tokenizers need --add_bos. Check the learning rate against the model card before a reproduction run.
+# OLMo 2 instruct is the Tulu template behind a BOS: --chat_template_name tulu --add_bos. Check the learning rate against the model card before a reproduction run.
 #   [NUM_NODES=.. NODE_RANK=.. MASTER_ADDR=..] bash scripts/train/olmo2/dpo_13b.sh [extra flags]
 # Same recipe as YAML: configs/train_configs/olmo2/dpo_13b.yaml. DRY_RUN=1 prints the command.
 set -euo pipefail
@@ -18,7 +18,7 @@ launch_dpo \
     --model_name_or_path "$MODEL" \
     --tokenizer_name_or_path "$MODEL" \
     --mixer_list allenai/olmo-2-1124-13b-preference-mix 1.0 \
-    --chat_template_name olmo \
+    --chat_template_name tulu \
     --add_bos \
     --max_seq_length 2048 \
     --per_device_train_batch_size "$PER_DEVICE_BATCH_SIZE" \
