@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import DPOArguments, UserError, compat
+from open_instruct.config import TrainArguments, UserError, compat
 from open_instruct.data.sampler import real_rows_fn
 from open_instruct.files import write_text_atomic
 from open_instruct.report.tracking import MetricsLogger
@@ -20,7 +20,7 @@ from open_instruct.training.optim import build_optimizer, check_optimizer_enviro
 from open_instruct.training.profiling import profiled_steps
 
 
-def preflight(args: DPOArguments) -> None:
+def preflight(args: TrainArguments) -> None:
     """Cheap checks of every input path, before any process group, model or dataset is touched."""
     from open_instruct.data.sources import is_data_file
     from open_instruct.model.modeling import check_model_options, check_model_path
@@ -62,7 +62,7 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
     exit_on_user_error(entry)
 
 
-def start_run(args: DPOArguments) -> tuple[Any, Path]:
+def start_run(args: TrainArguments) -> tuple[Any, Path]:
     """(accelerator built by the engine the flags select, output folder); the seed is set."""
     from accelerate.utils import set_seed
 
@@ -99,7 +99,7 @@ def optimizer_steps(
     return per_epoch, max_train_steps or per_epoch * num_epochs
 
 
-def build_scheduler(args: DPOArguments, optimizer: Any, total_steps: int, num_processes: int) -> Any:
+def build_scheduler(args: TrainArguments, optimizer: Any, total_steps: int, num_processes: int) -> Any:
     """The learning-rate schedule: warmup (``--warmup_steps``, else ``--warmup_ratio``), then ``--lr_scheduler_type``."""
     from transformers import get_scheduler
 
@@ -129,7 +129,7 @@ class Trainable:
 
 
 def prepare_training(
-    args: DPOArguments, accelerator: Any, model: Any, train_loader: Any, output_dir: Path, unit: str, stage: str
+    args: TrainArguments, accelerator: Any, model: Any, train_loader: Any, output_dir: Path, unit: str, stage: str
 ) -> Trainable:
     """AdamW on the trainable parameters (LoRA: the adapters), the schedule, and everything under the engine;
     writes ``run_config.json``. ``unit`` names an example in the log line (pairs, conversations)."""
@@ -164,7 +164,7 @@ def prepare_training(
 
 
 def train(
-    args: DPOArguments,
+    args: TrainArguments,
     accelerator: Any,
     run: Trainable,
     step_fn: StepFn,
