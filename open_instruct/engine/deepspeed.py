@@ -215,13 +215,11 @@ class DeepSpeedEngine(Engine):
     def drives(accelerator: Any) -> bool:
         return getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
-    def build_accelerator(
-        self, gradient_accumulation_steps: int, mixed_precision: str | None, with_tracking: bool, timeout_s: int
-    ) -> Any:
+    def build_accelerator(self, *args: Any, **kwargs: Any) -> Any:
         """As the base engine's; run without a launcher, first a one-process group (DeepSpeed needs one)."""
         if single_process_group_env(os.environ):
             self.processes = 1
-        return super().build_accelerator(gradient_accumulation_steps, mixed_precision, with_tracking, timeout_s)
+        return super().build_accelerator(*args, **kwargs)
 
     def accelerator_kwargs(self) -> dict[str, Any]:
         from accelerate.utils import DeepSpeedPlugin
