@@ -1,11 +1,11 @@
-"""The Python API: ``run_dpo`` and its config classes, mapped onto :class:`DPOArguments` and the CLI's engine.
+"""The Python API: ``run_dpo`` and its config classes, mapped onto :class:`TrainArguments` and the CLI's engine.
 
     from open_instruct import run_dpo, DPOConfig, TrainingConfig, PreferenceDatasetConfig
     path = run_dpo("sft_model/", TrainingConfig(output_dir="out", batch_size=32, micro_batch_size=8,
                                                 gradient_accumulation_steps=4, learning_rate=5e-7),
                    DPOConfig(beta=0.1), PreferenceDatasetConfig("Anthropic/hh-rlhf"))
 
-Every setting lands in one ``DPOArguments`` that goes through the same validation and the same
+Every setting lands in one ``TrainArguments`` that goes through the same validation and the same
 ``dpo_tune_cache.run`` as ``python -m open_instruct.dpo_tune_cache``: there is no second training loop.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.config import TrainArguments, UserError, validate
 from open_instruct.objectives.losses import LossSettings, hyperparameter_names
 
 # Hub datasets whose row shape needs a dedicated parser (open_instruct.data.formats), by lower-cased hub id.
@@ -64,7 +64,7 @@ class TrainingConfig:
     save_format: str = (
         "hf"  # "hf": the final checkpoint is output_dir; "pt": also output_dir/<stage>_final.pt, returned
     )
-    extra: dict[str, Any] = field(default_factory=dict)  # any other DPOArguments flag by name
+    extra: dict[str, Any] = field(default_factory=dict)  # any other TrainArguments flag by name
 
 
 def _loss_hyperparameters() -> type:
@@ -174,7 +174,7 @@ def accumulation_steps(train: TrainingConfig, processes: int) -> int:
 
 
 def training_arguments(train: TrainingConfig) -> dict[str, Any]:
-    """The DPOArguments values a TrainingConfig sets."""
+    """The TrainArguments values a TrainingConfig sets."""
     if train.mixed_precision not in ("no", "bf16", "fp16"):
         raise UserError(f"mixed_precision must be 'bf16', 'fp16' or 'no', got {train.mixed_precision!r}")
     if train.warmup_steps < 0:
@@ -211,7 +211,7 @@ def training_arguments(train: TrainingConfig) -> dict[str, Any]:
         values["tokenizer_name_or_path"] = train.tokenizer_name
     if train.with_tracking or train.push_to_hub or train.run_name != TrainingConfig.run_name:
         values["exp_name"] = train.run_name  # else the note that a run name without wandb or hub does nothing
-    known = {f.name for f in dataclasses.fields(DPOArguments)}
+    known = {f.name for f in dataclasses.fields(TrainArguments)}
     unknown = sorted(set(train.extra) - known)
     if unknown:
         raise UserError(f"TrainingConfig.extra: unknown setting(s) {', '.join(unknown)}")
@@ -242,7 +242,7 @@ def _is_local(name: str) -> bool:
 
 
 def dataset_arguments(dataset: Any, train: TrainingConfig, kind: str) -> dict[str, Any]:
-    """The DPOArguments data values for a dataset config (preference pairs or SFT conversations)."""
+    """The TrainArguments data values for a dataset config (preference pairs or SFT conversations)."""
     source = dataset.dataset_name if dataset.dataset_name is not None else train.dataset_name
     if source is None:
         raise UserError(f"no {kind} dataset: set {type(dataset).__name__}.dataset_name or TrainingConfig.dataset_name")
@@ -277,7 +277,7 @@ def dataset_arguments(dataset: Any, train: TrainingConfig, kind: str) -> dict[st
 
 
 def preference_arguments(dataset: PreferenceDatasetConfig, train: TrainingConfig) -> dict[str, Any]:
-    """The DPOArguments data values of a PreferenceDatasetConfig (hub ids mapped to their format)."""
+    """The TrainArguments data values of a PreferenceDatasetConfig (hub ids mapped to their format)."""
     values = dataset_arguments(dataset, train, "preference")
     hub_format = HUB_FORMATS.get(str(values["mixer_list"][0]).lower())
     values["dataset_format"] = dataset.dataset_format or hub_format or "auto"
@@ -285,7 +285,7 @@ def preference_arguments(dataset: PreferenceDatasetConfig, train: TrainingConfig
     return values
 
 
-def plan_run(args: DPOArguments, stage: str) -> Any:
+def plan_run(args: TrainArguments, stage: str) -> Any:
     """The dry run of a stage from Python: checks, printed plan, the plan returned; nothing loaded or written."""
     from open_instruct.model.state_dict import is_state_dict_file
     from open_instruct.plan.check import dry_run
@@ -303,8 +303,8 @@ def dpo_arguments(
     dpo: DPOConfig,
     dataset: PreferenceDatasetConfig,
     tokenizer_name: str | None = None,
-) -> DPOArguments:
-    """One validated DPOArguments from the API's configs."""
+) -> TrainArguments:
+    """One validated TrainArguments from the API's configs."""
     values = training_arguments(train)
     values.update(preference_arguments(dataset, train))
     if dpo.max_length < 1 or dpo.max_prompt_length < 1:
@@ -329,10 +329,10 @@ def dpo_arguments(
     return args
 
 
-def arguments_from(values: dict[str, Any]) -> DPOArguments:
+def arguments_from(values: dict[str, Any]) -> TrainArguments:
     """The arguments the API's configs translate to, not yet validated; a setting of the wrong name is a UserError."""
     try:
-        return DPOArguments(**values)
+        return TrainArguments(**values)
     except TypeError as err:
         raise UserError(f"invalid setting: {err}") from err
 

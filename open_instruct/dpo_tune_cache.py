@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: import the package, not this folder's modules by bare name
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from open_instruct.config import DPOArguments, validate
+from open_instruct.config import TrainArguments, validate
 from open_instruct.data.prepare import prepare_preference_data, save_mixed_pairs, write_statistics
 from open_instruct.data.sampler import pair_dataloader
 from open_instruct.data.statistics import format_summary
@@ -33,7 +33,7 @@ from open_instruct.training.reference_cache import dataset_fingerprint
 from open_instruct.training.resume import resumed_signature, run_signature, start_or_resume
 
 
-def run(args: DPOArguments) -> Path:
+def run(args: TrainArguments) -> Path:
     """Train one DPO model; returns the folder holding the final checkpoint."""
     # 1. Engine, seed, output folder.
     return_freed_memory()  # CPU RSS: freed activations go back to the system (training/memory.py)

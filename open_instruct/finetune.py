@@ -26,7 +26,7 @@ from open_instruct.api import (
     source_tokenizer,
     training_arguments,
 )
-from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.config import TrainArguments, UserError, validate
 from open_instruct.data.tokenize import IGNORE_INDEX
 from open_instruct.objectives.losses import hyperparameter_names
 from open_instruct.training.recipe import command_line, preflight
@@ -55,9 +55,9 @@ DPO_ONLY = (
 )
 
 
-def check_sft_arguments(args: DPOArguments) -> None:
+def check_sft_arguments(args: TrainArguments) -> None:
     """Reject preference-loss flags, then run the common validation."""
-    defaults = DPOArguments(reference_logprobs_cache_path="unused")
+    defaults = TrainArguments(reference_logprobs_cache_path="unused")
     used = [f"--{name}" for name in DPO_ONLY if getattr(args, name) != getattr(defaults, name)]
     if used:
         raise UserError(f"{', '.join(used)}: preference-loss flag(s), not used by supervised fine-tuning")
@@ -82,7 +82,7 @@ def sft_step(logprob_fn: Any) -> Any:
     return StepFn(run=run, units=label_tokens)
 
 
-def run(args: DPOArguments) -> Path:
+def run(args: TrainArguments) -> Path:
     """Fine-tune one model on chat data; returns the folder holding the final checkpoint."""
     from torch.utils.data import DataLoader
 

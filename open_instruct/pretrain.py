@@ -35,7 +35,7 @@ from open_instruct.api import (
     fresh_accelerate_state,
     training_arguments,
 )
-from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.config import TrainArguments, UserError, validate
 from open_instruct.finetune import DPO_ONLY, sft_step
 from open_instruct.training.recipe import preflight
 
@@ -43,9 +43,9 @@ from open_instruct.training.recipe import preflight
 NOT_FOR_PRETRAINING = (*DPO_ONLY, "chat_template_name", "use_lora", "use_qlora", "model_revision", "add_bos")
 
 
-def check_pretrain_arguments(args: DPOArguments) -> None:
+def check_pretrain_arguments(args: TrainArguments) -> None:
     """Reject flags pretraining does not use, then run the common validation."""
-    defaults = DPOArguments(reference_logprobs_cache_path="unused")
+    defaults = TrainArguments(reference_logprobs_cache_path="unused")
     used = [f"--{name}" for name in NOT_FOR_PRETRAINING if getattr(args, name) != getattr(defaults, name)]
     if used:
         raise UserError(f"{', '.join(used)}: not used by pretraining from scratch")
@@ -56,7 +56,7 @@ def check_pretrain_arguments(args: DPOArguments) -> None:
     validate(args)
 
 
-def load_text_tokenizer(args: DPOArguments) -> Any:
+def load_text_tokenizer(args: TrainArguments) -> Any:
     """The tokenizer (no chat template needed: the data is raw text)."""
     from transformers import AutoTokenizer
 
@@ -75,7 +75,7 @@ def load_text_tokenizer(args: DPOArguments) -> Any:
     return tokenizer
 
 
-def build_model(args: DPOArguments, tokenizer: Any, log: Any = print) -> Any:
+def build_model(args: TrainArguments, tokenizer: Any, log: Any = print) -> Any:
     """Fresh weights (from the run's seed) for the architecture in ``--model_name_or_path``'s config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -108,7 +108,7 @@ def blocks_fingerprint(records: list[dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def run(args: DPOArguments, text_column: str = "text") -> Path:
+def run(args: TrainArguments, text_column: str = "text") -> Path:
     """Pretrain one model from scratch on raw text; returns the folder holding the final checkpoint."""
     import json
 
@@ -177,8 +177,8 @@ def run(args: DPOArguments, text_column: str = "text") -> Path:
 
 def pretrain_arguments(
     model_config: Any, train: TrainingConfig, dataset: TextDatasetConfig, tokenizer_name: str | None
-) -> DPOArguments:
-    """Validated DPOArguments for the API's configs; the architecture is written to ``output_dir/model_config``."""
+) -> TrainArguments:
+    """Validated TrainArguments for the API's configs; the architecture is written to ``output_dir/model_config``."""
     from transformers import AutoTokenizer
 
     from open_instruct.model.scratch import transformers_config, write_config_folder

@@ -1,7 +1,7 @@
 """The valid range of a numeric setting, declared in its dataclass field's metadata (``valid=Range(...)``).
 
 One checker, :func:`range_problems`, walks a settings object's fields and reads the ranges, so the command line, a
-YAML recipe and the Python API (all of which end in ``DPOArguments``) are held to the same bounds, and NaN and the
+YAML recipe and the Python API (all of which end in ``TrainArguments``) are held to the same bounds, and NaN and the
 infinities are refused for every number whatever its range. This module imports nothing from the project, so both
 ``config.arguments`` and ``objectives.losses`` can declare ranges.
 """

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.config import TrainArguments, UserError, validate
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.checkpointing import (
     COMPLETED,
@@ -92,7 +92,7 @@ def test_metrics_truncate_after_drops_later_and_cut_rows(tmp_path):
     ],
 )
 def test_bad_flags_are_named(flags, message):
-    args = DPOArguments(
+    args = TrainArguments(
         model_name_or_path="m", mixer_list=["d.jsonl", "1.0"], reference_logprobs_cache_path="c", **flags
     )
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -10,7 +10,7 @@ import statistics as pystats
 
 import pytest
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.data import prepare as prepare_module
 from open_instruct.data.chat_templates import CHAT_TEMPLATES
 from open_instruct.data.collate import PaddedPairCollator
@@ -32,7 +32,7 @@ def data_dir(tmp_path):
     return folder
 
 
-def _args(data_dir, cache_dir, **overrides) -> DPOArguments:
+def _args(data_dir, cache_dir, **overrides) -> TrainArguments:
     values = {
         "model_name_or_path": "unused",
         "mixer_list": [str(data_dir / "train.jsonl"), "1.0"],
@@ -42,7 +42,7 @@ def _args(data_dir, cache_dir, **overrides) -> DPOArguments:
         "seed": 1,
     }
     values.update(overrides)
-    return DPOArguments(**values)
+    return TrainArguments(**values)
 
 
 def test_cache_is_reused_without_retokenizing(data_dir, tmp_path, word_tokenizer, monkeypatch):
@@ -189,7 +189,7 @@ def test_malformed_row_stops_before_tokenizing_with_file_row_and_reason(tmp_path
     rows = [{"prompt": "a b", "chosen": "c", "rejected": "d"}, {"prompt": "a b", "chosen": "c", "rejected": "c"}]
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(prepare_module, "tokenize_unique", None)  # never reached
-    args = DPOArguments(
+    args = TrainArguments(
         model_name_or_path="unused", mixer_list=[str(bad), "1.0"], dataset_local_cache_dir=str(tmp_path / "c")
     )
     with pytest.raises(

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.data import prepare as prepare_module
 from open_instruct.data.chat_templates import CHAT_TEMPLATES
 from open_instruct.data.mixer import parse_mixer_list
@@ -31,7 +31,7 @@ def multiturn(tmp_path_factory):
     return write_multiturn(tmp_path_factory.mktemp("mt") / "multiturn.jsonl", 150, seed=3)
 
 
-def _args(tmp_path, mixer_list, **overrides) -> DPOArguments:
+def _args(tmp_path, mixer_list, **overrides) -> TrainArguments:
     values = {
         "model_name_or_path": "unused",
         "mixer_list": mixer_list,
@@ -42,7 +42,7 @@ def _args(tmp_path, mixer_list, **overrides) -> DPOArguments:
         "seed": 5,
     }
     values.update(overrides)
-    return DPOArguments(**values)
+    return TrainArguments(**values)
 
 
 def _without_runtime(stats):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ROOT, cli_env, free_port, read_metrics, small_run_args, torchrun_command
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.engine import accelerator_options
 from open_instruct.engine.deepspeed import SHIPPED_CONFIGS, build_deepspeed_config, resolve_deepspeed_config
 
@@ -232,9 +232,9 @@ def test_zero3_grows_partitioned_embeddings_for_an_added_token(tmp_path, synthet
 # --- the config logic, without processes -------------------------------------------------------------------------
 
 
-def _args(**kwargs) -> DPOArguments:
+def _args(**kwargs) -> TrainArguments:
     base = {"model_name_or_path": "m", "mixer_list": ["d", "1.0"], "reference_logprobs_cache_path": "unused"}
-    return DPOArguments(**{**base, **kwargs})
+    return TrainArguments(**{**base, **kwargs})
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_CONFIGS))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import read_metrics, run_cli, small_run_args
 
-from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.config import TrainArguments, UserError, validate
 from open_instruct.training.evaluation import hold_out
 
 
@@ -48,7 +48,7 @@ def _eval_records(model_dir, test_file):
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.model.modeling import load_tokenizer
 
-    args = DPOArguments(
+    args = TrainArguments(
         model_name_or_path=str(model_dir),
         mixer_list=[str(test_file), "1.0"],
         max_seq_length=64,
@@ -117,7 +117,7 @@ def test_hold_out_is_seeded_disjoint_and_renumbered():
     ],
 )
 def test_bad_eval_settings_are_clear_errors(values, message):
-    args = DPOArguments(
+    args = TrainArguments(
         model_name_or_path="m", mixer_list=["d.jsonl", "1.0"], reference_logprobs_cache_path="x", **values
     )
     with pytest.raises(UserError, match=message):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_packing import load, random_records
 
-from open_instruct.config import DPOArguments
+from open_instruct.config import TrainArguments
 from open_instruct.config.cli import parse_args
 from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
 from open_instruct.model.fast_path import choose_batch_layout, needs_padding_mask
@@ -26,7 +26,7 @@ def test_packing_flag_is_a_tri_state():
     assert parse_args(base + ["--packing"]).packing is True  # open-instruct's bare flag
     assert parse_args(base + ["--packing", "false"]).packing is False
     assert parse_args(base + ["--padding_free", "true"]).packing is True
-    assert DPOArguments(reference_logprobs_cache_path="x").group_by_length is None
+    assert TrainArguments(reference_logprobs_cache_path="x").group_by_length is None
 
 
 def test_default_on_cpu_packs_with_per_sequence_attention(tiny_model_dir):

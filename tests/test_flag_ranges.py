@@ -13,18 +13,18 @@ from conftest import ROOT, cli_env
 
 from open_instruct import api
 from open_instruct.api import DPOConfig, PreferenceDatasetConfig, TrainingConfig, dpo_arguments
-from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.config import TrainArguments, UserError, validate
 from open_instruct.config.cli import load_yaml_config, parse_args
 from open_instruct.config.flag_rules import rules_table, with_table
 from open_instruct.ranges import Range, numeric_fields, range_problems
 
-NUMERIC = numeric_fields(DPOArguments)
+NUMERIC = numeric_fields(TrainArguments)
 BASE = {"model_name_or_path": "m", "mixer_list": ["d.jsonl", "1.0"], "reference_logprobs_cache_path": "c"}
 
 
 def _problem(**values) -> str:
     with pytest.raises(UserError) as err:
-        validate(DPOArguments(**BASE, **values))
+        validate(TrainArguments(**BASE, **values))
     return str(err.value)
 
 
@@ -42,10 +42,10 @@ def test_the_walk_sees_the_numbers():
 def test_each_number_declares_a_range_refuses_nan_inf_and_out_of_range(f):
     valid = f.metadata.get("valid")
     assert isinstance(valid, Range), f"{f.name} declares no valid=Range(...) in its field metadata"
-    defaults = DPOArguments(**BASE)
+    defaults = TrainArguments(**BASE)
     validate(defaults)  # every default is valid
     if getattr(defaults, f.name) is None:
-        assert not range_problems(DPOArguments(**BASE, **{f.name: None}))
+        assert not range_problems(TrainArguments(**BASE, **{f.name: None}))
     for bad in (math.nan, math.inf, -math.inf):
         assert f"--{f.name} must be a finite number, got {bad}" in _problem(**{f.name: _as_field(f, bad)})
     outside = valid.outside()
@@ -57,7 +57,7 @@ def test_each_number_declares_a_range_refuses_nan_inf_and_out_of_range(f):
 
 
 def test_sentinels_and_edges_stay_valid():
-    validate(DPOArguments(**BASE, max_grad_norm=-1.0, seed=0, keep_last_n_checkpoints=-1, warmup_ratio=1.0))
+    validate(TrainArguments(**BASE, max_grad_norm=-1.0, seed=0, keep_last_n_checkpoints=-1, warmup_ratio=1.0))
     assert "--keep_last_n_checkpoints must be >= 1 or -1, got -2" in _problem(keep_last_n_checkpoints=-2)
     assert "--seed must be in [0, 4294967295], got 4294967296" in _problem(seed=2**32)
 

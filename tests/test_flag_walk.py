@@ -1,4 +1,4 @@
-"""Every flag of DPOArguments, walked from the dataclass: its effect against a baseline, its rule's error or note line,
+"""Every flag of TrainArguments, walked from the dataclass: its effect against a baseline, its rule's error or note line,
 or the test that shows it (open_instruct/config/flag_effects.py says which). A new flag without an entry fails here."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import ROOT, small_run_args
 
-from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.config import TrainArguments, UserError, validate
 from open_instruct.config.cli import parse_args
 from open_instruct.config.flag_effects import EFFECTS, Effect, Inert, RuleOnly, TestedIn
 from open_instruct.config.flag_rules import FLAG_RULES
 
-FLAGS = [f.name for f in dataclasses.fields(DPOArguments)]
+FLAGS = [f.name for f in dataclasses.fields(TrainArguments)]
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +60,14 @@ def _base(world, tag: str) -> list[str]:
     return [*flags, "--dataset_local_cache_dir", str(world["root"] / "data_cache")]
 
 
-def _parse(argv: list[str]) -> DPOArguments:
+def _parse(argv: list[str]) -> TrainArguments:
     args = parse_args(argv)
     validate(args)
     return args
 
 
 # --- probes: what a flag changes, computed with the project's own code ------------------------------------------
-def _loss(args: DPOArguments):
+def _loss(args: TrainArguments):
     from open_instruct.objectives.combination import combined_loss
     from open_instruct.objectives.losses import PreferenceLogps
 
@@ -79,7 +79,7 @@ def _loss(args: DPOArguments):
     return [round(x, 8) for x in losses.tolist()], args.needs_reference
 
 
-def _data(args: DPOArguments):
+def _data(args: TrainArguments):
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.model.modeling import load_tokenizer
     from open_instruct.training.reference_cache import dataset_fingerprint
@@ -89,7 +89,7 @@ def _data(args: DPOArguments):
     return dataset_fingerprint(data.records), evaluation, data.statistics["cache"]["path"]
 
 
-def _model(args: DPOArguments):
+def _model(args: TrainArguments):
     from open_instruct.model.modeling import load_model, load_tokenizer
 
     model = load_model(args, load_tokenizer(args), log=lambda line: None)
@@ -108,7 +108,7 @@ def _model(args: DPOArguments):
     )
 
 
-def _batches(args: DPOArguments):
+def _batches(args: TrainArguments):
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.data.sampler import pair_dataloader
     from open_instruct.model.fast_path import choose_batch_layout
@@ -133,7 +133,7 @@ def _batches(args: DPOArguments):
     ]
 
 
-def _setup(args: DPOArguments):
+def _setup(args: TrainArguments):
     from open_instruct.api import fresh_accelerate_state
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.data.sampler import pair_dataloader
@@ -156,14 +156,14 @@ def _setup(args: DPOArguments):
         return run.total_steps, lrs, groups, run.run_config["global_batch_size"]
 
 
-def _engine(args: DPOArguments):
+def _engine(args: TrainArguments):
     from open_instruct.engine import select_engine
 
     engine = select_engine(args, env={})
     return type(engine).__name__, engine.describe(), json.dumps(getattr(engine, "config", None), default=str)
 
 
-def _tokenizer(args: DPOArguments):
+def _tokenizer(args: TrainArguments):
     from open_instruct.model.modeling import load_tokenizer
 
     err = io.StringIO()
@@ -172,7 +172,7 @@ def _tokenizer(args: DPOArguments):
     return type(tokenizer).__name__, tokenizer.is_fast, err.getvalue()
 
 
-def _signals(args: DPOArguments):
+def _signals(args: TrainArguments):
     from open_instruct.training.preemption import parse_signals
 
     return parse_signals(args.preemption_signals)

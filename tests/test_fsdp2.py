@@ -23,16 +23,16 @@ import torch
 from conftest import ROOT, cli_env, free_port, read_metrics, torchrun_command
 from test_distributed import TIMINGS, _cache_table, _env, _flags, baseline, report_timings  # noqa: F401
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.engine import Engine, select_engine
 from open_instruct.engine.deepspeed import DeepSpeedEngine
 from open_instruct.engine.fsdp2 import Fsdp2Engine, mesh_shape
 from open_instruct.training.checkpointing import COMPLETED
 
 
-def _args(**kwargs) -> DPOArguments:
+def _args(**kwargs) -> TrainArguments:
     base = {"model_name_or_path": "m", "mixer_list": ["d", "1.0"], "reference_logprobs_cache_path": "unused"}
-    return DPOArguments(**{**base, **kwargs})
+    return TrainArguments(**{**base, **kwargs})
 
 
 # --- selection, layout, conflicts, the engine line (no processes) ------------------------------------------------

@@ -165,10 +165,10 @@ def test_plot_command_writes_a_png(tracked_run, tmp_path):
 def test_repo_id_resolution(flags, expected, monkeypatch):
     from huggingface_hub import constants
 
-    from open_instruct.config import DPOArguments
+    from open_instruct.config import TrainArguments
     from open_instruct.report.hub import resolve_repo_id
 
-    args = DPOArguments(push_to_hub=True, reference_logprobs_cache_path="unused", **flags)
+    args = TrainArguments(push_to_hub=True, reference_logprobs_cache_path="unused", **flags)
     with FakeHub() as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", TOKEN)

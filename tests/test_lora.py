@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import read_metrics, run_cli, small_run_args
 
-from open_instruct.config import DPOArguments
+from open_instruct.config import TrainArguments
 from open_instruct.model.lora import adapters_disabled
 from open_instruct.model.modeling import load_model, load_tokenizer
 from open_instruct.objectives.logprobs import chunked_logprobs, full_logprobs
@@ -16,7 +16,7 @@ from open_instruct.objectives.logprobs import chunked_logprobs, full_logprobs
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _args(model_dir, **overrides) -> DPOArguments:
+def _args(model_dir, **overrides) -> TrainArguments:
     values = {
         "model_name_or_path": str(model_dir),
         "mixer_list": ["unused", "1"],
@@ -27,7 +27,7 @@ def _args(model_dir, **overrides) -> DPOArguments:
         "reference_logprobs_cache_path": "unused",
     }
     values.update(overrides)
-    return DPOArguments(**values)
+    return TrainArguments(**values)
 
 
 def _batch(tokenizer, n: int = 4, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:

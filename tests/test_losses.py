@@ -9,7 +9,7 @@ import pytest
 import torch
 from trl_helpers import fused_head_model, trl_compute_loss
 
-from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.config import TrainArguments, UserError, validate
 from open_instruct.objectives.losses import LOSSES, LossSettings, PreferenceLogps, get_loss, wpo_weights
 
 # open-instruct's seven losses; TRL's others are checked in tests/test_losses_trl.py
@@ -214,11 +214,11 @@ def test_robust_rejects_half_label_noise():
 def test_validation_rejects_meaningless_combinations():
     base = {"model_name_or_path": "m", "mixer_list": ["d.jsonl", "1.0"], "reference_logprobs_cache_path": "x"}
     with pytest.raises(UserError, match="label_smoothing has no meaning for --loss_type ipo"):
-        validate(DPOArguments(**base, loss_type="ipo", label_smoothing=0.1))
+        validate(TrainArguments(**base, loss_type="ipo", label_smoothing=0.1))
     with pytest.raises(UserError, match="gamma_beta_ratio has no meaning for --loss_type dpo"):
-        validate(DPOArguments(**base, loss_type="dpo", gamma_beta_ratio=0.5))
+        validate(TrainArguments(**base, loss_type="dpo", gamma_beta_ratio=0.5))
     validate(
-        DPOArguments(
+        TrainArguments(
             **base,
             loss_type="simpo",
             gamma_beta_ratio=0.5,
@@ -231,11 +231,11 @@ def test_validation_rejects_meaningless_combinations():
 
 
 def test_reference_need_follows_the_loss():
-    assert not DPOArguments(loss_type="simpo", reference_logprobs_cache_path="x").needs_reference
-    assert not DPOArguments(loss_type="dpo", reference_free=True, reference_logprobs_cache_path="x").needs_reference
-    assert DPOArguments(loss_type="wpo", reference_logprobs_cache_path="x").needs_reference
+    assert not TrainArguments(loss_type="simpo", reference_logprobs_cache_path="x").needs_reference
+    assert not TrainArguments(loss_type="dpo", reference_free=True, reference_logprobs_cache_path="x").needs_reference
+    assert TrainArguments(loss_type="wpo", reference_logprobs_cache_path="x").needs_reference
     for name, spec in LOSSES.items():
-        args = DPOArguments(loss_type=name, reference_logprobs_cache_path="x")
+        args = TrainArguments(loss_type=name, reference_logprobs_cache_path="x")
         assert args.length_normalized == spec.length_normalized
         assert args.needs_reference == spec.needs_reference
 

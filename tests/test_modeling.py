@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli, small_run_args
 
-from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.config import TrainArguments, UserError, validate
 from open_instruct.model.modeling import (
     grow_embeddings,
     load_model,
@@ -22,14 +22,14 @@ from open_instruct.model.modeling import (
 NO_CUDA = not torch.cuda.is_available()
 
 
-def _args(model_dir, **overrides) -> DPOArguments:
+def _args(model_dir, **overrides) -> TrainArguments:
     values = {
         "model_name_or_path": str(model_dir),
         "mixer_list": ["unused", "1"],
         "reference_logprobs_cache_path": "x",
     }
     values.update(overrides)
-    return DPOArguments(**values)
+    return TrainArguments(**values)
 
 
 def _load(model_dir, **overrides):
@@ -153,7 +153,7 @@ def test_model_flag_validation():
     def problems(**values):
         with pytest.raises(UserError) as err:
             validate(
-                DPOArguments(
+                TrainArguments(
                     model_name_or_path="m", mixer_list=["d", "1"], reference_logprobs_cache_path="x", **values
                 )
             )
@@ -164,7 +164,7 @@ def test_model_flag_validation():
     assert "--lora_rank must be >= 1" in problems(use_lora=True, lora_rank=0)
     assert "--load_balancing_weight must be >= 0" in problems(load_balancing_loss=True, load_balancing_weight=-1)
     validate(
-        DPOArguments(
+        TrainArguments(
             model_name_or_path="m",
             mixer_list=["d", "1"],
             reference_logprobs_cache_path="x",

@@ -125,14 +125,14 @@ def test_aux_loss_is_logged_and_changes_the_gradient():
 def test_dense_model_is_rejected(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from open_instruct.config import DPOArguments
+    from open_instruct.config import TrainArguments
     from open_instruct.model.modeling import load_model, load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(UserError, match="mixture-of-experts"):
         with capture_router_logits(model):
             pass
-    args = DPOArguments(
+    args = TrainArguments(
         model_name_or_path=str(tiny_model_dir), load_balancing_loss=True, reference_logprobs_cache_path="unused"
     )
     with pytest.raises(UserError, match="--load_balancing_loss needs a mixture-of-experts model"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, cli_env, read_metrics, run_cli, small_run_args
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.data import sources
 from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.data.synthetic import build_tokenizer, write_task
@@ -23,8 +23,8 @@ from open_instruct.training import loop
 from open_instruct.training.optim import CombinedOptimizer, build_optimizer, check_optimizer_environment
 
 
-def _args(**values) -> DPOArguments:
-    return DPOArguments(**{"model_name_or_path": "m", "mixer_list": ["d.jsonl", "1"], **values})
+def _args(**values) -> TrainArguments:
+    return TrainArguments(**{"model_name_or_path": "m", "mixer_list": ["d.jsonl", "1"], **values})
 
 
 # --- one short training run with the reporting flags ----------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from open_instruct.config import DPOArguments, UserError, validate
+from open_instruct.config import TrainArguments, UserError, validate
 from open_instruct.config.cli import parse_args
 from open_instruct.config.open_instruct_flags import CLUSTER_ONLY, DEFAULTS_THAT_DIFFER
 
@@ -178,7 +178,7 @@ def test_each_open_instruct_flag_parses_to_its_type(name):
 
 
 def test_new_flags_take_open_instruct_defaults_except_the_listed_ones():
-    defaults = DPOArguments(reference_logprobs_cache_path="unused")
+    defaults = TrainArguments(reference_logprobs_cache_path="unused")
     differ = {n: getattr(defaults, n) for n, want in OPEN_INSTRUCT_DEFAULTS.items() if getattr(defaults, n) != want}
     assert differ == {name: ours for name, (ours, _, _) in DEFAULTS_THAT_DIFFER.items()}
     assert {n: OPEN_INSTRUCT_DEFAULTS[n] for n in differ} == {n: t for n, (_, t, _) in DEFAULTS_THAT_DIFFER.items()}

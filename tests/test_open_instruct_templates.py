@@ -105,11 +105,13 @@ def test_renders_what_open_instruct_renders(tokenizer, name, messages, generatio
 def test_olmo123_keeps_the_tokenizers_own_template(tiny_model_dir, capsys):
     from transformers import AutoTokenizer
 
-    from open_instruct.config import DPOArguments
+    from open_instruct.config import TrainArguments
     from open_instruct.model.modeling import load_tokenizer
 
     own = AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
-    args = DPOArguments(model_name_or_path=str(tiny_model_dir), mixer_list=["d.jsonl", "1"], chat_template_name="olmo123")
+    args = TrainArguments(
+        model_name_or_path=str(tiny_model_dir), mixer_list=["d.jsonl", "1"], chat_template_name="olmo123"
+    )
     assert load_tokenizer(args).chat_template == own
     assert "the tokenizer's own chat template" in capsys.readouterr().out
 

@@ -147,7 +147,7 @@ def test_cli_token_budget_too_small(tiny_model_dir, synthetic_data, tmp_path):
 
 
 def test_gradient_checkpointing_alias(tiny_model_dir):
-    from open_instruct.config import DPOArguments
+    from open_instruct.config import TrainArguments
     from open_instruct.model.modeling import load_model, load_tokenizer
 
     for kwargs, expected in (
@@ -155,7 +155,7 @@ def test_gradient_checkpointing_alias(tiny_model_dir):
         ({"gradient_checkpointing": True}, True),
         ({}, False),
     ):
-        args = DPOArguments(model_name_or_path=str(tiny_model_dir), reference_logprobs_cache_path="unused", **kwargs)
+        args = TrainArguments(model_name_or_path=str(tiny_model_dir), reference_logprobs_cache_path="unused", **kwargs)
         model = load_model(args, load_tokenizer(args))
         assert model.is_gradient_checkpointing is expected, kwargs
 

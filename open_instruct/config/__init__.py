@@ -1,6 +1,6 @@
 """Flags as typed dataclasses (:mod:`.arguments`), command line and YAML parsing (:mod:`.cli`), validation.
 
-``from open_instruct.config import DPOArguments, UserError, validate`` is the public import path.
+``from open_instruct.config import TrainArguments, UserError, validate`` is the public import path.
 """
 
 from open_instruct.config.arguments import (
@@ -9,6 +9,7 @@ from open_instruct.config.arguments import (
     NOT_YET_SUPPORTED,
     SCHEDULERS,
     DPOArguments,
+    TrainArguments,
     UserError,
     default_reference_cache_dir,
     validate,
@@ -20,6 +21,7 @@ __all__ = [
     "NOT_YET_SUPPORTED",
     "SCHEDULERS",
     "DPOArguments",
+    "TrainArguments",
     "UserError",
     "default_reference_cache_dir",
     "validate",

@@ -59,7 +59,7 @@ def default_reference_cache_dir() -> str:
 
 
 def _loss_hyperparameter_flags() -> type:
-    """``LossSettings``' fields as flags with the recipe's defaults: the base of DPOArguments, so a new loss
+    """``LossSettings``' fields as flags with the recipe's defaults: the base of TrainArguments, so a new loss
     hyperparameter is one field in :mod:`open_instruct.objectives.losses`, not one here too."""
     hints = typing.get_type_hints(LossSettings)
     return make_dataclass(
@@ -82,9 +82,10 @@ def _loss_hyperparameter_flags() -> type:
 
 
 @dataclass
-class DPOArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
-    """All settings of one DPO run. Defaults follow the Tulu 3 DPO recipe (dpo_norm, beta 5); open-instruct's other
-    flags come from :class:`~open_instruct.config.open_instruct_flags.OpenInstructFlags`."""
+class TrainArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
+    """All settings of one run of any stage (DPO, SFT and pretraining read the ones they use). Defaults follow the
+    Tulu 3 DPO recipe (dpo_norm, beta 5); open-instruct's other flags come from
+    :class:`~open_instruct.config.open_instruct_flags.OpenInstructFlags`."""
 
     # --- experiment -------------------------------------------------------------------------------------------
     exp_name: str = _f("dpo", "Name of the run (wandb run name, hub repo name).")
@@ -332,11 +333,14 @@ class DPOArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+# The class's name from when it held only DPO settings; kept so user code that imports it runs unchanged.
+DPOArguments = TrainArguments
+
 # Flags declared above whose behaviour is not built yet. Passing a non-default value is an error, never ignored.
 NOT_YET_SUPPORTED: tuple[str, ...] = ()
 
 
-def _consistency_problems(args: DPOArguments) -> list[str]:
+def _consistency_problems(args: TrainArguments) -> list[str]:
     """Flags that contradict each other (a flag missing what it needs is a ``FLAG_RULES`` entry instead)."""
     problems = []
     if args.model_name_or_path is None and not (args.cache_dataset_only and args.tokenizer_name_or_path):
@@ -368,7 +372,7 @@ def _consistency_problems(args: DPOArguments) -> list[str]:
     return problems
 
 
-def validate(args: DPOArguments) -> None:
+def validate(args: TrainArguments) -> None:
     """Reject out-of-range or inconsistent settings with one clear message, before any work starts: every number
     finite and in its field's ``valid`` range, the loss combination sound, each flag's ``FLAG_RULES`` entry kept
     (a ``note`` rule prints its line instead)."""
@@ -377,7 +381,7 @@ def validate(args: DPOArguments) -> None:
     problems = range_problems(args)
     problems.extend(_consistency_problems(args))
     problems.extend(combination_problems(args.loss_type, args.loss_weights, args.loss_settings(), args.reference_free))
-    defaults = DPOArguments(reference_logprobs_cache_path=args.reference_logprobs_cache_path)
+    defaults = TrainArguments(reference_logprobs_cache_path=args.reference_logprobs_cache_path)
     for name in NOT_YET_SUPPORTED:
         if getattr(args, name) != getattr(defaults, name):
             problems.append(f"--{name} is not supported yet in this version")

@@ -1,4 +1,4 @@
-"""Command-line and YAML parsing for :class:`~open_instruct.config.DPOArguments`.
+"""Command-line and YAML parsing for :class:`~open_instruct.config.TrainArguments`.
 
 ``prog [config.yaml] [--flag value ...]``: the YAML file (the only positional argument) sets values, flags override it.
 Booleans accept ``--flag``, ``--flag true`` and ``--flag false``. Unknown flags and unknown YAML keys are errors.
@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from open_instruct.config import DPOArguments, UserError, compat
+from open_instruct.config import TrainArguments, UserError, compat
 from open_instruct.config.open_instruct_flags import OpenInstructFlags
 
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -62,7 +62,7 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _alias_map(cls: type = DPOArguments) -> dict[str, str]:
+def _alias_map(cls: type = TrainArguments) -> dict[str, str]:
     """Every accepted name (field names and legacy aliases) -> field name."""
     names = {}
     for f in dataclasses.fields(cls):
@@ -72,7 +72,7 @@ def _alias_map(cls: type = DPOArguments) -> dict[str, str]:
     return names
 
 
-def build_parser(cls: type = DPOArguments) -> argparse.ArgumentParser:
+def build_parser(cls: type = TrainArguments) -> argparse.ArgumentParser:
     """An argparse parser with one option per dataclass field (plus its aliases)."""
     parser = _Parser(prog="dpo_tune_cache", allow_abbrev=False, description=cls.__doc__)
     parser.add_argument("config_file", nargs="?", help="YAML recipe; flags given after it override its values")
@@ -162,7 +162,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of flag names to values")
     values = _normalize_yaml(raw, str(path))
-    hints = typing.get_type_hints(DPOArguments)
+    hints = typing.get_type_hints(TrainArguments)
     return {k: _coerce(v, hints[k], k, str(path)) for k, v in values.items()}
 
 
@@ -191,8 +191,8 @@ def exit_on_user_error(entry: Callable[[], object]) -> None:
         sys.exit(2)
 
 
-def parse_args(argv: list[str] | None = None) -> DPOArguments:
-    """Parse a YAML recipe (optional) and flags into validated-by-type DPOArguments."""
+def parse_args(argv: list[str] | None = None) -> TrainArguments:
+    """Parse a YAML recipe (optional) and flags into validated-by-type TrainArguments."""
     parser = build_parser()
     namespace = parser.parse_args(_attach_negative_numbers(list(sys.argv[1:] if argv is None else argv)))
     values: dict[str, Any] = {}
@@ -205,4 +205,4 @@ def parse_args(argv: list[str] | None = None) -> DPOArguments:
     line = compat.notice(list(values))
     if line and os.environ.get("RANK", "0") == "0":
         print(line)
-    return DPOArguments(**values)
+    return TrainArguments(**values)

@@ -1,4 +1,4 @@
-"""Where each flag's effect is shown: one entry per ``DPOArguments`` field, read by ``tests/test_flag_walk.py``.
+"""Where each flag's effect is shown: one entry per ``TrainArguments`` field, read by ``tests/test_flag_walk.py``.
 
 The test walks every field of the dataclass, so a new flag without an entry here fails it by name. An entry says how
 its effect is observed against a baseline run's settings, cheaply:

@@ -1,5 +1,5 @@
 """The flags of allenai/open-instruct's DPO config (``DPOExperimentConfig`` and ``TokenizerConfig``) that our own
-flags in :mod:`open_instruct.config.arguments` do not already cover, as a dataclass mixin of ``DPOArguments``.
+flags in :mod:`open_instruct.config.arguments` do not already cover, as a dataclass mixin of ``TrainArguments``.
 
 Names, types and defaults follow open-instruct so its launch scripts and YAML recipes run unchanged. Defaults that
 differ here (and why) are listed in :data:`DEFAULTS_THAT_DIFFER`; options that only mean something on AI2's own

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.data import cache
 from open_instruct.data.mixer import MixEntry, build_train_eval_mix, parse_mixer_list
 from open_instruct.data.sources import source_fingerprint
@@ -40,7 +40,7 @@ class PreparedData:
     eval_records: Sequence[dict[str, Any]] = field(default_factory=list)
 
 
-def _key_inputs(args: DPOArguments, tokenizer: Any, train: list[MixEntry], evaluation: list[MixEntry]) -> dict:
+def _key_inputs(args: TrainArguments, tokenizer: Any, train: list[MixEntry], evaluation: list[MixEntry]) -> dict:
     def describe(entries: list[MixEntry]) -> list[dict[str, Any]]:
         return [{"amount": e.amount, **source_fingerprint(e.name, e.split)} for e in entries]
 
@@ -67,7 +67,7 @@ def _cap(pairs: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict
     return [pairs[i] for i in keep]
 
 
-def _no_pairs_left(pairs: int, dropped: dict[str, int], args: DPOArguments) -> UserError:
+def _no_pairs_left(pairs: int, dropped: dict[str, int], args: TrainArguments) -> UserError:
     return UserError(
         f"no trainable pairs left out of {pairs} (dropped: {dropped}); check --max_seq_length {args.max_seq_length}"
     )
@@ -78,7 +78,7 @@ def _eval_summary(pairs: int, tokenized: Any) -> dict[str, Any]:
 
 
 def prepare_in_memory(
-    args: DPOArguments, tokenizer: Any, train_entries: list[MixEntry], eval_entries: list[MixEntry]
+    args: TrainArguments, tokenizer: Any, train_entries: list[MixEntry], eval_entries: list[MixEntry]
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """The whole preparation with every pair in memory: (records, evaluation records, statistics). The reference
     the streaming preparation is tested against, and handy for small sets."""
@@ -104,7 +104,7 @@ def prepare_in_memory(
     return records, eval_records, stats
 
 
-def _build_entry(args: DPOArguments, tokenizer: Any, plan: MixPlan, folder: Path) -> dict[str, Any]:
+def _build_entry(args: TrainArguments, tokenizer: Any, plan: MixPlan, folder: Path) -> dict[str, Any]:
     """Pass 2 of the streaming preparation into ``folder``: the split files and statistics; returns the manifest."""
     settings = TokenizeSettings(args.max_seq_length, args.add_bos, args.max_response_length)
     scratch = folder / "unique.arrow"
@@ -124,7 +124,7 @@ def _build_entry(args: DPOArguments, tokenizer: Any, plan: MixPlan, folder: Path
 
 
 def prepare_preference_data(
-    args: DPOArguments, tokenizer: Any, mixer_list: list[str] | None = None, splits: list[str] | None = None
+    args: TrainArguments, tokenizer: Any, mixer_list: list[str] | None = None, splits: list[str] | None = None
 ) -> PreparedData:
     """Mix, validate, tokenize (or load all that from the cache). Malformed rows are reported before any model loads.
 

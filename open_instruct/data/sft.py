@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.data.formats import CHAT_ROLES, RowError, check_role, detect_format, normalize
 from open_instruct.data.mixer import MixEntry, load_rows, parse_mixer_list, sample_indices, target_rows
 from open_instruct.data.tokenize import IGNORE_INDEX, render, template_roles
@@ -127,7 +127,7 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], add_bos: bool
 
 
 def prepare_sft_data(
-    args: DPOArguments, tokenizer: Any, mixer_list: list[str] | None = None, splits: list[str] | None = None
+    args: TrainArguments, tokenizer: Any, mixer_list: list[str] | None = None, splits: list[str] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Mix, validate, tokenize, truncate to ``max_seq_length``; returns (records with ``index``, statistics)."""
     entries = parse_mixer_list(

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.data.mixer import hold_out, parse_mixer_list, sample_indices, target_rows
 from open_instruct.data.sources import iter_lines, load_rows
 
@@ -87,7 +87,7 @@ def pack_blocks(documents: list[str], tokenizer: Any, block_size: int) -> tuple[
 
 
 def prepare_text_data(
-    args: DPOArguments, tokenizer: Any, text_column: str = "text"
+    args: TrainArguments, tokenizer: Any, text_column: str = "text"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any]]:
     """(training blocks, evaluation blocks or None, statistics) for the run's mix and evaluation settings.
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
 
 AUTO = "auto"
@@ -86,7 +86,7 @@ def load_deepspeed_config(path: str | Path) -> dict:
     return config
 
 
-def _apply_flags(config: dict, args: DPOArguments) -> dict:
+def _apply_flags(config: dict, args: TrainArguments) -> dict:
     """``--zero_stage`` / ``--offload_*`` on top of a config file (the flags win)."""
     config = copy.deepcopy(config)
     zero = config["zero_optimization"]
@@ -129,7 +129,7 @@ def _settle(config: dict, key: str, wanted: Any, flag: str, source: str) -> None
         )
 
 
-def resolve_deepspeed_config(args: DPOArguments, env: dict[str, str] | None = None) -> dict | None:
+def resolve_deepspeed_config(args: TrainArguments, env: dict[str, str] | None = None) -> dict | None:
     """The DeepSpeed config of this run with batch, accumulation, clipping and ZeRO-3 save settled, or None."""
     env = dict(os.environ) if env is None else env
     if args.deepspeed_config:
@@ -204,7 +204,7 @@ class DeepSpeedEngine(Engine):
         self.config = config
 
     @classmethod
-    def from_args(cls, args: DPOArguments, env: dict[str, str]) -> DeepSpeedEngine | None:
+    def from_args(cls, args: TrainArguments, env: dict[str, str]) -> DeepSpeedEngine | None:
         """The engine when a ZeRO config applies (flags, a config file or ``accelerate launch``), else None."""
         config = resolve_deepspeed_config(args, env)
         if config is None:
@@ -215,13 +215,11 @@ class DeepSpeedEngine(Engine):
     def drives(accelerator: Any) -> bool:
         return getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
-    def build_accelerator(
-        self, gradient_accumulation_steps: int, mixed_precision: str | None, with_tracking: bool, timeout_s: int
-    ) -> Any:
+    def build_accelerator(self, *args: Any, **kwargs: Any) -> Any:
         """As the base engine's; run without a launcher, first a one-process group (DeepSpeed needs one)."""
         if single_process_group_env(os.environ):
             self.processes = 1
-        return super().build_accelerator(gradient_accumulation_steps, mixed_precision, with_tracking, timeout_s)
+        return super().build_accelerator(*args, **kwargs)
 
     def accelerator_kwargs(self) -> dict[str, Any]:
         from accelerate.utils import DeepSpeedPlugin

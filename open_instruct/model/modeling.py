@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.model.overrides import compile_decoder_layers, model_config, wants_checkpointing, yarn_parameters
 
 ATTN_IMPLEMENTATIONS = ("flash_attention_3", "flash_attention_2", "sdpa", "eager", "flex_attention")
@@ -79,7 +79,7 @@ def resolve_attn_implementation(requested: str | None) -> tuple[str, str]:
     return "sdpa", f"default: no usable flash-attention for compute capability {capability[0]}.{capability[1]}"
 
 
-def check_model_options(args: DPOArguments) -> None:
+def check_model_options(args: TrainArguments) -> None:
     """Environment checks of the model flags (CUDA, packages, attention), run before any data or model work."""
     parse_additional_model_arguments(args.additional_model_arguments)
     resolve_attn_implementation(args.attn_implementation)
@@ -90,7 +90,7 @@ def check_model_options(args: DPOArguments) -> None:
             raise UserError("--use_qlora needs bitsandbytes: pip install 'open_instruct[qlora]'")
 
 
-def note_slow_tokenizer(args: DPOArguments, tokenizer: Any, name: str) -> None:
+def note_slow_tokenizer(args: TrainArguments, tokenizer: Any, name: str) -> None:
     """``--use_slow_tokenizer`` asks ``use_fast=False``; a tokenizer that has only a ``tokenizer.json`` (no slow
     Python version) still loads fast, and the run says so instead of ignoring the flag."""
     from open_instruct.config.flag_rules import SLOW_TOKENIZER_NOTE, say_note
@@ -99,7 +99,7 @@ def note_slow_tokenizer(args: DPOArguments, tokenizer: Any, name: str) -> None:
         say_note(SLOW_TOKENIZER_NOTE.format(name=name))
 
 
-def load_tokenizer(args: DPOArguments) -> Any:
+def load_tokenizer(args: TrainArguments) -> Any:
     """The tokenizer, with our chat template when one is named and a pad token guaranteed."""
     from transformers import AutoTokenizer
 
@@ -162,7 +162,7 @@ def grow_embeddings(model: Any, min_rows: int, multiple: int = EMBEDDING_MULTIPL
     return old, model.get_input_embeddings().num_embeddings
 
 
-def load_model(args: DPOArguments, tokenizer: Any, log: Callable[[str], None] = print) -> Any:
+def load_model(args: TrainArguments, tokenizer: Any, log: Callable[[str], None] = print) -> Any:
     """The policy model; its embeddings grow (to a multiple of 8) when the tokenizer gained tokens; LoRA if asked."""
     from transformers import AutoModelForCausalLM
 
@@ -231,7 +231,7 @@ def load_model(args: DPOArguments, tokenizer: Any, log: Callable[[str], None] = 
     return model
 
 
-def reference_identity(args: DPOArguments, model: Any) -> dict[str, Any]:
+def reference_identity(args: TrainArguments, model: Any) -> dict[str, Any]:
     """Model settings that change reference log-probs, for the reference-cache key (the weights are hashed apart)."""
     from open_instruct.engine import unwrap_model
 

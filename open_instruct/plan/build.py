@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.engine.base import StateLayout
 from open_instruct.plan import memory, timing
 from open_instruct.plan.gpus import GPUS, Gpu, local_gpu
@@ -48,7 +48,7 @@ class Plan:
         return None if self.cluster.gpu is None else self.peak <= self.cluster.gpu.usable_bytes
 
 
-def cluster_of(args: DPOArguments, env: dict[str, str]) -> Cluster:
+def cluster_of(args: TrainArguments, env: dict[str, str]) -> Cluster:
     """The cluster asked for: ``--dry_run_num_processes`` / ``--dry_run_num_nodes``, else the launcher's environment
     (WORLD_SIZE, accelerate's machine count), else one process; the GPU: ``--dry_run_gpu``, else this machine's."""
     nodes = args.dry_run_num_nodes or int(env.get("NUM_NODES") or env.get("ACCELERATE_NUM_MACHINES") or 1)
@@ -68,7 +68,7 @@ def _local_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def planned_engine(args: DPOArguments, cluster: Cluster, env: dict[str, str]) -> Any:
+def planned_engine(args: TrainArguments, cluster: Cluster, env: dict[str, str]) -> Any:
     """The engine the run would select on that cluster (its flags and config files checked on the way)."""
     from open_instruct.engine import select_engine
 
@@ -78,7 +78,7 @@ def planned_engine(args: DPOArguments, cluster: Cluster, env: dict[str, str]) ->
     return select_engine(args, planned_env)
 
 
-def workload_of(args: DPOArguments, stage: str, shape: ModelShape, packing: bool) -> memory.Workload:
+def workload_of(args: TrainArguments, stage: str, shape: ModelShape, packing: bool) -> memory.Workload:
     """Tokens per forward at the worst case the flags allow (every sequence at --max_seq_length)."""
     from open_instruct.objectives.logprobs import auto_chunk_size
 
@@ -107,7 +107,7 @@ def phases_of(shape: ModelShape, layout: StateLayout, work: memory.Workload) -> 
     return phases + [memory.training_step(shape, layout, work)]
 
 
-def recipe_of(args: DPOArguments, cluster: Cluster, num_examples: int | None) -> dict[str, Any]:
+def recipe_of(args: TrainArguments, cluster: Cluster, num_examples: int | None) -> dict[str, Any]:
     """Global batch, optimizer steps, warmup steps, epochs (steps unknown without a dataset size)."""
     from open_instruct.training.recipe import optimizer_steps
 
@@ -133,7 +133,7 @@ def recipe_of(args: DPOArguments, cluster: Cluster, num_examples: int | None) ->
 
 
 def build_plan(
-    args: DPOArguments, stage: str, shape: ModelShape, config_source: str, num_examples: int | None
+    args: TrainArguments, stage: str, shape: ModelShape, config_source: str, num_examples: int | None
 ) -> Plan:
     """The plan of this run on the cluster its flags ask for."""
     env = dict(os.environ)

@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.plan import build, report
 from open_instruct.plan.model_config import resolve_model_config, shape_of
 
@@ -69,7 +69,7 @@ def _amount(amount: str, rows: int) -> int:
     return min(rows, int(value)) if "." not in amount else int(math.floor(rows * value))
 
 
-def check_datasets(args: DPOArguments, notes: list[str], stage: str = "dpo") -> int | None:
+def check_datasets(args: TrainArguments, notes: list[str], stage: str = "dpo") -> int | None:
     """Training examples the mix yields (None when a Hub dataset's size cannot be read and no stand-in is given)."""
     from open_instruct.data.sources import is_data_file
 
@@ -99,7 +99,7 @@ def check_datasets(args: DPOArguments, notes: list[str], stage: str = "dpo") -> 
     return total
 
 
-def check_output(args: DPOArguments, notes: list[str]) -> None:
+def check_output(args: TrainArguments, notes: list[str]) -> None:
     """The output folder can be created and written; a checkpoint in it means the run resumes."""
     out = Path(args.output_dir).expanduser()
     existing = out
@@ -111,7 +111,7 @@ def check_output(args: DPOArguments, notes: list[str]) -> None:
     notes.append(f"output {out}: " + (f"resumes from {steps[-1].name}" if steps else "new run"))
 
 
-def check_hub_and_tracking(args: DPOArguments, notes: list[str]) -> None:
+def check_hub_and_tracking(args: TrainArguments, notes: list[str]) -> None:
     """A push needs a token; wandb tracking needs wandb and a login (or offline mode)."""
     if args.push_to_hub:
         from huggingface_hub import get_token
@@ -134,14 +134,14 @@ def check_hub_and_tracking(args: DPOArguments, notes: list[str]) -> None:
         notes.append("tracking: wandb " + ("offline" if offline else "logged in"))
 
 
-def plan_of(args: DPOArguments, stage: str, num_examples: int | None, notes: list[str]) -> build.Plan:
+def plan_of(args: TrainArguments, stage: str, num_examples: int | None, notes: list[str]) -> build.Plan:
     config, source = resolve_model_config(args.model_name_or_path or "", args.model_revision)
     plan = build.build_plan(args, stage, shape_of(config), source, num_examples)
     plan.checks.extend(notes)
     return plan
 
 
-def dry_run(args: DPOArguments, stage: str = "dpo") -> build.Plan:
+def dry_run(args: TrainArguments, stage: str = "dpo") -> build.Plan:
     """Check everything a run needs without loading weights, print its plan; returns the plan."""
     if args.model_name_or_path is None:
         raise UserError("--dry_run needs --model_name_or_path (the plan is of a model)")
@@ -151,7 +151,7 @@ def dry_run(args: DPOArguments, stage: str = "dpo") -> build.Plan:
     check_hub_and_tracking(args, notes)
     plan = plan_of(args, stage, num_examples, notes)
 
-    def peak_of(changed: DPOArguments) -> float:
+    def peak_of(changed: TrainArguments) -> float:
         return plan_of(changed, stage, num_examples, []).peak
 
     text = report.format_plan(plan, report.suggestions(args, plan, peak_of))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 from open_instruct.plan import build
 from open_instruct.plan.gpus import GIB, RESERVED_BYTES, USABLE_FRACTION
 
@@ -100,7 +100,7 @@ def format_plan(plan: build.Plan, suggestions: list[tuple[str, float, bool]]) ->
 
 
 # Flag changes tried when a run does not fit, cheapest first (compute or communication they cost).
-def _candidates(args: DPOArguments, plan: build.Plan) -> list[tuple[str, dict[str, Any]]]:
+def _candidates(args: TrainArguments, plan: build.Plan) -> list[tuple[str, dict[str, Any]]]:
     layout, out = plan.layout, []
     if not plan.workload.gradient_checkpointing:
         out.append(("--gradient_checkpointing (~1/3 more compute)", {"gradient_checkpointing": True}))
@@ -141,7 +141,7 @@ def _candidates(args: DPOArguments, plan: build.Plan) -> list[tuple[str, dict[st
     return out
 
 
-def suggestions(args: DPOArguments, plan: build.Plan, peak_of: Any) -> list[tuple[str, float, bool]]:
+def suggestions(args: TrainArguments, plan: build.Plan, peak_of: Any) -> list[tuple[str, float, bool]]:
     """(change, new peak, fits) for each candidate when the plan does not fit; fitting ones first, cheapest first."""
     if plan.fits() is not False:
         return []

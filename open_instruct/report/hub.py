@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from open_instruct.config import DPOArguments, UserError
+from open_instruct.config import TrainArguments, UserError
 
 # What a final checkpoint folder holds besides the model that should not go to the Hub: training state, caches and
 # anything hidden (temporary files).
 IGNORE_PATTERNS = ["step_*", "step_*/**", ".*", "**/.*", "wandb/**", "*.tmp"]
 
 
-def hub_repo_id(args: DPOArguments, whoami: str | None = None) -> str:
+def hub_repo_id(args: TrainArguments, whoami: str | None = None) -> str:
     """``--hf_repo_id`` (``name`` or ``owner/name``, default ``--exp_name``) under ``--hf_entity`` or the token's user."""
     name = args.hf_repo_id or args.exp_name
     if "/" in name:
@@ -58,7 +58,7 @@ def push_folder(
     return f"{url}/tree/{revision}" if revision else url
 
 
-def resolve_repo_id(args: DPOArguments) -> str:
+def resolve_repo_id(args: TrainArguments) -> str:
     """The target repo, looking up the token's user when no owner is given (call before training: fails early)."""
     whoami = None
     if "/" not in (args.hf_repo_id or "") and not args.hf_entity:
@@ -74,7 +74,7 @@ def resolve_repo_id(args: DPOArguments) -> str:
     return hub_repo_id(args, whoami)
 
 
-def push_final_model(output_dir: str | Path, args: DPOArguments, repo_id: str | None = None) -> str:
+def push_final_model(output_dir: str | Path, args: TrainArguments, repo_id: str | None = None) -> str:
     """Upload the final model in ``output_dir`` as the flags say and print its URL."""
     url = push_folder(output_dir, repo_id or resolve_repo_id(args), args.hf_repo_revision, args.hf_repo_private)
     print(f"pushed the final model to {url}")

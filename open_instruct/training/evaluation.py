@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import DPOArguments
+from open_instruct.config import TrainArguments
 from open_instruct.data.collate import PaddedPairCollator
 from open_instruct.data.mixer import hold_out, reindex
 from open_instruct.engine import gather_rows
@@ -36,7 +36,9 @@ from open_instruct.training.reference_cache import ReferenceLogps
 
 
 def prepare_eval_records(
-    args: DPOArguments, records: list[dict[str, Any]], prepare: Callable[[DPOArguments, list[str], list[str]], list]
+    args: TrainArguments,
+    records: list[dict[str, Any]],
+    prepare: Callable[[TrainArguments, list[str], list[str]], list],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """(training records, evaluation records or None) for the run's evaluation settings.
 
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_seq_length", type=int, default=2048)
     parser.add_argument("--label", default="held-out preference accuracy")
     ns = parser.parse_args(argv)
-    args = DPOArguments(
+    args = TrainArguments(
         model_name_or_path=ns.model_name_or_path,
         mixer_list=[ns.data, "1.0"],
         mixer_list_splits=["test"],

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import DPOArguments, UserError, compat
+from open_instruct.config import TrainArguments, UserError, compat
 from open_instruct.data.sampler import real_rows_fn
 from open_instruct.files import write_text_atomic
 from open_instruct.report.tracking import MetricsLogger
@@ -21,7 +21,7 @@ from open_instruct.training.optim import build_optimizer, check_optimizer_enviro
 from open_instruct.training.profiling import profiled_steps
 
 
-def preflight(args: DPOArguments, pretraining: bool = False) -> None:
+def preflight(args: TrainArguments, pretraining: bool = False) -> None:
     """Cheap checks of every input path, before any process group, model or dataset is touched: each path is the
     kind of thing its flag needs and the output folder can be written (``config/path_checks.py``)."""
     from open_instruct.config.path_checks import check_paths
@@ -79,7 +79,7 @@ def no_empty_output_on_error(output_dir: str) -> Iterator[None]:
         raise
 
 
-def start_run(args: DPOArguments) -> tuple[Any, Path]:
+def start_run(args: TrainArguments) -> tuple[Any, Path]:
     """(accelerator built by the engine the flags select, output folder); the seed is set."""
     from accelerate.utils import set_seed
 
@@ -116,7 +116,7 @@ def optimizer_steps(
     return per_epoch, max_train_steps or per_epoch * num_epochs
 
 
-def build_scheduler(args: DPOArguments, optimizer: Any, total_steps: int, num_processes: int) -> Any:
+def build_scheduler(args: TrainArguments, optimizer: Any, total_steps: int, num_processes: int) -> Any:
     """The learning-rate schedule: warmup (``--warmup_steps``, else ``--warmup_ratio``), then ``--lr_scheduler_type``."""
     from transformers import get_scheduler
 
@@ -146,7 +146,7 @@ class Trainable:
 
 
 def prepare_training(
-    args: DPOArguments, accelerator: Any, model: Any, train_loader: Any, output_dir: Path, unit: str, stage: str
+    args: TrainArguments, accelerator: Any, model: Any, train_loader: Any, output_dir: Path, unit: str, stage: str
 ) -> Trainable:
     """AdamW on the trainable parameters (LoRA: the adapters), the schedule, and everything under the engine;
     writes ``run_config.json``. ``unit`` names an example in the log line (pairs, conversations)."""
@@ -181,7 +181,7 @@ def prepare_training(
 
 
 def train(
-    args: DPOArguments,
+    args: TrainArguments,
     accelerator: Any,
     run: Trainable,
     step_fn: StepFn,

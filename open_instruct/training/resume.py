@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import DPOArguments
+from open_instruct.config import TrainArguments
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.checkpointing import TRAINER_STATE, CheckpointPolicy, load_checkpoint, resolve_resume
 from open_instruct.training.loop import FaultTolerance
@@ -29,7 +29,7 @@ def _test_write_delay() -> tuple[int, float] | None:
     return int(step), float(seconds)
 
 
-def run_signature(args: DPOArguments, num_pairs: int, data_hash: str, total_steps: int, world_size: int) -> dict:
+def run_signature(args: TrainArguments, num_pairs: int, data_hash: str, total_steps: int, world_size: int) -> dict:
     """What must not change between a run and its resume for the continuation to be exact."""
     return {
         "data": data_hash,
@@ -50,7 +50,7 @@ def run_signature(args: DPOArguments, num_pairs: int, data_hash: str, total_step
     }
 
 
-def resumed_signature(args: DPOArguments) -> dict[str, Any] | None:
+def resumed_signature(args: TrainArguments) -> dict[str, Any] | None:
     """The run signature of the checkpoint this run will resume from, if any (read before the model is prepared,
     so settings left at their defaults can follow it)."""
     path, _ = resolve_resume(Path(args.output_dir), args.resume_from_checkpoint)
@@ -60,7 +60,7 @@ def resumed_signature(args: DPOArguments) -> dict[str, Any] | None:
 
 
 def start_or_resume(
-    args: DPOArguments, accelerator: Any, signature: dict[str, Any], logger: MetricsLogger
+    args: TrainArguments, accelerator: Any, signature: dict[str, Any], logger: MetricsLogger
 ) -> FaultTolerance:
     """Checkpoint policy, guard, and (when a checkpoint applies) the restored state: weights, optimizer, schedule,
     sampler, RNG and counters. Call after the reference pass, which must see the untouched weights."""

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from open_instruct.config import DPOArguments  # noqa: E402
+from open_instruct.config import TrainArguments  # noqa: E402
 from open_instruct.data.chat_templates import CHAT_TEMPLATES  # noqa: E402
 from open_instruct.data.mixer import build_mix, parse_mixer_list  # noqa: E402
 from open_instruct.data.prepare import prepare_preference_data  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
     tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in records)
 
     with tempfile.TemporaryDirectory() as cache_dir:
-        args = DPOArguments(
+        args = TrainArguments(
             model_name_or_path="unused",
             mixer_list=[str(HH_SAMPLE), "1.0"],
             skip_invalid_rows=True,

@@ -39,7 +39,7 @@ from tests.scale_data import hh_rows, write_hh_scaled, write_multiturn  # noqa: 
 
 TRAINING_PROBE = r"""
 import json, sys, psutil
-from open_instruct.config import DPOArguments
+from open_instruct.config import TrainArguments
 from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.data.sampler import pair_dataloader
 try:
@@ -52,7 +52,7 @@ def mem():
     return {k: int(status[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 before = mem()
-args = DPOArguments(model_name_or_path="unused", mixer_list=[sys.argv[2], "1.0"], skip_invalid_rows=True,
+args = TrainArguments(model_name_or_path="unused", mixer_list=[sys.argv[2], "1.0"], skip_invalid_rows=True,
                     max_seq_length=int(sys.argv[4]), dataset_local_cache_dir=sys.argv[3], per_device_train_batch_size=8)
 data = prepare_preference_data(args, tokenizer)
 assert data.statistics["cache"]["status"] == "loaded"

@@ -139,11 +139,11 @@ def write_model(work: Path, tokenizer, vocab: int, max_positions: int) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- runs
 def run_ours(model_dir: str, data: str, out: Path, length: int, batch: int, steps: int) -> dict:
-    from open_instruct.config import DPOArguments, validate
+    from open_instruct.config import TrainArguments, validate
     from open_instruct.dpo_tune_cache import run
 
     baseline = compare_trl._current_rss_mb()
-    args = DPOArguments(
+    args = TrainArguments(
         model_name_or_path=model_dir,
         mixer_list=[data, "1.0"],
         max_seq_length=length,

@@ -160,7 +160,7 @@ def run_ours(model_dir: str, data: str, out: Path, max_steps: int | None, profil
     """Train with this project's recipe at its default flags (the run picks its batch layout), then time the plain
     baselines on the same tokens."""
 
-    from open_instruct.config import DPOArguments, validate
+    from open_instruct.config import TrainArguments, validate
     from open_instruct.dpo_tune_cache import run
     from open_instruct.training import reference_cache
 
@@ -175,7 +175,7 @@ def run_ours(model_dir: str, data: str, out: Path, max_steps: int | None, profil
         return result
 
     reference_cache.compute = timed_compute
-    args = DPOArguments(
+    args = TrainArguments(
         model_name_or_path=model_dir,
         mixer_list=[data, "1.0"],
         max_seq_length=512,
@@ -218,13 +218,13 @@ def plain_baselines(model_dir: str, data: str, steps: int, out: Path, profile: b
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from open_instruct.config import DPOArguments
+    from open_instruct.config import TrainArguments
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.data.sampler import pair_dataloader
     from open_instruct.model.packing import packed_forward_kwargs, prepare_model_for_packing
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = DPOArguments(
+    args = TrainArguments(
         model_name_or_path=model_dir,
         mixer_list=[data, "1.0"],
         max_seq_length=512,
