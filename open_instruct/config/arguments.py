@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import typing
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from open_instruct.config import compat
+from open_instruct.config.fields import NONNEG, POS
+from open_instruct.config.fields import flag as _f
 from open_instruct.config.open_instruct_flags import OpenInstructFlags
 from open_instruct.data.chat_templates import CHAT_TEMPLATES as _TEMPLATE_TABLE
 from open_instruct.data.chat_templates import TOKENIZER_TEMPLATE_NAMES
@@ -24,27 +26,6 @@ from open_instruct.plan.gpus import GPUS
 from open_instruct.ranges import Range, range_problems
 from open_instruct.training.preemption import parse_signals
 
-
-def _f(
-    default: Any,
-    help: str,
-    aliases: tuple[str, ...] = (),
-    choices: tuple[str, ...] | None = None,
-    valid: Range | None = None,
-) -> Any:
-    """A flag: its default, help, legacy aliases, choices and (numbers) valid range, checked by ``validate``."""
-    meta: dict[str, Any] = {"help": help, "aliases": aliases}
-    if choices is not None:
-        meta["choices"] = choices
-    if valid is not None:
-        meta["valid"] = valid
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-POS = Range(1)  # counts and sizes
-NONNEG = Range(0)
 LOSS_TYPES = loss_names()  # the loss registry's names and aliases (open_instruct.objectives.losses.LOSSES)
 SCHEDULERS = ("linear", "cosine", "constant")
 DATASET_FORMATS = ("auto", *FORMATS)  # the normalizers in data/formats.py

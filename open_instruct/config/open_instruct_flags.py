@@ -9,30 +9,13 @@ What each flag does is resolved in :mod:`open_instruct.config.compat` and the mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from open_instruct.config.fields import POS
+from open_instruct.config.fields import flag as _f
 from open_instruct.ranges import Range
 
-
-def _f(
-    default: Any,
-    help: str,
-    aliases: tuple[str, ...] = (),
-    choices: tuple[str, ...] | None = None,
-    valid: Range | None = None,
-) -> Any:
-    meta: dict[str, Any] = {"help": help, "aliases": aliases}
-    if choices is not None:
-        meta["choices"] = choices
-    if valid is not None:
-        meta["valid"] = valid
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-POS = Range(1)  # counts and sizes
 _NO_EFFECT = "AI2-cluster option: accepted, no effect outside that cluster."
 REPORT_TO = ("all", "none", "wandb", "tensorboard")
 OPTIMIZERS = ("adamw", "muon")
