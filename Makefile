@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-matrix test-fast style quality bench clean
+.PHONY: install demo test test-fast test-matrix style quality clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The suite without the multi-process and end-to-end tests (marked slow): a quick check while working.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The 3-wise covering set of option combinations (offload included), its table written to docs/combinations.md.
 test-matrix: install
