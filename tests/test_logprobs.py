@@ -170,10 +170,10 @@ def test_default_chunk_keeps_logits_bounded_for_any_vocabulary():
     for vocab in (1024, 8192, 32000):  # up to ~32k the logit budget decides
         chunk = auto_chunk_size(vocab)
         assert chunk * vocab <= CHUNK_LOGITS_BUDGET < (chunk + 1) * vocab
-    for vocab in (65536, 128256, 256000):  # larger ones: the floor decides, so the head's weight is read once per 64
+    for vocab in (128256, 256000):  # larger ones: the floor decides (the head's weight is read once per chunk)
         assert auto_chunk_size(vocab) == MIN_CHUNK_TOKENS
-    assert auto_chunk_size(8192) == 256 and auto_chunk_size(128256) == 64
-    assert auto_chunk_size(10**9) == 64  # never degenerates to single tokens
+    assert auto_chunk_size(8192) == 256 and auto_chunk_size(32000) == 65 and auto_chunk_size(128256) == 32
+    assert auto_chunk_size(10**9) == 32  # never degenerates to single tokens
 
 
 def test_default_chunk_matches_explicit_chunk(model):

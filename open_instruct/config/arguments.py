@@ -230,7 +230,7 @@ class TrainArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
     logprob_chunk_size: int | None = _f(
         None,
         "Tokens per chunk of the output projection in the chunked log-probs "
-        "(default: 2^21 / vocabulary size, at least 64: 256 at 8k, 65 at 32k, 64 at 128k).",
+        "(default: 2^21 / vocabulary size, at least 32: 256 at 8k, 65 at 32k, 32 at 128k).",
         valid=POS,
     )
 

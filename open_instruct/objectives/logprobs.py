@@ -125,14 +125,15 @@ def decoder_hidden_states(
     return captured[-1]
 
 
-# Default chunk: as many tokens as keep one chunk's logits at 2^21 values (8 MiB in fp32), but at least 64 tokens. The
+# Default chunk: as many tokens as keep one chunk's logits at 2^21 values (8 MiB in fp32), but at least 32 tokens. The
 # step holds about four [chunk, vocab] tensors at once (logits, log-sum-exp work space, their gradients), so a fixed
 # token count would make the peak grow with the vocabulary (1024 tokens x 128,256 x 4 bytes is 0.5 GiB per tensor).
 # 8 MiB rather than 32: on the TRL comparison's 8k run the smaller chunks stay in cache (step 0.61 s against
 # 0.65-0.76 s) and lower the peak by about 50 MB. The floor: each chunk reads the head's whole [vocab, hidden]
-# weight, so at 128k a chunk of 16 tokens would read it four times as often as one of 64 (32 MiB of logits).
+# weight, so fewer tokens per chunk read it more often; at 128k 32 tokens (16 MiB of logits) against 64 cost
+# 4.55 s instead of 4.3 s a step and saved 50 MB of peak.
 CHUNK_LOGITS_BUDGET = 1 << 21
-MIN_CHUNK_TOKENS = 64
+MIN_CHUNK_TOKENS = 32
 
 
 def auto_chunk_size(vocab_size: int) -> int:

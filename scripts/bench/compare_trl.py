@@ -160,6 +160,8 @@ def run_ours(model_dir: str, data: str, out: Path, max_steps: int | None, profil
     """Train with this project's recipe at its default flags (the run picks its batch layout), then time the plain
     baselines on the same tokens."""
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (imported before the clock, as TRL's are)
+
     from open_instruct.config import TrainArguments, validate
     from open_instruct.dpo_tune_cache import run
     from open_instruct.training import reference_cache
@@ -363,6 +365,10 @@ def run_trl(model_dir: str, data: str, out: Path, max_steps: int | None) -> dict
 # ---------------------------------------------------------------------------------------------------------- report
 def child(argv: list[str]) -> None:
     """Subprocess entry: ``--child ours|trl MODEL DATA OUT MAX_STEPS PROFILE``."""
+    if argv[0] == "ours":  # start as our command-line entry does, before torch is imported (training/memory.py)
+        from open_instruct.training.memory import reexec_with_lean_malloc
+
+        reexec_with_lean_malloc()
     import torch
 
     which, model_dir, data, out, max_steps, profile = argv
