@@ -38,10 +38,17 @@ def matmul_parameters(model: Any) -> int:
     return total
 
 
-def training_flops(matmul_params: int, num_layers: int, hidden_size: int, sequence_lengths: torch.Tensor) -> float:
-    """Forward + backward FLOPs of training on sequences of these lengths ``[S]`` (padding excluded)."""
+def training_flops(
+    matmul_params: int, num_layers: int, hidden_size: int, sequence_lengths: torch.Tensor, causal: bool = False
+) -> float:
+    """Forward + backward FLOPs of training on sequences of these lengths ``[S]`` (padding excluded).
+
+    ``causal``: count attention's work as a causal kernel does it (the masked half skipped), for predicting time;
+    MFU keeps the convention above.
+    """
     lengths = sequence_lengths.double()
-    return float(6 * matmul_params * lengths.sum() + 12 * num_layers * hidden_size * (lengths * lengths).sum())
+    attention = (6 if causal else 12) * num_layers * hidden_size * (lengths * lengths).sum()
+    return float(6 * matmul_params * lengths.sum() + attention)
 
 
 def batch_sequence_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:

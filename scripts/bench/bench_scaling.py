@@ -10,7 +10,8 @@ larger vocabularies only widen the embedding and output head. Every point runs t
 (pairs per step = tokens_per_step / 2L), so memory per token and time per token compare directly across lengths.
 Each (trainer, point) runs in a fresh subprocess: peak RSS above the process's own RSS after imports, and the mean
 step time over the steps after the first. The predicted time is the FLOP count (6 x matmul parameters per token plus
-attention, open_instruct/training/perf.py) at the rate measured for ours at the first length.
+attention as a causal kernel computes it, half of the square: open_instruct/training/perf.py, causal=True) at the
+rate measured for ours at the first length.
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ def flops_per_step(model_dir: str, lengths: list[int], pairs_per_step: int, tota
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = training_flops(
-        matmul_parameters(model), config.num_hidden_layers, config.hidden_size, torch.tensor(lengths)
+        matmul_parameters(model), config.num_hidden_layers, config.hidden_size, torch.tensor(lengths), causal=True
     )
     return total * pairs_per_step / total_pairs
 
