@@ -91,3 +91,16 @@ def test_dense_model_at_short_sequences_is_6_n_tokens():
     attention = 12 * LLAMA_1B["num_hidden_layers"] * LLAMA_1B["hidden_size"] * 64 * 64 * 128
     assert flops == pytest.approx(6 * n * tokens + attention, rel=1e-12)
     assert flops == pytest.approx(6 * n * tokens, rel=0.005)  # attention is 0.34% at 64 tokens for a 1B model
+
+
+@pytest.mark.parametrize("lengths", [[2048], [4096, 1000, 17]])
+def test_causal_count_halves_attention_only(lengths):
+    from open_instruct.training.perf import training_flops
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B))
+    n, layers, hidden = matmul_parameters(model), LLAMA_1B["num_hidden_layers"], LLAMA_1B["hidden_size"]
+    attention_by_hand = 3 * sum(layers * 2 * (2 * n_tok * n_tok * hidden) for n_tok in lengths)  # as by_hand counts it
+    full = training_flops(n, layers, hidden, torch.tensor(lengths))
+    causal = training_flops(n, layers, hidden, torch.tensor(lengths), causal=True)
+    assert full - causal == pytest.approx(attention_by_hand / 2, rel=1e-12)
