@@ -152,7 +152,7 @@ def _setup(args: TrainArguments):
             lrs.append(round(run.scheduler.get_last_lr()[0], 12))
             run.optimizer.step()
             run.scheduler.step()
-        groups = [(g["lr"], g["weight_decay"]) for g in run.optimizer.param_groups]
+        groups = [(g["lr"], g["weight_decay"], g.get("fused")) for g in run.optimizer.param_groups]
         return run.total_steps, lrs, groups, run.run_config["global_batch_size"]
 
 

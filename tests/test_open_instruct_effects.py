@@ -123,6 +123,36 @@ def test_adamw_takes_optimizer_kwargs_and_rejects_unknown_ones(tiny_model):
         build_optimizer(_args(optimizer_kwargs={"nonsense": 1}), tiny_model, params)
 
 
+def test_adamw_is_fused_by_default_and_steps_like_the_unfused_one(tiny_model):
+    def kernel(**flags):
+        optimizer = build_optimizer(_args(**flags), tiny_model, list(tiny_model.parameters()))
+        return optimizer.param_groups[0].get("fused"), optimizer.param_groups[0].get("foreach")
+
+    assert kernel() == (True, None)  # the default, on CPU as on CUDA
+    assert kernel(fused_optimizer=False) == (None, None)
+    assert kernel(offload_optimizer=True, zero_stage=2)[0] is None  # the engine steps its own host copies
+    assert kernel(optimizer_kwargs={"foreach": True}) == (None, True)  # the user's choice of kernel stands
+    # Five AdamW steps on the same gradients from the same start: the fused kernel and the unfused one agree.
+    start = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=g) for p in tiny_model.parameters()] for _ in range(5)]
+    after = []
+    for fused in (True, False):
+        with torch.no_grad():
+            for n, p in tiny_model.named_parameters():
+                p.copy_(start[n])
+        args = _args(fused_optimizer=fused, learning_rate=1e-2, weight_decay=0.1)
+        optimizer = build_optimizer(args, tiny_model, list(tiny_model.parameters()))
+        for step in grads:
+            for p, grad in zip(tiny_model.parameters(), step, strict=True):
+                p.grad = grad.clone()
+            optimizer.step()
+        after.append([p.detach().clone() for p in tiny_model.parameters()])
+    assert any(not torch.equal(a, start[n]) for a, n in zip(after[0], start, strict=True))
+    for fused, unfused in zip(*after, strict=True):
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
 @pytest.mark.parametrize("flag", ["use_8bit_optimizer", "dpo_use_paged_optimizer"])
 def test_bitsandbytes_optimizers_stop_before_any_work_without_cuda(flag, tmp_path):

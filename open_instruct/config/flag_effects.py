@@ -258,7 +258,7 @@ EFFECTS: dict[str, Effect | TestedIn | RuleOnly | Inert] = {
     "hf_metadata_dataset": Inert(("d",)),
     "send_slack_alerts": Inert(("true",)),
     "wandb_group_name": RuleOnly(("grp",)),
-    "fused_optimizer": RuleOnly(("false",)),
+    "fused_optimizer": _e("setup", "false"),
     "data_loader_seed": _e("batches", "7"),
     "rope_scaling_beta_fast": _e("model", "16.0", "--rope_scaling_factor 2.0"),
     "rope_scaling_beta_slow": _e("model", "2.0", "--rope_scaling_factor 2.0"),

@@ -65,12 +65,6 @@ def _several_processes(args: Any) -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _deepspeed(args: Any) -> bool:
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     return args.zero_stage is not None or bool(args.deepspeed_config) or launched
@@ -148,9 +142,6 @@ FLAG_RULES: dict[str, FlagRule] = {
     "wandb_project": FlagRule("--with_tracking", lambda a: a.with_tracking, "note", _WANDB),
     "wandb_entity": FlagRule("--with_tracking", lambda a: a.with_tracking, "note", _WANDB),
     "wandb_group_name": FlagRule("--with_tracking", lambda a: a.with_tracking, "note", _WANDB),
-    "fused_optimizer": FlagRule(
-        "a CUDA GPU", lambda a: _cuda(), "note", "the fused AdamW kernel runs on CUDA only; elsewhere AdamW is unfused"
-    ),
     "exp_name": FlagRule(
         "--with_tracking or --push_to_hub",
         lambda a: a.with_tracking or a.push_to_hub,

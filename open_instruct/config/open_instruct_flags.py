@@ -119,7 +119,7 @@ class OpenInstructFlags:
     optimizer_kwargs: dict | str = _f({}, 'JSON of extra optimizer arguments, e.g. {"betas": [0.9, 0.95]}.')
     use_8bit_optimizer: bool = _f(False, "bitsandbytes 8-bit AdamW (needs CUDA and bitsandbytes).")
     dpo_use_paged_optimizer: bool = _f(False, "bitsandbytes paged AdamW (needs CUDA and bitsandbytes).")
-    fused_optimizer: bool = _f(True, "Fused AdamW kernel where the device has one (CUDA).")
+    fused_optimizer: bool = _f(True, "Fused AdamW kernel (CUDA and CPU; not under CPU offload).")
     sync_each_batch: bool = _f(
         False, "Synchronize gradients on every micro-batch under accumulation (less memory, more communication)."
     )
