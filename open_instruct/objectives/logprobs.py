@@ -4,8 +4,9 @@ Three implementations with one contract (``sequence_logprobs``):
 - ``full``: the model's own logits, fp32 log-softmax, gather. Simple; memory ``[N, L, V]``. For tests and small vocabs.
 - ``chunked`` (default): the decoder's hidden states at label positions only, times the output embedding in chunks of
   tokens; each chunk's logits are recomputed in the backward (activation checkpointing), so at most ``[chunk, V]``
-  logits exist at once. An output layer that an engine partitions (ZeRO-3) is gathered once per call on every rank
-  (:mod:`open_instruct.engine.zero3_head`), never once per chunk. Pure PyTorch: CPU and GPU.
+  logits exist at once. A plain ``nn.Linear`` head sums its weight gradient over the chunks in one buffer
+  (:mod:`open_instruct.objectives.head_projection`). An output layer that an engine partitions (ZeRO-3) is gathered
+  once per call on every rank (:mod:`open_instruct.engine.zero3_head`), never once per chunk. Pure PyTorch.
 - ``liger``: the same label-position hidden states through Liger's fused linear cross-entropy (CUDA only), see
   :mod:`open_instruct.model.liger`.
 """
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from open_instruct.data.tokenize import IGNORE_INDEX
 from open_instruct.engine import hooks_forward, is_partitioned, unwrap_model
 from open_instruct.engine.zero3_head import partitioned_head_logps, zero3_partitioned
+from open_instruct.objectives.head_projection import linear_head_logps, plain_linear_head
 
 # Config fields that change logits after the output projection; the chunked path does not apply them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -153,6 +155,9 @@ def _project_in_chunks(
             logits = head(selected)
             return _token_logps(logits, targets), _log_sum_sq(logits)
         return partitioned_head_logps(selected, targets, head, chunk_size, _token_logps), None
+
+    if plain_linear_head(head) and selected.shape[0] > 0:  # the weight's gradient in one buffer
+        return linear_head_logps(head, selected, targets, chunk_size, with_sum_sq)
 
     def project(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return _token_logps(head(h), t)
