@@ -180,3 +180,38 @@ def test_malformed_row_mid_file_names_its_line_before_tokenizing(kind, tmp_path,
     else:  # no blank lines: row N is line N
         assert message.startswith(f"{data}: row {bad_line} (line {bad_line}): missing_field")
         assert "rejected" in message
+
+
+def test_arrow_numpy_conversions_are_exact_views_and_never_import_pandas(tmp_path):
+    """pair_table's own conversions (pyarrow's import pandas): values and slices agree, the records round-trip
+    through a written file, and a process that writes and reads records never loads pandas."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pyarrow as pa
+
+    from open_instruct.data.pair_table import arrow_array, numpy_view
+
+    values = np.array([5, -3, 7, 11, 2], dtype=np.int64)
+    array = arrow_array(values)
+    assert array.type == pa.int64() and array.to_pylist() == values.tolist()
+    assert numpy_view(array.slice(1, 3)).tolist() == [-3, 7, 11]  # the slice's offset is honoured
+    lists = pa.ListArray.from_arrays(arrow_array(np.array([0, 2, 2, 5], np.int32)), arrow_array(np.arange(5, 10)))
+    sliced = lists.slice(1)
+    assert numpy_view(sliced.offsets).tolist() == [2, 2, 5] and numpy_view(sliced.values).tolist() == [5, 6, 7, 8, 9]
+    with_null = pa.array([1, None, 3], pa.int32())
+    assert np.isnan(numpy_view(with_null)[1])  # nulls: pyarrow's own conversion, never a view of garbage
+    probe = f"""
+import sys
+import numpy as np
+from open_instruct.data.pair_table import LIST_COLUMNS, PairRecords, PairTableWriter
+writer = PairTableWriter({str(tmp_path / "t.arrow")!r})
+columns = {{name: (np.array([0, 2, 3]), np.array([4, 5, 6])) for name in LIST_COLUMNS}}
+writer.write(np.array([10, 11]), columns)
+writer.close()
+records = PairRecords(path={str(tmp_path / "t.arrow")!r})
+print([r["index"] for r in records], records[1][LIST_COLUMNS[0]], "pandas" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[10, 11] [6] False", out

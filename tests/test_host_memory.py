@@ -53,14 +53,14 @@ def test_fixed_threshold_returns_large_tensors_and_glibc_default_keeps_them():
 
 RESTART_PROBE = """
 import os, sys
-print("pid", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
+print("pid", os.getpid(), os.environ.get("GLIBC_TUNABLES"), os.environ.get("MKL_DISABLE_FAST_MM"), sys.argv[1:], flush=True)
 from open_instruct.training.memory import reexec_with_lean_malloc
 reexec_with_lean_malloc()
-print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
+print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), os.environ.get("MKL_DISABLE_FAST_MM"), flush=True)
 """
 
 
-def _restart(tmp_path, tunables: str | None) -> list[str]:
+def _restart(tmp_path, tunables: str | None, mkl: str | None = None) -> list[str]:
     import os
 
     from open_instruct.training.memory import _glibc
@@ -69,25 +69,28 @@ def _restart(tmp_path, tunables: str | None) -> list[str]:
         pytest.skip("not glibc")
     probe = tmp_path / "probe.py"
     probe.write_text(RESTART_PROBE)
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    if tunables is not None:
-        env["GLIBC_TUNABLES"] = tunables
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MKL_DISABLE_FAST_MM")}
+    for name, value in (("GLIBC_TUNABLES", tunables), ("MKL_DISABLE_FAST_MM", mkl)):
+        if value is not None:
+            env[name] = value
     out = subprocess.run([sys.executable, str(probe), "--x", "1"], env=env, capture_output=True, text=True, check=True)
     return out.stdout.splitlines()
 
 
-def test_entry_restarts_once_with_the_small_block_cache_off_and_same_arguments(tmp_path):
+def test_entry_restarts_once_with_the_lean_allocators_and_same_arguments(tmp_path):
     lines = _restart(tmp_path, None)
     assert len(lines) == 3, lines  # started, restarted, ran on
     pids = {line.split()[1] for line in lines}
     assert len(pids) == 1  # the same process (exec), so launchers that watch the pid see no change
-    assert lines[0].endswith("None ['--x', '1']")
-    assert lines[1].endswith("glibc.malloc.tcache_count=0 ['--x', '1']")
-    assert lines[2].endswith("glibc.malloc.tcache_count=0")
+    assert lines[0].endswith("None None ['--x', '1']")
+    assert lines[1].endswith("glibc.malloc.tcache_count=0 1 ['--x', '1']")
+    assert lines[2].endswith("glibc.malloc.tcache_count=0 1")
 
 
-def test_entry_keeps_the_users_tunables(tmp_path):
+def test_entry_keeps_the_users_settings(tmp_path):
     lines = _restart(tmp_path, "glibc.malloc.arena_max=2")
-    assert lines[-1].endswith("glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0"), lines
-    lines = _restart(tmp_path, "glibc.malloc.tcache_count=7")  # the user's own choice: no restart
-    assert len(lines) == 2 and lines[-1].endswith("glibc.malloc.tcache_count=7"), lines
+    assert lines[-1].endswith("glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0 1"), lines
+    lines = _restart(tmp_path, "glibc.malloc.tcache_count=7", mkl="0")  # the user's own choices: no restart
+    assert len(lines) == 2 and lines[-1].endswith("glibc.malloc.tcache_count=7 0"), lines
+    lines = _restart(tmp_path, "glibc.malloc.tcache_count=7")  # only MKL's switch is added
+    assert len(lines) == 3 and lines[-1].endswith("glibc.malloc.tcache_count=7 1"), lines

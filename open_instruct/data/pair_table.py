@@ -66,14 +66,14 @@ class PairTableWriter:
         if len(index) == 0:
             return
         update_digest(self.digest, index, columns)
-        arrays = [pa.array(np.asarray(index, dtype=np.int64))]
+        arrays = [arrow_array(np.asarray(index, dtype=np.int64))]
         for name in LIST_COLUMNS:
             offsets, values = columns[name]
-            arrays.append(
-                pa.ListArray.from_arrays(
-                    pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(np.asarray(values, dtype=np.int32))
-                )
+            offsets, values = (
+                arrow_array(np.asarray(offsets, dtype=np.int32)),
+                arrow_array(np.asarray(values, np.int32)),
             )
+            arrays.append(pa.ListArray.from_arrays(offsets, values))
         self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=_schema()))
         self.batch_rows.append(len(index))
 
@@ -82,6 +82,24 @@ class PairTableWriter:
         self.writer.close()
         self.sink.close()
         return self.digest.hexdigest(), self.batch_rows
+
+
+# pyarrow's own conversions (``pa.array(ndarray)``, ``Array.to_numpy``) import pandas when it is installed: about
+# 60 MB of resident modules in a training process that never uses them. These two go through the buffers instead.
+def arrow_array(values: np.ndarray) -> Any:
+    """A primitive Arrow array over a 1-D numpy array's buffer (no copy for a contiguous array)."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def numpy_view(array: Any) -> np.ndarray:
+    """A read-only numpy view of a primitive Arrow array's values, without a copy."""
+    if array.null_count:
+        return array.to_numpy(zero_copy_only=False)
+    dtype = np.dtype(str(array.type))
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
 class PairRecords(Sequence):
@@ -126,8 +144,8 @@ class PairRecords(Sequence):
 
         index = np.asarray([r["index"] for r in records], dtype=np.int64)
         columns = columns_from_records(records)
-        arrays = [pa.array(index)] + [
-            pa.ListArray.from_arrays(pa.array(columns[n][0].astype(np.int32)), pa.array(columns[n][1]))
+        arrays = [arrow_array(index)] + [
+            pa.ListArray.from_arrays(arrow_array(columns[n][0].astype(np.int32)), arrow_array(columns[n][1]))
             for n in LIST_COLUMNS
         ]
         return cls([pa.RecordBatch.from_arrays(arrays, schema=_schema())] if records else [])
@@ -151,11 +169,11 @@ class PairRecords(Sequence):
         if k in self._decoded:
             return self._decoded[k]
         batch = self._batches[k] if self._batches is not None else self._reader.get_batch(k)
-        index = batch.column(batch.schema.get_field_index("index")).to_numpy()
+        index = numpy_view(batch.column(batch.schema.get_field_index("index")))
         columns = {}
         for name in LIST_COLUMNS:
             array = batch.column(batch.schema.get_field_index(name))
-            columns[name] = (array.offsets.to_numpy(), array.values.to_numpy())
+            columns[name] = (numpy_view(array.offsets), numpy_view(array.values))
         if not self._memory_map and len(self._decoded) >= 2:
             self._decoded.pop(next(iter(self._decoded)))
         self._decoded[k] = (index, columns)
