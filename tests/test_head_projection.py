@@ -69,7 +69,26 @@ def test_autocast_runs_the_matmul_in_its_dtype_like_the_module_call():
     fp32, _ = linear_head_logps(head, h, targets, 8, with_sum_sq=False)
     assert (got - fp32).abs().max() > 1e-4  # and not the fp32 ones
     (got * upstream).sum().backward()
-    assert head.weight.grad.dtype == torch.float32 and torch.isfinite(head.weight.grad).all()
+    ours = [t.grad.clone() for t in (h, head.weight, head.bias)]
+    for t in (h, head.weight, head.bias):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(h).float()
+    (logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1) * upstream).sum().backward()
+    for a, b in zip(ours, (h.grad, head.weight.grad, head.bias.grad), strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # bf16 products; ours sums the chunks in fp32
+
+
+def test_bf16_weights_without_autocast_match_autograd_to_bf16_precision():
+    head, h, targets, upstream = _case(bias=False, dtype=torch.bfloat16)
+    *_, want = _autograd(head, h, targets, upstream)
+    h.grad = head.weight.grad = None
+    logps, _ = linear_head_logps(head, h, targets, 8, with_sum_sq=False)
+    (logps * upstream).sum().backward()
+    for a, b in zip((h.grad, head.weight.grad), want, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=5e-2)
 
 
 def test_only_a_plain_linear_layer_takes_this_path():

@@ -4,7 +4,9 @@ The generic chunked path (``logprobs._project_in_chunks``) recomputes each chunk
 autograd then gives the output layer's weight one ``[vocab, hidden]`` gradient per chunk, each added to the last:
 at a 128k vocabulary and a 256-wide model that is a fresh 131 MB tensor per chunk of 32 tokens, allocated (and, being
 large, mapped and zeroed by the kernel) dozens of times a step, and 131 MB more at the backward's peak. Here the
-backward recomputes each chunk's logits and adds its share straight into one weight-gradient buffer (``addmm_``).
+backward recomputes each chunk's logits and adds its share straight into one weight-gradient buffer (``addmm_``)
+when the head's matmul runs in fp32; a half-precision matmul (autocast, bf16 weights) keeps autograd's per-chunk
+product, summed in fp32. Either way the weight is cast once per pass, not once per chunk.
 
 The same function serves the no-grad passes (reference log-probs, evaluation): its forward is the chunked projection.
 """
@@ -35,8 +37,10 @@ class _ChunkedHeadLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden, weight, bias, targets, chunk_size: int, dtype, with_sum_sq: bool):  # noqa: ANN001
         logps, sums_sq = [], []
+        w = weight.to(dtype) if dtype is not None else weight  # cast once for every chunk, as autocast caches it
+        b = bias.to(dtype) if bias is not None and dtype is not None else bias
         for start in range(0, hidden.shape[0], chunk_size):
-            z = _logits(hidden[start : start + chunk_size], weight, bias, dtype)
+            z = _logits(hidden[start : start + chunk_size], w, b, dtype)
             lse = torch.logsumexp(z, dim=-1)
             logps.append(z.gather(-1, targets[start : start + chunk_size].unsqueeze(-1)).squeeze(-1) - lse)
             if with_sum_sq:  # WPO's log sum_v p_v^2: a weight, never differentiated
@@ -69,8 +73,10 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             dz_mm = dz.to(w.dtype)
             if grad_h is not None:
                 grad_h[start : start + ctx.chunk_size] = (dz_mm @ w).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(dz.t().to(acc), h.to(acc))
+            if grad_w is not None and w.dtype == acc:
+                grad_w.addmm_(dz.t().to(acc), h.to(acc))  # in place: no [vocab, hidden] temporary per chunk
+            elif grad_w is not None:  # a half-precision matmul (as autograd runs it), summed in fp32
+                grad_w.add_(dz_mm.t() @ h.to(w.dtype))
             if grad_b is not None:
                 grad_b.add_(dz.sum(0).to(acc))
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
