@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from open_instruct.objectives.head_projection import linear_head_logps, plain_linear_head
+from open_instruct.objectives.head_projection import linear_head_logps as _linear_head_logps
+from open_instruct.objectives.head_projection import plain_linear_head
+from open_instruct.objectives.logprobs import autocast_dtype
+
+
+def linear_head_logps(head, hidden, targets, chunk_size, with_sum_sq):
+    """As the chunked path calls it: with the autocast dtype in force at the call."""
+    return _linear_head_logps(head, hidden, targets, chunk_size, with_sum_sq, autocast_dtype(hidden.device))
 
 
 def _case(bias: bool, dtype=torch.float64, tokens=37, vocab=50, hidden=12):

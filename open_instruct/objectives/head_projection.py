@@ -25,20 +25,24 @@ def plain_linear_head(head: Any) -> bool:
     return type(head) is torch.nn.Linear
 
 
+def _in_dtype(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
+    """The head's weight and bias in autocast's ``dtype`` (unchanged without one): cast once per pass, as autocast
+    caches the cast of a weight for the whole forward, never once per chunk."""
+    if dtype is None:
+        return weight, bias
+    return weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
-    """fp32 logits of one chunk, the matmul in ``dtype`` when autocast chose one (as autocast runs the head)."""
-    if dtype is not None:
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return F.linear(hidden, weight, bias).float()
+    """fp32 logits of one chunk; ``weight`` and ``bias`` already in ``dtype`` (:func:`_in_dtype`)."""
+    return F.linear(hidden.to(dtype) if dtype is not None else hidden, weight, bias).float()
 
 
 class _ChunkedHeadLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden, weight, bias, targets, chunk_size: int, dtype, with_sum_sq: bool):  # noqa: ANN001
         logps, sums_sq = [], []
-        w = weight.to(dtype) if dtype is not None else weight  # cast once for every chunk, as autocast caches it
-        b = bias.to(dtype) if bias is not None and dtype is not None else bias
+        w, b = _in_dtype(weight, bias, dtype)
         for start in range(0, hidden.shape[0], chunk_size):
             z = _logits(hidden[start : start + chunk_size], w, b, dtype)
             lse = torch.logsumexp(z, dim=-1)
@@ -57,8 +61,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = ctx.dtype
-        w = weight.to(dtype) if dtype is not None else weight  # cast once for every chunk
-        b = bias.to(dtype) if bias is not None and dtype is not None else bias
+        w, b = _in_dtype(weight, bias, dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         acc = torch.promote_types(weight.dtype, torch.float32)  # sums over chunks in fp32 (or wider)
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
@@ -85,11 +88,15 @@ class _ChunkedHeadLogps(torch.autograd.Function):
 
 
 def linear_head_logps(
-    head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, with_sum_sq: bool
+    head: torch.nn.Linear,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    with_sum_sq: bool,
+    dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs ``[T]`` of ``targets`` under ``head(hidden)`` (``hidden`` ``[T, H]``, at least one token), and WPO's
-    ``log sum_v p_v^2`` ``[T]`` when asked for. Under autocast the head's matmul runs in autocast's dtype."""
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    ``log sum_v p_v^2`` ``[T]`` when asked for. ``dtype``: the dtype autocast runs the head's matmul in right now
+    (``logprobs.autocast_dtype``), or None."""
     logps, sum_sq = _ChunkedHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_size, dtype, with_sum_sq)
     return logps, (sum_sq if with_sum_sq else None)

@@ -157,7 +157,7 @@ def _project_in_chunks(
         return partitioned_head_logps(selected, targets, head, chunk_size, _token_logps), None
 
     if plain_linear_head(head) and selected.shape[0] > 0:  # the weight's gradient in one buffer
-        return linear_head_logps(head, selected, targets, chunk_size, with_sum_sq)
+        return linear_head_logps(head, selected, targets, chunk_size, with_sum_sq, autocast_dtype(selected.device))
 
     def project(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return _token_logps(head(h), t)
