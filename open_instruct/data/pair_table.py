@@ -61,20 +61,10 @@ class PairTableWriter:
 
     def write(self, index: np.ndarray, columns: Columns) -> None:
         """Append rows: ``index`` [n] and each list column as (offsets [n + 1], values)."""
-        import pyarrow as pa
-
         if len(index) == 0:
             return
         update_digest(self.digest, index, columns)
-        arrays = [arrow_array(np.asarray(index, dtype=np.int64))]
-        for name in LIST_COLUMNS:
-            offsets, values = columns[name]
-            offsets, values = (
-                arrow_array(np.asarray(offsets, dtype=np.int32)),
-                arrow_array(np.asarray(values, np.int32)),
-            )
-            arrays.append(pa.ListArray.from_arrays(offsets, values))
-        self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=_schema()))
+        self.writer.write_batch(record_batch(index, columns))
         self.batch_rows.append(len(index))
 
     def close(self) -> tuple[str, list[int]]:
@@ -92,6 +82,18 @@ def arrow_array(values: np.ndarray) -> Any:
 
     values = np.ascontiguousarray(values)
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def record_batch(index: np.ndarray, columns: Columns) -> Any:
+    """One Arrow record batch of the table's schema: ``index`` [n] and each list column as (offsets, values)."""
+    import pyarrow as pa
+
+    arrays = [arrow_array(np.asarray(index, dtype=np.int64))]
+    for name in LIST_COLUMNS:
+        offsets, values = columns[name]
+        offsets, values = arrow_array(np.asarray(offsets, np.int32)), arrow_array(np.asarray(values, np.int32))
+        arrays.append(pa.ListArray.from_arrays(offsets, values))
+    return pa.RecordBatch.from_arrays(arrays, schema=_schema())
 
 
 def numpy_view(array: Any) -> np.ndarray:
@@ -140,15 +142,8 @@ class PairRecords(Sequence):
     @classmethod
     def from_records(cls, records: list[dict[str, Any]]) -> PairRecords:
         """An in-memory table of dict records (tests, small sets)."""
-        import pyarrow as pa
-
         index = np.asarray([r["index"] for r in records], dtype=np.int64)
-        columns = columns_from_records(records)
-        arrays = [arrow_array(index)] + [
-            pa.ListArray.from_arrays(arrow_array(columns[n][0].astype(np.int32)), arrow_array(columns[n][1]))
-            for n in LIST_COLUMNS
-        ]
-        return cls([pa.RecordBatch.from_arrays(arrays, schema=_schema())] if records else [])
+        return cls([record_batch(index, columns_from_records(records))] if records else [])
 
     def __getstate__(self) -> dict[str, Any]:
         if self._path is None:
