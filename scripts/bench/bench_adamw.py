@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,15 +20,13 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare_trl  # noqa: E402  (same folder: the resident-set helpers)
+
 
 def _shapes(vocab: int, hidden: int, layers: int) -> list[tuple[int, ...]]:
     per_layer = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden)]
     return [(vocab, hidden), (vocab, hidden)] + per_layer * layers + [(hidden,)] * (2 * layers + 1)
-
-
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(kernel: str, vocab: int, hidden: int, layers: int, steps: int, out: str) -> dict:
@@ -40,12 +37,12 @@ def child(kernel: str, vocab: int, hidden: int, layers: int, steps: int, out: st
     for p, grad in zip(params, grads, strict=True):
         p.grad = grad
     optimizer.step()  # the moments exist from here on
-    before = _resident_mb()
+    before = compare_trl._current_rss_mb()
     start = time.perf_counter()
     for _ in range(steps):
         optimizer.step()
     seconds = (time.perf_counter() - start) / steps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = compare_trl._rss_mb()
     torch.save([p.detach() for p in params[:2]], os.path.join(out, f"{kernel}.pt"))
     return {
         "kernel": kernel,
