@@ -103,7 +103,9 @@ class TrainArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
     use_slow_tokenizer: bool = _f(False, "Use the slow (Python) tokenizer instead of the fast one.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub repo to run.")
     attn_implementation: str | None = _f(
-        None, "Attention kernel: flash_attention_3, flash_attention_2, sdpa or eager (default: best available)."
+        None,
+        "Attention kernel: flash_attention_3, flash_attention_2, sdpa, eager, flex_attention or torch_varlen "
+        "(PyTorch's packed varlen kernel; CUDA, bf16/fp16) (default: best available).",
     )
     low_cpu_mem_usage: bool = _f(
         False, "Load weights without a full extra copy in CPU memory (always the case with transformers >= 5)."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ import torch
 
 from open_instruct.config import TrainArguments, UserError
 from open_instruct.model.overrides import compile_decoder_layers, model_config, wants_checkpointing, yarn_parameters
+from open_instruct.model.packed_kernels import TORCH_VARLEN, register_packed_kernels
 
-ATTN_IMPLEMENTATIONS = ("flash_attention_3", "flash_attention_2", "sdpa", "eager", "flex_attention")
+ATTN_IMPLEMENTATIONS = ("flash_attention_3", "flash_attention_2", "sdpa", "eager", "flex_attention", TORCH_VARLEN)
 EMBEDDING_MULTIPLE = 8
 
 
@@ -50,6 +52,13 @@ def _flash_available(version: int) -> bool:
     return bool(is_flash_attn_3_available() if version == 3 else is_flash_attn_2_available())
 
 
+def _check_torch_varlen(capability: tuple[int, int] | None) -> None:
+    if capability is None:
+        raise UserError(f"--attn_implementation {TORCH_VARLEN} needs a CUDA GPU; none found (use sdpa)")
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        raise UserError(f"--attn_implementation {TORCH_VARLEN} needs torch.nn.attention.varlen (PyTorch >= 2.10)")
+
+
 def resolve_attn_implementation(requested: str | None) -> tuple[str, str]:
     """(attention implementation, why): the requested one if usable, else the best available one.
 
@@ -62,6 +71,9 @@ def resolve_attn_implementation(requested: str | None) -> tuple[str, str]:
             raise UserError(
                 f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {requested!r}"
             )
+        if requested == TORCH_VARLEN:
+            _check_torch_varlen(capability)
+            register_packed_kernels()  # from_pretrained and from_config accept registered names only
         if requested.startswith("flash_attention"):
             version = int(requested[-1])
             if capability is None:
@@ -83,6 +95,11 @@ def check_model_options(args: TrainArguments) -> None:
     """Environment checks of the model flags (CUDA, packages, attention), run before any data or model work."""
     parse_additional_model_arguments(args.additional_model_arguments)
     resolve_attn_implementation(args.attn_implementation)
+    precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if args.attn_implementation == TORCH_VARLEN and precision not in ("bf16", "fp16"):
+        raise UserError(
+            f"--attn_implementation {TORCH_VARLEN} runs in bf16/fp16 only: add --mixed_precision bf16 (got {precision})"
+        )
     if args.use_qlora:
         if not torch.cuda.is_available():
             raise UserError("--use_qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); none found on this machine")

@@ -7,8 +7,9 @@
   PyTorch's reference implementation (``T^2`` memory; forward on any device, backward on CUDA only): right for
   checks, not for speed.
 
-Both are registered on demand (:func:`register_packed_kernels`) and measured by the GPU suite's tests; the product's
-packed path still chooses between flash-attention and ``sdpa_varlen`` (:func:`packing.prepare_model_for_packing`).
+Both are registered on demand (:func:`register_packed_kernels`) and measured by the GPU suite. ``torch_varlen`` is also a
+user's choice, ``--attn_implementation torch_varlen`` (CUDA, bf16/fp16): packing keeps it, and padded batches (the
+evaluation's, ``--packing false``) run plain causal SDPA.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from open_instruct.model.packing import packed_attention
+from open_instruct.model.packing import packed_attention, sdpa_padded
 
 TORCH_VARLEN = "torch_varlen"
 FLEX_PACKED = "flex_packed"
@@ -30,6 +31,10 @@ def _torch_varlen(query, key, value, cu_seq_lens, scaling, longest, dropout) -> 
     from torch.nn.attention.varlen import varlen_attn
 
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
+        # Under autocast, RoPE's fp32 cos/sin promote q and k back to fp32; the kernel takes bf16/fp16 only.
+        half = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(half), k.to(half), v.to(half)
     params = inspect.signature(varlen_attn).parameters
     options: dict[str, Any] = {"scale": scaling}
     options.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
@@ -67,7 +72,7 @@ def _flex_packed(query, key, value, cu_seq_lens, scaling, longest, dropout) -> t
     return out.transpose(1, 2).contiguous()
 
 
-torch_varlen_attention = packed_attention(TORCH_VARLEN, _torch_varlen)
+torch_varlen_attention = packed_attention(TORCH_VARLEN, _torch_varlen, sdpa_padded)
 flex_packed_attention = packed_attention(FLEX_PACKED, _flex_packed)
 
 

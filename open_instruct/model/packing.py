@@ -24,6 +24,8 @@ from open_instruct.engine import unwrap_model
 from open_instruct.objectives.logprobs import SequenceLogprobs, sequence_logprobs
 
 VARLEN_SDPA = "sdpa_varlen"
+# Every attention implementation built by :func:`packed_attention`: each honours packed boundaries, so packing keeps it.
+PACKED_IMPLEMENTATIONS: set[str] = set()
 
 
 # A kernel for one packed row: (query [1, H, T, D], key and value [1, Hkv, T, D], cu_seq_lens [S + 1], scaling,
@@ -63,6 +65,7 @@ def packed_attention(
         return kernel(query, key, value, cu_seq_lens_q, scaling, max_length_q, dropout), None
 
     attention.__name__ = f"{name}_attention"
+    PACKED_IMPLEMENTATIONS.add(name)
     return attention
 
 
@@ -74,7 +77,7 @@ def _repeat_kv(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torc
     return key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
 
 
-def _sdpa_padded(query, key, value, attention_mask, dropout, scaling) -> torch.Tensor:
+def sdpa_padded(query, key, value, attention_mask, dropout, scaling) -> torch.Tensor:
     """Plain causal SDPA (right padding needs no mask under causal attention), honouring a 4D mask when given."""
     key, value = _repeat_kv(key, value, query.shape[1])
     causal = attention_mask is None and query.shape[2] > 1
@@ -100,7 +103,7 @@ def _sdpa_per_sequence(query, key, value, cu_seq_lens, scaling, longest, dropout
 
 # Causal attention per packed sequence, like transformers' attention functions: ``query`` ``[1, H, T, D]``,
 # ``key``/``value`` ``[1, Hkv, T, D]`` in, ``[1, T, H, D]`` out; an unpacked batch runs plain causal SDPA.
-varlen_sdpa_attention = packed_attention(VARLEN_SDPA, _sdpa_per_sequence, _sdpa_padded)
+varlen_sdpa_attention = packed_attention(VARLEN_SDPA, _sdpa_per_sequence, sdpa_padded)
 
 
 def register_varlen_attention() -> None:
@@ -111,9 +114,9 @@ def register_varlen_attention() -> None:
 
 
 def packed_attention_implementation(current: str | None) -> str:
-    """The attention implementation a packed run needs: flash-attention stays (it reads the varlen kwargs natively);
-    sdpa, eager and anything else become ``sdpa_varlen``."""
-    if current and current.startswith("flash_attention"):
+    """The attention implementation a packed run needs: flash-attention (it reads the varlen kwargs natively) and our
+    packed kernels (``torch_varlen``, ``flex_packed``) stay; sdpa, eager and anything else become ``sdpa_varlen``."""
+    if current and (current.startswith("flash_attention") or current in PACKED_IMPLEMENTATIONS):
         return current
     return VARLEN_SDPA
 
