@@ -22,7 +22,7 @@ from open_instruct.config import TrainArguments, validate
 from open_instruct.data.prepare import prepare_preference_data, save_mixed_pairs, write_statistics
 from open_instruct.data.sampler import pair_dataloader
 from open_instruct.data.statistics import format_summary
-from open_instruct.model.fast_path import choose_batch_layout
+from open_instruct.model.fast_path import choose_batch_layout, computes_in_half
 from open_instruct.model.modeling import load_model, load_tokenizer
 from open_instruct.objectives.combination import combined_loss
 from open_instruct.report.hub import push_final_model, resolve_repo_id
@@ -67,8 +67,9 @@ def run(args: TrainArguments) -> Path:
     #    log-prob function, optimizer, schedule, data loader, under the engine.
     model = load_model(args, tokenizer, log=accelerator.print)
     resumed = resumed_signature(args) if args.packing is None or args.group_by_length is None else None
+    half = computes_in_half(model, accelerator.mixed_precision)  # the CUDA packed kernel's precisions
     layout = choose_batch_layout(
-        model, accelerator.device, args.packing, args.group_by_length, args.separate_forward, resumed
+        model, accelerator.device, args.packing, args.group_by_length, args.separate_forward, resumed, half
     )
     accelerator.print(layout.describe())
     args = dataclasses.replace(args, packing=layout.packing, group_by_length=layout.group_by_length)

@@ -9,15 +9,22 @@ from test_packing import load, random_records
 from open_instruct.config import TrainArguments
 from open_instruct.config.cli import parse_args
 from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
-from open_instruct.model.fast_path import choose_batch_layout, needs_padding_mask
+from open_instruct.model.fast_path import (
+    GPU_PROOF,
+    choose_batch_layout,
+    computes_in_half,
+    needs_padding_mask,
+    varlen_kernel_fits,
+)
+from open_instruct.model.packed_kernels import TORCH_VARLEN
 from open_instruct.model.packing import VARLEN_SDPA, packed_sequence_logprobs
 from open_instruct.objectives.logprobs import sequence_logprobs
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def choose(model, device=CPU, packing=None, group=None, separate=False, resumed=None):
-    return choose_batch_layout(model, device, packing, group, separate, resumed)
+def choose(model, device=CPU, packing=None, group=None, separate=False, resumed=None, half=False):
+    return choose_batch_layout(model, device, packing, group, separate, resumed, half)
 
 
 def test_packing_flag_is_a_tri_state():
@@ -47,7 +54,7 @@ def test_explicit_and_fallback_choices(tiny_model_dir):
     assert model.config._attn_implementation == "sdpa"  # untouched
     cuda = choose(model, device=CUDA)  # the CUDA branch looks at the device type only
     assert (cuda.packing, cuda.group_by_length) == (False, True)
-    assert "default on CUDA until the GPU suite proves a packed kernel" in cuda.reason
+    assert "default on CUDA without torch_varlen (needs bf16/fp16" in cuda.reason
     assert "padded rows, grouped by length" in cuda.describe()
     assert not choose(model, device=CUDA, group=False).group_by_length
     separate = choose(model, separate=True)
@@ -56,6 +63,26 @@ def test_explicit_and_fallback_choices(tiny_model_dir):
     custom = choose(model)
     assert not custom.packing and "does not route attention through transformers" in custom.reason
     assert choose(model, packing=True).packing  # an explicit --packing is obeyed
+
+
+def test_cuda_in_half_precision_packs_with_torch_varlen(tiny_model_dir):
+    """The CUDA branches look at the device type only, so a CPU model shows them."""
+    pytest.importorskip("torch.nn.attention.varlen")
+    model = load(tiny_model_dir, "sdpa")
+    layout = choose(model, device=CUDA, half=True)
+    assert (layout.packing, layout.group_by_length, layout.attention) == (True, False, TORCH_VARLEN)
+    assert model.config._attn_implementation == TORCH_VARLEN
+    assert layout.describe() == f"batching: packed rows, attention torch_varlen (default on cuda: {GPU_PROOF})"
+    explicit = load(tiny_model_dir, "sdpa")  # --packing on CUDA: torch_varlen too, sdpa_varlen only in fp32
+    assert choose(explicit, device=CUDA, packing=True, half=True).attention == TORCH_VARLEN
+    assert choose(load(tiny_model_dir, "sdpa"), device=CUDA, packing=True).attention == VARLEN_SDPA
+    assert choose(load(tiny_model_dir, "sdpa"), packing=True, half=True).attention == VARLEN_SDPA  # CPU
+    flash = load(tiny_model_dir, "sdpa")
+    flash.config._attn_implementation = "flash_attention_2"  # not measured packed yet: padded by default
+    assert not varlen_kernel_fits(flash, CUDA, True)
+    assert not choose(flash, device=CUDA, half=True).packing
+    assert computes_in_half(model, "bf16") and not computes_in_half(model, "no")
+    assert computes_in_half(model.to(torch.bfloat16), None)
 
 
 def test_resumed_run_keeps_the_checkpoint_layout(tiny_model_dir):

@@ -4,8 +4,12 @@
 default (unset, ``None``) takes the fastest layout proven equal to padded batches on this device:
 - CPU (and any non-CUDA device): packed rows with per-sequence attention (``sdpa_varlen``), proven equal to padded
   batches by tests/test_packing.py; it skips the padding's compute and activations.
-- CUDA: padded batches grouped by length, until the GPU suite (scripts/bench/gpu_suite.py) has proven a packed kernel
-  (flash-attention varlen, ``torch_varlen``, ``sdpa_varlen``) equal to padded batches on a real GPU. ``--packing`` opts in.
+- CUDA in bf16/fp16: packed rows under ``torch_varlen`` (PyTorch's flash varlen kernel, one call per row), proven
+  equal to padded batches on an H200 by the GPU suite's tests (tests/test_gpu_paths.py) and 1.5x padded batches'
+  tokens/s there, where ``sdpa_varlen``'s per-sequence calls ran at 0.37x (BENCHMARKS.md, GPU suite). Packing on CUDA
+  (default or ``--packing``) takes ``torch_varlen`` in place of ``sdpa_varlen`` whenever the precision allows.
+- CUDA otherwise (fp32, no ``torch.nn.attention.varlen``, or flash-attention, whose packed path the suite has not
+  measured): padded batches grouped by length. ``--packing`` opts in.
 - padded wherever packing cannot apply: ``--separate_forward`` (it splits padded rows) or a model whose attention does
   not go through transformers' attention interface (its attention would ignore the packed boundaries).
 ``--group_by_length`` is a tri-state too: unset, it is on exactly when the default chose padded batches.
@@ -20,9 +24,11 @@ from typing import Any
 import torch
 
 from open_instruct.engine import unwrap_model
-from open_instruct.model.packing import prepare_model_for_packing
+from open_instruct.model.packed_kernels import TORCH_VARLEN, register_packed_kernels
+from open_instruct.model.packing import VARLEN_SDPA, packed_attention_implementation, prepare_model_for_packing
 
 EQUALITY_PROOF = "tests/test_packing.py"
+GPU_PROOF = "proven equal to padded batches on an H200 (tests/test_gpu_paths.py; BENCHMARKS.md, GPU suite)"
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,34 @@ def packing_blocker(model: Any, separate_forward: bool) -> str | None:
     return None
 
 
+def varlen_kernel_fits(model: Any, device: torch.device, half_precision: bool) -> bool:
+    """Whether packing here should take ``torch_varlen``: CUDA, bf16/fp16 compute, PyTorch with the kernel, and a
+    model that would otherwise get ``sdpa_varlen`` (flash-attention and our other packed kernels are kept)."""
+    import importlib.util
+
+    current = unwrap_model(model).config._attn_implementation
+    return (
+        device.type == "cuda"
+        and half_precision
+        and packed_attention_implementation(current) == VARLEN_SDPA
+        and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    )
+
+
+def computes_in_half(model: Any, mixed_precision: str | None) -> bool:
+    """Whether the decoder runs in bf16/fp16: mixed precision asks for it, or the weights were loaded that way."""
+    return mixed_precision in ("bf16", "fp16") or unwrap_model(model).dtype in (torch.bfloat16, torch.float16)
+
+
+def _pack(model: Any, device: torch.device, half_precision: bool) -> str:
+    """Switch the model to the packed attention this device runs best; returns its name."""
+    if varlen_kernel_fits(model, device, half_precision):
+        register_packed_kernels()
+        unwrap_model(model).set_attn_implementation(TORCH_VARLEN)
+        return TORCH_VARLEN
+    return prepare_model_for_packing(model)
+
+
 def choose_batch_layout(
     model: Any,
     device: torch.device,
@@ -60,32 +94,36 @@ def choose_batch_layout(
     group_by_length: bool | None,
     separate_forward: bool,
     resumed: dict[str, Any] | None = None,
+    half_precision: bool = False,
 ) -> BatchLayout:
     """Resolve ``--packing``/``--group_by_length`` for this model and device; switches the model's attention to a
     packed implementation when packing is chosen. ``resumed``: the signature of the checkpoint this run resumes
-    (its layout wins over the default, so a run started by an older version or on other hardware resumes exactly)."""
+    (its layout wins over the default, so a run started by an older version or on other hardware resumes exactly).
+    ``half_precision``: the decoder computes in bf16/fp16 (the kernel ``torch_varlen`` needs)."""
     current = unwrap_model(model).config._attn_implementation
     if packing is None and resumed is not None and isinstance(resumed.get("packing"), bool):
         packing = resumed["packing"]
         if group_by_length is None:
             group_by_length = bool(resumed.get("group_by_length"))
-        layout = choose_batch_layout(model, device, packing, group_by_length, separate_forward)
+        layout = choose_batch_layout(model, device, packing, group_by_length, separate_forward, None, half_precision)
         return dataclasses.replace(layout, reason="default: the layout of the checkpoint being resumed")
     if packing is False:
         return BatchLayout(False, bool(group_by_length), current, "--packing false")
     if packing:
-        return BatchLayout(True, bool(group_by_length), prepare_model_for_packing(model), "--packing")
+        return BatchLayout(True, bool(group_by_length), _pack(model, device, half_precision), "--packing")
     blocker = packing_blocker(model, separate_forward)
     grouped = group_by_length is not False
     if blocker is not None:
         return BatchLayout(False, grouped, current, f"default; cannot pack: {blocker}")
+    if device.type == "cuda" and varlen_kernel_fits(model, device, half_precision):
+        return BatchLayout(True, bool(group_by_length), _pack(model, device, True), f"default on cuda: {GPU_PROOF}")
     if device.type == "cuda":
         return BatchLayout(
             False,
             grouped,
             current,
-            "default on CUDA until the GPU suite proves a packed kernel equal to padded batches on a GPU; "
-            "--packing opts in",
+            "default on CUDA without torch_varlen (needs bf16/fp16 and torch.nn.attention.varlen; flash-attention's "
+            "packed path is not yet measured by the GPU suite); --packing opts in",
         )
     attention = prepare_model_for_packing(model)
     return BatchLayout(
