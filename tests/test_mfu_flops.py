@@ -67,6 +67,19 @@ def test_llama_1b_count_matches_the_hand_count(lengths):
     assert 1.23e9 < matmul_parameters(model) < 1.24e9  # 1.236B: the tied head counts, the lookup does not
 
 
+def test_count_under_zero3_partitioning_uses_the_full_sizes():
+    """ZeRO-3 loads the model partitioned: each parameter an empty placeholder carrying its size as ``ds_numel``."""
+    config = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": 2})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = matmul_parameters(model)
+    for param in model.parameters():
+        param.ds_numel = param.numel()
+        param.data = torch.empty(0, device="meta")
+    assert model.model.embed_tokens.weight.numel() == 0
+    assert matmul_parameters(model) == expected
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_count_matches_torch_flop_counter_on_a_real_step(tied):
     from torch.utils.flop_counter import FlopCounterMode
