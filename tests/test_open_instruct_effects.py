@@ -62,6 +62,8 @@ def test_reporting_flags_in_one_run(tiny_model_dir, synthetic_data, tmp_path):
     trace = out / "profile" / "trace_rank0.json"
     assert f"trace of 3 optimizer steps written to {trace}" in result.stdout
     assert any(e.get("name", "").startswith("aten::") for e in json.loads(trace.read_text())["traceEvents"])
+    top = (out / "profile" / "top_ops_rank0.txt").read_text()  # the operators table beside it, costliest first
+    assert "Self CPU" in top and "aten::" in top
     # --dataset_mix_dir: the 64 mixed training pairs, tokenized, one per line.
     pairs = [json.loads(line) for line in (mix / "train_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 64 and sorted(p["index"] for p in pairs) == list(range(64))
