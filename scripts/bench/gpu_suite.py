@@ -1,4 +1,4 @@
-"""The GPU suite: one command on one H100/H200, about 5 minutes; ``--tiny`` runs the same plumbing on CPU (CI).
+"""The GPU suite: one command on one H100/H200, about 7 minutes; ``--tiny`` runs the same plumbing on CPU (CI).
 
     bash scripts/bench/gpu_suite.sh                 # all parts, results under gpu_suite_out/
     bash scripts/bench/gpu_suite.sh --only train    # rerun one part; the report is rebuilt from every part's file
@@ -8,19 +8,20 @@ Parts (each writes ``<out>/part_<name>.json``; every invocation ends by writing 
 1. ``tests``: ``pytest -m gpu`` (Liger vs chunked in fp32 and bf16; packed vs padded per attention kernel; torch
    varlen / FlexAttention on the packed layout).
 2. ``train``: a randomly initialised Llama-3.2-1B-shaped model (16 layers, hidden 2048, 128,256 vocabulary, built here,
-   no hub) trained with our CLI for ``--steps`` steps on packed micro-batches of 2k and 4k tokens, bf16, with and
-   without ``--use_liger_kernel`` under ZeRO-2, and with Liger under ZeRO-3 at 4k; one process (torchrun) each.
+   no hub) trained with our CLI for ``--steps`` steps on micro-batches of 4k (and 2k) tokens in bf16: the three batch
+   layouts (``settings``), with and without ``--use_liger_kernel``, under ZeRO-2, ZeRO-3 and FSDP2; one process
+   (torchrun) each, the first one profiled (``<run>/out/profile/top_ops_rank0.txt``).
 3. ``trl``: TRL's DPOTrainer (precomputed reference, bf16; padding-free only with flash-attention installed, padded
    otherwise) on the same model and pairs, at the 4k budget's pairs per step, where TRL is installed.
-4. ``report``: tokens/s, MFU (``perf/mfu_step``), peak ``torch.cuda.max_memory_allocated``, reference pairs/s.
+4. ``report``: tokens/s, MFU (``perf/mfu_step``, and against a bf16 matmul measured here), peak
+   ``torch.cuda.max_memory_allocated``, reference pairs/s.
 
 Under ZeRO-3 the Liger row uses Liger's model kernels but the chunked log-probs: a partitioned output layer is only
 gathered by its own module call (open_instruct/objectives/logprobs.py).
 
-On this workplace's lent GPU (device tool), one call with the wheels carried:
-    bash scripts/bench/gpu_wheels.sh download   # here, once
-    run(command="bash scripts/bench/gpu_suite.sh 2>&1 | tee $OUT/suite.log; cp gpu_suite_out/suite.* $OUT/",
-        carry=[".whl"], timeout_s=600)
+On a short-lived GPU machine: ``scripts/bench/gpu_lease.sh DEST`` runs the parts in order of value, each under a time
+cap, and copies the small results to DEST (the wheels of ``scripts/bench/gpu_wheels.sh download`` carried in .whl/).
+``--rows`` runs chosen training rows only (a second, shorter call).
 
 Numbers are medians over the steps after ``WARMUP`` steps. The pairs are synthetic (the word-level task tokenizer's
 words at random, prompts 64-320 words, replies 64-400): throughput depends on token counts, not on their meaning.
@@ -41,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 PARTS = ("tests", "train", "trl", "report")
-WARMUP = 3
+WARMUP = 5  # the profiled row's profiler records steps 1-4
 LLAMA_1B = {
     "vocab_size": 128256,
     "hidden_size": 2048,
@@ -58,20 +59,35 @@ TINY.update(num_attention_heads=4, num_key_value_heads=2)
 
 
 def settings(tiny: bool) -> dict:
-    """What each mode runs: the model shape, pairs, steps, and the (token budget, liger, engine) grid."""
-    if tiny:
+    """What each mode runs: the model shape, pairs, steps, and the grid of (token budget, layout, liger, engine).
+
+    Layouts: ``default`` (no layout flag: on CUDA in bf16, packed rows under ``torch_varlen``), ``varlen`` (the same,
+    asked for: ``--packing --attn_implementation torch_varlen``), ``packed`` (``--packing``: the packed path's own
+    kernel choice), ``padded`` (``--packing false``, grouped by length). The first row is the one profiled
+    (``--profiling``). The first lease (BENCHMARKS.md) measured each layout; this grid keeps what the next one needs.
+    Each row costs 45-70 s on an H200 (start, imports, 1B load, reference pass, steps, final save).
+    """
+    if tiny:  # torch_varlen needs CUDA: the CPU check runs the other two layouts
         return {
             "shape": TINY,
             "pairs": 48,
             "lengths": (8, 40),
-            "steps": 4,
-            "grid": [(256, False, "zero2"), (256, True, "zero3"), (256, False, "fsdp2")],
+            "steps": 6,  # the profiled row needs 4
+            "grid": [(256, "packed", False, "zero2"), (256, "padded", True, "zero3"), (256, "packed", False, "fsdp2")],
             "trl_budget": 256,
+            "run_timeout_s": 300,
         }
-    # Five runs of ~30-40 s each (start, 1B load, reference pass over 256 pairs, the steps) fit the 5-minute goal.
-    grid = [(b, liger, "zero2") for b in (2048, 4096) for liger in (False, True)]
-    grid += [(4096, True, "zero3"), (4096, True, "fsdp2")]
-    return {"shape": LLAMA_1B, "pairs": 256, "lengths": (64, 400), "steps": 24, "grid": grid, "trl_budget": 4096}
+    grid = [(4096, "default", True, "zero2"), (4096, "default", True, "fsdp2"), (4096, "padded", True, "zero2")]
+    grid += [(4096, "default", False, "zero2"), (4096, "default", True, "zero3"), (8192, "default", True, "zero2")]
+    return {
+        "shape": LLAMA_1B,
+        "pairs": 256,
+        "lengths": (64, 400),
+        "steps": 14,
+        "grid": grid,
+        "trl_budget": 4096,
+        "run_timeout_s": 150,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -171,8 +187,16 @@ def part_tests(out: Path, tiny: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ part 2
-def run_name(budget: int, liger: bool, engine: str) -> str:
-    return f"ours_{budget}_{'liger' if liger else 'chunked'}_{engine}"
+def run_name(budget: int, layout: str, liger: bool, engine: str) -> str:
+    return f"ours_{budget}_{layout}_{'liger' if liger else 'chunked'}_{engine}"
+
+
+LAYOUT_FLAGS = {
+    "default": [],
+    "varlen": ["--packing", "--attn_implementation", "torch_varlen"],
+    "packed": ["--packing"],
+    "padded": ["--packing", "false"],
+}
 
 
 def engine_flags(engine: str) -> list[str]:
@@ -181,13 +205,12 @@ def engine_flags(engine: str) -> list[str]:
 
 
 def train_flags(
-    model: Path, data: Path, run_dir: Path, budget: int, liger: bool, engine: str, steps: int
+    model: Path, data: Path, run_dir: Path, budget: int, layout: str, liger: bool, engine: str, steps: int
 ) -> list[str]:
     flags = [
         "--model_name_or_path", str(model),
         "--mixer_list", str(data), "1.0",
         "--max_seq_length", "2048",
-        "--packing",
         "--max_tokens_per_batch", str(budget),
         "--per_device_train_batch_size", "1",
         "--max_train_steps", str(steps),
@@ -202,7 +225,15 @@ def train_flags(
         "--dataset_local_cache_dir", str(run_dir.parent / "dataset_cache"),
         "--reference_batch_size", "8",
     ]  # fmt: skip
-    return flags + engine_flags(engine) + (["--use_liger_kernel"] if liger else [])
+    return flags + LAYOUT_FLAGS[layout] + engine_flags(engine) + (["--use_liger_kernel"] if liger else [])
+
+
+def parse_row(text: str) -> tuple[int, str, bool, str]:
+    """``4096/varlen/liger/zero2`` -> (4096, "varlen", True, "zero2")."""
+    budget, layout, kernel, engine = text.strip().split("/")
+    if layout not in LAYOUT_FLAGS or kernel not in ("liger", "chunked") or engine not in ("zero2", "zero3", "fsdp2"):
+        raise SystemExit(f"error: --rows: bad row {text!r} (BUDGET/LAYOUT/liger|chunked/zero2|zero3|fsdp2)")
+    return int(budget), layout, kernel == "liger", engine
 
 
 def child_train(argv: list[str]) -> None:
@@ -257,24 +288,35 @@ def summarize_run(run_dir: Path) -> dict:
 def part_train(out: Path, cfg: dict, steps: int) -> dict:
     model, data, _ = build_inputs(out, cfg)
     results = {}
-    for budget, liger, engine in cfg["grid"]:
-        name = run_name(budget, liger, engine)
+    for index, (budget, layout, liger, engine) in enumerate(cfg["grid"]):
+        name = run_name(budget, layout, liger, engine)
         run_dir = out / name
-        flags = train_flags(model, data, run_dir, budget, liger, engine, steps)
+        flags = train_flags(model, data, run_dir, budget, layout, liger, engine, steps)
+        flags += ["--profiling"] if index == 0 else []
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
             "--master_port", str(free_port()), __file__, "--child-train", *flags,
         ]  # fmt: skip
         start = time.perf_counter()
-        proc = subprocess.run(command, cwd=ROOT, env=child_env(out), capture_output=True, text=True)
+        try:
+            proc = subprocess.run(
+                command, cwd=ROOT, env=child_env(out), capture_output=True, text=True, timeout=cfg["run_timeout_s"]
+            )
+        except subprocess.TimeoutExpired as err:
+            logged = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+            (out / f"{name}.log").write_text(logged)
+            print(f"{name}: TIMED OUT after {cfg['run_timeout_s']} s; log {out / f'{name}.log'}", flush=True)
+            results[name] = {"error": f"timed out after {cfg['run_timeout_s']} s"}
+            continue
         (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             print(f"{name}: FAILED ({proc.returncode}); log {out / f'{name}.log'}\n{proc.stderr[-2000:]}", flush=True)
             results[name] = {"error": (proc.stderr or proc.stdout)[-1500:]}
             continue
-        results[name] = {"budget": budget, "liger": liger, "engine": engine, **summarize_run(run_dir)}
-        results[name]["wall_s"] = time.perf_counter() - start
+        results[name] = {"budget": budget, "layout": layout, "liger": liger, "engine": engine}
+        results[name].update(summarize_run(run_dir), wall_s=time.perf_counter() - start)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
+        (out / "part_train.json").write_text(json.dumps(results, indent=2))  # kept if a later run is cut off
     return results
 
 
@@ -292,7 +334,7 @@ def part_trl(out: Path, cfg: dict, steps: int) -> dict:
     (out / "trl.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         print(f"trl: FAILED; log {out / 'trl.log'}\n{proc.stderr[-2000:]}", flush=True)
-        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+        return {f"trl_{cfg['trl_budget']}": {"error": (proc.stderr or proc.stdout)[-1500:]}}
     result = json.loads((out / "trl.json").read_text())
     print(f"trl: {json.dumps(result)}", flush=True)
     return {f"trl_{cfg['trl_budget']}": result}
@@ -316,35 +358,61 @@ def environment() -> dict:
     return info
 
 
+def matmul_tflops() -> float | None:
+    """The bf16 rate a plain 8192^3 matrix product reaches here (median of 10 after 3 warm-ups, random data): the
+    practical ceiling MFU is also reported against."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def markdown(suite: dict) -> str:
-    env = suite["environment"]
+    env, matmul = suite["environment"], suite.get("matmul_tflops")
+    measured = f"{matmul:.0f}" if matmul else "-"
     lines = [
         f"GPU suite on {env['device']} (torch {env['torch']}, transformers {env['transformers']}, "
         f"deepspeed {env['deepspeed']}, liger {env['liger_kernel']}, trl {env['trl']}); model {suite['model']}",
         "",
         f"GPU tests: {suite.get('tests', {}).get('summary', 'not run')}",
+        f"bf16 8192^3 matmul here: {measured} TFLOP/s. MFU: against the datasheet's 989 TFLOP/s "
+        f"(perf/mfu_step), and against this measured rate.",
         "",
-        "| run | tokens/step | liger | engine | tokens/s | MFU % | peak GiB | ref pairs/s | steps |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| run | tokens/step | layout | liger | engine | tokens/s | MFU % | MFU % of matmul | peak GiB | ref pairs/s |"
+        " steps |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in {**suite.get("train", {}), **suite.get("trl", {})}.items():
         if not isinstance(r, dict) or "error" in r or "skipped" in r:
-            lines.append(f"| {name} | | | | {('FAILED' if isinstance(r, dict) and 'error' in r else 'skipped')} |")
+            lines.append(f"| {name} | | | | | {('FAILED' if isinstance(r, dict) and 'error' in r else 'skipped')} |")
             continue
+        of_matmul = r["mfu"] * 989 / matmul * 100 if r.get("mfu") and matmul else None
         lines.append(
-            f"| {name} | {r.get('budget', '-')} | {r.get('liger', '-')} | {r.get('engine', '-')} | "
-            f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')} | "
-            f"{fmt(r['peak_memory_gib'], '.1f')} | {fmt(r['reference_pairs_per_s'], '.1f')} | {r['steps']} |"
+            f"| {name} | {r.get('budget', '-')} | {r.get('layout', '-')} | {r.get('liger', '-')} | "
+            f"{r.get('engine', '-')} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')} | "
+            f"{fmt(of_matmul, '.1f')} | {fmt(r['peak_memory_gib'], '.1f')} | "
+            f"{fmt(r['reference_pairs_per_s'], '.1f')} | {r['steps']} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def part_report(out: Path, cfg: dict) -> dict:
-    suite = {"environment": environment(), "model": cfg["shape"]}
+    suite = {"environment": environment(), "model": cfg["shape"], "matmul_tflops": matmul_tflops()}
     for part in ("tests", "train", "trl"):
         path = out / f"part_{part}.json"
         if path.exists():
@@ -365,9 +433,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=PARTS, help="Run one part (the report is always rebuilt).")
     parser.add_argument("--tiny", "--dry-run", action="store_true", help="CPU, tiny model, a few steps (CI).")
     parser.add_argument("--out", default=None, help="Output folder (default gpu_suite_out/, tiny: gpu_suite_tiny/).")
-    parser.add_argument("--steps", type=int, default=None, help="Training steps per run (default 24; tiny 4).")
+    parser.add_argument("--steps", type=int, default=None, help="Training steps per run (default 14; tiny 6).")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="Training runs in place of the grid, comma-separated BUDGET/LAYOUT/liger|chunked/ENGINE "
+        "(e.g. 4096/default/liger/zero2,4096/varlen/liger/fsdp2); LAYOUT: " + ", ".join(LAYOUT_FLAGS),
+    )
     args = parser.parse_args(argv)
     cfg = settings(args.tiny)
+    if args.rows:
+        cfg["grid"] = [parse_row(row) for row in args.rows.split(",")]
     steps = args.steps or cfg["steps"]
     out = Path(args.out or ROOT / ("gpu_suite_tiny" if args.tiny else "gpu_suite_out")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             failed |= any("error" in r for r in result.values())
         else:
             result = part_trl(out, cfg, steps)
-            failed |= "error" in result
+            failed |= any(isinstance(r, dict) and "error" in r for r in result.values())
         (out / f"part_{part}.json").write_text(json.dumps(result, indent=2))
         print(f"== part {part}: {time.perf_counter() - start:.0f}s", flush=True)
     part_report(out, cfg)
