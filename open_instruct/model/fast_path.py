@@ -6,7 +6,7 @@ default (unset, ``None``) takes the fastest layout proven equal to padded batche
   batches by tests/test_packing.py; it skips the padding's compute and activations.
 - CUDA in bf16/fp16: packed rows under ``torch_varlen`` (PyTorch's flash varlen kernel, one call per row), proven
   equal to padded batches on an H200 by the GPU suite's tests (tests/test_gpu_paths.py) and 1.5x padded batches'
-  tokens/s there, where ``sdpa_varlen``'s per-sequence calls ran at 0.37x (BENCHMARKS.md, GPU suite). Packing on CUDA
+  tokens/s there, where ``sdpa_varlen``'s per-sequence calls ran at 0.24x ``torch_varlen`` (BENCHMARKS.md, GPU suite). Packing on CUDA
   (default or ``--packing``) takes ``torch_varlen`` in place of ``sdpa_varlen`` whenever the precision allows.
 - CUDA otherwise (fp32, no ``torch.nn.attention.varlen``, or flash-attention, whose packed path the suite has not
   measured): padded batches grouped by length. ``--packing`` opts in.
@@ -24,7 +24,12 @@ from typing import Any
 import torch
 
 from open_instruct.engine import unwrap_model
-from open_instruct.model.packed_kernels import TORCH_VARLEN, register_packed_kernels
+from open_instruct.model.packed_kernels import (
+    HALF_PRECISIONS,
+    TORCH_VARLEN,
+    register_packed_kernels,
+    torch_varlen_available,
+)
 from open_instruct.model.packing import VARLEN_SDPA, packed_attention_implementation, prepare_model_for_packing
 
 EQUALITY_PROOF = "tests/test_packing.py"
@@ -62,28 +67,30 @@ def packing_blocker(model: Any, separate_forward: bool) -> str | None:
 def varlen_kernel_fits(model: Any, device: torch.device, half_precision: bool) -> bool:
     """Whether packing here should take ``torch_varlen``: CUDA, bf16/fp16 compute, PyTorch with the kernel, and a
     model that would otherwise get ``sdpa_varlen`` (flash-attention and our other packed kernels are kept)."""
-    import importlib.util
-
     current = unwrap_model(model).config._attn_implementation
     return (
         device.type == "cuda"
         and half_precision
         and packed_attention_implementation(current) == VARLEN_SDPA
-        and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+        and torch_varlen_available()
     )
 
 
 def computes_in_half(model: Any, mixed_precision: str | None) -> bool:
     """Whether the decoder runs in bf16/fp16: mixed precision asks for it, or the weights were loaded that way."""
-    return mixed_precision in ("bf16", "fp16") or unwrap_model(model).dtype in (torch.bfloat16, torch.float16)
+    return mixed_precision in HALF_PRECISIONS or unwrap_model(model).dtype in (torch.bfloat16, torch.float16)
+
+
+def _use_torch_varlen(model: Any) -> str:
+    register_packed_kernels()
+    unwrap_model(model).set_attn_implementation(TORCH_VARLEN)
+    return TORCH_VARLEN
 
 
 def _pack(model: Any, device: torch.device, half_precision: bool) -> str:
     """Switch the model to the packed attention this device runs best; returns its name."""
     if varlen_kernel_fits(model, device, half_precision):
-        register_packed_kernels()
-        unwrap_model(model).set_attn_implementation(TORCH_VARLEN)
-        return TORCH_VARLEN
+        return _use_torch_varlen(model)
     return prepare_model_for_packing(model)
 
 
@@ -115,8 +122,8 @@ def choose_batch_layout(
     grouped = group_by_length is not False
     if blocker is not None:
         return BatchLayout(False, grouped, current, f"default; cannot pack: {blocker}")
-    if device.type == "cuda" and varlen_kernel_fits(model, device, half_precision):
-        return BatchLayout(True, bool(group_by_length), _pack(model, device, True), f"default on cuda: {GPU_PROOF}")
+    if varlen_kernel_fits(model, device, half_precision):  # CUDA only
+        return BatchLayout(True, bool(group_by_length), _use_torch_varlen(model), f"default on cuda: {GPU_PROOF}")
     if device.type == "cuda":
         return BatchLayout(
             False,

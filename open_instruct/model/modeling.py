@@ -13,7 +13,12 @@ import torch
 
 from open_instruct.config import TrainArguments, UserError
 from open_instruct.model.overrides import compile_decoder_layers, model_config, wants_checkpointing, yarn_parameters
-from open_instruct.model.packed_kernels import TORCH_VARLEN, register_packed_kernels
+from open_instruct.model.packed_kernels import (
+    HALF_PRECISIONS,
+    TORCH_VARLEN,
+    register_packed_kernels,
+    torch_varlen_available,
+)
 
 ATTN_IMPLEMENTATIONS = ("flash_attention_3", "flash_attention_2", "sdpa", "eager", "flex_attention", TORCH_VARLEN)
 EMBEDDING_MULTIPLE = 8
@@ -55,7 +60,7 @@ def _flash_available(version: int) -> bool:
 def _check_torch_varlen(capability: tuple[int, int] | None) -> None:
     if capability is None:
         raise UserError(f"--attn_implementation {TORCH_VARLEN} needs a CUDA GPU; none found (use sdpa)")
-    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+    if not torch_varlen_available():
         raise UserError(f"--attn_implementation {TORCH_VARLEN} needs torch.nn.attention.varlen (PyTorch >= 2.10)")
 
 
@@ -96,7 +101,7 @@ def check_model_options(args: TrainArguments) -> None:
     parse_additional_model_arguments(args.additional_model_arguments)
     resolve_attn_implementation(args.attn_implementation)
     precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if args.attn_implementation == TORCH_VARLEN and precision not in ("bf16", "fp16"):
+    if args.attn_implementation == TORCH_VARLEN and precision not in HALF_PRECISIONS:
         raise UserError(
             f"--attn_implementation {TORCH_VARLEN} runs in bf16/fp16 only: add --mixed_precision bf16 (got {precision})"
         )

@@ -14,6 +14,7 @@ evaluation's, ``--packing false``) run plain causal SDPA.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from typing import Any
 
@@ -23,6 +24,12 @@ from open_instruct.model.packing import packed_attention, sdpa_padded
 
 TORCH_VARLEN = "torch_varlen"
 FLEX_PACKED = "flex_packed"
+HALF_PRECISIONS = ("bf16", "fp16")  # the only ones torch_varlen's kernel takes
+
+
+def torch_varlen_available() -> bool:
+    """Whether this PyTorch ships ``torch.nn.attention.varlen`` (2.10 and later)."""
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
 def _torch_varlen(query, key, value, cu_seq_lens, scaling, longest, dropout) -> torch.Tensor:
