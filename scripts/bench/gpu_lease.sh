@@ -10,10 +10,8 @@ DEST=${1:?usage: gpu_lease.sh DEST [SUITE FLAGS]}
 shift
 mkdir -p "$DEST"
 nvidia-smi >"$DEST/nvidia-smi.txt" 2>&1
-if ! python3 -c "import deepspeed, liger_kernel, datasets, trl" 2>/dev/null; then
-    bash scripts/bench/gpu_wheels.sh install || exit 3
-    export PYTHONPATH="${GPU_SITE:-/tmp/gpu_suite_site}:${PYTHONPATH:-}"
-fi
+export PYTHONPATH="${GPU_SITE:-/tmp/gpu_suite_site}:${PYTHONPATH:-}"
+bash scripts/bench/gpu_wheels.sh ensure || exit 3  # once here, not in each part's gpu_suite.sh
 export PYTHONUNBUFFERED=1
 suite() { timeout "$1" bash scripts/bench/gpu_suite.sh --only "$2" "${@:3}" 2>&1 | tee -a "$DEST/suite.log"; }
 suite 420 train "$@"

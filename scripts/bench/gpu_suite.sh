@@ -7,9 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import deepspeed, liger_kernel, datasets, trl" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-    PYTHON=$PY bash scripts/bench/gpu_wheels.sh install
-    export PYTHONPATH="${GPU_SITE:-/tmp/gpu_suite_site}:${PYTHONPATH:-}"
-fi
+export PYTHONPATH="${GPU_SITE:-/tmp/gpu_suite_site}:${PYTHONPATH:-}"
+PYTHON=$PY bash scripts/bench/gpu_wheels.sh ensure
 export PYTHONUNBUFFERED=1
 exec "$PY" scripts/bench/gpu_suite.py "$@"

@@ -4,6 +4,8 @@
 #   here, with PyPI:      bash scripts/bench/gpu_wheels.sh download     # fills .whl/ (git-ignored), ~15 MB
 #   there, offline:       bash scripts/bench/gpu_wheels.sh install      # into $GPU_SITE (default /tmp/gpu_suite_site)
 #                         export PYTHONPATH=/tmp/gpu_suite_site:$PYTHONPATH
+#   or:                   bash scripts/bench/gpu_wheels.sh ensure       # install only when a package is missing and
+#                                                                       # .whl/ has wheels (the suite's scripts)
 # `install` never touches torch: --no-deps --target installs only these wheels beside the machine's own packages.
 # Versions are the ones this project is tested with (pyproject / the dev venv); the GPU image is Python 3.12, x86-64.
 set -euo pipefail
@@ -29,13 +31,19 @@ download)
     DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$WHEELS" "$DEEPSPEED"
     ls -la "$WHEELS"
     ;;
+ensure)
+    # PYTHONPATH must already name $SITE, so that a second call finds the first one's install.
+    if ! $PY -c "import deepspeed, liger_kernel, datasets, trl" >/dev/null 2>&1 && compgen -G "$WHEELS/*.whl" >/dev/null; then
+        exec bash "$0" install
+    fi
+    ;;
 install)
     ls "$WHEELS"/*.whl >/dev/null
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
     echo "installed into $SITE; use: export PYTHONPATH=$SITE:\$PYTHONPATH"
     ;;
 *)
-    echo "usage: $0 download|install" >&2
+    echo "usage: $0 download|install|ensure" >&2
     exit 2
     ;;
 esac
