@@ -8,9 +8,9 @@ Parts (each writes ``<out>/part_<name>.json``; every invocation ends by writing 
 1. ``tests``: ``pytest -m gpu`` (Liger vs chunked in fp32 and bf16; packed vs padded per attention kernel; torch
    varlen / FlexAttention on the packed layout).
 2. ``train``: a randomly initialised Llama-3.2-1B-shaped model (16 layers, hidden 2048, 128,256 vocabulary, built here,
-   no hub) trained with our CLI for ``--steps`` steps on micro-batches of 4k (and 2k) tokens in bf16: the three batch
-   layouts (``settings``), with and without ``--use_liger_kernel``, under ZeRO-2, ZeRO-3 and FSDP2; one process
-   (torchrun) each, the first one profiled (``<run>/out/profile/top_ops_rank0.txt``).
+   no hub) trained with our CLI for ``--steps`` steps on micro-batches of 4k (and 8k) tokens in bf16: the default
+   layout and padded (``settings``), with and without ``--use_liger_kernel``, under ZeRO-2, ZeRO-3 and FSDP2; one
+   process (torchrun) each, the first one profiled (``<run>/out/profile/top_ops_rank0.txt``).
 3. ``trl``: TRL's DPOTrainer (precomputed reference, bf16; padding-free only with flash-attention installed, padded
    otherwise) on the same model and pairs, at the 4k budget's pairs per step, where TRL is installed.
 4. ``report``: tokens/s, MFU (``perf/mfu_step``, and against a bf16 matmul measured here), peak
@@ -287,38 +287,46 @@ def summarize_run(run_dir: Path) -> dict:
     }
 
 
-def part_train(out: Path, cfg: dict, steps: int) -> dict:
-    model, data, _ = build_inputs(out, cfg)
-    results = {}
-    for index, (budget, layout, liger, engine) in enumerate(cfg["grid"]):
-        name = run_name(budget, layout, liger, engine)
-        run_dir = out / name
-        flags = train_flags(model, data, run_dir, budget, layout, liger, engine, steps)
-        flags += ["--profiling"] if index == 0 else []
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-            "--master_port", str(free_port()), __file__, "--child-train", *flags,
-        ]  # fmt: skip
-        start = time.perf_counter()
+def run_row(out: Path, model: Path, data: Path, row: tuple, steps: int, limit_s: int, profile: bool) -> dict:
+    """One training run under torchrun, its output streamed to ``<out>/<name>.log`` (kept when it is cut off)."""
+    budget, layout, liger, engine = row
+    name = run_name(*row)
+    run_dir, log = out / name, out / f"{name}.log"
+    flags = train_flags(model, data, run_dir, budget, layout, liger, engine, steps) + (
+        ["--profiling"] if profile else []
+    )
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+        "--master_port", str(free_port()), __file__, "--child-train", *flags,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    with log.open("w") as sink:
         try:
             proc = subprocess.run(
-                command, cwd=ROOT, env=child_env(out), capture_output=True, text=True, timeout=cfg["run_timeout_s"]
+                command, cwd=ROOT, env=child_env(out), stdout=sink, stderr=subprocess.STDOUT, timeout=limit_s
             )
-        except subprocess.TimeoutExpired as err:
-            logged = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-            (out / f"{name}.log").write_text(logged)
-            print(f"{name}: TIMED OUT after {cfg['run_timeout_s']} s; log {out / f'{name}.log'}", flush=True)
-            results[name] = {"error": f"timed out after {cfg['run_timeout_s']} s"}
-            continue
-        (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            print(f"{name}: FAILED ({proc.returncode}); log {out / f'{name}.log'}\n{proc.stderr[-2000:]}", flush=True)
-            results[name] = {"error": (proc.stderr or proc.stdout)[-1500:]}
-            continue
-        results[name] = {"budget": budget, "layout": layout, "liger": liger, "engine": engine}
-        results[name].update(summarize_run(run_dir), wall_s=time.perf_counter() - start)
-        print(f"{name}: {json.dumps(results[name])}", flush=True)
-        (out / "part_train.json").write_text(json.dumps(results, indent=2))  # kept if a later run is cut off
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    if code != 0:
+        why = f"timed out after {limit_s} s" if code is None else f"exit code {code}"
+        tail = log.read_text()[-1500:]
+        print(f"{name}: FAILED ({why}); log {log}\n{tail}", flush=True)
+        return {"error": f"{why}: {tail}"}
+    result = {"budget": budget, "layout": layout, "liger": liger, "engine": engine}
+    result.update(summarize_run(run_dir), wall_s=time.perf_counter() - start)
+    print(f"{name}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def part_train(out: Path, cfg: dict, steps: int) -> dict:
+    """Every row of the grid in turn, the first one profiled; ``part_train.json`` is rewritten after each row, so
+    the rows done survive a cut-off part."""
+    model, data, _ = build_inputs(out, cfg)
+    results = {}
+    for index, row in enumerate(cfg["grid"]):
+        results[run_name(*row)] = run_row(out, model, data, row, steps, cfg["run_timeout_s"], profile=index == 0)
+        (out / "part_train.json").write_text(json.dumps(results, indent=2))
     return results
 
 
