@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments, UserError, validate
+from open_instruct.config import TrainArguments, validate
+from open_instruct.errors import UserError
 from open_instruct.objectives.losses import LossSettings, hyperparameter_names
 
 # Hub datasets whose row shape needs a dedicated parser (open_instruct.data.formats), by lower-cased hub id.

@@ -26,8 +26,9 @@ from open_instruct.api import (
     source_tokenizer,
     training_arguments,
 )
-from open_instruct.config import TrainArguments, UserError, validate
+from open_instruct.config import TrainArguments, validate
 from open_instruct.data.tokenize import IGNORE_INDEX
+from open_instruct.errors import UserError
 from open_instruct.objectives.losses import hyperparameter_names
 from open_instruct.training.recipe import command_line, preflight
 

@@ -35,7 +35,8 @@ from open_instruct.api import (
     fresh_accelerate_state,
     training_arguments,
 )
-from open_instruct.config import TrainArguments, UserError, validate
+from open_instruct.config import TrainArguments, validate
+from open_instruct.errors import UserError
 from open_instruct.finetune import DPO_ONLY, sft_step
 from open_instruct.training.recipe import preflight
 

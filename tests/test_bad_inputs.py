@@ -92,8 +92,8 @@ def test_a_byte_order_mark_and_blank_lines_are_accepted(tmp_path, suffix):
 
 
 def test_other_readers_name_the_line_too(tmp_path):
-    from open_instruct.config import UserError
     from open_instruct.data.text import load_documents
+    from open_instruct.errors import UserError
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"first document\n\nsecond \x80 document\n")
@@ -368,7 +368,7 @@ def test_split_folders_and_plain_folders(tmp_path):
         (by_folder / split).mkdir(parents=True)
         _jsonl(by_folder / split / "part.jsonl", [{"prompt": split, "chosen": "a", "rejected": "b"}])
     assert [r["prompt"] for r in load_rows(str(by_folder), "validation")] == ["validation"]
-    from open_instruct.config import UserError
+    from open_instruct.errors import UserError
 
     with pytest.raises(UserError, match="no file or folder is named for split 'test' exactly; it holds the split"):
         load_rows(str(by_folder), "test")

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from open_instruct.config import TrainArguments, UserError, validate
+from open_instruct.config import TrainArguments, validate
+from open_instruct.errors import UserError
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.checkpointing import (
     COMPLETED,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from open_instruct.config import UserError, validate
+from open_instruct.config import validate
 from open_instruct.config.cli import parse_args
+from open_instruct.errors import UserError
 
 BASE = ["--model_name_or_path", "m", "--mixer_list", "data.jsonl", "1.0"]
 

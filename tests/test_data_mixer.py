@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from open_instruct.config import UserError
 from open_instruct.data.mixer import build_mix, build_train_eval_mix, parse_mixer_list
 from open_instruct.data.sources import load_rows
+from open_instruct.errors import UserError
 
 
 def _write_rows(path, n: int, tag: str) -> None:

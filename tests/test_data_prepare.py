@@ -10,13 +10,14 @@ import statistics as pystats
 
 import pytest
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
 from open_instruct.data import prepare as prepare_module
 from open_instruct.data.chat_templates import CHAT_TEMPLATES
 from open_instruct.data.collate import PaddedPairCollator
 from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.data.statistics import write_statistics
 from open_instruct.data.synthetic import build_tokenizer, write_task
+from open_instruct.errors import UserError
 from tests.conftest import run_cli
 
 

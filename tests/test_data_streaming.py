@@ -7,13 +7,14 @@ import shutil
 
 import pytest
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
 from open_instruct.data import prepare as prepare_module
 from open_instruct.data.chat_templates import CHAT_TEMPLATES
 from open_instruct.data.mixer import parse_mixer_list
 from open_instruct.data.pair_table import PairRecords
 from open_instruct.data.prepare import prepare_in_memory, prepare_preference_data
 from open_instruct.data.sampler import pair_dataloader
+from open_instruct.errors import UserError
 from open_instruct.training.reference_cache import dataset_fingerprint
 from tests.data_helpers import train_bpe_tokenizer
 from tests.scale_data import HH_FIXTURE, hh_rows, write_multiturn

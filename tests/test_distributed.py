@@ -17,9 +17,10 @@ import pytest
 import torch
 from conftest import ROOT, cli_env, free_port, read_metrics, small_run_args, torchrun_command
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
 from open_instruct.engine import accelerator_options
 from open_instruct.engine.deepspeed import SHIPPED_CONFIGS, build_deepspeed_config, resolve_deepspeed_config
+from open_instruct.errors import UserError
 
 TIMINGS: dict[str, float] = {}
 # lr 1e-3 on the tiny model over 8 steps; clipping at 0.5 engages (checked below), so a dropped setting would show.

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import read_metrics, run_cli, small_run_args
 
-from open_instruct.config import TrainArguments, UserError, validate
+from open_instruct.config import TrainArguments, validate
+from open_instruct.errors import UserError
 from open_instruct.training.evaluation import hold_out
 
 

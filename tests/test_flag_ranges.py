@@ -13,9 +13,10 @@ from conftest import ROOT, cli_env
 
 from open_instruct import api
 from open_instruct.api import DPOConfig, PreferenceDatasetConfig, TrainingConfig, dpo_arguments
-from open_instruct.config import TrainArguments, UserError, validate
+from open_instruct.config import TrainArguments, validate
 from open_instruct.config.cli import load_yaml_config, parse_args
 from open_instruct.config.flag_rules import rules_table, with_table
+from open_instruct.errors import UserError
 from open_instruct.ranges import Range, numeric_fields, range_problems
 
 NUMERIC = numeric_fields(TrainArguments)

@@ -15,10 +15,11 @@ import pytest
 import torch
 from conftest import ROOT, small_run_args
 
-from open_instruct.config import TrainArguments, UserError, validate
+from open_instruct.config import TrainArguments, validate
 from open_instruct.config.cli import parse_args
 from open_instruct.config.flag_effects import EFFECTS, Effect, Inert, RuleOnly, TestedIn
 from open_instruct.config.flag_rules import FLAG_RULES
+from open_instruct.errors import UserError
 
 FLAGS = [f.name for f in dataclasses.fields(TrainArguments)]
 

@@ -23,10 +23,11 @@ import torch
 from conftest import ROOT, cli_env, free_port, read_metrics, torchrun_command
 from test_distributed import TIMINGS, _cache_table, _env, _flags, baseline, report_timings  # noqa: F401
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
 from open_instruct.engine import Engine, select_engine
 from open_instruct.engine.deepspeed import DeepSpeedEngine
 from open_instruct.engine.fsdp2 import Fsdp2Engine, mesh_shape
+from open_instruct.errors import UserError
 from open_instruct.training.checkpointing import COMPLETED
 
 

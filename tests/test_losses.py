@@ -9,7 +9,8 @@ import pytest
 import torch
 from trl_helpers import fused_head_model, trl_compute_loss
 
-from open_instruct.config import TrainArguments, UserError, validate
+from open_instruct.config import TrainArguments, validate
+from open_instruct.errors import UserError
 from open_instruct.objectives.losses import LOSSES, LossSettings, PreferenceLogps, get_loss, wpo_weights
 
 # open-instruct's seven losses; TRL's others are checked in tests/test_losses_trl.py

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import run_cli, small_run_args
 
-from open_instruct.config import TrainArguments, UserError, validate
+from open_instruct.config import TrainArguments, validate
+from open_instruct.errors import UserError
 from open_instruct.model.modeling import (
     grow_embeddings,
     load_model,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import read_metrics, run_cli, small_run_args
 
-from open_instruct.config import UserError
+from open_instruct.errors import UserError
 from open_instruct.model.moe import capture_router_logits, load_balancing_loss, switch_load_balancing_loss
 from open_instruct.objectives.combination import combined_loss
 from open_instruct.objectives.logprobs import chunked_logprobs

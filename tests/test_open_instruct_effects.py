@@ -14,11 +14,12 @@ import pytest
 import torch
 from conftest import ROOT, cli_env, read_metrics, run_cli, small_run_args
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
 from open_instruct.data import sources
 from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.data.synthetic import build_tokenizer, write_task
 from open_instruct.engine.deepspeed import resolve_deepspeed_config
+from open_instruct.errors import UserError
 from open_instruct.training import loop
 from open_instruct.training.optim import CombinedOptimizer, build_optimizer, check_optimizer_environment
 

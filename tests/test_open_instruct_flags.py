@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from open_instruct.config import TrainArguments, UserError, validate
+from open_instruct.config import TrainArguments, validate
 from open_instruct.config.cli import parse_args
 from open_instruct.config.open_instruct_flags import CLUSTER_ONLY, DEFAULTS_THAT_DIFFER
+from open_instruct.errors import UserError
 
 BASE = ["--model_name_or_path", "m", "--mixer_list", "d.jsonl", "1.0"]
 

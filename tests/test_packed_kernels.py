@@ -63,8 +63,8 @@ def test_packing_keeps_the_packed_kernels():
 
 def test_torch_varlen_flag_checks(monkeypatch):
     """Refused before any work: without CUDA, and in fp32 (the kernel takes bf16/fp16 only)."""
-    from open_instruct.config import UserError
     from open_instruct.config.cli import parse_args
+    from open_instruct.errors import UserError
     from open_instruct.model import modeling
 
     monkeypatch.setattr(modeling, "_cuda_capability", lambda: None)

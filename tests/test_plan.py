@@ -286,7 +286,8 @@ def test_python_api_plans_without_writing(tiny_model_dir, synthetic_data, tmp_pa
 
 
 def test_planning_flags_need_dry_run(tmp_path):
-    from open_instruct.config import UserError, validate
+    from open_instruct.config import validate
+    from open_instruct.errors import UserError
 
     args = parse_args(["--model_name_or_path", "m", "--mixer_list", "d.jsonl", "1.0", "--dry_run_num_nodes", "2"])
     with pytest.raises(UserError, match="--dry_run_num_nodes needs --dry_run"):
@@ -307,7 +308,7 @@ def test_sft_entry_plans_without_writing(tiny_model_dir, synthetic_data, tmp_pat
 
 
 def test_pretraining_refuses_dry_run_instead_of_ignoring_it():
-    from open_instruct.config import UserError
+    from open_instruct.errors import UserError
     from open_instruct.pretrain import check_pretrain_arguments
 
     args = parse_args(["--tokenizer_name_or_path", "t", "--mixer_list", "d.jsonl", "1.0", "--dry_run"])

@@ -6,7 +6,6 @@ import random
 
 import pytest
 
-from open_instruct.config import UserError
 from open_instruct.data.sampler import (
     PairBatchSampler,
     batch_cost,
@@ -14,6 +13,7 @@ from open_instruct.data.sampler import (
     pair_dataloader,
     token_budget_batches,
 )
+from open_instruct.errors import UserError
 
 
 def fake_records(n: int, seed: int = 0) -> list[dict]:

@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from open_instruct.config import TrainArguments, UserError, compat
+from open_instruct.config import TrainArguments, compat
 from open_instruct.config.open_instruct_flags import OpenInstructFlags
+from open_instruct.errors import UserError
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}

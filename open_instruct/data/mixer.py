@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from open_instruct.config import UserError
 from open_instruct.data.formats import CHAT_ROLES, FORMATS, RowError, detect_format, missing_columns, normalize
 from open_instruct.data.sources import LOCAL_SUFFIXES, Located, iter_rows, load_rows
+from open_instruct.errors import UserError
 
 __all__ = ["LOCAL_SUFFIXES", "MixEntry", "load_rows", "build_mix", "build_train_eval_mix", "parse_mixer_list"]
 

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
 from open_instruct.data import cache
 from open_instruct.data.mixer import MixEntry, build_train_eval_mix, parse_mixer_list
 from open_instruct.data.sources import source_fingerprint
 from open_instruct.data.statistics import build_statistics, padding_waste_of_lengths, write_statistics
 from open_instruct.data.streaming import MixPlan, TokenizeSettings, plan_mix, tokenize_unique, write_split
 from open_instruct.data.tokenize import template_roles, tokenize_pairs
+from open_instruct.errors import UserError
 
 __all__ = ["PreparedData", "prepare_in_memory", "prepare_preference_data", "save_mixed_pairs", "write_statistics"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import UserError
+from open_instruct.errors import UserError
 
 
 def pair_lengths(records: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
 from open_instruct.data.formats import CHAT_ROLES, RowError, check_role, detect_format, normalize
 from open_instruct.data.mixer import MixEntry, load_rows, parse_mixer_list, sample_indices, target_rows
 from open_instruct.data.tokenize import IGNORE_INDEX, render, template_roles
+from open_instruct.errors import UserError
 
 Message = dict[str, str]
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from open_instruct.config import UserError
+from open_instruct.errors import UserError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".parquet.gz")
 BATCH_ROWS = 1024  # rows converted to Python objects at a time from Arrow sources

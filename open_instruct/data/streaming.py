@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from open_instruct.config import UserError
 from open_instruct.data.formats import ALL_ROLES, CHAT_ROLES, normalize
 from open_instruct.data.mixer import MixEntry, check_rows, held_out_positions, sample_indices, target_rows
 from open_instruct.data.pair_table import LIST_COLUMNS, PairRecords, PairTableWriter, columns_from_records
 from open_instruct.data.sources import iter_rows
 from open_instruct.data.tokenize import IGNORE_INDEX, NO_REPLY_TOKENS, PROMPT_TOO_LONG, TokenizeStats, tokenize_each
+from open_instruct.errors import UserError
 
 CHUNK = 256  # pairs per tokenization task: the unit of memory (a few MB of Python objects per 1k tokens) and of work
 _DROP_REASONS = (None, PROMPT_TOO_LONG, NO_REPLY_TOKENS)

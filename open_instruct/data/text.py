@@ -12,9 +12,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
 from open_instruct.data.mixer import hold_out, parse_mixer_list, sample_indices, target_rows
 from open_instruct.data.sources import iter_lines, load_rows
+from open_instruct.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from open_instruct.config import UserError
+from open_instruct.errors import UserError
 
 IGNORE_INDEX = -100
 BATCH = 512  # texts per fast-tokenizer call: big enough for its Rust parallelism, small enough for memory

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from open_instruct.config import UserError
 from open_instruct.engine.base import Engine, unwrap_model
 from open_instruct.engine.deepspeed import DeepSpeedEngine
 from open_instruct.engine.fsdp2 import Fsdp2Engine
+from open_instruct.errors import UserError
 
 # Engines tried in order by select_engine (the first that claims the run wins); plain data parallel otherwise.
 # FSDP2 first: it refuses a run that also asks for DeepSpeed, which DeepSpeed alone would quietly take.

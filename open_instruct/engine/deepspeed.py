@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
 from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
+from open_instruct.errors import UserError
 
 AUTO = "auto"
 # DeepSpeed's default is to print every 10 steps; we log ourselves.

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import UserError
 from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
+from open_instruct.errors import UserError
 from open_instruct.model.overrides import wants_checkpointing
 
 # Launcher wrap policies (FSDP_AUTO_WRAP_POLICY) we honour: per decoder layer. Anything else is refused, not ignored.

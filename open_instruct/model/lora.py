@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import UserError
 from open_instruct.engine import engine_of
+from open_instruct.errors import UserError
 from open_instruct.files import move_contents
 
 MERGED_DIR = "merged"

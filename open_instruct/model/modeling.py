@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
+from open_instruct.errors import UserError
 from open_instruct.model.overrides import compile_decoder_layers, model_config, wants_checkpointing, yarn_parameters
 from open_instruct.model.packed_kernels import (
     HALF_PRECISIONS,

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import UserError
 from open_instruct.engine import unwrap_model
+from open_instruct.errors import UserError
 
 
 def expert_counts(config: Any) -> tuple[int, int] | None:

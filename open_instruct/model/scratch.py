@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import UserError
+from open_instruct.errors import UserError
 from open_instruct.files import atomic_write
 
 

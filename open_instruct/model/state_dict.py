@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import UserError
+from open_instruct.errors import UserError
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
 PT_FORMAT = "open_instruct.pt_checkpoint/1"

@@ -8,8 +8,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
 from open_instruct.engine.base import StateLayout
+from open_instruct.errors import UserError
 from open_instruct.plan import memory, timing
 from open_instruct.plan.gpus import GPUS, Gpu, local_gpu
 from open_instruct.plan.model_config import ModelShape

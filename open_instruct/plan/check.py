@@ -12,7 +12,8 @@ import math
 import os
 from pathlib import Path
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
+from open_instruct.errors import UserError
 from open_instruct.plan import build, report
 from open_instruct.plan.model_config import resolve_model_config, shape_of
 

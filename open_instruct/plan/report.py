@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
+from open_instruct.errors import UserError
 from open_instruct.plan import build
 from open_instruct.plan.gpus import GIB, RESERVED_BYTES, USABLE_FRACTION
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from open_instruct.config import TrainArguments, UserError
+from open_instruct.config import TrainArguments
+from open_instruct.errors import UserError
 
 # What a final checkpoint folder holds besides the model that should not go to the Hub: training state, caches and
 # anything hidden (temporary files).

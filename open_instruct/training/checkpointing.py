@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from open_instruct.config import UserError
 from open_instruct.engine import engine_of, local_shard
+from open_instruct.errors import UserError
 from open_instruct.files import move_contents, write_text_atomic
 from open_instruct.training.safe_load import check_distributed_metadata, load_plain, weights_only_loads
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import UserError
+from open_instruct.errors import UserError
 
 NAN_ENV = "OPEN_INSTRUCT_TEST_NAN_AT_STEP"
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments, UserError, compat
+from open_instruct.config import TrainArguments, compat
 from open_instruct.data.sampler import real_rows_fn
+from open_instruct.errors import UserError
 from open_instruct.files import write_text_atomic
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, train_loop

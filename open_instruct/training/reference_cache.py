@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from open_instruct.config import UserError
 from open_instruct.engine import gather_indexed
+from open_instruct.errors import UserError
 from open_instruct.files import atomic_write
 from open_instruct.objectives.logprobs import SequenceLogprobs, shared_and_tail_sums
 from open_instruct.training.preemption import PREEMPTED_EXIT_CODE, Preempted, agreed, requested, signal_name

@@ -25,8 +25,9 @@ def run_cell(cell: dict[str, str], argv: list[str]) -> dict[str, str]:
     import open_instruct.dpo_tune_cache as entry
     import open_instruct.training.preference as step
     from open_instruct.api import fresh_accelerate_state
-    from open_instruct.config import UserError, validate
+    from open_instruct.config import validate
     from open_instruct.config.cli import parse_args
+    from open_instruct.errors import UserError
     from open_instruct.training.recipe import preflight
 
     # The log-prob axis: the implementation the step calls ("liger": Liger's kernel under Triton's interpreter).
