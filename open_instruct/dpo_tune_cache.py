@@ -18,7 +18,7 @@ if __name__ == "__main__":  # before torch is imported: glibc reads its tunables
 
     reexec_with_lean_malloc()
 
-from open_instruct.config import TrainArguments, validate
+from open_instruct.config import TrainArguments, settings_of, validate
 from open_instruct.data.prepare import prepare_preference_data, save_mixed_pairs, write_statistics
 from open_instruct.data.sampler import pair_dataloader
 from open_instruct.data.statistics import format_summary
@@ -39,6 +39,7 @@ from open_instruct.training.resume import resumed_signature, run_signature, star
 
 def run(args: TrainArguments) -> Path:
     """Train one DPO model; returns the folder holding the final checkpoint."""
+    cfg = settings_of(args)  # each layer below gets the settings of its concern
     # 1. Engine, seed, output folder.
     return_freed_memory()  # CPU RSS: freed activations go back to the system (training/memory.py)
     accelerator, output_dir = recipe.start_run(args)
@@ -73,6 +74,7 @@ def run(args: TrainArguments) -> Path:
     )
     accelerator.print(layout.describe())
     args = dataclasses.replace(args, packing=layout.packing, group_by_length=layout.group_by_length)
+    cfg = settings_of(args)
     flop_counter = FlopCounter(model)  # before the engine partitions the weights
     logprob_fn = preference.run_logprob_fn(args, model, accelerator)
     pad = tokenizer.pad_token_id

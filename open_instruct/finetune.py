@@ -26,7 +26,7 @@ from open_instruct.api import (
     source_tokenizer,
     training_arguments,
 )
-from open_instruct.config import TrainArguments, validate
+from open_instruct.config import TrainArguments, settings_of, validate
 from open_instruct.data.tokenize import IGNORE_INDEX
 from open_instruct.errors import UserError
 from open_instruct.objectives.losses import hyperparameter_names
@@ -85,6 +85,7 @@ def sft_step(logprob_fn: Any) -> Any:
 
 def run(args: TrainArguments) -> Path:
     """Fine-tune one model on chat data; returns the folder holding the final checkpoint."""
+    cfg = settings_of(args)  # each layer below gets the settings of its concern
     from torch.utils.data import DataLoader
 
     from open_instruct.data.prepare import write_statistics

@@ -35,7 +35,7 @@ from open_instruct.api import (
     fresh_accelerate_state,
     training_arguments,
 )
-from open_instruct.config import TrainArguments, validate
+from open_instruct.config import TrainArguments, settings_of, validate
 from open_instruct.errors import UserError
 from open_instruct.finetune import DPO_ONLY, sft_step
 from open_instruct.training.recipe import preflight
@@ -111,6 +111,7 @@ def blocks_fingerprint(records: list[dict[str, Any]]) -> str:
 
 def run(args: TrainArguments, text_column: str = "text") -> Path:
     """Pretrain one model from scratch on raw text; returns the folder holding the final checkpoint."""
+    cfg = settings_of(args)  # each layer below gets the settings of its concern
     import json
 
     from torch.utils.data import DataLoader

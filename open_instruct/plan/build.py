@@ -110,7 +110,7 @@ def phases_of(shape: ModelShape, layout: StateLayout, work: memory.Workload) -> 
 
 def recipe_of(args: TrainArguments, cluster: Cluster, num_examples: int | None) -> dict[str, Any]:
     """Global batch, optimizer steps, warmup steps, epochs (steps unknown without a dataset size)."""
-    from open_instruct.training.recipe import optimizer_steps
+    from open_instruct.training.schedule import optimizer_steps
 
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * cluster.processes
     out: dict[str, Any] = {

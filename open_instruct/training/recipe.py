@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments, compat
+from open_instruct.config import TrainArguments, compat, settings_of
 from open_instruct.data.sampler import real_rows_fn
 from open_instruct.errors import UserError
 from open_instruct.files import write_text_atomic
@@ -20,6 +20,7 @@ from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, train_loop
 from open_instruct.training.optim import build_optimizer, check_optimizer_environment
 from open_instruct.training.profiling import profiled_steps
+from open_instruct.training.schedule import build_scheduler, optimizer_steps
 
 
 def preflight(args: TrainArguments, pretraining: bool = False) -> None:
@@ -108,30 +109,6 @@ def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, bool | int | float | str) else json.dumps(v, default=str) for k, v in config.items()}
 
 
-def optimizer_steps(
-    num_batches: int, world_size: int, gradient_accumulation_steps: int, num_epochs: int, max_train_steps: int | None
-) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) for this many micro-batches on this many ranks."""
-    batches_per_rank = math.ceil(num_batches / world_size)
-    per_epoch = max(1, math.ceil(batches_per_rank / gradient_accumulation_steps))
-    return per_epoch, max_train_steps or per_epoch * num_epochs
-
-
-def build_scheduler(args: TrainArguments, optimizer: Any, total_steps: int, num_processes: int) -> Any:
-    """The learning-rate schedule: warmup (``--warmup_steps``, else ``--warmup_ratio``), then ``--lr_scheduler_type``."""
-    from transformers import get_scheduler
-
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
-    schedule = "constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type
-    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-    return get_scheduler(
-        schedule,
-        optimizer,
-        num_warmup_steps=warmup_steps * num_processes,
-        num_training_steps=total_steps * num_processes,
-    )
-
-
 @dataclass
 class Trainable:
     """The prepared pieces of a run and its step counts."""
@@ -160,7 +137,7 @@ def prepare_training(
         args.num_epochs,
         args.max_train_steps,
     )
-    scheduler = build_scheduler(args, optimizer, total_steps, accelerator.num_processes)
+    scheduler = build_scheduler(settings_of(args).optim, optimizer, total_steps, accelerator.num_processes)
     real_rows = real_rows_fn(train_loader, accelerator.num_processes, accelerator.process_index)  # before sharding
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
