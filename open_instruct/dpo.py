@@ -12,7 +12,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: import the package, not this folder's modules by bare name
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 if __name__ == "__main__":  # before torch is imported: glibc reads its tunables when a process starts
-    from open_instruct.training.memory import reexec_with_lean_malloc
+    from open_instruct.training.host_memory import reexec_with_lean_malloc
 
     reexec_with_lean_malloc()
 

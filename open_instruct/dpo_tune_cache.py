@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: import the package, not this folder's modules by bare name
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 if __name__ == "__main__":  # before torch is imported: glibc reads its tunables when a process starts
-    from open_instruct.training.memory import reexec_with_lean_malloc
+    from open_instruct.training.host_memory import reexec_with_lean_malloc
 
     reexec_with_lean_malloc()
 
@@ -29,7 +29,7 @@ from open_instruct.report.hub import push_final_model, resolve_repo_id
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training import preemption, preference, recipe
 from open_instruct.training.evaluation import PreferenceEvaluator
-from open_instruct.training.memory import return_freed_memory
+from open_instruct.training.host_memory import return_freed_memory
 from open_instruct.training.perf import FlopCounter, peak_flops
 from open_instruct.training.preemption import parse_signals
 from open_instruct.training.recipe import command_line
@@ -41,7 +41,7 @@ def run(args: TrainArguments) -> Path:
     """Train one DPO model; returns the folder holding the final checkpoint."""
     cfg = settings_of(args)  # each layer below gets the settings of its concern
     # 1. Engine, seed, output folder.
-    return_freed_memory()  # CPU RSS: freed activations go back to the system (training/memory.py)
+    return_freed_memory()  # CPU RSS: freed activations go back to the system (training/host_memory.py)
     accelerator, output_dir = recipe.start_run(args)
     # From here a stop signal finishes the current step or reference batch, saves, and exits with code 75.
     preemption.install(parse_signals(args.preemption_signals), accelerator.print)

@@ -1,4 +1,4 @@
-"""training/memory.py: with the fixed mmap threshold a large freed tensor leaves the resident set at once."""
+"""training/host_memory.py: with the fixed mmap threshold a large freed tensor leaves the resident set at once."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 TENSOR_MIB = 24
 PROBE = f"""
 import os, sys, torch
-from open_instruct.training.memory import return_freed_memory
+from open_instruct.training.host_memory import return_freed_memory
 if sys.argv[1] == "fixed" and not return_freed_memory():
     print("unsupported"); raise SystemExit
 def rss():
@@ -54,7 +54,7 @@ def test_fixed_threshold_returns_large_tensors_and_glibc_default_keeps_them():
 RESTART_PROBE = """
 import os, sys
 print("pid", os.getpid(), os.environ.get("GLIBC_TUNABLES"), os.environ.get("MKL_DISABLE_FAST_MM"), sys.argv[1:], flush=True)
-from open_instruct.training.memory import reexec_with_lean_malloc
+from open_instruct.training.host_memory import reexec_with_lean_malloc
 reexec_with_lean_malloc()
 print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), os.environ.get("MKL_DISABLE_FAST_MM"), flush=True)
 """
@@ -63,7 +63,7 @@ print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), os.environ.get("MK
 def _restart(tmp_path, tunables: str | None, mkl: str | None = None) -> list[str]:
     import os
 
-    from open_instruct.training.memory import _glibc
+    from open_instruct.training.host_memory import _glibc
 
     if not _glibc():
         pytest.skip("not glibc")

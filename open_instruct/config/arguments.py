@@ -15,6 +15,7 @@ from typing import Any
 from open_instruct.config import compat
 from open_instruct.config.fields import NONNEG, POS
 from open_instruct.config.fields import flag as _f
+from open_instruct.config.flag_rules import rule_problems
 from open_instruct.config.open_instruct_flags import OpenInstructFlags
 from open_instruct.data.chat_templates import CHAT_TEMPLATES as _TEMPLATE_TABLE
 from open_instruct.data.chat_templates import TOKENIZER_TEMPLATE_NAMES
@@ -359,7 +360,6 @@ def validate(args: TrainArguments) -> None:
     """Reject out-of-range or inconsistent settings with one clear message, before any work starts: every number
     finite and in its field's ``valid`` range, the loss combination sound, each flag's ``FLAG_RULES`` entry kept
     (a ``note`` rule prints its line instead)."""
-    from open_instruct.config.flag_rules import rule_problems
 
     problems = range_problems(args)
     problems.extend(_consistency_problems(args))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from open_instruct.data.sources import is_data_file
+
 
 @dataclass(frozen=True)
 class FlagRule:
@@ -80,7 +82,6 @@ def single_file_split_problems(mix: list[str], splits: list[str], flag: str, def
     """A split asked of a single data file that does not name it: the file has no splits, so its rows would silently be
     the same whatever the split. Accepted: ``train`` (what ``datasets`` calls a lone file's rows), the list's default,
     and a split the file name starts with (``test.jsonl``)."""
-    from open_instruct.data.sources import is_data_file
 
     names = mix[0::2]
     each = splits if len(splits) == len(names) else splits[:1] * len(names)

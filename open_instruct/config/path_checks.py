@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from open_instruct.data.sources import LOCAL_SUFFIXES, check_folder, is_data_file
 from open_instruct.errors import UserError
 
 
@@ -89,7 +90,6 @@ def tokenizer_source(name: str | None, flag: str) -> None:
 def dataset_source(name: str, split: str, flag: str, text_files: bool = False) -> None:
     """A dataset given as a local path exists, is a data file of a known kind (``.txt`` only with ``text_files``) or
     a folder that holds data for ``split``."""
-    from open_instruct.data.sources import LOCAL_SUFFIXES, check_folder, is_data_file
 
     path = Path(name).expanduser()
     if not path.exists():

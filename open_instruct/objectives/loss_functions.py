@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from open_instruct.objectives.loss_types import F_DIVERGENCES, LossFn, LossOutput, LossSettings, PreferenceLogps
+from open_instruct.objectives.loss_interface import F_DIVERGENCES, LossFn, LossOutput, LossSettings, PreferenceLogps
 
 
 def _margin(logps: PreferenceLogps) -> torch.Tensor:

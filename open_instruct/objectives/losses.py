@@ -3,7 +3,7 @@
 Each ``LossSpec`` says whether the loss needs the reference, averages its log-probs per token, reads which
 ``LossSettings`` fields and modifiers, and depends on the whole batch; the CLI choices, flag checks, API config and
 reference-cache needs derive from it. The functions are in :mod:`open_instruct.objectives.loss_functions`, the values
-they exchange in :mod:`open_instruct.objectives.loss_types`; both are re-exported here, the import path callers use.
+they exchange in :mod:`open_instruct.objectives.loss_interface`; both are re-exported here, the import path callers use.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from open_instruct.objectives.loss_functions import (
     wpo,
     wpo_weights,
 )
-from open_instruct.objectives.loss_types import F_DIVERGENCES, LossFn, LossOutput, LossSettings, PreferenceLogps
+from open_instruct.objectives.loss_interface import F_DIVERGENCES, LossFn, LossOutput, LossSettings, PreferenceLogps
 
 __all__ = [
     "F_DIVERGENCES",

@@ -23,6 +23,7 @@ import torch
 from open_instruct.engine import engine_of, local_shard
 from open_instruct.errors import UserError
 from open_instruct.files import move_contents, write_text_atomic
+from open_instruct.model.lora import find_peft_model, save_lora_model
 from open_instruct.training.safe_load import check_distributed_metadata, load_plain, weights_only_loads
 
 COMPLETED = "COMPLETED"
@@ -265,7 +266,6 @@ def save_final_model(
     renames each file into place, so a reader never sees a partial file. A LoRA model writes its adapter instead (and,
     with ``merge_lora``, merged full weights into ``output_dir/merged``). A model with NaN/Inf weights is refused.
     """
-    from open_instruct.model.lora import find_peft_model, save_lora_model
 
     if not model_is_finite(accelerator, model):
         raise UserError("the trained model has NaN/Inf weights; the final model was not written")

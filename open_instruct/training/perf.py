@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from open_instruct.engine import unwrap_model
 from open_instruct.plan.gpus import GPUS, gpu_of_cuda_name
 
 PEAK_BF16_FLOPS: dict[str, float] = {gpu.name: gpu.peak_bf16_flops for gpu in GPUS.values()}  # plan/gpus.py
@@ -73,7 +74,6 @@ class FlopCounter:
     """Counts a model's training FLOPs per batch; built once from the model's shape."""
 
     def __init__(self, model: Any) -> None:
-        from open_instruct.engine import unwrap_model
 
         inner = unwrap_model(model)
         self.matmul_params = matmul_parameters(inner)

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from open_instruct.engine import unwrap_model
+
 LogprobFn = Callable[[Any, dict[str, torch.Tensor]], Any]
 
 
@@ -54,7 +56,6 @@ def precision_line(activation_dtypes: set[torch.dtype], logprob_dtype: torch.dty
 @contextlib.contextmanager
 def record_activation_dtypes(model: Any) -> Iterator[set[torch.dtype]]:
     """Collect the output dtypes of every ``nn.Linear`` inside the decoder while the block runs (for checks and tests)."""
-    from open_instruct.engine import unwrap_model
 
     inner = unwrap_model(model)
     decoder = getattr(inner, inner.base_model_prefix)

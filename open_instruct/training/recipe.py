@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from open_instruct.config import TrainArguments, compat, settings_of
+from open_instruct.config.cli import exit_on_user_error, parse_args
+from open_instruct.config.path_checks import check_paths
 from open_instruct.data.sampler import real_rows_fn
+from open_instruct.engine import select_engine
 from open_instruct.errors import UserError
 from open_instruct.files import write_text_atomic
+from open_instruct.model.modeling import check_model_options
+from open_instruct.plan.check import dry_run
+from open_instruct.report.plot import write_curves
 from open_instruct.report.tracking import MetricsLogger
+from open_instruct.training.checkpointing import save_final_model
 from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, train_loop
 from open_instruct.training.optim import build_optimizer, check_optimizer_environment
+from open_instruct.training.preemption import PREEMPTED_EXIT_CODE, Preempted, uninstall
 from open_instruct.training.profiling import profiled_steps
 from open_instruct.training.schedule import build_scheduler, optimizer_steps
 
@@ -26,8 +34,6 @@ from open_instruct.training.schedule import build_scheduler, optimizer_steps
 def preflight(args: TrainArguments, pretraining: bool = False) -> None:
     """Cheap checks of every input path, before any process group, model or dataset is touched: each path is the
     kind of thing its flag needs and the output folder can be written (``config/path_checks.py``)."""
-    from open_instruct.config.path_checks import check_paths
-    from open_instruct.model.modeling import check_model_options
 
     check_model_options(args)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
     check_optimizer_environment(args)  # CUDA / bitsandbytes for the 8-bit and paged optimizers
@@ -41,16 +47,11 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
     a run stopped by a preemption signal (its progress saved) exits with code 75."""
     import sys
 
-    from open_instruct.config.cli import exit_on_user_error, parse_args
-    from open_instruct.training.preemption import PREEMPTED_EXIT_CODE, Preempted, uninstall
-
     def entry() -> None:
         args = parse_args(argv)
         check(args)
         preflight(args)
         if args.dry_run:
-            from open_instruct.plan.check import dry_run
-
             dry_run(args, stage)
             return
         try:
@@ -84,8 +85,6 @@ def no_empty_output_on_error(output_dir: str) -> Iterator[None]:
 def start_run(args: TrainArguments) -> tuple[Any, Path]:
     """(accelerator built by the engine the flags select, output folder); the seed is set."""
     from accelerate.utils import set_seed
-
-    from open_instruct.engine import select_engine
 
     engine = select_engine(args)
     output_dir = Path(args.output_dir)
@@ -207,8 +206,6 @@ def train(
 
 def finish_run(accelerator: Any, model: Any, tokenizer: Any, output_dir: Path, merge_lora: bool = False) -> Path:
     """The final model in Hugging Face format, and ``curves.png`` beside ``metrics.jsonl``."""
-    from open_instruct.report.plot import write_curves
-    from open_instruct.training.checkpointing import save_final_model
 
     save_final_model(accelerator, model, tokenizer, output_dir, merge_lora=merge_lora)
     accelerator.print(f"saved the final model to {output_dir}")

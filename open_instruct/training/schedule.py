@@ -21,7 +21,9 @@ def build_scheduler(optim: OptimSettings, optimizer: Any, total_steps: int, num_
     """The learning-rate schedule: warmup (``--warmup_steps``, else ``--warmup_ratio``), then ``--lr_scheduler_type``."""
     from transformers import get_scheduler  # transformers' import is slow: the planner never needs it
 
-    warmup_steps = optim.warmup_steps if optim.warmup_steps is not None else math.ceil(optim.warmup_ratio * total_steps)
+    warmup_steps = (
+        optim.warmup_steps if optim.warmup_steps is not None else math.ceil(optim.warmup_ratio * total_steps)
+    )
     schedule = "constant_with_warmup" if optim.lr_scheduler_type == "constant" else optim.lr_scheduler_type
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
     return get_scheduler(

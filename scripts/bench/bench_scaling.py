@@ -210,8 +210,8 @@ def run_trl(model_dir: str, data: str, out: Path, length: int, batch: int, steps
 
 def child(argv: list[str]) -> None:
     """Subprocess entry: ``--child ours|trl MODEL DATA OUT LENGTH BATCH STEPS``."""
-    if argv[0] == "ours":  # start as our command-line entry does, before torch is imported (training/memory.py)
-        from open_instruct.training.memory import reexec_with_lean_malloc
+    if argv[0] == "ours":  # start as our command-line entry does, before torch is imported (training/host_memory.py)
+        from open_instruct.training.host_memory import reexec_with_lean_malloc
 
         reexec_with_lean_malloc()
     import torch

@@ -365,8 +365,8 @@ def run_trl(model_dir: str, data: str, out: Path, max_steps: int | None) -> dict
 # ---------------------------------------------------------------------------------------------------------- report
 def child(argv: list[str]) -> None:
     """Subprocess entry: ``--child ours|trl MODEL DATA OUT MAX_STEPS PROFILE``."""
-    if argv[0] == "ours":  # start as our command-line entry does, before torch is imported (training/memory.py)
-        from open_instruct.training.memory import reexec_with_lean_malloc
+    if argv[0] == "ours":  # start as our command-line entry does, before torch is imported (training/host_memory.py)
+        from open_instruct.training.host_memory import reexec_with_lean_malloc
 
         reexec_with_lean_malloc()
     import torch
