@@ -48,11 +48,12 @@ def policy_accuracy(checkpoint: Path, test_file: Path) -> float:
     """Held-out preference accuracy of a checkpoint on its own (no reference): open_instruct.training.evaluation."""
     from open_instruct.config import TrainArguments
     from open_instruct.data.prepare import prepare_preference_data
+    from open_instruct.settings import DataSettings
     from open_instruct.training.evaluation import preference_accuracy
 
     model, tokenizer = load(checkpoint)
     args = TrainArguments(model_name_or_path=str(checkpoint), mixer_list=[str(test_file), "1.0"], max_seq_length=64)
-    records = prepare_preference_data(args, tokenizer).records
+    records = prepare_preference_data(DataSettings.of(args), tokenizer).records
     return preference_accuracy(model, records, tokenizer.pad_token_id)
 
 

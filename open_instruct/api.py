@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments, validate
+from open_instruct.config import TrainArguments, settings_of, validate
 from open_instruct.errors import UserError
 from open_instruct.objectives.losses import LossSettings, hyperparameter_names
 
@@ -295,7 +295,7 @@ def plan_run(args: TrainArguments, stage: str) -> Any:
     if is_state_dict_file(args.model_name_or_path or ""):
         raise UserError("dry_run: a .pt checkpoint holds weights; plan from its model folder or hub id instead")
     preflight(args)
-    return dry_run(dataclasses.replace(args, dry_run=True), stage)
+    return dry_run(settings_of(args), stage)
 
 
 def dpo_arguments(

@@ -45,12 +45,12 @@ def run(args: TrainArguments) -> Path:
     accelerator, output_dir = recipe.start_run(args)
     # From here a stop signal finishes the current step or reference batch, saves, and exits with code 75.
     preemption.install(parse_signals(args.preemption_signals), accelerator.print)
-    hub_repo = resolve_repo_id(args) if args.push_to_hub and accelerator.is_main_process else None
+    hub_repo = resolve_repo_id(cfg.hub) if args.push_to_hub and accelerator.is_main_process else None
 
     # 2. Tokenizer and data: every row is checked before the model is loaded.
-    tokenizer = load_tokenizer(args)
+    tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():  # the main process prepares and caches; the others load its cache
-        data = prepare_preference_data(args, tokenizer)
+        data = prepare_preference_data(cfg.data, tokenizer)
     accelerator.print(format_summary(data.statistics))
     if accelerator.is_main_process:
         write_statistics(data.statistics, output_dir)
@@ -66,8 +66,8 @@ def run(args: TrainArguments) -> Path:
 
     # 3. Model, batch layout (packed where proven equal to padded on this device, unless --packing says otherwise),
     #    log-prob function, optimizer, schedule, data loader, under the engine.
-    model = load_model(args, tokenizer, log=accelerator.print)
-    resumed = resumed_signature(args) if args.packing is None or args.group_by_length is None else None
+    model = load_model(cfg.model, tokenizer, log=accelerator.print)
+    resumed = resumed_signature(cfg.checkpoint) if args.packing is None or args.group_by_length is None else None
     half = computes_in_half(model, accelerator.mixed_precision)  # the CUDA packed kernel's precisions
     layout = choose_batch_layout(
         model, accelerator.device, args.packing, args.group_by_length, args.separate_forward, resumed, half
@@ -76,7 +76,7 @@ def run(args: TrainArguments) -> Path:
     args = dataclasses.replace(args, packing=layout.packing, group_by_length=layout.group_by_length)
     cfg = settings_of(args)
     flop_counter = FlopCounter(model)  # before the engine partitions the weights
-    logprob_fn = preference.run_logprob_fn(args, model, accelerator)
+    logprob_fn = preference.run_logprob_fn(cfg.batch, model, accelerator)
     pad = tokenizer.pad_token_id
     order_seed = args.seed if args.data_loader_seed is None else args.data_loader_seed
     train_loader = pair_dataloader(
@@ -86,7 +86,9 @@ def run(args: TrainArguments) -> Path:
     run = recipe.prepare_training(args, accelerator, model, train_loader, output_dir, "pairs", "dpo")
 
     # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash.
-    references, ref_loaders = preference.reference_pass(args, accelerator, run.model, logprob_fn, pad, record_sets)
+    references, ref_loaders = preference.reference_pass(
+        cfg.reference, cfg.batch, cfg.model, accelerator, run.model, logprob_fn, pad, record_sets
+    )
     if args.cache_logprobs_only:
         accelerator.print(
             f"--cache_logprobs_only: reference log-probs cached under {args.reference_logprobs_cache_path}"
@@ -97,8 +99,10 @@ def run(args: TrainArguments) -> Path:
     # 5. Training, from the newest complete checkpoint when there is one (after the reference pass: it must see the
     # untouched weights).
     logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
-    signature = run_signature(args, len(data.records), record_sets[0][1], run.total_steps, accelerator.num_processes)
-    faults = start_or_resume(args, accelerator, signature, logger)
+    signature = run_signature(
+        cfg.batch, cfg.optim, len(data.records), record_sets[0][1], run.total_steps, accelerator.num_processes
+    )
+    faults = start_or_resume(cfg.checkpoint, accelerator, signature, logger)
     loss_fn = combined_loss(args.loss_type, args.loss_weights)
     moe_weight = args.load_balancing_weight if args.load_balancing_loss else None
     settings = preference.PreferenceSettings(
@@ -118,7 +122,7 @@ def run(args: TrainArguments) -> Path:
     # 6. Final checkpoint in Hugging Face format, curves, Hub.
     recipe.finish_run(accelerator, run.model, tokenizer, output_dir, merge_lora=args.merge_lora)
     if args.push_to_hub and accelerator.is_main_process:
-        push_final_model(output_dir, args, hub_repo)
+        push_final_model(output_dir, cfg.hub, hub_repo)
     accelerator.end_training()
     return output_dir
 

@@ -99,10 +99,10 @@ def run(args: TrainArguments) -> Path:
 
     # 1. Engine, seed, tokenizer, data (every row checked before the model loads).
     accelerator, output_dir = recipe.start_run(args)
-    tokenizer = load_tokenizer(args)
-    records, stats = prepare_sft_data(args, tokenizer)
+    tokenizer = load_tokenizer(cfg.model)
+    records, stats = prepare_sft_data(cfg.data, tokenizer)
     records, eval_records = prepare_eval_records(
-        args, records, lambda a, mix, splits: prepare_sft_data(a, tokenizer, mix, splits)[0]
+        cfg.data, records, lambda eval_data: prepare_sft_data(eval_data, tokenizer)[0]
     )
     accelerator.print(
         f"data: {stats['kept']} conversations kept ({stats['label_tokens']} assistant tokens), "
@@ -113,7 +113,7 @@ def run(args: TrainArguments) -> Path:
         write_statistics(stats, output_dir)
 
     # 2. Model, optimizer, schedule, data loader under the engine.
-    model = load_model(args, tokenizer)
+    model = load_model(cfg.model, tokenizer)
     collate = SFTCollator(tokenizer.pad_token_id)
     train_loader = DataLoader(records, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate)
     run = recipe.prepare_training(args, accelerator, model, train_loader, output_dir, "conversations", "sft")

@@ -72,7 +72,7 @@ def load_text_tokenizer(args: TrainArguments) -> Any:
         raise UserError(
             f"could not load tokenizer {name!r} (pretraining needs --tokenizer_name_or_path): {err}"
         ) from err
-    note_slow_tokenizer(args, tokenizer, name)
+    note_slow_tokenizer(args.use_slow_tokenizer, tokenizer, name)
     return tokenizer
 
 
@@ -129,7 +129,7 @@ def run(args: TrainArguments, text_column: str = "text") -> Path:
     # 1. Engine, seed, tokenizer, text packed into blocks (every file read before the model is built).
     accelerator, output_dir = recipe.start_run(args)
     tokenizer = load_text_tokenizer(args)
-    records, eval_records, stats = prepare_text_data(args, tokenizer, text_column)
+    records, eval_records, stats = prepare_text_data(cfg.data, tokenizer, text_column)
     accelerator.print(
         f"data: {stats['documents']} documents, {stats['tokens']} tokens -> {stats['blocks']} blocks of "
         f"{stats['block_size']} ({stats['dropped_tail_tokens']} tail tokens dropped)"
@@ -154,9 +154,9 @@ def run(args: TrainArguments, text_column: str = "text") -> Path:
     # 3. Training (from the newest complete checkpoint when there is one), held-out perplexity before and during.
     logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
     signature = run_signature(
-        args, len(records), blocks_fingerprint(records), run.total_steps, accelerator.num_processes
+        cfg.batch, cfg.optim, len(records), blocks_fingerprint(records), run.total_steps, accelerator.num_processes
     )
-    faults = start_or_resume(args, accelerator, signature, logger)
+    faults = start_or_resume(cfg.checkpoint, accelerator, signature, logger)
     evaluate = None
     if eval_records:
         eval_loader = accelerator.prepare_data_loader(

@@ -25,6 +25,16 @@ class Settings:
         return cls(**values, **overrides)
 
 
+def checkpoints_every_layer(
+    gradient_checkpointing: bool, activation_memory_budget: float, activation_checkpointing_mode: str | None
+) -> bool:
+    """Whether every decoder layer recomputes its activations in the backward: asked for directly, by a memory budget
+    below 1 (open-instruct's "budget" mode), or by its "selected_modules" mode."""
+    return bool(
+        gradient_checkpointing or activation_memory_budget < 1.0 or activation_checkpointing_mode == "selected_modules"
+    )
+
+
 @dataclass(frozen=True)
 class ModelSettings(Settings):
     """The model and tokenizer to load and how: revision, attention kernel, precision, LoRA, MoE, checkpointing."""
@@ -59,6 +69,13 @@ class ModelSettings(Settings):
     merge_lora: bool
     load_balancing_loss: bool
     load_balancing_weight: float
+
+    @property
+    def checkpoints_every_layer(self) -> bool:
+        """Activation checkpointing of every decoder layer (:func:`checkpoints_every_layer`)."""
+        return checkpoints_every_layer(
+            self.gradient_checkpointing, self.activation_memory_budget, self.activation_checkpointing_mode
+        )
 
 
 @dataclass(frozen=True)
@@ -131,11 +148,20 @@ class EngineSettings(Settings):
     fsdp_offload_params: bool
     mixed_precision: str | None
     gradient_checkpointing: bool
+    activation_memory_budget: float
+    activation_checkpointing_mode: str | None
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
     max_grad_norm: float
     timeout: int
     sync_each_batch: bool
+
+    @property
+    def checkpoints_every_layer(self) -> bool:
+        """Activation checkpointing of every decoder layer (:func:`checkpoints_every_layer`)."""
+        return checkpoints_every_layer(
+            self.gradient_checkpointing, self.activation_memory_budget, self.activation_checkpointing_mode
+        )
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,8 @@ def test_hub_datasets_map_to_their_parser_and_test_split(name, fmt, tmp_path):
 
 
 def test_custom_rows_in_memory_become_a_file_the_engine_reads(tmp_path):
-    from open_instruct.data.mixer import build_mix, parse_mixer_list
+    from open_instruct.data.mixer import parse_mixer_list
+    from tests.data_oracle import build_mix
 
     rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
     values = preference_arguments(

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from open_instruct.data.formats import RowError, detect_format, normalize, split_transcript
-from open_instruct.data.mixer import normalize_rows
 from open_instruct.data.sources import load_rows
 from open_instruct.errors import UserError
 from tests.data_helpers import HH_SAMPLE, read_hh_rows
+from tests.data_oracle import normalize_rows
 
 U1, A1, U2 = "Name a prime number.", "Seven.", "And an even one?"
 GOOD, BAD = "Two is even and prime.", "Nine."

@@ -8,9 +8,11 @@ from collections import Counter
 
 import pytest
 
-from open_instruct.data.mixer import build_mix, build_train_eval_mix, parse_mixer_list
+from open_instruct.data.mixer import parse_mixer_list
 from open_instruct.data.sources import load_rows
+from open_instruct.data.streaming import plan_mix
 from open_instruct.errors import UserError
+from tests.data_oracle import build_mix, build_train_eval_mix
 
 
 def _write_rows(path, n: int, tag: str) -> None:
@@ -154,4 +156,4 @@ def test_eval_mixer_list_and_conflicts(two_files):
     assert all(p.startswith("b ") for p in _prompts(evaluation))
     assert stats["eval_datasets"][0]["taken"] == 3
     with pytest.raises(UserError, match="not both"):
-        build_train_eval_mix(parse_mixer_list([a, "1.0"], ["train"]), parse_mixer_list([b, "3"], ["test"]), 0.1, 0)
+        plan_mix(parse_mixer_list([a, "1.0"], ["train"]), parse_mixer_list([b, "3"], ["test"]), 0.1, 0)

@@ -18,6 +18,7 @@ from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.data.statistics import write_statistics
 from open_instruct.data.synthetic import build_tokenizer, write_task
 from open_instruct.errors import UserError
+from open_instruct.settings import DataSettings
 from tests.conftest import run_cli
 
 
@@ -33,7 +34,7 @@ def data_dir(tmp_path):
     return folder
 
 
-def _args(data_dir, cache_dir, **overrides) -> TrainArguments:
+def _settings(data_dir, cache_dir, **overrides) -> DataSettings:
     values = {
         "model_name_or_path": "unused",
         "mixer_list": [str(data_dir / "train.jsonl"), "1.0"],
@@ -43,12 +44,12 @@ def _args(data_dir, cache_dir, **overrides) -> TrainArguments:
         "seed": 1,
     }
     values.update(overrides)
-    return TrainArguments(**values)
+    return DataSettings.of(TrainArguments(**values))
 
 
 def test_cache_is_reused_without_retokenizing(data_dir, tmp_path, word_tokenizer, monkeypatch):
-    args = _args(data_dir, tmp_path / "cache")
-    first = prepare_preference_data(args, word_tokenizer)
+    settings = _settings(data_dir, tmp_path / "cache")
+    first = prepare_preference_data(settings, word_tokenizer)
     assert first.statistics["cache"]["status"] == "written"
 
     def fail(*_, **__):
@@ -56,7 +57,7 @@ def test_cache_is_reused_without_retokenizing(data_dir, tmp_path, word_tokenizer
 
     monkeypatch.setattr(prepare_module, "tokenize_unique", fail)
     monkeypatch.setattr(prepare_module, "plan_mix", fail)
-    second = prepare_preference_data(args, word_tokenizer)
+    second = prepare_preference_data(settings, word_tokenizer)
     assert second.statistics["cache"]["status"] == "loaded"
     assert second.records == first.records
     assert {k: v for k, v in second.statistics.items() if k != "cache"} == {
@@ -97,7 +98,7 @@ CHANGES = {
 def test_each_input_invalidates_the_cache(change, data_dir, tmp_path):
     overrides, mutate_files, mutate_tokenizer = CHANGES[change]
     cache = tmp_path / "cache"
-    base = prepare_preference_data(_args(data_dir, cache), build_tokenizer())
+    base = prepare_preference_data(_settings(data_dir, cache), build_tokenizer())
     tokenizer = build_tokenizer()
     if mutate_tokenizer == "other":
         tokenizer = _other_tokenizer(tokenizer)
@@ -107,17 +108,17 @@ def test_each_input_invalidates_the_cache(change, data_dir, tmp_path):
         mutate_files(data_dir)
     fill = {"train": str(data_dir / "train.jsonl"), "dir": str(data_dir)}
     overrides = {k: [x.format(**fill) for x in v] if isinstance(v, list) else v for k, v in overrides.items()}
-    changed = prepare_preference_data(_args(data_dir, cache, **overrides), tokenizer)
+    changed = prepare_preference_data(_settings(data_dir, cache, **overrides), tokenizer)
     assert changed.statistics["cache"]["status"] == "written"
     assert changed.statistics["cache"]["path"] != base.statistics["cache"]["path"]
-    again = prepare_preference_data(_args(data_dir, cache, **overrides), tokenizer)
+    again = prepare_preference_data(_settings(data_dir, cache, **overrides), tokenizer)
     assert again.statistics["cache"]["status"] == "loaded" and again.records == changed.records
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_damaged_entry_is_rebuilt(damage, data_dir, tmp_path, word_tokenizer, capsys):
-    args = _args(data_dir, tmp_path / "cache")
-    first = prepare_preference_data(args, word_tokenizer)
+    settings = _settings(data_dir, tmp_path / "cache")
+    first = prepare_preference_data(settings, word_tokenizer)
     expected = list(first.records)
     entry = first.statistics["cache"]["path"]
     del first
@@ -126,16 +127,18 @@ def test_a_damaged_entry_is_rebuilt(damage, data_dir, tmp_path, word_tokenizer, 
         train.unlink()
     else:
         train.write_bytes(train.read_bytes()[:100])
-    second = prepare_preference_data(args, word_tokenizer)
+    second = prepare_preference_data(settings, word_tokenizer)
     assert "unreadable" in capsys.readouterr().err and list(second.records) == expected
     assert second.statistics["cache"]["status"] == "written"
-    assert prepare_preference_data(args, word_tokenizer).statistics["cache"]["status"] == "loaded"
+    assert prepare_preference_data(settings, word_tokenizer).statistics["cache"]["status"] == "loaded"
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
 def test_statistics_match_an_independent_computation(data_dir, tmp_path, word_tokenizer):
-    args = _args(data_dir, tmp_path / "cache", max_seq_length=24, eval_fraction=0.25, per_device_train_batch_size=5)
-    data = prepare_preference_data(args, word_tokenizer)
+    settings = _settings(
+        data_dir, tmp_path / "cache", max_seq_length=24, eval_fraction=0.25, per_device_train_batch_size=5
+    )
+    data = prepare_preference_data(settings, word_tokenizer)
     stats = data.statistics
     assert stats["kept"] == len(data.records) and len(data.eval_records) == stats["eval"]["kept"] == 12
     assert stats["pairs"] == 36 == stats["kept"] + sum(stats["dropped"].values())
@@ -147,7 +150,7 @@ def test_statistics_match_an_independent_computation(data_dir, tmp_path, word_to
     assert stats["tokens"]["rejected"]["max"] == max(rejected)
     # Padding waste: the real collator on the same seeded batches, pad slots counted from its attention mask.
     order = list(range(len(data.records)))
-    random.Random(args.seed).shuffle(order)
+    random.Random(settings.seed).shuffle(order)
     collate, pad = PaddedPairCollator(word_tokenizer.pad_token_id), 0
     total = 0
     for start in range(0, len(order), 5):
@@ -190,10 +193,12 @@ def test_malformed_row_stops_before_tokenizing_with_file_row_and_reason(tmp_path
     rows = [{"prompt": "a b", "chosen": "c", "rejected": "d"}, {"prompt": "a b", "chosen": "c", "rejected": "c"}]
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(prepare_module, "tokenize_unique", None)  # never reached
-    args = TrainArguments(
-        model_name_or_path="unused", mixer_list=[str(bad), "1.0"], dataset_local_cache_dir=str(tmp_path / "c")
+    settings = DataSettings.of(
+        TrainArguments(
+            model_name_or_path="unused", mixer_list=[str(bad), "1.0"], dataset_local_cache_dir=str(tmp_path / "c")
+        )
     )
     with pytest.raises(
         UserError, match=f"^{re.escape(str(bad))}: row 2 \\(line 2\\): identical_replies: .*1 invalid of 2 rows"
     ):
-        prepare_preference_data(args, word_tokenizer)
+        prepare_preference_data(settings, word_tokenizer)

@@ -12,11 +12,13 @@ from open_instruct.data import prepare as prepare_module
 from open_instruct.data.chat_templates import CHAT_TEMPLATES
 from open_instruct.data.mixer import parse_mixer_list
 from open_instruct.data.pair_table import PairRecords
-from open_instruct.data.prepare import prepare_in_memory, prepare_preference_data
+from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.data.sampler import pair_dataloader
 from open_instruct.errors import UserError
+from open_instruct.settings import DataSettings
 from open_instruct.training.reference_cache import dataset_fingerprint
 from tests.data_helpers import train_bpe_tokenizer
+from tests.data_oracle import prepare_in_memory
 from tests.scale_data import HH_FIXTURE, hh_rows, write_multiturn
 
 
@@ -32,7 +34,7 @@ def multiturn(tmp_path_factory):
     return write_multiturn(tmp_path_factory.mktemp("mt") / "multiturn.jsonl", 150, seed=3)
 
 
-def _args(tmp_path, mixer_list, **overrides) -> TrainArguments:
+def _settings(tmp_path, mixer_list, **overrides) -> DataSettings:
     values = {
         "model_name_or_path": "unused",
         "mixer_list": mixer_list,
@@ -43,7 +45,7 @@ def _args(tmp_path, mixer_list, **overrides) -> TrainArguments:
         "seed": 5,
     }
     values.update(overrides)
-    return TrainArguments(**values)
+    return DataSettings.of(TrainArguments(**values))
 
 
 def _without_runtime(stats):
@@ -77,11 +79,12 @@ MIXES = {
 def test_streaming_equals_in_memory(mix, bpe, multiturn, tmp_path, monkeypatch):
     monkeypatch.setattr("open_instruct.data.streaming.CHUNK", 64)  # several chunks, partial last one
     mixer_list, overrides = MIXES[mix](multiturn)
-    args = _args(tmp_path, mixer_list, **overrides)
-    train_entries = parse_mixer_list(args.mixer_list, args.mixer_list_splits)
-    eval_entries = parse_mixer_list(args.eval_mixer_list, args.eval_mixer_list_splits) if args.eval_mixer_list else []
-    records, eval_records, stats = prepare_in_memory(args, bpe, train_entries, eval_entries)
-    data = prepare_preference_data(args, bpe)
+    settings = _settings(tmp_path, mixer_list, **overrides)
+    train_entries = parse_mixer_list(settings.mixer_list, settings.mixer_list_splits)
+    eval_list, eval_splits = settings.eval_mixer_list, settings.eval_mixer_list_splits
+    eval_entries = parse_mixer_list(eval_list, eval_splits) if eval_list else []
+    records, eval_records, stats = prepare_in_memory(settings, bpe, train_entries, eval_entries)
+    data = prepare_preference_data(settings, bpe)
     assert isinstance(data.records, PairRecords) and len(data.records) == len(records) > 40
     assert list(data.records) == records and list(data.eval_records) == eval_records
     assert _without_runtime(data.statistics) == _without_runtime(stats)
@@ -93,9 +96,9 @@ def test_streaming_equals_in_memory(mix, bpe, multiturn, tmp_path, monkeypatch):
 def test_workers_give_identical_bytes_and_share_the_cache_key(bpe, multiturn, tmp_path, monkeypatch):
     monkeypatch.setattr("open_instruct.data.streaming.CHUNK", 32)
     mixer_list = [str(HH_FIXTURE), "300", str(multiturn), "1.0"]
-    one = prepare_preference_data(_args(tmp_path / "one", mixer_list, eval_fraction=0.1), bpe)
+    one = prepare_preference_data(_settings(tmp_path / "one", mixer_list, eval_fraction=0.1), bpe)
     two = prepare_preference_data(
-        _args(tmp_path / "two", mixer_list, eval_fraction=0.1, preprocessing_num_workers=2), bpe
+        _settings(tmp_path / "two", mixer_list, eval_fraction=0.1, preprocessing_num_workers=2), bpe
     )
     path_one, path_two = one.statistics["cache"]["path"], two.statistics["cache"]["path"]
     assert path_one.rsplit("/", 1)[1] == path_two.rsplit("/", 1)[1]  # the worker count is not in the key
@@ -130,7 +133,7 @@ def test_tokenizing_workers_do_not_inherit_the_runs_stop_signal_handlers():
 
 
 def test_loaders_read_the_memory_mapped_records_like_lists(bpe, multiturn, tmp_path):
-    data = prepare_preference_data(_args(tmp_path, [str(multiturn), "1.0"]), bpe)
+    data = prepare_preference_data(_settings(tmp_path, [str(multiturn), "1.0"]), bpe)
     as_list = list(data.records)
     assert data.records.lengths("chosen_input_ids").tolist() == [len(r["chosen_input_ids"]) for r in as_list]
     assert data.records.lengths("rejected_labels").tolist() == [len(r["rejected_labels"]) for r in as_list]
@@ -144,8 +147,8 @@ def test_loaders_read_the_memory_mapped_records_like_lists(bpe, multiturn, tmp_p
 def test_old_cache_format_is_read(bpe, multiturn, tmp_path, capsys):
     import datasets
 
-    args = _args(tmp_path, [str(multiturn), "1.0"], eval_fraction=0.2)
-    fresh = prepare_preference_data(args, bpe)
+    settings = _settings(tmp_path, [str(multiturn), "1.0"], eval_fraction=0.2)
+    fresh = prepare_preference_data(settings, bpe)
     expected, expected_eval = list(fresh.records), list(fresh.eval_records)
     entry = fresh.statistics["cache"]["path"]
     del fresh
@@ -154,7 +157,7 @@ def test_old_cache_format_is_read(bpe, multiturn, tmp_path, capsys):
     datasets.Dataset.from_list(expected).save_to_disk(f"{entry}/train")  # what the older code wrote
     datasets.Dataset.from_list(expected_eval).save_to_disk(f"{entry}/eval")
     open(f"{entry}/statistics.json", "w").write(json.dumps(stats))
-    old = prepare_preference_data(args, bpe)
+    old = prepare_preference_data(settings, bpe)
     assert "older datasets format" in capsys.readouterr().err
     assert old.statistics["cache"]["status"] == "loaded"
     assert list(old.records) == expected and list(old.eval_records) == expected_eval
@@ -174,7 +177,7 @@ def test_malformed_row_mid_file_names_its_line_before_tokenizing(kind, tmp_path,
     data.write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(prepare_module, "tokenize_unique", None)  # never reached
     with pytest.raises(UserError) as err:
-        prepare_preference_data(_args(tmp_path, [str(data), "1.0"], skip_invalid_rows=False), bpe)
+        prepare_preference_data(_settings(tmp_path, [str(data), "1.0"], skip_invalid_rows=False), bpe)
     message = str(err.value)
     if kind == "json":
         assert message.startswith(f"{data}: line {bad_line}: malformed JSON")

@@ -21,6 +21,7 @@ from open_instruct.config import TrainArguments
 from open_instruct.engine import accelerator_options
 from open_instruct.engine.deepspeed import SHIPPED_CONFIGS, build_deepspeed_config, resolve_deepspeed_config
 from open_instruct.errors import UserError
+from open_instruct.settings import EngineSettings
 
 TIMINGS: dict[str, float] = {}
 # lr 1e-3 on the tiny model over 8 steps; clipping at 0.5 engages (checked below), so a dropped setting would show.
@@ -233,9 +234,9 @@ def test_zero3_grows_partitioned_embeddings_for_an_added_token(tmp_path, synthet
 # --- the config logic, without processes -------------------------------------------------------------------------
 
 
-def _args(**kwargs) -> TrainArguments:
+def _engine(**kwargs) -> EngineSettings:
     base = {"model_name_or_path": "m", "mixer_list": ["d", "1.0"], "reference_logprobs_cache_path": "unused"}
-    return TrainArguments(**{**base, **kwargs})
+    return EngineSettings.of(TrainArguments(**{**base, **kwargs}))
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_CONFIGS))
@@ -246,18 +247,18 @@ def test_shipped_deepspeed_configs_equal_the_code(name: str):
 
 def test_flags_fill_auto_fields_from_the_recipe():
     config = resolve_deepspeed_config(
-        _args(zero_stage=3, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=1.0),
+        _engine(zero_stage=3, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=1.0),
         env={"WORLD_SIZE": "16"},
     )
     assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
     assert config["train_batch_size"] == 2 * 4 * 16 and config["gradient_clipping"] == 1.0
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     # No clipping asked for: none in DeepSpeed either (accelerate's default would be 1.0).
-    assert resolve_deepspeed_config(_args(zero_stage=2), env={})["gradient_clipping"] == 0.0
+    assert resolve_deepspeed_config(_engine(zero_stage=2), env={})["gradient_clipping"] == 0.0
 
 
 def test_no_deepspeed_without_flags_or_launcher():
-    assert resolve_deepspeed_config(_args(), env={}) is None
+    assert resolve_deepspeed_config(_engine(), env={}) is None
 
 
 def test_launcher_environment_is_honoured(tmp_path):
@@ -266,13 +267,13 @@ def test_launcher_environment_is_honoured(tmp_path):
         "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
         "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
     }
-    config = resolve_deepspeed_config(_args(), env=env)
+    config = resolve_deepspeed_config(_engine(), env=env)
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(build_deepspeed_config(2)))
     config = resolve_deepspeed_config(
-        _args(), env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}
+        _engine(), env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}
     )
     assert config["zero_optimization"]["stage"] == 2
 
@@ -280,7 +281,7 @@ def test_launcher_environment_is_honoured(tmp_path):
 def test_flags_apply_on_top_of_a_config_file(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(build_deepspeed_config(2)))
-    config = resolve_deepspeed_config(_args(deepspeed_config=str(path), zero_stage=3, offload_param=True), env={})
+    config = resolve_deepspeed_config(_engine(deepspeed_config=str(path), zero_stage=3, offload_param=True), env={})
     zero = config["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
@@ -318,7 +319,7 @@ def test_config_file_that_disagrees_with_the_flags_is_an_error(tmp_path, content
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        resolve_deepspeed_config(_args(deepspeed_config=str(path), **kwargs), env={"WORLD_SIZE": "4"})
+        resolve_deepspeed_config(_engine(deepspeed_config=str(path), **kwargs), env={"WORLD_SIZE": "4"})
 
 
 @pytest.mark.parametrize(
@@ -332,11 +333,11 @@ def test_config_file_that_disagrees_with_the_flags_is_an_error(tmp_path, content
 )
 def test_bad_deepspeed_flags_are_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
-        resolve_deepspeed_config(_args(**kwargs), env={})
+        resolve_deepspeed_config(_engine(**kwargs), env={})
 
 
 def test_offload_config():
-    config = resolve_deepspeed_config(_args(zero_stage=3, offload_optimizer=True, offload_param=True), env={})
+    config = resolve_deepspeed_config(_engine(zero_stage=3, offload_optimizer=True, offload_param=True), env={})
     assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
     # accelerate swaps our torch AdamW for DeepSpeed's CPU Adam unless this is set false: keep its default.
@@ -368,17 +369,19 @@ def test_cpu_process_group_settings():
     several = {"WORLD_SIZE": "2"}
     if torch.cuda.is_available():
         pytest.skip("CPU-only settings")
-    assert accelerator_options(_args(), env=several) == {"deepspeed_plugin": None, "cpu": True, "backend": None}
-    options = accelerator_options(_args(zero_stage=2), env=several)
+    assert accelerator_options(_engine(), env=several) == {"deepspeed_plugin": None, "cpu": True, "backend": None}
+    options = accelerator_options(_engine(zero_stage=2), env=several)
     assert options["backend"] == "gloo" and options["cpu"] is False and options["deepspeed_plugin"] is not None
 
 
 def test_launcher_accumulation_or_clipping_that_disagrees_is_an_error():
     with pytest.raises(UserError, match="--gradient_accumulation_steps 4 disagrees"):
-        accelerator_options(_args(gradient_accumulation_steps=2), env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
+        accelerator_options(
+            _engine(gradient_accumulation_steps=2), env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}
+        )
     with pytest.raises(UserError, match="--gradient_clipping 1.0 disagrees"):
-        accelerator_options(_args(), env={"ACCELERATE_GRADIENT_CLIPPING": "1.0"})
+        accelerator_options(_engine(), env={"ACCELERATE_GRADIENT_CLIPPING": "1.0"})
     accelerator_options(
-        _args(gradient_accumulation_steps=4, max_grad_norm=1.0),
+        _engine(gradient_accumulation_steps=4, max_grad_norm=1.0),
         env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4", "ACCELERATE_GRADIENT_CLIPPING": "1.0"},
     )

@@ -48,6 +48,7 @@ def test_eval_metrics_at_every_eval_step_and_the_end(eval_run):
 def _eval_records(model_dir, test_file):
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.model.modeling import load_tokenizer
+    from open_instruct.settings import DataSettings, ModelSettings
 
     args = TrainArguments(
         model_name_or_path=str(model_dir),
@@ -56,7 +57,7 @@ def _eval_records(model_dir, test_file):
         seed=1,
         reference_logprobs_cache_path="unused",
     )
-    return prepare_preference_data(args, load_tokenizer(args)).records
+    return prepare_preference_data(DataSettings.of(args), load_tokenizer(ModelSettings.of(args))).records
 
 
 def _mean_logps(model, records):

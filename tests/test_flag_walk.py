@@ -1,5 +1,5 @@
 """Every flag of TrainArguments, walked from the dataclass: its effect against a baseline, its rule's error or note line,
-or the test that shows it (open_instruct/config/flag_effects.py says which). A new flag without an entry fails here."""
+or the test that shows it (tests/flag_effects.py says which). A new flag without an entry fails here."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, small_run_args
+from flag_effects import EFFECTS, Effect, Inert, RuleOnly, TestedIn
 
 from open_instruct.config import TrainArguments, validate
 from open_instruct.config.cli import parse_args
-from open_instruct.config.flag_effects import EFFECTS, Effect, Inert, RuleOnly, TestedIn
 from open_instruct.config.flag_rules import FLAG_RULES
 from open_instruct.errors import UserError
+from open_instruct.settings import DataSettings, EngineSettings, ModelSettings
 
 FLAGS = [f.name for f in dataclasses.fields(TrainArguments)]
 
@@ -85,7 +86,7 @@ def _data(args: TrainArguments):
     from open_instruct.model.modeling import load_tokenizer
     from open_instruct.training.reference_cache import dataset_fingerprint
 
-    data = prepare_preference_data(args, load_tokenizer(args))
+    data = prepare_preference_data(DataSettings.of(args), load_tokenizer(ModelSettings.of(args)))
     evaluation = dataset_fingerprint(data.eval_records) if data.eval_records else None
     return dataset_fingerprint(data.records), evaluation, data.statistics["cache"]["path"]
 
@@ -93,7 +94,8 @@ def _data(args: TrainArguments):
 def _model(args: TrainArguments):
     from open_instruct.model.modeling import load_model, load_tokenizer
 
-    model = load_model(args, load_tokenizer(args), log=lambda line: None)
+    settings = ModelSettings.of(args)
+    model = load_model(settings, load_tokenizer(settings), log=lambda line: None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights = round(float(sum(p.detach().double().sum() for p in model.parameters())), 4)
     peft = getattr(model, "peft_config", None)
@@ -115,9 +117,9 @@ def _batches(args: TrainArguments):
     from open_instruct.model.fast_path import choose_batch_layout
     from open_instruct.model.modeling import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(args)
-    records = prepare_preference_data(args, tokenizer).records
-    model = load_model(args, tokenizer, log=lambda line: None)
+    tokenizer = load_tokenizer(ModelSettings.of(args))
+    records = prepare_preference_data(DataSettings.of(args), tokenizer).records
+    model = load_model(ModelSettings.of(args), tokenizer, log=lambda line: None)
     layout = choose_batch_layout(model, torch.device("cpu"), args.packing, args.group_by_length, False, None)
     loader = pair_dataloader(
         records,
@@ -143,9 +145,9 @@ def _setup(args: TrainArguments):
 
     with fresh_accelerate_state():
         accelerator, output_dir = recipe.start_run(args)
-        tokenizer = load_tokenizer(args)
-        records = prepare_preference_data(args, tokenizer).records
-        model = load_model(args, tokenizer, log=lambda line: None)
+        tokenizer = load_tokenizer(ModelSettings.of(args))
+        records = prepare_preference_data(DataSettings.of(args), tokenizer).records
+        model = load_model(ModelSettings.of(args), tokenizer, log=lambda line: None)
         loader = pair_dataloader(records, tokenizer.pad_token_id, args.per_device_train_batch_size, args.seed, True)
         run = recipe.prepare_training(args, accelerator, model, loader, output_dir, "pairs", "dpo")
         lrs = []
@@ -160,7 +162,7 @@ def _setup(args: TrainArguments):
 def _engine(args: TrainArguments):
     from open_instruct.engine import select_engine
 
-    engine = select_engine(args, env={})
+    engine = select_engine(EngineSettings.of(args), env={})
     return type(engine).__name__, engine.describe(), json.dumps(getattr(engine, "config", None), default=str)
 
 
@@ -169,7 +171,7 @@ def _tokenizer(args: TrainArguments):
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        tokenizer = load_tokenizer(args)
+        tokenizer = load_tokenizer(ModelSettings.of(args))
     return type(tokenizer).__name__, tokenizer.is_fast, err.getvalue()
 
 
@@ -194,7 +196,7 @@ CHEAP = [f for f in FLAGS if isinstance(EFFECTS.get(f), Effect) and EFFECTS[f].p
 
 def test_every_flag_has_an_entry():
     missing = [f for f in FLAGS if f not in EFFECTS]
-    assert not missing, f"flags with no entry in open_instruct/config/flag_effects.py EFFECTS: {missing}"
+    assert not missing, f"flags with no entry in tests/flag_effects.py EFFECTS: {missing}"
     assert not set(EFFECTS) - set(FLAGS), f"EFFECTS names unknown flags: {sorted(set(EFFECTS) - set(FLAGS))}"
     assert not set(FLAG_RULES) - set(FLAGS), f"FLAG_RULES names unknown flags: {sorted(set(FLAG_RULES) - set(FLAGS))}"
     for flag, entry in EFFECTS.items():

@@ -28,19 +28,20 @@ from open_instruct.engine import Engine, select_engine
 from open_instruct.engine.deepspeed import DeepSpeedEngine
 from open_instruct.engine.fsdp2 import Fsdp2Engine, mesh_shape
 from open_instruct.errors import UserError
+from open_instruct.settings import EngineSettings
 from open_instruct.training.checkpointing import COMPLETED
 
 
-def _args(**kwargs) -> TrainArguments:
+def _engine(**kwargs) -> EngineSettings:
     base = {"model_name_or_path": "m", "mixer_list": ["d", "1.0"], "reference_logprobs_cache_path": "unused"}
-    return TrainArguments(**{**base, **kwargs})
+    return EngineSettings.of(TrainArguments(**{**base, **kwargs}))
 
 
 # --- selection, layout, conflicts, the engine line (no processes) ------------------------------------------------
 
 
 def test_fsdp_flag_selects_fsdp2_over_all_processes():
-    engine = select_engine(_args(fsdp=True, mixed_precision="bf16"), env={"WORLD_SIZE": "4"})
+    engine = select_engine(_engine(fsdp=True, mixed_precision="bf16"), env={"WORLD_SIZE": "4"})
     assert isinstance(engine, Fsdp2Engine)
     assert (engine.layout.shards, engine.layout.replicas) == (4, 1)
     assert engine.describe() == (
@@ -51,7 +52,7 @@ def test_fsdp_flag_selects_fsdp2_over_all_processes():
 
 def test_hsdp_degrees_offload_and_checkpointing_in_the_engine_line():
     engine = select_engine(
-        _args(fsdp_shard_degree=2, fsdp_offload_params=True, gradient_checkpointing=True), env={"WORLD_SIZE": "8"}
+        _engine(fsdp_shard_degree=2, fsdp_offload_params=True, gradient_checkpointing=True), env={"WORLD_SIZE": "8"}
     )
     assert isinstance(engine, Fsdp2Engine) and (engine.layout.shards, engine.layout.replicas) == (2, 4)
     assert engine.describe() == (
@@ -61,6 +62,10 @@ def test_hsdp_degrees_offload_and_checkpointing_in_the_engine_line():
     plugin = engine.plugin()
     assert plugin.fsdp_version == 2 and type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
     assert plugin.activation_checkpointing is False  # the model's own checkpointing already runs: not twice
+    # open-instruct's ways of asking for it reach the engine line too (the model checkpoints every layer then)
+    for asked in ({"activation_memory_budget": 0.5}, {"activation_checkpointing_mode": "selected_modules"}):
+        assert select_engine(_engine(fsdp=True, **asked), env={"WORLD_SIZE": "2"}).layout.gradient_checkpointing
+    assert not select_engine(_engine(fsdp=True), env={"WORLD_SIZE": "2"}).layout.gradient_checkpointing
 
 
 @pytest.mark.parametrize(
@@ -82,7 +87,7 @@ def test_mesh_shape(shards, replicas, world, expected):
 )
 def test_degrees_that_do_not_fit_the_world_are_errors(shards, replicas, world, message):
     with pytest.raises(UserError, match=message.replace("+", r"\+")):
-        select_engine(_args(fsdp_shard_degree=shards, fsdp_num_replicas=replicas), env={"WORLD_SIZE": str(world)})
+        select_engine(_engine(fsdp_shard_degree=shards, fsdp_num_replicas=replicas), env={"WORLD_SIZE": str(world)})
 
 
 @pytest.mark.parametrize(
@@ -118,7 +123,7 @@ def test_degrees_that_do_not_fit_the_world_are_errors(shards, replicas, world, m
 )
 def test_conflicting_engine_choices_are_errors(kwargs, env, message):
     with pytest.raises(UserError, match=message):
-        select_engine(_args(**kwargs), env={"WORLD_SIZE": "2", **env})
+        select_engine(_engine(**kwargs), env={"WORLD_SIZE": "2", **env})
 
 
 def test_launcher_settings_are_read():
@@ -131,29 +136,29 @@ def test_launcher_settings_are_read():
         "FSDP_RESHARD_AFTER_FORWARD": "false",
         "ACCELERATE_MIXED_PRECISION": "bf16",
     }
-    layout = select_engine(_args(), env=env).layout
+    layout = select_engine(_engine(), env=env).layout
     assert layout.offload_params and layout.activation_checkpointing and not layout.reshard_after_forward
     assert layout.mixed_precision == "bf16"
     # The launcher's default FSDP version (1) runs as FSDP2, and the engine line says so.
     line = select_engine(
-        _args(), env={"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
+        _engine(), env={"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
     ).describe()
     assert line.startswith("engine: fsdp2, 2 shards x 1 replica") and "FSDP version 1 runs as FSDP2" in line
 
 
 def test_engine_line_names_every_engine():
-    assert select_engine(_args(), env={}).describe() == "engine: single process, fp32, no offload"
-    ddp = select_engine(_args(mixed_precision="bf16"), env={"WORLD_SIZE": "2"})
+    assert select_engine(_engine(), env={}).describe() == "engine: single process, fp32, no offload"
+    ddp = select_engine(_engine(mixed_precision="bf16"), env={"WORLD_SIZE": "2"})
     assert (
         type(ddp) is Engine
         and ddp.describe() == "engine: data parallel (DDP), 2 processes, mixed precision bf16, no offload"
     )
-    zero = select_engine(_args(zero_stage=3, offload_optimizer=True), env={"WORLD_SIZE": "4"})
+    zero = select_engine(_engine(zero_stage=3, offload_optimizer=True), env={"WORLD_SIZE": "4"})
     assert isinstance(zero, DeepSpeedEngine)
     assert zero.describe() == "engine: deepspeed zero-3, 4 processes, fp32, optimizer offloaded to CPU"
-    alone = select_engine(_args(fsdp=True), env={})
+    alone = select_engine(_engine(fsdp=True), env={})
     assert alone.describe().startswith("engine: single process (FSDP2 asked for, but without a launcher")
-    one_rank = select_engine(_args(fsdp=True), env={"WORLD_SIZE": "1", "LOCAL_RANK": "0"})  # torchrun, 1 process
+    one_rank = select_engine(_engine(fsdp=True), env={"WORLD_SIZE": "1", "LOCAL_RANK": "0"})  # torchrun, 1 process
     assert one_rank.describe().startswith("engine: fsdp2, 1 shard x 1 replica, per decoder layer")
 
 

@@ -167,12 +167,13 @@ def test_repo_id_resolution(flags, expected, monkeypatch):
 
     from open_instruct.config import TrainArguments
     from open_instruct.report.hub import resolve_repo_id
+    from open_instruct.settings import HubSettings
 
     args = TrainArguments(push_to_hub=True, reference_logprobs_cache_path="unused", **flags)
     with FakeHub() as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
-        assert resolve_repo_id(args) == expected
+        assert resolve_repo_id(HubSettings.of(args)) == expected
 
 
 def test_push_without_owner_or_token_fails_before_training(tiny_model_dir, synthetic_data, tmp_path):

@@ -12,6 +12,7 @@ from open_instruct.config import TrainArguments
 from open_instruct.model.lora import adapters_disabled
 from open_instruct.model.modeling import load_model, load_tokenizer
 from open_instruct.objectives.logprobs import chunked_logprobs, full_logprobs
+from open_instruct.settings import ModelSettings
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -42,11 +43,11 @@ def _batch(tokenizer, n: int = 4, length: int = 12, seed: int = 0) -> dict[str, 
 
 
 def _lora_model(model_dir):
-    args = _args(model_dir)
-    tokenizer = load_tokenizer(args)
+    settings = ModelSettings.of(_args(model_dir))
+    tokenizer = load_tokenizer(settings)
     lines: list[str] = []
-    model = load_model(args, tokenizer, log=lines.append)
-    return args, tokenizer, model, lines
+    model = load_model(settings, tokenizer, log=lines.append)
+    return settings, tokenizer, model, lines
 
 
 def _randomize_adapters(model, seed: int = 1) -> None:

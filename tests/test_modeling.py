@@ -15,10 +15,11 @@ from open_instruct.model.modeling import (
     grow_embeddings,
     load_model,
     load_tokenizer,
+    logprob_model_options,
     parse_additional_model_arguments,
-    reference_identity,
     resolve_attn_implementation,
 )
+from open_instruct.settings import ModelSettings
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -33,10 +34,14 @@ def _args(model_dir, **overrides) -> TrainArguments:
     return TrainArguments(**values)
 
 
+def _model(model_dir, **overrides) -> ModelSettings:
+    return ModelSettings.of(_args(model_dir, **overrides))
+
+
 def _load(model_dir, **overrides):
-    args = _args(model_dir, **overrides)
+    settings = _model(model_dir, **overrides)
     lines: list[str] = []
-    model = load_model(args, load_tokenizer(args), log=lines.append)
+    model = load_model(settings, load_tokenizer(settings), log=lines.append)
     return model, lines
 
 
@@ -137,17 +142,35 @@ def test_trust_remote_code_gates_custom_model_code(tiny_model_dir, tmp_path):
     assert type(model).__name__ == "CustomLlamaForCausalLM"
 
 
-def test_reference_identity_follows_revisions_and_quantization(tiny_model_dir):
+def test_logprob_model_options_follow_revisions_and_quantization(tiny_model_dir):
     model, _ = _load(tiny_model_dir)
-    base = reference_identity(_args(tiny_model_dir), model)
+    base = logprob_model_options(_model(tiny_model_dir), model)
+    rows = model.get_input_embeddings().num_embeddings
+    # part of the reference-cache key: the same keys and values as ever, so older caches still load
+    assert base == {
+        "model_revision": None,
+        "tokenizer_revision": None,
+        "additional_model_arguments": {},
+        "quantization": None,
+        "vocab_rows": rows,
+    }
     for change in (
         {"model_revision": "abc123"},
         {"tokenizer_revision": "v2"},
         {"use_qlora": True},
         {"additional_model_arguments": '{"rope_theta": 1000.0}'},
+        {"config_name": "olmo3_7B"},
     ):
-        assert reference_identity(_args(tiny_model_dir, **change), model) != base, change
-    assert reference_identity(_args(tiny_model_dir), model) == base
+        assert logprob_model_options(_model(tiny_model_dir, **change), model) != base, change
+    assert logprob_model_options(_model(tiny_model_dir), model) == base
+    yarn = logprob_model_options(_model(tiny_model_dir, rope_scaling_factor=2.0), model)["rope_scaling"]
+    assert yarn == {
+        "rope_type": "yarn",
+        "factor": 2.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "original_max_position_embeddings": 8192,
+    }
 
 
 def test_model_flag_validation():

@@ -127,16 +127,19 @@ def test_dense_model_is_rejected(tiny_model_dir):
 
     from open_instruct.config import TrainArguments
     from open_instruct.model.modeling import load_model, load_tokenizer
+    from open_instruct.settings import ModelSettings
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(UserError, match="mixture-of-experts"):
         with capture_router_logits(model):
             pass
-    args = TrainArguments(
-        model_name_or_path=str(tiny_model_dir), load_balancing_loss=True, reference_logprobs_cache_path="unused"
+    settings = ModelSettings.of(
+        TrainArguments(
+            model_name_or_path=str(tiny_model_dir), load_balancing_loss=True, reference_logprobs_cache_path="unused"
+        )
     )
     with pytest.raises(UserError, match="--load_balancing_loss needs a mixture-of-experts model"):
-        load_model(args, load_tokenizer(args), log=lambda line: None)
+        load_model(settings, load_tokenizer(settings), log=lambda line: None)
 
 
 def test_fallback_used_without_transformers_helper(monkeypatch):

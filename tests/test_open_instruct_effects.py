@@ -20,12 +20,21 @@ from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.data.synthetic import build_tokenizer, write_task
 from open_instruct.engine.deepspeed import resolve_deepspeed_config
 from open_instruct.errors import UserError
+from open_instruct.settings import DataSettings, EngineSettings, ModelSettings, OptimSettings
 from open_instruct.training import loop
 from open_instruct.training.optim import CombinedOptimizer, build_optimizer, check_optimizer_environment
 
 
 def _args(**values) -> TrainArguments:
     return TrainArguments(**{"model_name_or_path": "m", "mixer_list": ["d.jsonl", "1"], **values})
+
+
+def _optim(**values) -> OptimSettings:
+    return OptimSettings.of(_args(**values))
+
+
+def _engine(**values) -> EngineSettings:
+    return EngineSettings.of(_args(**values))
 
 
 # --- one short training run with the reporting flags ----------------------------------------------------------
@@ -101,7 +110,7 @@ def tiny_model(tiny_model_dir):
 
 def test_muon_takes_the_decoder_matrices_and_adamw_the_rest(tiny_model):
     params = list(tiny_model.parameters())
-    optimizer = build_optimizer(_args(optimizer_type="muon", optimizer_kwargs={"mu": 0.9}), tiny_model, params)
+    optimizer = build_optimizer(_optim(optimizer_type="muon", optimizer_kwargs={"mu": 0.9}), tiny_model, params)
     assert isinstance(optimizer, CombinedOptimizer)
     names = {id(p): n for n, p in tiny_model.named_parameters()}
     on_muon = {names[id(p)] for g in optimizer.optimizers["muon"].param_groups for p in g["params"]}
@@ -120,15 +129,15 @@ def test_muon_takes_the_decoder_matrices_and_adamw_the_rest(tiny_model):
 
 def test_adamw_takes_optimizer_kwargs_and_rejects_unknown_ones(tiny_model):
     params = list(tiny_model.parameters())
-    optimizer = build_optimizer(_args(optimizer_kwargs={"betas": [0.8, 0.9]}), tiny_model, params)
+    optimizer = build_optimizer(_optim(optimizer_kwargs={"betas": [0.8, 0.9]}), tiny_model, params)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["betas"] == (0.8, 0.9)
     with pytest.raises(UserError, match="--optimizer_kwargs for AdamW:.*nonsense"):
-        build_optimizer(_args(optimizer_kwargs={"nonsense": 1}), tiny_model, params)
+        build_optimizer(_optim(optimizer_kwargs={"nonsense": 1}), tiny_model, params)
 
 
 def test_adamw_is_fused_by_default_and_steps_like_the_unfused_one(tiny_model):
     def kernel(**flags):
-        optimizer = build_optimizer(_args(**flags), tiny_model, list(tiny_model.parameters()))
+        optimizer = build_optimizer(_optim(**flags), tiny_model, list(tiny_model.parameters()))
         return optimizer.param_groups[0].get("fused"), optimizer.param_groups[0].get("foreach")
 
     assert kernel() == (True, None)  # the default, on CPU as on CUDA
@@ -144,8 +153,8 @@ def test_adamw_is_fused_by_default_and_steps_like_the_unfused_one(tiny_model):
         with torch.no_grad():
             for n, p in tiny_model.named_parameters():
                 p.copy_(start[n])
-        args = _args(fused_optimizer=fused, learning_rate=1e-2, weight_decay=0.1)
-        optimizer = build_optimizer(args, tiny_model, list(tiny_model.parameters()))
+        optim = _optim(fused_optimizer=fused, learning_rate=1e-2, weight_decay=0.1)
+        optimizer = build_optimizer(optim, tiny_model, list(tiny_model.parameters()))
         for step in grads:
             for p, grad in zip(tiny_model.parameters(), step, strict=True):
                 p.grad = grad.clone()
@@ -160,7 +169,7 @@ def test_adamw_is_fused_by_default_and_steps_like_the_unfused_one(tiny_model):
 @pytest.mark.parametrize("flag", ["use_8bit_optimizer", "dpo_use_paged_optimizer"])
 def test_bitsandbytes_optimizers_stop_before_any_work_without_cuda(flag, tmp_path):
     with pytest.raises(UserError, match=f"--{flag} needs a CUDA GPU"):
-        check_optimizer_environment(_args(**{flag: True}))
+        check_optimizer_environment(_optim(**{flag: True}))
     result = run_cli(["--model_name_or_path", "m", "--mixer_list", "d.jsonl", "1", f"--{flag}"], tmp_path)
     assert result.returncode == 2 and f"error: --{flag} needs a CUDA GPU" in result.stderr
 
@@ -169,10 +178,12 @@ def test_bitsandbytes_optimizers_stop_before_any_work_without_cuda(flag, tmp_pat
 
 
 def test_zero_hpz_partition_size_goes_into_the_zero3_config(capsys):
-    config = resolve_deepspeed_config(_args(zero_stage=3, zero_hpz_partition_size=8), env={})
+    config = resolve_deepspeed_config(_engine(zero_stage=3, zero_hpz_partition_size=8), env={})
     assert config["zero_optimization"]["zero_hpz_partition_size"] == 8
-    assert "zero_hpz_partition_size" not in resolve_deepspeed_config(_args(zero_stage=3), env={})["zero_optimization"]
-    config = resolve_deepspeed_config(_args(zero_stage=2, zero_hpz_partition_size=8), env={})
+    assert (
+        "zero_hpz_partition_size" not in resolve_deepspeed_config(_engine(zero_stage=3), env={})["zero_optimization"]
+    )
+    config = resolve_deepspeed_config(_engine(zero_stage=2, zero_hpz_partition_size=8), env={})
     assert "zero_hpz_partition_size" not in config["zero_optimization"]
     assert "--zero_hpz_partition_size applies to ZeRO-3 only" in capsys.readouterr().out
 
@@ -223,9 +234,10 @@ def test_overwrite_and_skip_cache_prepare_again(flag, tmp_path):
     write_task(tmp_path / "data", n_train=24, n_test=8, seed=0)
     values = {"mixer_list": [str(tmp_path / "data" / "train.jsonl"), "1.0"], "max_seq_length": 64}
     values["dataset_local_cache_dir"] = str(tmp_path / "cache")
-    first = prepare_preference_data(_args(**values), build_tokenizer())
-    assert prepare_preference_data(_args(**values), build_tokenizer()).statistics["cache"]["status"] == "loaded"
-    again = prepare_preference_data(_args(**values, **{flag: True}), build_tokenizer())
+    data = DataSettings.of(_args(**values))
+    first = prepare_preference_data(data, build_tokenizer())
+    assert prepare_preference_data(data, build_tokenizer()).statistics["cache"]["status"] == "loaded"
+    again = prepare_preference_data(DataSettings.of(_args(**values, **{flag: True})), build_tokenizer())
     assert again.statistics["cache"]["status"] == "rewritten" and list(again.records) == list(first.records)
 
 
@@ -249,8 +261,8 @@ def test_dataset_config_name_reaches_the_hub_loader(monkeypatch):
 def _load(tiny_model_dir, **values):
     from open_instruct.model.modeling import load_model, load_tokenizer
 
-    args = _args(model_name_or_path=str(tiny_model_dir), **values)
-    return load_model(args, load_tokenizer(args), log=print)
+    settings = ModelSettings.of(_args(model_name_or_path=str(tiny_model_dir), **values))
+    return load_model(settings, load_tokenizer(settings), log=print)
 
 
 def test_config_name_and_rope_scaling_shape_the_model(tiny_model_dir, tmp_path, capsys):

@@ -107,12 +107,13 @@ def test_olmo123_keeps_the_tokenizers_own_template(tiny_model_dir, capsys):
 
     from open_instruct.config import TrainArguments
     from open_instruct.model.modeling import load_tokenizer
+    from open_instruct.settings import ModelSettings
 
     own = AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
     args = TrainArguments(
         model_name_or_path=str(tiny_model_dir), mixer_list=["d.jsonl", "1"], chat_template_name="olmo123"
     )
-    assert load_tokenizer(args).chat_template == own
+    assert load_tokenizer(ModelSettings.of(args)).chat_template == own
     assert "the tokenizer's own chat template" in capsys.readouterr().out
 
 

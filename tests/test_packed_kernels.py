@@ -14,6 +14,7 @@ from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
 from open_instruct.model.packed_kernels import FLEX_PACKED, TORCH_VARLEN, document_ids, register_packed_kernels
 from open_instruct.model.packing import packed_sequence_logprobs
 from open_instruct.objectives.logprobs import sequence_logprobs
+from open_instruct.settings import ModelSettings
 
 
 def test_document_ids():
@@ -76,5 +77,5 @@ def test_torch_varlen_flag_checks(monkeypatch):
     assert modeling.resolve_attn_implementation(TORCH_VARLEN) == (TORCH_VARLEN, "requested")
     base = ["--model_name_or_path", "m", "--attn_implementation", TORCH_VARLEN]
     with pytest.raises(UserError, match="bf16/fp16 only: add --mixed_precision bf16 \\(got no\\)"):
-        modeling.check_model_options(parse_args(base))
-    modeling.check_model_options(parse_args([*base, "--mixed_precision", "bf16"]))
+        modeling.check_model_options(ModelSettings.of(parse_args(base)))
+    modeling.check_model_options(ModelSettings.of(parse_args([*base, "--mixed_precision", "bf16"])))

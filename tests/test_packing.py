@@ -149,6 +149,7 @@ def test_cli_token_budget_too_small(tiny_model_dir, synthetic_data, tmp_path):
 def test_gradient_checkpointing_alias(tiny_model_dir):
     from open_instruct.config import TrainArguments
     from open_instruct.model.modeling import load_model, load_tokenizer
+    from open_instruct.settings import ModelSettings
 
     for kwargs, expected in (
         ({"activation_memory_budget": 0.5}, True),
@@ -156,7 +157,8 @@ def test_gradient_checkpointing_alias(tiny_model_dir):
         ({}, False),
     ):
         args = TrainArguments(model_name_or_path=str(tiny_model_dir), reference_logprobs_cache_path="unused", **kwargs)
-        model = load_model(args, load_tokenizer(args))
+        settings = ModelSettings.of(args)
+        model = load_model(settings, load_tokenizer(settings))
         assert model.is_gradient_checkpointing is expected, kwargs
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env, free_port
 
+from open_instruct.config import settings_of
 from open_instruct.config.cli import parse_args
 from open_instruct.engine.deepspeed import DeepSpeedEngine
 from open_instruct.plan import memory
@@ -83,7 +84,7 @@ def _measured_vs_planned(model: Path, data: Path, tmp_path: Path, extra: list[st
     assert lengths["p50"] == lengths["max"] == 48
     measured = max(sum(json.loads((out / f"peak_rank{r}.json").read_text()).values()) for r in range(nproc))
     args = parse_args([*flags, "--dry_run", "--dry_run_num_processes", str(nproc)])
-    predicted = plan_of(args, "dpo", 32, []).phases[-1].total
+    predicted = plan_of(settings_of(args), "dpo", 32, []).phases[-1].total
     assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
 
 
@@ -136,7 +137,7 @@ def test_model_states_equal_deepspeeds_estimator(stage, offload, nodes):
     flags += ["--offload_optimizer"] * (offload != "none") + ["--offload_param"] * (offload == "both")
     args = parse_args([*flags, "--mixed_precision", "bf16"])
     gpus = 8 * nodes
-    layout = DeepSpeedEngine.from_args(args, {"WORLD_SIZE": str(gpus)}).state_layout(4096)
+    layout = DeepSpeedEngine.from_settings(settings_of(args).engine, {"WORLD_SIZE": str(gpus)}).state_layout(4096)
     config, _ = resolve_model_config("allenai/Llama-3.1-Tulu-3-8B-SFT")
     shape = shape_of(config)
     states = memory.model_states(shape, layout, memory.Workload(tokens=1, reference_tokens=1, chunk=1))
@@ -267,7 +268,7 @@ def test_a_run_that_does_not_fit_gets_changes_that_do(capsys, monkeypatch, tmp_p
     words = "--zero_stage 3 --offload_optimizer --offload_param"
     change = next(line for line in printed.splitlines() if line.strip().startswith(words))
     # The suggested figure is the plan of that change.
-    replanned = plan_of(parse_args([*flags, *words.split()]), "dpo", None, []).peak
+    replanned = plan_of(settings_of(parse_args([*flags, *words.split()])), "dpo", None, []).peak
     assert change.split()[-3] == f"{replanned / 2**30:.1f}" and change.endswith("fits")
 
 
@@ -337,7 +338,7 @@ def test_dry_run_mfu_scales_the_predicted_time(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     flags = [str(ROOT / "configs/train_configs/tulu3/dpo_8b.yaml"), "--dry_run", "--dry_run_gpu", "H100-80GB"]
     flags += ["--dry_run_num_processes", "8", "--dry_run_num_pairs", "1000"]
-    slow = plan_of(parse_args([*flags, "--dry_run_mfu", "0.2"]), "dpo", None, []).time
-    fast = plan_of(parse_args([*flags, "--dry_run_mfu", "0.4"]), "dpo", None, []).time
+    slow = plan_of(settings_of(parse_args([*flags, "--dry_run_mfu", "0.2"])), "dpo", None, []).time
+    fast = plan_of(settings_of(parse_args([*flags, "--dry_run_mfu", "0.4"])), "dpo", None, []).time
     assert (slow.mfu, fast.mfu, fast.mfu_source) == (0.2, 0.4, "--dry_run_mfu")
     assert fast.step_seconds == pytest.approx(slow.step_seconds / 2, rel=1e-9)

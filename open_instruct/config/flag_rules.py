@@ -217,10 +217,8 @@ FLAG_RULES: dict[str, FlagRule] = {
     ),
 }
 
-# Said when the tokenizer is loaded (the table's conditions are known before any file is read; this one is not).
-SLOW_TOKENIZER_NOTE = (
-    "note: --use_slow_tokenizer has no effect: {name} ships no slow (Python) tokenizer, the fast one is used"
-)
+# --use_slow_tokenizer's note is said when the tokenizer loads (model/modeling.py: SLOW_TOKENIZER_NOTE): its condition,
+# a tokenizer with no slow version, is known only once the files are read.
 
 
 def rule_problems(args: Any, defaults: Any, say: Callable[[str], None] | None = None) -> list[str]:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from open_instruct.data.pair_table import PairRecords
 from open_instruct.data.streaming import lengths_path
 
@@ -84,7 +86,7 @@ def _warn(message: str) -> None:
 
 def _load_v1(path: Path, stats: dict[str, Any]) -> tuple[PairRecords, PairRecords]:
     """An entry written by the older code (``datasets`` folders): read memory-mapped as it is."""
-    import datasets
+    import datasets  # deferred: about 2 s to import, needed only for an entry in the older format
 
     train = PairRecords.from_table(datasets.load_from_disk(str(path / "train")).data.table)
     evaluation = PairRecords([])
@@ -97,8 +99,6 @@ def _load_v1(path: Path, stats: dict[str, Any]) -> tuple[PairRecords, PairRecord
 def _open_split(path: Path, split: str, manifest: dict[str, Any]) -> PairRecords:
     """One split memory-mapped, its batch sizes and lengths from the manifest and the lengths file, so opening it
     reads nothing from the token ids."""
-    import numpy as np
-
     lengths = np.load(lengths_path(path / f"{split}.arrow"))
     if lengths.shape != (manifest["rows"], 2) or sum(manifest["batch_rows"]) != manifest["rows"]:
         raise ValueError(f"{split}: lengths {lengths.shape} or batches disagree with {manifest['rows']} rows")

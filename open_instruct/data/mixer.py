@@ -1,10 +1,11 @@
-"""``--mixer_list NAME AMOUNT ...`` -> one list of normalized preference pairs, each with a global ``index``.
+"""The rules of a ``--mixer_list NAME AMOUNT ...`` mix: parse it, check every row, draw each dataset's rows.
 
 AMOUNT: a number with a decimal point is a fraction of the dataset's valid rows (above 1.0 it upsamples), an integer
 is a row count (above the dataset's size it upsamples: whole repeats plus a seeded remainder). Rows come from
-:func:`open_instruct.data.sources.load_rows`. Every row is validated in one pass before anything expensive happens.
-The result is deterministic for a given seed and mixer list. An evaluation mix comes either from its own mixer list or
+:func:`open_instruct.data.sources.iter_rows`. Every row is validated in one pass before anything expensive happens.
+The draws are deterministic for a given seed and mixer list. An evaluation mix comes either from its own mixer list or
 from a held-out fraction of the training datasets' rows (held out before upsampling, so no row is in both).
+:mod:`open_instruct.data.streaming` draws the preference mix with these rules; the SFT and text mixes use them too.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from open_instruct.data.formats import CHAT_ROLES, FORMATS, RowError, detect_format, missing_columns, normalize
-from open_instruct.data.sources import LOCAL_SUFFIXES, Located, iter_rows, load_rows
+from open_instruct.data.sources import Located
 from open_instruct.errors import UserError
 
-__all__ = ["LOCAL_SUFFIXES", "MixEntry", "load_rows", "build_mix", "build_train_eval_mix", "parse_mixer_list"]
+__all__ = [
+    "MixEntry",
+    "check_rows",
+    "held_out_positions",
+    "hold_out",
+    "parse_mixer_list",
+    "reindex",
+    "sample_indices",
+    "target_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -148,65 +158,6 @@ def _check_columns(name: str, first_row: dict[str, Any], format_name: str) -> st
     return format_name
 
 
-def normalize_rows(
-    name: str, rows: list[dict[str, Any]], format_name: str, skip_invalid: bool
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Check every row of one dataset in one pass; returns (valid pairs, report with counts per failure reason).
-
-    Each pair carries ``source`` (``(name, row number)``).
-    """
-    pairs: list[dict[str, Any]] = []
-    report = check_rows(
-        name,
-        ((row, None) for row in rows),
-        format_name,
-        skip_invalid,
-        lambda i, p: pairs.append({**p, "source": (name, i)}),
-    )
-    return pairs, report
-
-
-def _appender(pairs: list[dict[str, Any]], name: str) -> Callable[[int, dict], None]:
-    return lambda i, pair: pairs.append({**pair, "source": (name, i)})
-
-
-def _load_valid(
-    entries: list[MixEntry], format_name: str, skip_invalid: bool, roles: frozenset[str]
-) -> list[tuple[list, dict]]:
-    loaded = []
-    for entry in entries:
-        pairs: list[dict[str, Any]] = []
-        report = check_rows(
-            entry.name,
-            iter_rows(entry.name, entry.split),
-            format_name,
-            skip_invalid,
-            _appender(pairs, entry.name),
-            roles,
-        )
-        if not pairs:
-            raise UserError(f"{entry.name} (split {entry.split!r}): no valid rows to take {entry.amount} from")
-        loaded.append((pairs, {**report, "split": entry.split, "amount": entry.amount}))
-    return loaded
-
-
-def _mix(loaded: list[tuple[list, dict]], rng: random.Random) -> list[dict[str, Any]]:
-    mixed: list[dict[str, Any]] = []
-    for pairs, report in loaded:
-        taken = sample_indices(len(pairs), target_rows(report["amount"], len(pairs)), rng)
-        report["taken"] = len(taken)
-        mixed.extend(pairs[i] for i in taken)
-    return [{"index": index, **pair} for index, pair in enumerate(mixed)]
-
-
-def build_mix(
-    entries: list[MixEntry], seed: int, format_name: str = "auto", skip_invalid: bool = False
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Load, validate and mix the datasets; each pair gets its global ``index``. Returns (pairs, statistics)."""
-    pairs, _, stats = build_train_eval_mix(entries, [], 0.0, seed, format_name, skip_invalid)
-    return pairs, stats
-
-
 def hold_out(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Split rows into (kept, held out): a seeded ``round(fraction * len)`` of them (at least one when ``fraction``
     > 0) held out, order preserved. Rows that carry a dataset ``index`` are renumbered 0..N-1 in each part (the
@@ -229,36 +180,3 @@ def held_out_positions(n: int, fraction: float, seed: int) -> set[int]:
 def reindex(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The same records with ``index`` renumbered 0..N-1."""
     return [{**r, "index": i} for i, r in enumerate(records)]
-
-
-def build_train_eval_mix(
-    train_entries: list[MixEntry],
-    eval_entries: list[MixEntry],
-    eval_fraction: float,
-    seed: int,
-    format_name: str = "auto",
-    skip_invalid: bool = False,
-    roles: frozenset[str] = CHAT_ROLES,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """(training pairs, evaluation pairs, statistics). The evaluation mix is ``eval_entries`` or, with
-    ``eval_fraction`` > 0, that fraction of each training dataset's valid rows, held out before upsampling.
-    Both lists carry their own ``index`` from 0."""
-    if eval_entries and eval_fraction > 0:
-        raise UserError("give --eval_mixer_list or --eval_fraction, not both")
-    loaded = _load_valid(train_entries, format_name, skip_invalid, roles)
-    held: list[dict[str, Any]] = []
-    if eval_fraction > 0:
-        for number, (pairs, report) in enumerate(loaded):
-            kept, out = hold_out(pairs, eval_fraction, seed + 1 + number)
-            loaded[number] = (kept, {**report, "held_out_for_eval": len(out)})
-            held.extend(out)
-    rng = random.Random(seed)
-    train = _mix(loaded, rng)
-    stats: dict[str, Any] = {"datasets": [report for _, report in loaded]}
-    if eval_entries:
-        eval_loaded = _load_valid(eval_entries, format_name, skip_invalid, roles)
-        evaluation = _mix(eval_loaded, rng)
-        stats["eval_datasets"] = [report for _, report in eval_loaded]
-    else:
-        evaluation = [{**pair, "index": index} for index, pair in enumerate(held)]
-    return train, evaluation, stats

@@ -20,7 +20,7 @@ Columns = dict[str, tuple[np.ndarray, np.ndarray]]  # column -> (offsets [n + 1]
 
 
 def _schema() -> Any:
-    import pyarrow as pa
+    import pyarrow as pa  # deferred: importing the data layer (--help, --dry_run) loads no pyarrow
 
     return pa.schema([("index", pa.int64())] + [(name, pa.list_(pa.int32())) for name in LIST_COLUMNS])
 
@@ -52,7 +52,7 @@ class PairTableWriter:
     """Appends batches of rows to an Arrow IPC file; ``close`` returns the sha256 fingerprint and batch sizes."""
 
     def __init__(self, path: str | Path) -> None:
-        import pyarrow as pa
+        import pyarrow as pa  # deferred, as in _schema
 
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, _schema())
@@ -78,7 +78,7 @@ class PairTableWriter:
 # 60 MB of resident modules in a training process that never uses them. These two go through the buffers instead.
 def arrow_array(values: np.ndarray) -> Any:
     """A primitive Arrow array over a 1-D numpy array's buffer (no copy for a contiguous array)."""
-    import pyarrow as pa
+    import pyarrow as pa  # deferred, as in _schema
 
     values = np.ascontiguousarray(values)
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
@@ -86,7 +86,7 @@ def arrow_array(values: np.ndarray) -> Any:
 
 def record_batch(index: np.ndarray, columns: Columns) -> Any:
     """One Arrow record batch of the table's schema: ``index`` [n] and each list column as (offsets, values)."""
-    import pyarrow as pa
+    import pyarrow as pa  # deferred, as in _schema
 
     arrays = [arrow_array(np.asarray(index, dtype=np.int64))]
     for name in LIST_COLUMNS:
@@ -125,7 +125,7 @@ class PairRecords(Sequence):
             self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
 
     def _open(self, batch_rows: list[int] | None) -> None:
-        import pyarrow as pa
+        import pyarrow as pa  # deferred, as in _schema
 
         source = pa.memory_map(self._path) if self._memory_map else pa.OSFile(self._path)
         self._reader = pa.ipc.open_file(source)

@@ -1,6 +1,6 @@
 """The data half of the recipe: mix and validate the datasets, tokenize, count what was kept and dropped, cache.
 
-    data = prepare_preference_data(args, tokenizer)   # data.records, data.eval_records, data.statistics
+    data = prepare_preference_data(cfg.data, tokenizer)   # data.records, data.eval_records, data.statistics
 
 The pairs are prepared into ``--dataset_local_cache_dir`` and read back memory-mapped; a second run with the same
 inputs only reads them.
@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments
 from open_instruct.data import cache
-from open_instruct.data.mixer import MixEntry, build_train_eval_mix, parse_mixer_list
+from open_instruct.data.mixer import MixEntry, parse_mixer_list
 from open_instruct.data.sources import source_fingerprint
 from open_instruct.data.statistics import build_statistics, padding_waste_of_lengths, write_statistics
 from open_instruct.data.streaming import MixPlan, TokenizeSettings, plan_mix, tokenize_unique, write_split
-from open_instruct.data.tokenize import template_roles, tokenize_pairs
+from open_instruct.data.tokenize import template_roles
 from open_instruct.errors import UserError
+from open_instruct.settings import DataSettings
 
-__all__ = ["PreparedData", "prepare_in_memory", "prepare_preference_data", "save_mixed_pairs", "write_statistics"]
+__all__ = ["PreparedData", "prepare_preference_data", "save_mixed_pairs", "write_statistics"]
 
 
 @dataclass
@@ -41,78 +40,47 @@ class PreparedData:
     eval_records: Sequence[dict[str, Any]] = field(default_factory=list)
 
 
-def _key_inputs(args: TrainArguments, tokenizer: Any, train: list[MixEntry], evaluation: list[MixEntry]) -> dict:
+def _key_inputs(data: DataSettings, tokenizer: Any, train: list[MixEntry], evaluation: list[MixEntry]) -> dict:
+    """What the prepared-data cache key hashes: the sources, the mix and tokenization settings, the tokenizer."""
+
     def describe(entries: list[MixEntry]) -> list[dict[str, Any]]:
         return [{"amount": e.amount, **source_fingerprint(e.name, e.split)} for e in entries]
 
     return {
         "train": describe(train),
         "eval": describe(evaluation),
-        "eval_fraction": args.eval_fraction,
-        "format": args.dataset_format,
-        "skip_invalid_rows": args.skip_invalid_rows,
-        "seed": args.seed,
-        "max_train_samples": args.max_train_samples,
-        "max_seq_length": args.max_seq_length,
-        "max_response_length": args.max_response_length,
-        "add_bos": args.add_bos,
+        "eval_fraction": data.eval_fraction,
+        "format": data.dataset_format,
+        "skip_invalid_rows": data.skip_invalid_rows,
+        "seed": data.seed,
+        "max_train_samples": data.max_train_samples,
+        "max_seq_length": data.max_seq_length,
+        "max_response_length": data.max_response_length,
+        "add_bos": data.add_bos,
         "tokenizer": cache.tokenizer_fingerprint(tokenizer),
     }
 
 
-def _cap(pairs: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """At most ``limit`` pairs: a seeded subset of the whole mix (not the first datasets' rows), order kept."""
-    if limit is None or len(pairs) <= limit:
-        return pairs
-    keep = sorted(random.Random(seed).sample(range(len(pairs)), limit))
-    return [pairs[i] for i in keep]
-
-
-def _no_pairs_left(pairs: int, dropped: dict[str, int], args: TrainArguments) -> UserError:
+def _no_pairs_left(pairs: int, dropped: dict[str, int], max_seq_length: int) -> UserError:
+    """The error when tokenization keeps no training pair."""
     return UserError(
-        f"no trainable pairs left out of {pairs} (dropped: {dropped}); check --max_seq_length {args.max_seq_length}"
+        f"no trainable pairs left out of {pairs} (dropped: {dropped}); check --max_seq_length {max_seq_length}"
     )
 
 
 def _eval_summary(pairs: int, tokenized: Any) -> dict[str, Any]:
+    """The evaluation split's counts in the statistics."""
     return {"pairs": pairs, "kept": tokenized.kept, "dropped": tokenized.dropped, "truncated": tokenized.truncated}
 
 
-def prepare_in_memory(
-    args: TrainArguments, tokenizer: Any, train_entries: list[MixEntry], eval_entries: list[MixEntry]
-) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """The whole preparation with every pair in memory: (records, evaluation records, statistics). The reference
-    the streaming preparation is tested against, and handy for small sets."""
-    train_pairs, eval_pairs, mix_stats = build_train_eval_mix(
-        train_entries,
-        eval_entries,
-        args.eval_fraction,
-        args.seed,
-        args.dataset_format,
-        args.skip_invalid_rows,
-        template_roles(tokenizer),
-    )
-    train_pairs = _cap(train_pairs, args.max_train_samples, args.seed)
-    settings = (args.max_seq_length, args.add_bos, args.max_response_length)
-    records, tok_stats = tokenize_pairs(tokenizer, train_pairs, *settings)
-    if not records:
-        raise _no_pairs_left(len(train_pairs), tok_stats.dropped, args)
-    stats = build_statistics(mix_stats, len(train_pairs), tok_stats, records)
-    eval_records: list[dict[str, Any]] = []
-    if eval_pairs:
-        eval_records, eval_tok = tokenize_pairs(tokenizer, eval_pairs, *settings)
-        stats["eval"] = _eval_summary(len(eval_pairs), eval_tok)
-    return records, eval_records, stats
-
-
-def _build_entry(args: TrainArguments, tokenizer: Any, plan: MixPlan, folder: Path) -> dict[str, Any]:
+def _build_entry(data: DataSettings, tokenizer: Any, plan: MixPlan, folder: Path) -> dict[str, Any]:
     """Pass 2 of the streaming preparation into ``folder``: the split files and statistics; returns the manifest."""
-    settings = TokenizeSettings(args.max_seq_length, args.add_bos, args.max_response_length)
+    settings = TokenizeSettings(data.max_seq_length, data.add_bos, data.max_response_length)
     scratch = folder / "unique.arrow"
-    unique, keys, meta = tokenize_unique(plan, tokenizer, settings, args.preprocessing_num_workers or 1, scratch)
+    unique, keys, meta = tokenize_unique(plan, tokenizer, settings, data.preprocessing_num_workers or 1, scratch)
     tok_stats, lengths, train_manifest = write_split(plan.train, unique, keys, meta, folder / "train.arrow")
     if tok_stats.kept == 0:
-        raise _no_pairs_left(len(plan.train), tok_stats.dropped, args)
+        raise _no_pairs_left(len(plan.train), tok_stats.dropped, data.max_seq_length)
     stats = build_statistics(plan.stats, len(plan.train), tok_stats, lengths=lengths)
     manifest: dict[str, Any] = {"train": train_manifest}
     if len(plan.eval):
@@ -124,54 +92,49 @@ def _build_entry(args: TrainArguments, tokenizer: Any, plan: MixPlan, folder: Pa
     return manifest
 
 
-def prepare_preference_data(
-    args: TrainArguments, tokenizer: Any, mixer_list: list[str] | None = None, splits: list[str] | None = None
-) -> PreparedData:
+def prepare_preference_data(data: DataSettings, tokenizer: Any) -> PreparedData:
     """Mix, validate, tokenize (or load all that from the cache). Malformed rows are reported before any model loads.
 
-    ``mixer_list``/``splits`` replace ``args.mixer_list``/``args.mixer_list_splits`` when given. The evaluation mix
-    comes from ``args.eval_mixer_list`` or ``args.eval_fraction`` (empty when neither is set). Preparation streams:
-    its memory is bounded by a chunk of pairs, not by the dataset (see :mod:`open_instruct.data.streaming`).
+    The training mix is ``data.mixer_list``; the evaluation mix comes from ``data.eval_mixer_list`` or
+    ``data.eval_fraction`` (empty when neither is set). Preparation streams: its memory is bounded by a chunk of
+    pairs, not by the dataset (see :mod:`open_instruct.data.streaming`).
     """
-    train_entries = parse_mixer_list(
-        mixer_list if mixer_list is not None else args.mixer_list,
-        splits if splits is not None else args.mixer_list_splits,
-    )
+    train_entries = parse_mixer_list(data.mixer_list, data.mixer_list_splits)
     eval_entries = (
-        parse_mixer_list(args.eval_mixer_list, args.eval_mixer_list_splits, "--eval_mixer_list")
-        if args.eval_mixer_list
+        parse_mixer_list(data.eval_mixer_list, data.eval_mixer_list_splits, "--eval_mixer_list")
+        if data.eval_mixer_list
         else []
     )
-    key = cache.cache_key(_key_inputs(args, tokenizer, train_entries, eval_entries))
-    path = cache.entry_path(args.dataset_local_cache_dir, key)
+    key = cache.cache_key(_key_inputs(data, tokenizer, train_entries, eval_entries))
+    path = cache.entry_path(data.dataset_local_cache_dir, key)
     # --overwrite_cache / --skip_cache: prepare again; the new entry replaces the old one atomically.
-    fresh = args.overwrite_cache or args.skip_cache
-    cached = None if fresh else cache.load(args.dataset_local_cache_dir, key)
+    fresh = data.overwrite_cache or data.skip_cache
+    cached = None if fresh else cache.load(data.dataset_local_cache_dir, key)
     status = "loaded"
     if cached is None:
         plan = plan_mix(
             train_entries,
             eval_entries,
-            args.eval_fraction,
-            args.seed,
-            args.dataset_format,
-            args.skip_invalid_rows,
-            args.max_train_samples,
+            data.eval_fraction,
+            data.seed,
+            data.dataset_format,
+            data.skip_invalid_rows,
+            data.max_train_samples,
             template_roles(tokenizer),
         )  # pass 1: every row checked, errors raised here
         cache.write_entry(
-            args.dataset_local_cache_dir, key, lambda folder: _build_entry(args, tokenizer, plan, folder)
+            data.dataset_local_cache_dir, key, lambda folder: _build_entry(data, tokenizer, plan, folder)
         )
-        cached, status = cache.load(args.dataset_local_cache_dir, key), "rewritten" if fresh else "written"
+        cached, status = cache.load(data.dataset_local_cache_dir, key), "rewritten" if fresh else "written"
         if cached is None:
             raise UserError(f"the prepared-data cache just written at {path} cannot be read back")
     records, eval_records, stats = cached
     stats["cache"] = {"status": status, "path": str(path)}
-    batch = args.per_device_train_batch_size
+    batch = data.per_device_train_batch_size
     chosen, rejected = records.lengths("chosen_input_ids"), records.lengths("rejected_input_ids")
     stats["padding"] = {
         "batch_size": batch,
-        "waste_fraction": padding_waste_of_lengths(chosen, rejected, batch, args.seed),
+        "waste_fraction": padding_waste_of_lengths(chosen, rejected, batch, data.seed),
     }
     return PreparedData(records, stats, eval_records)
 

@@ -16,7 +16,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
+from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
 from open_instruct.errors import UserError
 
 
@@ -146,10 +148,6 @@ def pair_dataloader(
     shuffle: bool = True,
 ) -> Any:
     """The DataLoader for ``records``: padded or packed batches, plain, length-grouped or token-budget order."""
-    from torch.utils.data import DataLoader
-
-    from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
-
     collate = PackedPairCollator() if packing else PaddedPairCollator(pad_token_id)
     if max_tokens is None and not group_by_length:
         # The plain order stays accelerate's seedable shuffle, identical to runs without these flags.

@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import TrainArguments
 from open_instruct.data.formats import CHAT_ROLES, RowError, check_role, detect_format, normalize
-from open_instruct.data.mixer import MixEntry, load_rows, parse_mixer_list, sample_indices, target_rows
+from open_instruct.data.mixer import MixEntry, parse_mixer_list, sample_indices, target_rows
+from open_instruct.data.sources import load_rows
 from open_instruct.data.tokenize import IGNORE_INDEX, render, template_roles
 from open_instruct.errors import UserError
+from open_instruct.settings import DataSettings
 
 Message = dict[str, str]
 
@@ -127,23 +128,20 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], add_bos: bool
     return ids, labels
 
 
-def prepare_sft_data(
-    args: TrainArguments, tokenizer: Any, mixer_list: list[str] | None = None, splits: list[str] | None = None
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Mix, validate, tokenize, truncate to ``max_seq_length``; returns (records with ``index``, statistics)."""
-    entries = parse_mixer_list(
-        mixer_list if mixer_list is not None else args.mixer_list,
-        splits if splits is not None else args.mixer_list_splits,
-    )
+def prepare_sft_data(data: DataSettings, tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Mix ``data.mixer_list``, validate, tokenize, truncate to ``max_seq_length``; returns (records with ``index``,
+    statistics)."""
+    entries = parse_mixer_list(data.mixer_list, data.mixer_list_splits)
     roles = template_roles(tokenizer)
-    conversations, stats = build_conversation_mix(entries, args.seed, args.skip_invalid_rows, roles)
-    if args.max_train_samples is not None:
-        conversations = conversations[: args.max_train_samples]
+    conversations, stats = build_conversation_mix(entries, data.seed, data.skip_invalid_rows, roles)
+    if data.max_train_samples is not None:
+        conversations = conversations[: data.max_train_samples]
     records, truncated, dropped = [], 0, 0
+    limit = data.max_seq_length
     for messages in conversations:
-        ids, labels = tokenize_conversation(tokenizer, messages, args.add_bos)
-        if len(ids) > args.max_seq_length:
-            ids, labels, truncated = ids[: args.max_seq_length], labels[: args.max_seq_length], truncated + 1
+        ids, labels = tokenize_conversation(tokenizer, messages, data.add_bos)
+        if len(ids) > limit:
+            ids, labels, truncated = ids[:limit], labels[:limit], truncated + 1
         if all(label == IGNORE_INDEX for label in labels[1:]):  # the first token is never predicted
             dropped += 1
             continue

@@ -141,7 +141,7 @@ def _iter_json(path: Path) -> Iterator[Located]:
 
 
 def _iter_parquet(path: Path) -> Iterator[Located]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: importing the data layer (--help, --dry_run) loads no pyarrow
 
     try:
         if path.name.endswith(".gz"):
@@ -237,7 +237,7 @@ def check_folder(path: Path, split: str) -> None:
 
 
 def _saved_dataset(path: Path, split: str) -> Any:
-    import datasets
+    import datasets  # deferred: about 2 s to import, needed only for saved datasets and hub names
 
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
@@ -260,7 +260,7 @@ def iter_rows(name: str, split: str) -> Iterator[Located]:
         return _iter_file(path)
     if is_data_file(path) or name.startswith((".", "/", "~")):
         raise UserError(f"dataset file not found: {name}")
-    import datasets
+    import datasets  # deferred, as in _saved_dataset
 
     repo, _, config = name.partition(":")  # NAME:CONFIG names a hub configuration (--dataset_config_name)
     try:

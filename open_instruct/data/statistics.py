@@ -11,8 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from open_instruct.data.tokenize import IGNORE_INDEX
-
 
 def summarize(values: Sequence[int] | np.ndarray) -> dict[str, float]:
     """mean, p50, p95 (linear interpolation, as ``numpy.percentile``) and max of a list of lengths."""
@@ -23,28 +21,10 @@ def summarize(values: Sequence[int] | np.ndarray) -> dict[str, float]:
     return {"mean": float(array.mean()), "p50": float(p50), "p95": float(p95), "max": int(array.max())}
 
 
-def token_lengths(records: list[dict[str, Any]]) -> dict[str, list[int]]:
-    """Per pair: prompt, chosen reply, rejected reply and the longer full sequence, in tokens."""
-    prompt, chosen, rejected, sequence = [], [], [], []
-    for r in records:
-        n_prompt = sum(1 for x in r["chosen_labels"] if x == IGNORE_INDEX)
-        prompt.append(n_prompt)
-        chosen.append(len(r["chosen_input_ids"]) - n_prompt)
-        rejected.append(sum(1 for x in r["rejected_labels"] if x != IGNORE_INDEX))
-        sequence.append(max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])))
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "sequence": sequence}
-
-
-def padding_waste(records: Sequence[dict[str, Any]], batch_size: int, seed: int) -> float:
-    """Fraction of the ``[2B, L]`` padded-batch slots that would be padding, over one seeded shuffle into batches of
-    ``batch_size`` pairs (chosen and rejected padded to one length, as the padded collator does)."""
-    chosen = np.asarray([len(r["chosen_input_ids"]) for r in records], dtype=np.int64)
-    rejected = np.asarray([len(r["rejected_input_ids"]) for r in records], dtype=np.int64)
-    return padding_waste_of_lengths(chosen, rejected, batch_size, seed)
-
-
 def padding_waste_of_lengths(chosen: np.ndarray, rejected: np.ndarray, batch_size: int, seed: int) -> float:
-    """:func:`padding_waste` from the chosen and rejected lengths [N] alone."""
+    """Fraction of the ``[2B, L]`` padded-batch slots that would be padding, over one seeded shuffle into batches of
+    ``batch_size`` pairs (chosen and rejected padded to one length, as the padded collator does), from the chosen and
+    rejected lengths [N]."""
     if len(chosen) == 0:
         return 0.0
     order = list(range(len(chosen)))
@@ -59,19 +39,14 @@ def padding_waste_of_lengths(chosen: np.ndarray, rejected: np.ndarray, batch_siz
 
 
 def build_statistics(
-    mix_stats: dict[str, Any],
-    pairs: int,
-    tokenized: Any,
-    records: Sequence[dict[str, Any]] = (),
-    lengths: dict[str, np.ndarray] | None = None,
+    mix_stats: dict[str, Any], pairs: int, tokenized: Any, lengths: dict[str, Sequence[int] | np.ndarray]
 ) -> dict[str, Any]:
-    """One JSON-ready summary of the training data (``tokenized`` is the tokenizer's TokenizeStats); token lengths
-    come from ``lengths`` (as :func:`token_lengths` returns them) when given, else from ``records``."""
+    """One JSON-ready summary of the training data (``tokenized`` is the tokenizer's TokenizeStats; ``lengths`` the
+    per-pair prompt, chosen reply, rejected reply and longer full sequence, in tokens)."""
     invalid: dict[str, int] = {}
     for report in mix_stats.get("datasets", []):
         for reason, n in report.get("invalid", {}).items():
             invalid[reason] = invalid.get(reason, 0) + n
-    lengths = lengths if lengths is not None else token_lengths(records)
     return {
         **mix_stats,
         "pairs": pairs,

@@ -2,8 +2,8 @@
 
 Pass 1 streams every dataset once through the format checks (errors name file, line and field before anything
 expensive) and keeps only the numbers of the valid rows. The mix (fractions, counts, upsampling, held-out evaluation
-rows, ``--max_train_samples``) is then drawn on those numbers with the very calls and seeds of
-:func:`open_instruct.data.mixer.build_train_eval_mix`, so it picks the same pairs in the same order.
+rows, ``--max_train_samples``) is then drawn on those numbers with the rules and seeds of
+:mod:`open_instruct.data.mixer` (the tests check it picks the pairs, in order, that a mix held in memory picks).
 Pass 2 streams each dataset again and tokenizes every row the mix uses once (a repeated row is not tokenized twice),
 in chunks of :data:`CHUNK` pairs, in ``workers`` processes whose results are written in input order (so the output
 is byte-identical for any number of workers), into a scratch Arrow file. Each split is then written in mix order by
@@ -12,6 +12,7 @@ gathering rows from that file a chunk at a time. Memory holds a few chunks and a
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import signal
@@ -72,7 +73,7 @@ def _scan(
 
 
 def _mix(scanned: list[tuple[list[int], dict]], first: int, rng: random.Random) -> list[tuple[int, int]]:
-    """:func:`open_instruct.data.mixer._mix` on row numbers (datasets numbered from ``first``)."""
+    """Each dataset's AMOUNT of its valid rows, drawn in turn from ``rng``: (dataset number from ``first``, row)."""
     mixed = []
     for number, (valid, report) in enumerate(scanned):
         taken = sample_indices(len(valid), target_rows(report["amount"], len(valid)), rng)
@@ -116,7 +117,7 @@ def plan_mix(
         eval_scanned = _scan(eval_entries, format_name, skip_invalid, roles)
         evaluation = _mix(eval_scanned, len(train_entries), rng)
         stats["eval_datasets"] = [report for _, report in eval_scanned]
-    if max_train_samples is not None and len(train) > max_train_samples:  # prepare._cap on row numbers
+    if max_train_samples is not None and len(train) > max_train_samples:  # a seeded subset of the mix, order kept
         keep = sorted(random.Random(seed).sample(range(len(train)), max_train_samples))
         train = [train[i] for i in keep]
     formats = [report["format"] for _, report in scanned + eval_scanned]
@@ -204,8 +205,6 @@ def _ordered_results(chunks: Iterator[tuple[list[dict], str]], workers: int, tok
         finally:
             _WORKER.clear()
         return
-    import multiprocessing
-
     # fork: workers inherit the tokenizer instead of unpickling it; TOKENIZERS_PARALLELISM set before the fork keeps
     # the tokenizers library from warning about it.
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -257,9 +256,9 @@ def write_split(
     rows: np.ndarray, unique: PairRecords, keys: np.ndarray, meta: np.ndarray, path: Path
 ) -> tuple[TokenizeStats, dict[str, np.ndarray], dict[str, Any]]:
     """Write one split's kept pairs in mix order to ``path`` (``index`` renumbered from 0) and their (chosen, rejected)
-    lengths [N, 2] to ``<stem>_lengths.npy`` beside it; returns (tokenize statistics over the mix, token lengths as
-    :func:`open_instruct.data.statistics.token_lengths` gives them, the split's manifest: rows, fingerprint and rows
-    per record batch)."""
+    lengths [N, 2] to ``<stem>_lengths.npy`` beside it; returns (tokenize statistics over the mix, token lengths per
+    kept pair: prompt, chosen reply, rejected reply and the longer sequence; the split's manifest: rows, fingerprint
+    and rows per record batch)."""
     positions = np.searchsorted(keys, _pack(rows))
     row_meta = meta[positions]
     stats = TokenizeStats()

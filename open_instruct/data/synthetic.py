@@ -10,8 +10,10 @@ Everything is generated from a seed, so tests and the demo need no download.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,7 @@ def write_tokenizer(folder: str | Path) -> Path:
 
 def build_tokenizer() -> Any:
     """A word-level fast tokenizer over the task's vocabulary, with a chat template."""
+    # deferred: transformers takes about a second to import; writing the task's data needs no tokenizer
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -146,7 +149,7 @@ def write_tiny_model(
     folder: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int | None = None
 ) -> Path:
     """Save a randomly initialised tiny Llama and the task's tokenizer as a Hugging Face folder."""
-    import torch
+    import torch  # deferred, as in build_tokenizer: only writing the model needs them
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
@@ -170,8 +173,6 @@ def write_tiny_model(
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     tmp.replace(folder)
     return folder
@@ -179,8 +180,6 @@ def write_tiny_model(
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m open_instruct.data.synthetic OUT_DIR``: write the tiny model (OUT_DIR/model) and task data."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("out_dir")
     parser.add_argument("--n_train", type=int, default=10000)

@@ -12,10 +12,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments
 from open_instruct.data.mixer import hold_out, parse_mixer_list, sample_indices, target_rows
 from open_instruct.data.sources import iter_lines, load_rows
 from open_instruct.errors import UserError
+from open_instruct.settings import DataSettings
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 
@@ -88,34 +88,34 @@ def pack_blocks(documents: list[str], tokenizer: Any, block_size: int) -> tuple[
 
 
 def prepare_text_data(
-    args: TrainArguments, tokenizer: Any, text_column: str = "text"
+    data: DataSettings, tokenizer: Any, text_column: str = "text"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any]]:
     """(training blocks, evaluation blocks or None, statistics) for the run's mix and evaluation settings.
 
     ``--eval_fraction`` holds out whole documents (before packing), so no evaluation text is trained on.
     """
-    documents = mix_documents(args.mixer_list, args.mixer_list_splits, text_column, args.seed)
-    if args.max_train_samples is not None:
-        documents = documents[: args.max_train_samples]
+    documents = mix_documents(data.mixer_list, data.mixer_list_splits, text_column, data.seed)
+    if data.max_train_samples is not None:
+        documents = documents[: data.max_train_samples]
     held: list[str] = []
-    if args.eval_mixer_list:
-        held = mix_documents(args.eval_mixer_list, args.eval_mixer_list_splits, text_column, args.seed)
-    elif args.eval_fraction > 0:
-        kept, held_rows = hold_out([{"text": d} for d in documents], args.eval_fraction, args.seed)
+    if data.eval_mixer_list:
+        held = mix_documents(data.eval_mixer_list, data.eval_mixer_list_splits, text_column, data.seed)
+    elif data.eval_fraction > 0:
+        kept, held_rows = hold_out([{"text": d} for d in documents], data.eval_fraction, data.seed)
         documents, held = [r["text"] for r in kept], [r["text"] for r in held_rows]
-    records, stats = pack_blocks(documents, tokenizer, args.max_seq_length)
+    records, stats = pack_blocks(documents, tokenizer, data.max_seq_length)
     if not records:
         raise UserError(
             f"the training text has {stats['tokens']} tokens, fewer than one block of --max_seq_length "
-            f"{args.max_seq_length}"
+            f"{data.max_seq_length}"
         )
     eval_records = None
     if held:
-        eval_records, eval_stats = pack_blocks(held, tokenizer, args.max_seq_length)
+        eval_records, eval_stats = pack_blocks(held, tokenizer, data.max_seq_length)
         if not eval_records:
             raise UserError(
                 f"the evaluation text has {eval_stats['tokens']} tokens, fewer than one block of "
-                f"--max_seq_length {args.max_seq_length}"
+                f"--max_seq_length {data.max_seq_length}"
             )
         stats["eval"] = eval_stats
     return records, eval_records, stats

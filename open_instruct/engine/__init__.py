@@ -1,8 +1,9 @@
 """The distributed engines behind one small interface (:class:`~open_instruct.engine.base.Engine`).
 
-``select_engine(args)`` picks the engine a run asks for; ``engine_of(accelerator)`` finds the engine that built an
-accelerator, for code that only holds the accelerator (checkpoints, final save). Adding an engine: one module here
-with an ``Engine`` subclass, and one entry in ``ENGINES``.
+``select_engine(engine)`` picks the engine a run's settings (:class:`~open_instruct.settings.EngineSettings`) ask
+for; ``engine_of(accelerator)`` finds the engine that built an accelerator, for code that only holds the accelerator
+(checkpoints, final save). Adding an engine: one module here with an ``Engine`` subclass, and one entry in
+``ENGINES``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from open_instruct.engine.base import Engine, unwrap_model
 from open_instruct.engine.deepspeed import DeepSpeedEngine
 from open_instruct.engine.fsdp2 import Fsdp2Engine
 from open_instruct.errors import UserError
+from open_instruct.settings import EngineSettings
 
 # Engines tried in order by select_engine (the first that claims the run wins); plain data parallel otherwise.
 # FSDP2 first: it refuses a run that also asks for DeepSpeed, which DeepSpeed alone would quietly take.
@@ -51,15 +53,15 @@ def check_launcher_flags(gradient_accumulation_steps: int, max_grad_norm: float,
         )
 
 
-def select_engine(args: Any, env: dict[str, str] | None = None) -> Engine:
+def select_engine(engine: EngineSettings, env: dict[str, str] | None = None) -> Engine:
     """The engine this run asks for (flags, config files, the ``accelerate launch`` environment)."""
     env = dict(os.environ) if env is None else env
-    check_launcher_flags(args.gradient_accumulation_steps, args.max_grad_norm, env)
+    check_launcher_flags(engine.gradient_accumulation_steps, engine.max_grad_norm, env)
     for engine_type in ENGINES:
-        engine = engine_type.from_args(args, env)
-        if engine is not None:
-            return engine
-    return Engine.from_args(args, env)
+        selected = engine_type.from_settings(engine, env)
+        if selected is not None:
+            return selected
+    return Engine.from_settings(engine, env)
 
 
 def engine_of(accelerator: Any) -> type[Engine]:
@@ -109,12 +111,12 @@ def gather_indexed(accelerator: Any, index: Any, values: Any) -> tuple[Any, Any]
     return accelerator.gather(index).cpu(), accelerator.gather(values.float().contiguous()).cpu()
 
 
-def accelerator_options(args: Any, env: dict[str, str] | None = None) -> dict[str, Any]:
+def accelerator_options(engine: EngineSettings, env: dict[str, str] | None = None) -> dict[str, Any]:
     """The ``Accelerator`` options of the selected engine: its DeepSpeed plugin (or None), ``cpu`` and the backend."""
-    engine = select_engine(args, env)
-    kwargs = engine.accelerator_kwargs()
+    selected = select_engine(engine, env)
+    kwargs = selected.accelerator_kwargs()
     return {
         "deepspeed_plugin": kwargs.get("deepspeed_plugin"),
         "cpu": kwargs.get("cpu", False),
-        "backend": engine.backend,
+        "backend": selected.backend,
     }

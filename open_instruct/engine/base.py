@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from open_instruct.settings import EngineSettings
 
-def effective_mixed_precision(args: Any, env: dict[str, str]) -> str:
+
+def effective_mixed_precision(mixed_precision: str | None, env: dict[str, str]) -> str:
     """``--mixed_precision``, else what ``accelerate launch --mixed_precision`` set, else ``no``."""
-    return getattr(args, "mixed_precision", None) or env.get("ACCELERATE_MIXED_PRECISION") or "no"
+    return mixed_precision or env.get("ACCELERATE_MIXED_PRECISION") or "no"
 
 
 def precision_words(mixed_precision: str) -> str:
@@ -88,10 +90,10 @@ class Engine:
         self.processes = processes  # for the run log (0: not known)
 
     @classmethod
-    def from_args(cls, args: Any, env: dict[str, str]) -> Engine | None:
-        """This engine for the run's flags and launcher environment, or None when the run does not ask for it."""
+    def from_settings(cls, engine: EngineSettings, env: dict[str, str]) -> Engine | None:
+        """This engine for the run's settings and launcher environment, or None when the run does not ask for it."""
         world_size = int(env.get("WORLD_SIZE", "1"))
-        return cls(world_size > 1, effective_mixed_precision(args, env), world_size)
+        return cls(world_size > 1, effective_mixed_precision(engine.mixed_precision, env), world_size)
 
     @staticmethod
     def drives(accelerator: Any) -> bool:
@@ -137,7 +139,7 @@ class Engine:
     ) -> Any:
         """accelerate's ``Accelerator`` for this engine; ``trackers`` are accelerate's tracker names (tensorboard
         writes under ``<project_dir>/tensorboard``); ``sync_each_batch`` all-reduces gradients every micro-batch."""
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # heavy: the planner selects engines without building one
         from accelerate.utils import (
             DataLoaderConfiguration,
             GradientAccumulationPlugin,

@@ -13,15 +13,19 @@ that disagrees with a flag is an error: the effective batch size is never someth
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments
+import torch
+
 from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
 from open_instruct.errors import UserError
+from open_instruct.settings import EngineSettings
 
 AUTO = "auto"
 # DeepSpeed's default is to print every 10 steps; we log ourselves.
@@ -87,18 +91,18 @@ def load_deepspeed_config(path: str | Path) -> dict:
     return config
 
 
-def _apply_flags(config: dict, args: TrainArguments) -> dict:
+def _apply_flags(config: dict, engine: EngineSettings) -> dict:
     """``--zero_stage`` / ``--offload_*`` on top of a config file (the flags win)."""
     config = copy.deepcopy(config)
     zero = config["zero_optimization"]
-    if args.zero_stage is not None:
-        built = build_deepspeed_config(args.zero_stage, args.offload_optimizer, args.offload_param)[
+    if engine.zero_stage is not None:
+        built = build_deepspeed_config(engine.zero_stage, engine.offload_optimizer, engine.offload_param)[
             "zero_optimization"
         ]
         zero.update({k: v for k, v in built.items() if k not in zero or k == "stage"})
-    if args.offload_optimizer:
+    if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if args.offload_param:
+    if engine.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return config
 
@@ -130,16 +134,16 @@ def _settle(config: dict, key: str, wanted: Any, flag: str, source: str) -> None
         )
 
 
-def resolve_deepspeed_config(args: TrainArguments, env: dict[str, str] | None = None) -> dict | None:
+def resolve_deepspeed_config(engine: EngineSettings, env: dict[str, str] | None = None) -> dict | None:
     """The DeepSpeed config of this run with batch, accumulation, clipping and ZeRO-3 save settled, or None."""
     env = dict(os.environ) if env is None else env
-    if args.deepspeed_config:
-        source, config = args.deepspeed_config, _apply_flags(load_deepspeed_config(args.deepspeed_config), args)
-    elif args.zero_stage is not None:
+    if engine.deepspeed_config:
+        source, config = engine.deepspeed_config, _apply_flags(load_deepspeed_config(engine.deepspeed_config), engine)
+    elif engine.zero_stage is not None:
         source = "--zero_stage"
-        config = build_deepspeed_config(args.zero_stage, args.offload_optimizer, args.offload_param)
+        config = build_deepspeed_config(engine.zero_stage, engine.offload_optimizer, engine.offload_param)
     else:
-        if args.offload_optimizer or args.offload_param:
+        if engine.offload_optimizer or engine.offload_param:
             raise UserError("--offload_optimizer / --offload_param need --zero_stage or --deepspeed_config")
         config = _from_launcher_env(env)
         if config is None:
@@ -147,7 +151,7 @@ def resolve_deepspeed_config(args: TrainArguments, env: dict[str, str] | None = 
         source = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "accelerate launch --use_deepspeed")
     config = copy.deepcopy(config)
     stage = config["zero_optimization"].get("stage", 0)
-    hpz = getattr(args, "zero_hpz_partition_size", None)
+    hpz = engine.zero_hpz_partition_size
     if hpz is not None and stage == 3:
         # ZeRO++ hpZ: a secondary copy of the weights partitioned within groups of this many ranks (a node).
         config["zero_optimization"]["zero_hpz_partition_size"] = hpz
@@ -158,14 +162,14 @@ def resolve_deepspeed_config(args: TrainArguments, env: dict[str, str] | None = 
     _settle(
         config,
         "train_micro_batch_size_per_gpu",
-        args.per_device_train_batch_size,
+        engine.per_device_train_batch_size,
         "--per_device_train_batch_size",
         source,
     )
     _settle(
         config,
         "gradient_accumulation_steps",
-        args.gradient_accumulation_steps,
+        engine.gradient_accumulation_steps,
         "--gradient_accumulation_steps",
         source,
     )
@@ -174,13 +178,17 @@ def resolve_deepspeed_config(args: TrainArguments, env: dict[str, str] | None = 
         _settle(
             config,
             "train_batch_size",
-            args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+            engine.per_device_train_batch_size * engine.gradient_accumulation_steps * world_size,
             f"per-device batch x accumulation x {world_size} processes",
             source,
         )
     # DeepSpeed clips inside its optimizer step (accelerator.clip_grad_norm_ is a no-op under it); 0 means off.
     _settle(
-        config, "gradient_clipping", args.max_grad_norm if args.max_grad_norm > 0 else 0.0, "--max_grad_norm", source
+        config,
+        "gradient_clipping",
+        engine.max_grad_norm if engine.max_grad_norm > 0 else 0.0,
+        "--max_grad_norm",
+        source,
     )
     if stage == 3:
         zero = config["zero_optimization"]
@@ -205,12 +213,12 @@ class DeepSpeedEngine(Engine):
         self.config = config
 
     @classmethod
-    def from_args(cls, args: TrainArguments, env: dict[str, str]) -> DeepSpeedEngine | None:
+    def from_settings(cls, engine: EngineSettings, env: dict[str, str]) -> DeepSpeedEngine | None:
         """The engine when a ZeRO config applies (flags, a config file or ``accelerate launch``), else None."""
-        config = resolve_deepspeed_config(args, env)
+        config = resolve_deepspeed_config(engine, env)
         if config is None:
             return None
-        return cls(config, effective_mixed_precision(args, env), int(env.get("WORLD_SIZE", "0")))
+        return cls(config, effective_mixed_precision(engine.mixed_precision, env), int(env.get("WORLD_SIZE", "0")))
 
     @staticmethod
     def drives(accelerator: Any) -> bool:
@@ -223,7 +231,7 @@ class DeepSpeedEngine(Engine):
         return super().build_accelerator(*args, **kwargs)
 
     def accelerator_kwargs(self) -> dict[str, Any]:
-        from accelerate.utils import DeepSpeedPlugin
+        from accelerate.utils import DeepSpeedPlugin  # heavy: the planner selects engines without building one
 
         # ZeRO-3: load the model already partitioned (transformers sees the config through accelerate's weakref).
         zero3 = self.config["zero_optimization"].get("stage") == 3
@@ -231,8 +239,6 @@ class DeepSpeedEngine(Engine):
 
     @property
     def backend(self) -> str | None:
-        import torch
-
         # DeepSpeed on CPU: accelerate only counts the processes when it is told the backend.
         return None if torch.cuda.is_available() else "gloo"
 
@@ -291,7 +297,7 @@ class DeepSpeedEngine(Engine):
     def gathered(params: list) -> Any:
         if not any(getattr(p, "ds_id", None) is not None for p in params):
             return Engine.gathered(params)
-        import deepspeed
+        import deepspeed  # optional: installed for ZeRO runs only
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
@@ -302,8 +308,6 @@ def single_process_group_env(env: Any) -> bool:
     of a process group. Returns whether it did."""
     if "WORLD_SIZE" in env or "RANK" in env:
         return False
-    import socket
-
     with socket.socket() as s:  # a free port on loopback for the one-member group's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -321,8 +325,6 @@ def zero_stage_of(accelerator: Any) -> int | None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m open_instruct.engine.deepspeed OUT_DIR``: write the shipped DeepSpeed configs (configs/ds_configs)."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("out_dir")
     out = Path(parser.parse_args(argv).out_dir)

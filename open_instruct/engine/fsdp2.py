@@ -20,7 +20,7 @@ import torch
 
 from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
 from open_instruct.errors import UserError
-from open_instruct.model.overrides import wants_checkpointing
+from open_instruct.settings import EngineSettings
 
 # Launcher wrap policies (FSDP_AUTO_WRAP_POLICY) we honour: per decoder layer. Anything else is refused, not ignored.
 _PER_LAYER_POLICIES = ("", "TRANSFORMER_BASED_WRAP")
@@ -36,22 +36,22 @@ def _launcher_asks(env: dict[str, str]) -> bool:
     return _true(env.get("ACCELERATE_USE_FSDP"))
 
 
-def wants_fsdp(args: Any, env: dict[str, str]) -> bool:
+def wants_fsdp(engine: EngineSettings, env: dict[str, str]) -> bool:
     """Whether the flags or the launcher ask for FSDP."""
-    return bool(_fsdp_sources(args, env))
+    return bool(_fsdp_sources(engine, env))
 
 
-def _deepspeed_sources(args: Any, env: dict[str, str]) -> list[str]:
-    found = [f"--{name}" for name in ("zero_stage", "deepspeed_config") if getattr(args, name, None) is not None]
-    found += [f"--{name}" for name in ("offload_optimizer", "offload_param") if getattr(args, name, False)]
+def _deepspeed_sources(engine: EngineSettings, env: dict[str, str]) -> list[str]:
+    found = [f"--{name}" for name in ("zero_stage", "deepspeed_config") if getattr(engine, name) is not None]
+    found += [f"--{name}" for name in ("offload_optimizer", "offload_param") if getattr(engine, name)]
     if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
         found.append("accelerate launch --use_deepspeed")
     return found
 
 
-def _fsdp_sources(args: Any, env: dict[str, str]) -> list[str]:
-    found = [f"--{n}" for n in ("fsdp", "fsdp_offload_params") if getattr(args, n, False)]
-    found += [f"--{n}" for n in ("fsdp_shard_degree", "fsdp_num_replicas") if getattr(args, n, None) is not None]
+def _fsdp_sources(engine: EngineSettings, env: dict[str, str]) -> list[str]:
+    found = [f"--{n}" for n in ("fsdp", "fsdp_offload_params") if getattr(engine, n)]
+    found += [f"--{n}" for n in ("fsdp_shard_degree", "fsdp_num_replicas") if getattr(engine, n) is not None]
     if _launcher_asks(env):
         found.append("accelerate launch --use_fsdp")
     return found
@@ -122,13 +122,13 @@ class Fsdp2Engine(Engine):
         self.layout = layout
 
     @classmethod
-    def from_args(cls, args: Any, env: dict[str, str]) -> Fsdp2Engine | None:
-        if not wants_fsdp(args, env):
+    def from_settings(cls, engine: EngineSettings, env: dict[str, str]) -> Fsdp2Engine | None:
+        if not wants_fsdp(engine, env):
             return None
-        deepspeed = _deepspeed_sources(args, env)
+        deepspeed = _deepspeed_sources(engine, env)
         if deepspeed:
             raise UserError(
-                f"{' and '.join(_fsdp_sources(args, env))} asks for FSDP2 but {' and '.join(deepspeed)} asks for "
+                f"{' and '.join(_fsdp_sources(engine, env))} asks for FSDP2 but {' and '.join(deepspeed)} asks for "
                 "DeepSpeed; pick one engine"
             )
         policy = env.get("FSDP_AUTO_WRAP_POLICY", "").upper() if _launcher_asks(env) else ""
@@ -138,17 +138,17 @@ class Fsdp2Engine(Engine):
                 "layer (TRANSFORMER_BASED_WRAP)"
             )
         world_size = int(env.get("WORLD_SIZE", "1"))
-        shards, replicas = mesh_shape(args.fsdp_shard_degree, args.fsdp_num_replicas, world_size)
+        shards, replicas = mesh_shape(engine.fsdp_shard_degree, engine.fsdp_num_replicas, world_size)
         launcher = _launcher_asks(env)
         layout = Fsdp2Layout(
             shards=shards,
             replicas=replicas,
-            mixed_precision=effective_mixed_precision(args, env),
-            offload_params=bool(args.fsdp_offload_params or launcher and _true(env.get("FSDP_OFFLOAD_PARAMS"))),
+            mixed_precision=effective_mixed_precision(engine.mixed_precision, env),
+            offload_params=bool(engine.fsdp_offload_params or launcher and _true(env.get("FSDP_OFFLOAD_PARAMS"))),
             activation_checkpointing=launcher
             and _true(env.get("FSDP_ACTIVATION_CHECKPOINTING"))
-            and not args.gradient_checkpointing,
-            gradient_checkpointing=wants_checkpointing(args),
+            and not engine.gradient_checkpointing,
+            gradient_checkpointing=engine.checkpoints_every_layer,
             reshard_after_forward=_reshard_after_forward(env) if launcher else True,
             launcher_version=env.get("FSDP_VERSION", "1") if launcher else None,
             launched="LOCAL_RANK" in env or world_size > 1,
@@ -166,7 +166,7 @@ class Fsdp2Engine(Engine):
 
     def plugin(self) -> Any:
         """accelerate's FSDP plugin for this layout."""
-        from accelerate.utils import FullyShardedDataParallelPlugin
+        from accelerate.utils import FullyShardedDataParallelPlugin  # heavy: the planner builds no accelerator
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -198,7 +198,7 @@ class Fsdp2Engine(Engine):
         # accelerate marks the process as FSDP in the environment (ACCELERATE_USE_FSDP); a later run in this process
         # (the Python API's next stage) then reads it as the launcher's, so name the version it is.
         os.environ.setdefault("FSDP_VERSION", "2")
-        from accelerate.state import PartialState
+        from accelerate.state import PartialState  # heavy, as in plugin()
         from accelerate.utils import DistributedType
 
         state = accelerator.state
@@ -262,13 +262,13 @@ class Fsdp2Engine(Engine):
     # --- parameters as FSDP2 lays them out: DTensors sharded on dim 0 ----------------------------------------------
     @staticmethod
     def local_shard(param: Any) -> Any:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor  # loaded with the first FSDP2 question, not at import
 
         return param.to_local() if isinstance(param, DTensor) else None
 
     @staticmethod
     def hooks_forward(model: Any) -> bool:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule  # as DTensor above
 
         return isinstance(model, FSDPModule)  # fully_shard changes the model's class in place: no wrapper
 
@@ -281,7 +281,7 @@ class Fsdp2Engine(Engine):
     @staticmethod
     def full_state_dict(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
         """Whole tensors on CPU in the main process (empty elsewhere), gathered one parameter at a time."""
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor  # loaded with the first FSDP2 question, not at import
 
         # Not accelerate's get_state_dict: torch's full-state-dict option hands back the DTensors unchanged on CPU.
         full = {}
@@ -300,7 +300,7 @@ def restore_process_state() -> None:
     """Undo the CPU switch to FSDP of ``Fsdp2Engine.build_accelerator`` in accelerate's process state, which lives
     as long as the process: a later run in it (the Python API's next stage, a matrix cell) starts from the launcher's
     own type and switches again if it is FSDP2 too."""
-    from accelerate.state import PartialState
+    from accelerate.state import PartialState  # heavy, as in plugin()
 
     if _SWITCHED_FROM and PartialState._shared_state:
         PartialState._shared_state["distributed_type"] = _SWITCHED_FROM.pop()
@@ -309,7 +309,7 @@ def restore_process_state() -> None:
 
 def _attach_hsdp_mesh(accelerator: Any, shards: int, replicas: int) -> None:
     """A ``(replicas, shards)`` device mesh that accelerate's FSDP2 preparation shards over (HSDP)."""
-    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.parallelism_config import ParallelismConfig  # heavy, as in plugin()
 
     class _Hsdp(ParallelismConfig):
         # accelerate drops a shard dimension of size 1; pure replication (1 shard x N replicas) keeps it, so

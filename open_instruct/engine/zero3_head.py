@@ -42,7 +42,7 @@ def partitioned_head_logps(
 
 
 def _gathered(head: torch.nn.Module) -> Any:
-    import deepspeed
+    import deepspeed  # optional: installed for ZeRO runs only
 
     return deepspeed.zero.GatheredParameters(list(head.parameters(recurse=False)), modifier_rank=None)
 

@@ -5,24 +5,32 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from open_instruct.config import TrainArguments
+from open_instruct.data.chat_templates import CHAT_TEMPLATES, TOKENIZER_TEMPLATE_NAMES
+from open_instruct.engine import gathered, unwrap_model
 from open_instruct.errors import UserError
-from open_instruct.model.overrides import compile_decoder_layers, model_config, wants_checkpointing, yarn_parameters
+from open_instruct.model.lora import LoraSettings, apply_lora, describe
+from open_instruct.model.moe import require_moe
+from open_instruct.model.overrides import compile_decoder_layers, model_config, yarn_parameters
 from open_instruct.model.packed_kernels import (
     HALF_PRECISIONS,
     TORCH_VARLEN,
     register_packed_kernels,
     torch_varlen_available,
 )
+from open_instruct.settings import ModelSettings
 
 ATTN_IMPLEMENTATIONS = ("flash_attention_3", "flash_attention_2", "sdpa", "eager", "flex_attention", TORCH_VARLEN)
 EMBEDDING_MULTIPLE = 8
+SLOW_TOKENIZER_NOTE = (
+    "note: --use_slow_tokenizer has no effect: {name} ships no slow (Python) tokenizer, the fast one is used"
+)
 
 
 def _looks_local(name: str) -> bool:
@@ -53,7 +61,7 @@ def _cuda_capability() -> tuple[int, int] | None:
 
 
 def _flash_available(version: int) -> bool:
-    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available  # heavy: on first use
 
     return bool(is_flash_attn_3_available() if version == 3 else is_flash_attn_2_available())
 
@@ -97,51 +105,48 @@ def resolve_attn_implementation(requested: str | None) -> tuple[str, str]:
     return "sdpa", f"default: no usable flash-attention for compute capability {capability[0]}.{capability[1]}"
 
 
-def check_model_options(args: TrainArguments) -> None:
+def check_model_options(model: ModelSettings) -> None:
     """Environment checks of the model flags (CUDA, packages, attention), run before any data or model work."""
-    parse_additional_model_arguments(args.additional_model_arguments)
-    resolve_attn_implementation(args.attn_implementation)
-    precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if args.attn_implementation == TORCH_VARLEN and precision not in HALF_PRECISIONS:
+    parse_additional_model_arguments(model.additional_model_arguments)
+    resolve_attn_implementation(model.attn_implementation)
+    precision = model.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if model.attn_implementation == TORCH_VARLEN and precision not in HALF_PRECISIONS:
         raise UserError(
             f"--attn_implementation {TORCH_VARLEN} runs in bf16/fp16 only: add --mixed_precision bf16 (got {precision})"
         )
-    if args.use_qlora:
+    if model.use_qlora:
         if not torch.cuda.is_available():
             raise UserError("--use_qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); none found on this machine")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("--use_qlora needs bitsandbytes: pip install 'open_instruct[qlora]'")
 
 
-def note_slow_tokenizer(args: TrainArguments, tokenizer: Any, name: str) -> None:
+def note_slow_tokenizer(use_slow_tokenizer: bool, tokenizer: Any, name: str) -> None:
     """``--use_slow_tokenizer`` asks ``use_fast=False``; a tokenizer that has only a ``tokenizer.json`` (no slow
     Python version) still loads fast, and the run says so instead of ignoring the flag."""
-    from open_instruct.config.flag_rules import SLOW_TOKENIZER_NOTE, say_note
+    # A note: line as the flag rules print theirs (config/flag_rules.py): on stderr, from rank 0 only.
+    if use_slow_tokenizer and getattr(tokenizer, "is_fast", False) and os.environ.get("RANK", "0") == "0":
+        print(SLOW_TOKENIZER_NOTE.format(name=name), file=sys.stderr)
 
-    if args.use_slow_tokenizer and getattr(tokenizer, "is_fast", False):
-        say_note(SLOW_TOKENIZER_NOTE.format(name=name))
 
-
-def load_tokenizer(args: TrainArguments) -> Any:
+def load_tokenizer(model: ModelSettings) -> Any:
     """The tokenizer, with our chat template when one is named and a pad token guaranteed."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: imported when a tokenizer loads, not with the module
 
-    from open_instruct.data.chat_templates import CHAT_TEMPLATES, TOKENIZER_TEMPLATE_NAMES
-
-    name = args.tokenizer_name_or_path or args.model_name_or_path
+    name = model.tokenizer_name_or_path or model.model_name_or_path
     check_model_path(name, "tokenizer")
-    revision = args.tokenizer_revision or (args.model_revision if name == args.model_name_or_path else None)
+    revision = model.tokenizer_revision or (model.model_revision if name == model.model_name_or_path else None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            name, revision=revision, use_fast=not args.use_slow_tokenizer, trust_remote_code=args.trust_remote_code
+            name, revision=revision, use_fast=not model.use_slow_tokenizer, trust_remote_code=model.trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load tokenizer {name!r}: {err}") from err
-    note_slow_tokenizer(args, tokenizer, name)
-    if args.chat_template_name in TOKENIZER_TEMPLATE_NAMES:
-        print(f"--chat_template_name {args.chat_template_name}: the tokenizer's own chat template (as open-instruct)")
-    elif args.chat_template_name:
-        tokenizer.chat_template = CHAT_TEMPLATES[args.chat_template_name]
+    note_slow_tokenizer(model.use_slow_tokenizer, tokenizer, name)
+    if model.chat_template_name in TOKENIZER_TEMPLATE_NAMES:
+        print(f"--chat_template_name {model.chat_template_name}: the tokenizer's own chat template (as open-instruct)")
+    elif model.chat_template_name:
+        tokenizer.chat_template = CHAT_TEMPLATES[model.chat_template_name]
     if not tokenizer.chat_template:
         raise UserError(f"tokenizer {name!r} has no chat template; pass --chat_template_name")
     if tokenizer.pad_token is None:
@@ -150,7 +155,7 @@ def load_tokenizer(args: TrainArguments) -> Any:
 
 
 def _quantization_config() -> Any:
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # heavy: QLoRA runs only
 
     # quant_storage bf16 lets a sharding engine shard the packed 4-bit weights like ordinary bf16 tensors.
     return BitsAndBytesConfig(
@@ -169,8 +174,6 @@ def grow_embeddings(model: Any, min_rows: int, multiple: int = EMBEDDING_MULTIPL
     logit, so the model's distribution over the old vocabulary barely moves. Works on engine-partitioned weights.
     Returns (old rows, new rows).
     """
-    from open_instruct.engine import gathered
-
     old = model.get_input_embeddings().num_embeddings  # num_embeddings stays right when the engine partitions .weight
     if min_rows <= old:
         return old, old
@@ -185,86 +188,82 @@ def grow_embeddings(model: Any, min_rows: int, multiple: int = EMBEDDING_MULTIPL
     return old, model.get_input_embeddings().num_embeddings
 
 
-def load_model(args: TrainArguments, tokenizer: Any, log: Callable[[str], None] = print) -> Any:
+def load_model(model: ModelSettings, tokenizer: Any, log: Callable[[str], None] = print) -> Any:
     """The policy model; its embeddings grow (to a multiple of 8) when the tokenizer gained tokens; LoRA if asked."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: imported when a model loads, not with the module
 
-    check_model_path(args.model_name_or_path)
-    extra = parse_additional_model_arguments(args.additional_model_arguments)
+    check_model_path(model.model_name_or_path)
+    extra = parse_additional_model_arguments(model.additional_model_arguments)
     if "torch_dtype" in extra:  # the transformers 4 name of ``dtype``; it must replace our fp32 default, not clash
         extra["dtype"] = extra.pop("torch_dtype")
-    attn, why = resolve_attn_implementation(args.attn_implementation)
+    attn, why = resolve_attn_implementation(model.attn_implementation)
     log(f"model: attention implementation {attn} ({why})")
     options: dict[str, Any] = {"dtype": torch.float32}
-    config = model_config(args, log)  # --config_name, --rope_scaling_factor (None: the checkpoint's own)
+    config = model_config(model, log)  # --config_name, --rope_scaling_factor (None: the checkpoint's own)
     if config is not None:
         options["config"] = config
-    if args.use_qlora:
-        check_model_options(args)
-        from transformers.integrations import is_deepspeed_zero3_enabled
+    if model.use_qlora:
+        check_model_options(model)
+        from transformers.integrations import is_deepspeed_zero3_enabled  # heavy, as above
 
         options.update(dtype=torch.bfloat16, quantization_config=_quantization_config())
         # ZeRO-3 places (and shards) the weights itself; transformers refuses a device_map with it.
         if not is_deepspeed_zero3_enabled():
             options["device_map"] = {"": torch.cuda.current_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            args.model_name_or_path,
-            revision=args.model_revision,
-            trust_remote_code=args.trust_remote_code,
+        policy = AutoModelForCausalLM.from_pretrained(
+            model.model_name_or_path,
+            revision=model.model_revision,
+            trust_remote_code=model.trust_remote_code,
             attn_implementation=attn,
-            low_cpu_mem_usage=args.low_cpu_mem_usage,
+            low_cpu_mem_usage=model.low_cpu_mem_usage,
             **{**options, **extra},
         )
     except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"could not load model {args.model_name_or_path!r}: {err}") from err
-    if args.load_balancing_loss:
-        from open_instruct.model.moe import require_moe
-
-        experts, top_k = require_moe(model.config, args.model_name_or_path)
-        log(f"model: MoE with {experts} experts, top-{top_k}; load-balancing loss weight {args.load_balancing_weight}")
-    old, new = grow_embeddings(model, len(tokenizer))
+        raise UserError(f"could not load model {model.model_name_or_path!r}: {err}") from err
+    if model.load_balancing_loss:
+        experts, top_k = require_moe(policy.config, model.model_name_or_path)
+        log(
+            f"model: MoE with {experts} experts, top-{top_k}; load-balancing loss weight {model.load_balancing_weight}"
+        )
+    old, new = grow_embeddings(policy, len(tokenizer))
     if new != old:
         log(
             f"model: embeddings grown from {old} to {new} rows for a tokenizer of {len(tokenizer)} tokens "
             f"(new rows = mean of the old ones)"
         )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if wants_checkpointing(args) and not args.use_qlora:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    if args.use_lora or args.use_qlora:
-        from open_instruct.model.lora import LoraSettings, apply_lora, describe
-
-        model = apply_lora(
-            model,
+    if policy.config.pad_token_id is None:
+        policy.config.pad_token_id = tokenizer.pad_token_id
+    if model.checkpoints_every_layer and not model.use_qlora:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.config.use_cache = False
+    if model.use_lora or model.use_qlora:
+        policy = apply_lora(
+            policy,
             LoraSettings(
-                rank=args.lora_rank,
-                alpha=args.lora_alpha,
-                dropout=args.lora_dropout,
-                target_modules=tuple(args.lora_target_modules),
-                quantized=args.use_qlora,
-                gradient_checkpointing=wants_checkpointing(args),
+                rank=model.lora_rank,
+                alpha=model.lora_alpha,
+                dropout=model.lora_dropout,
+                target_modules=tuple(model.lora_target_modules),
+                quantized=model.use_qlora,
+                gradient_checkpointing=model.checkpoints_every_layer,
             ),
         )
-        log(f"model: {'QLoRA (4-bit NF4 base)' if args.use_qlora else 'LoRA'}: {describe(model)}")
-    if args.compile_model:
-        compile_decoder_layers(model, log)
-    return model
+        log(f"model: {'QLoRA (4-bit NF4 base)' if model.use_qlora else 'LoRA'}: {describe(policy)}")
+    if model.compile_model:
+        compile_decoder_layers(policy, log)
+    return policy
 
 
-def reference_identity(args: TrainArguments, model: Any) -> dict[str, Any]:
-    """Model settings that change reference log-probs, for the reference-cache key (the weights are hashed apart)."""
-    from open_instruct.engine import unwrap_model
-
+def logprob_model_options(model: ModelSettings, policy: Any) -> dict[str, Any]:
+    """The model settings that change log-probs besides the weights (hashed apart): part of the reference-cache key."""
     return {
-        "model_revision": args.model_revision,
-        "tokenizer_revision": args.tokenizer_revision,
-        "additional_model_arguments": parse_additional_model_arguments(args.additional_model_arguments),
-        "quantization": "nf4-double-bf16" if args.use_qlora else None,
-        "vocab_rows": unwrap_model(model).get_input_embeddings().num_embeddings,
+        "model_revision": model.model_revision,
+        "tokenizer_revision": model.tokenizer_revision,
+        "additional_model_arguments": parse_additional_model_arguments(model.additional_model_arguments),
+        "quantization": "nf4-double-bf16" if model.use_qlora else None,
+        "vocab_rows": unwrap_model(policy).get_input_embeddings().num_embeddings,
         # a different config or RoPE scaling changes every log-prob (default values keep older cache keys)
-        **({"config_name": args.config_name} if args.config_name else {}),
-        **({"rope_scaling": yarn_parameters(args)} if args.rope_scaling_factor else {}),
+        **({"config_name": model.config_name} if model.config_name else {}),
+        **({"rope_scaling": yarn_parameters(model)} if model.rope_scaling_factor else {}),
     }

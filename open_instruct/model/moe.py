@@ -66,7 +66,7 @@ def load_balancing_loss(
 ) -> torch.Tensor:
     """The load-balancing loss with transformers' own helper when present, else :func:`switch_load_balancing_loss`."""
     try:
-        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # heavy, maybe absent
     except ImportError:
         return switch_load_balancing_loss(router_logits, num_experts, top_k, attention_mask)
     return load_balancing_loss_func(tuple(router_logits), num_experts, top_k, attention_mask)
@@ -100,12 +100,12 @@ def capture_router_logits(model: Any, enabled: bool = True) -> Iterator[RouterCa
     decoder = getattr(inner, inner.base_model_prefix)
     masks: list[torch.Tensor | None] = []
 
-    def ask(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def ask(module: Any, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mask = kwargs.get("attention_mask")
         masks.append(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
-        return args, {**kwargs, "output_router_logits": True}
+        return inputs, {**kwargs, "output_router_logits": True}
 
-    def keep(module: Any, args: tuple, output: Any) -> None:
+    def keep(module: Any, inputs: tuple, output: Any) -> None:
         logits = getattr(output, "router_logits", None)
         if logits:
             capture.calls.append((tuple(logits), masks[-1] if masks else None))

@@ -1,5 +1,5 @@
-"""open-instruct's model options on a Hugging Face model: ``--config_name``, YaRN ``--rope_scaling_*``,
-``--compile_model`` and ``--activation_checkpointing_mode``."""
+"""open-instruct's model options on a Hugging Face model: ``--config_name``, YaRN ``--rope_scaling_*`` and
+``--compile_model`` (whether layers checkpoint: ``ModelSettings.checkpoints_every_layer``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from open_instruct.errors import UserError
+from open_instruct.settings import ModelSettings
 
 
 def is_olmo_core_config_name(name: str) -> bool:
@@ -17,47 +18,47 @@ def is_olmo_core_config_name(name: str) -> bool:
     return "/" not in name and not Path(name).expanduser().exists()
 
 
-def yarn_parameters(args: Any) -> dict[str, Any]:
+def yarn_parameters(model: ModelSettings) -> dict[str, Any]:
     """The YaRN RoPE settings of ``--rope_scaling_*``."""
     return {
         "rope_type": "yarn",
-        "factor": args.rope_scaling_factor,
-        "beta_fast": args.rope_scaling_beta_fast,
-        "beta_slow": args.rope_scaling_beta_slow,
-        "original_max_position_embeddings": args.rope_scaling_old_context_len,
+        "factor": model.rope_scaling_factor,
+        "beta_fast": model.rope_scaling_beta_fast,
+        "beta_slow": model.rope_scaling_beta_slow,
+        "original_max_position_embeddings": model.rope_scaling_old_context_len,
     }
 
 
-def model_config(args: Any, log: Callable[[str], None] = print) -> Any:
+def model_config(model: ModelSettings, log: Callable[[str], None] = print) -> Any:
     """The config to build the model with when ``--config_name`` or ``--rope_scaling_factor`` asks for one, else
     None (the checkpoint's own config.json)."""
     from transformers import AutoConfig
 
-    source = args.model_name_or_path
-    if args.config_name:
-        if is_olmo_core_config_name(args.config_name):
+    source = model.model_name_or_path
+    if model.config_name:
+        if is_olmo_core_config_name(model.config_name):
             log(
-                f"model: --config_name {args.config_name} is an olmo-core model config name; this engine builds "
-                f"the Hugging Face model from {args.model_name_or_path}'s config.json"
+                f"model: --config_name {model.config_name} is an olmo-core model config name; this engine builds "
+                f"the Hugging Face model from {model.model_name_or_path}'s config.json"
             )
         else:
-            source = args.config_name
-    if source == args.model_name_or_path and args.rope_scaling_factor is None:
+            source = model.config_name
+    if source == model.model_name_or_path and model.rope_scaling_factor is None:
         return None
     try:
         config = AutoConfig.from_pretrained(
-            source, revision=args.model_revision, trust_remote_code=args.trust_remote_code
+            source, revision=model.model_revision, trust_remote_code=model.trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load model config {source!r}: {err}") from err
-    if args.rope_scaling_factor is not None:
-        yarn = yarn_parameters(args)
+    if model.rope_scaling_factor is not None:
+        yarn = yarn_parameters(model)
         current = getattr(config, "rope_parameters", None)
         if isinstance(current, dict):  # transformers >= 5: one mapping with rope_theta in it
             config.rope_parameters = {**current, **yarn}
         else:
             config.rope_scaling = yarn
-        log(f"model: YaRN RoPE scaling x{args.rope_scaling_factor} from {args.rope_scaling_old_context_len} tokens")
+        log(f"model: YaRN RoPE scaling x{model.rope_scaling_factor} from {model.rope_scaling_old_context_len} tokens")
     return config
 
 
@@ -76,13 +77,3 @@ def compile_decoder_layers(model: Any, log: Callable[[str], None] = print) -> in
         layer.compile()
     log(f"model: torch.compile on {len(layers)} decoder layers (compiled at the first steps)")
     return len(layers)
-
-
-def wants_checkpointing(args: Any) -> bool:
-    """Activation checkpointing of every decoder layer: asked for directly, by a memory budget below 1 (open-instruct's
-    "budget" mode), or by its "selected_modules" mode."""
-    return bool(
-        args.gradient_checkpointing
-        or args.activation_memory_budget < 1.0
-        or args.activation_checkpointing_mode == "selected_modules"
-    )

@@ -9,12 +9,16 @@ from elsewhere needs a model config and a tokenizer passed along.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from open_instruct.errors import UserError
+from open_instruct.files import atomic_write
+from open_instruct.model.scratch import transformers_config
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
 PT_FORMAT = "open_instruct.pt_checkpoint/1"
@@ -38,7 +42,7 @@ def _config_source(tokenizer_name: str | None, model_config: Any) -> Any:
 
 def _unwrap(payload: Any, path: str) -> dict[str, Any]:
     """The tensor mapping inside common training-script wrappers ({"state_dict": ...}, {"model": ...}, DDP prefixes)."""
-    import torch
+    import torch  # heavy: the API imports this module to tell a weights file from a folder, without torch
 
     for key in ("state_dict", "model", "module"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
@@ -50,7 +54,7 @@ def _unwrap(payload: Any, path: str) -> dict[str, Any]:
 
 def read_payload(path: str) -> Any:
     """The object a ``.pt`` file holds (tensors and plain values only: no code is run)."""
-    import torch
+    import torch  # heavy, as above
 
     if not Path(path).expanduser().is_file():
         raise UserError(f"state dict not found: {path}")
@@ -70,10 +74,6 @@ def _carried(payload: Any, tmp_tokenizer: Path) -> tuple[Any, str | None]:
     """(model config, tokenizer folder) that a ``.pt`` of ours carries, else (None, None)."""
     if not isinstance(payload, dict) or payload.get("format") != PT_FORMAT:
         return None, None
-    import json
-
-    from open_instruct.model.scratch import transformers_config
-
     config = transformers_config(json.loads(payload["model_config"]), None)
     files = payload.get("tokenizer_files") or {}
     if not files:
@@ -88,8 +88,6 @@ def state_dict_to_folder(path: str, tokenizer_name: str | None, model_config: An
     """Load the state dict into a model built from ``model_config`` and save it with the tokenizer under ``folder``.
 
     A ``.pt`` of ours supplies both itself (an explicit ``tokenizer_name`` / ``model_config`` still wins)."""
-    import tempfile
-
     payload = read_payload(path)
     with tempfile.TemporaryDirectory() as scratch:
         carried_config, carried_tokenizer = _carried(payload, Path(scratch) / "tokenizer")
@@ -98,7 +96,7 @@ def state_dict_to_folder(path: str, tokenizer_name: str | None, model_config: An
 
 
 def _rebuild(path: str, payload: Any, tokenizer_name: str | None, model_config: Any, folder: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig  # heavy, as above
 
     config_source = _config_source(tokenizer_name, model_config)
     missing = []
@@ -150,12 +148,8 @@ def _rebuild(path: str, payload: Any, tokenizer_name: str | None, model_config: 
 def write_pt_checkpoint(folder: str | Path, path: str | Path, tokenizer_name: str | None) -> Path:
     """The Hugging Face checkpoint in ``folder`` as one self-describing ``.pt`` file (weights, model config,
     tokenizer files and name), written atomically."""
-    import tempfile
-
-    import torch
+    import torch  # heavy, as above
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from open_instruct.files import atomic_write
 
     folder = Path(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -176,9 +170,7 @@ def write_pt_checkpoint(folder: str | Path, path: str | Path, tokenizer_name: st
 
 def load_pt_checkpoint(path: str | Path) -> tuple[Any, Any]:
     """(model, tokenizer) of a ``.pt`` written by :func:`write_pt_checkpoint`."""
-    import tempfile
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy, as above
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = state_dict_to_folder(str(path), None, None, Path(scratch) / "model")

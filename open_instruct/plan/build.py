@@ -8,12 +8,22 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from open_instruct.config import TrainArguments
+from open_instruct.engine import select_engine
 from open_instruct.engine.base import StateLayout
 from open_instruct.errors import UserError
+from open_instruct.objectives.logprobs import auto_chunk_size
 from open_instruct.plan import memory, timing
 from open_instruct.plan.gpus import GPUS, Gpu, local_gpu
 from open_instruct.plan.model_config import ModelShape
+from open_instruct.settings import (
+    BatchSettings,
+    EngineSettings,
+    ModelSettings,
+    OptimSettings,
+    PlanSettings,
+    ReferenceSettings,
+)
+from open_instruct.training.schedule import optimizer_steps
 
 
 @dataclass(frozen=True)
@@ -49,17 +59,17 @@ class Plan:
         return None if self.cluster.gpu is None else self.peak <= self.cluster.gpu.usable_bytes
 
 
-def cluster_of(args: TrainArguments, env: dict[str, str]) -> Cluster:
+def cluster_of(plan: PlanSettings, env: dict[str, str]) -> Cluster:
     """The cluster asked for: ``--dry_run_num_processes`` / ``--dry_run_num_nodes``, else the launcher's environment
     (WORLD_SIZE, accelerate's machine count), else one process; the GPU: ``--dry_run_gpu``, else this machine's."""
-    nodes = args.dry_run_num_nodes or int(env.get("NUM_NODES") or env.get("ACCELERATE_NUM_MACHINES") or 1)
-    processes = args.dry_run_num_processes or int(env.get("WORLD_SIZE", "0"))
+    nodes = plan.dry_run_num_nodes or int(env.get("NUM_NODES") or env.get("ACCELERATE_NUM_MACHINES") or 1)
+    processes = plan.dry_run_num_processes or int(env.get("WORLD_SIZE", "0"))
     if not processes:
         per_node = int(env.get("LOCAL_WORLD_SIZE", "0")) or _local_gpu_count()
         processes = nodes * max(per_node, 1)
     if processes % nodes:
         raise UserError(f"--dry_run_num_processes {processes} is not a multiple of --dry_run_num_nodes {nodes}")
-    gpu = GPUS[args.dry_run_gpu] if args.dry_run_gpu else local_gpu()
+    gpu = GPUS[plan.dry_run_gpu] if plan.dry_run_gpu else local_gpu()
     return Cluster(processes, nodes, gpu)
 
 
@@ -69,37 +79,41 @@ def _local_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def planned_engine(args: TrainArguments, cluster: Cluster, env: dict[str, str]) -> Any:
+def planned_engine(engine: EngineSettings, cluster: Cluster, env: dict[str, str]) -> Any:
     """The engine the run would select on that cluster (its flags and config files checked on the way)."""
-    from open_instruct.engine import select_engine
-
     planned_env = {**env, "WORLD_SIZE": str(cluster.processes)}
     if cluster.processes > 1:
         planned_env.setdefault("LOCAL_RANK", "0")
-    return select_engine(args, planned_env)
+    return select_engine(engine, planned_env)
 
 
-def workload_of(args: TrainArguments, stage: str, shape: ModelShape, packing: bool) -> memory.Workload:
+def workload_of(
+    stage: str,
+    shape: ModelShape,
+    packing: bool,
+    model: ModelSettings,
+    batch: BatchSettings,
+    reference: ReferenceSettings,
+    max_seq_length: int,
+) -> memory.Workload:
     """Tokens per forward at the worst case the flags allow (every sequence at --max_seq_length)."""
-    from open_instruct.objectives.logprobs import auto_chunk_size
-
     rows_per_example = 2 if stage == "dpo" else 1
-    tokens = rows_per_example * args.per_device_train_batch_size * args.max_seq_length
-    if args.max_tokens_per_batch:
-        tokens = args.max_tokens_per_batch if packing else max(args.max_tokens_per_batch, args.max_seq_length)
-    reference_rows = rows_per_example * (args.reference_batch_size or 2 * args.per_device_train_batch_size)
+    tokens = rows_per_example * batch.per_device_train_batch_size * max_seq_length
+    if batch.max_tokens_per_batch:
+        tokens = batch.max_tokens_per_batch if packing else max(batch.max_tokens_per_batch, max_seq_length)
+    reference_rows = rows_per_example * (reference.reference_batch_size or 2 * batch.per_device_train_batch_size)
     trainable = None
-    if args.use_lora or args.use_qlora:
-        trainable = memory.lora_parameters(shape, args.lora_rank, args.lora_target_modules)
+    if model.use_lora or model.use_qlora:
+        trainable = memory.lora_parameters(shape, model.lora_rank, model.lora_target_modules)
     return memory.Workload(
         tokens=tokens,
-        reference_tokens=reference_rows * args.max_seq_length,
-        chunk=args.logprob_chunk_size or auto_chunk_size(shape.vocab),
-        gradient_checkpointing=args.gradient_checkpointing or args.activation_memory_budget < 1.0,
+        reference_tokens=reference_rows * max_seq_length,
+        chunk=batch.logprob_chunk_size or auto_chunk_size(shape.vocab),
+        gradient_checkpointing=model.gradient_checkpointing or model.activation_memory_budget < 1.0,
         trainable=trainable,
-        qlora=args.use_qlora,
-        reference_pass=stage == "dpo" and args.needs_reference,
-        accumulation=args.gradient_accumulation_steps,
+        qlora=model.use_qlora,
+        reference_pass=stage == "dpo" and reference.needs_reference,
+        accumulation=batch.gradient_accumulation_steps,
     )
 
 
@@ -108,58 +122,67 @@ def phases_of(shape: ModelShape, layout: StateLayout, work: memory.Workload) -> 
     return phases + [memory.training_step(shape, layout, work)]
 
 
-def recipe_of(args: TrainArguments, cluster: Cluster, num_examples: int | None) -> dict[str, Any]:
+def recipe_of(optim: OptimSettings, cluster: Cluster, num_examples: int | None) -> dict[str, Any]:
     """Global batch, optimizer steps, warmup steps, epochs (steps unknown without a dataset size)."""
-    from open_instruct.training.schedule import optimizer_steps
-
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * cluster.processes
+    global_batch = optim.per_device_train_batch_size * optim.gradient_accumulation_steps * cluster.processes
     out: dict[str, Any] = {
-        "per_device": args.per_device_train_batch_size,
-        "accumulation": args.gradient_accumulation_steps,
+        "per_device": optim.per_device_train_batch_size,
+        "accumulation": optim.gradient_accumulation_steps,
         "processes": cluster.processes,
         "global_batch": global_batch,
-        "epochs": args.num_epochs,
+        "epochs": optim.num_epochs,
         "examples": num_examples,
         "steps": None,
         "warmup_steps": None,
     }
-    if num_examples is not None or args.max_train_steps:
-        batches = math.ceil((num_examples or 0) / args.per_device_train_batch_size)
+    if num_examples is not None or optim.max_train_steps:
+        batches = math.ceil((num_examples or 0) / optim.per_device_train_batch_size)
         _, total = optimizer_steps(
-            batches, cluster.processes, args.gradient_accumulation_steps, args.num_epochs, args.max_train_steps
+            batches, cluster.processes, optim.gradient_accumulation_steps, optim.num_epochs, optim.max_train_steps
         )
-        warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total)
+        warmup = optim.warmup_steps if optim.warmup_steps is not None else math.ceil(optim.warmup_ratio * total)
         out.update(steps=total, warmup_steps=warmup)
     return out
 
 
 def build_plan(
-    args: TrainArguments, stage: str, shape: ModelShape, config_source: str, num_examples: int | None
+    stage: str,
+    shape: ModelShape,
+    config_source: str,
+    num_examples: int | None,
+    *,
+    model: ModelSettings,
+    batch: BatchSettings,
+    reference: ReferenceSettings,
+    engine: EngineSettings,
+    optim: OptimSettings,
+    plan: PlanSettings,
+    max_seq_length: int,
 ) -> Plan:
     """The plan of this run on the cluster its flags ask for."""
     env = dict(os.environ)
-    cluster = cluster_of(args, env)
-    engine = planned_engine(args, cluster, env)
-    layout = engine.state_layout(shape.hidden)
-    packing = bool(args.packing) if args.packing is not None else not _cuda_planned(cluster)
-    work = workload_of(args, stage, shape, packing)
-    recipe = recipe_of(args, cluster, num_examples)
+    cluster = cluster_of(plan, env)
+    selected = planned_engine(engine, cluster, env)
+    layout = selected.state_layout(shape.hidden)
+    packing = bool(batch.packing) if batch.packing is not None else not _cuda_planned(cluster)
+    work = workload_of(stage, shape, packing, model, batch, reference, max_seq_length)
+    recipe = recipe_of(optim, cluster, num_examples)
     notes = [
-        f"batches {'packed (padding-free)' if packing else 'padded'}" + (" (default)" if args.packing is None else "")
+        f"batches {'packed (padding-free)' if packing else 'padded'}" + (" (default)" if batch.packing is None else "")
     ]
     time = None
     if cluster.gpu is not None:
-        mfu = args.dry_run_mfu or timing.MEASURED_MFU.get(cluster.gpu.name, timing.DEFAULT_MFU)
+        mfu = plan.dry_run_mfu or timing.MEASURED_MFU.get(cluster.gpu.name, timing.DEFAULT_MFU)
         source = (
             "--dry_run_mfu"
-            if args.dry_run_mfu
+            if plan.dry_run_mfu
             else ("measured" if cluster.gpu.name in timing.MEASURED_MFU else "assumed, not yet measured on this GPU")
         )
         rows = 2 if stage == "dpo" else 1
         time = timing.time_plan(
             shape,
             rows * recipe["global_batch"],
-            args.max_seq_length,
+            max_seq_length,
             work.gradient_checkpointing,
             cluster.processes,
             cluster.gpu.peak_bf16_flops,
@@ -170,12 +193,12 @@ def build_plan(
         )
     return Plan(
         stage,
-        args.model_name_or_path or "",
+        model.model_name_or_path or "",
         config_source,
         shape,
         cluster,
         layout,
-        engine.describe(),
+        selected.describe(),
         work,
         phases_of(shape, layout, work),
         recipe,

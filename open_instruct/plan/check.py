@@ -8,14 +8,19 @@ resumes), the Hub target (a token) and tracking (wandb installed and logged in, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
+from typing import Any
 
-from open_instruct.config import TrainArguments
+from open_instruct.data.formats import RowError, detect_format, normalize
+from open_instruct.data.sft import conversation
+from open_instruct.data.sources import is_data_file, iter_rows
 from open_instruct.errors import UserError
 from open_instruct.plan import build, report
 from open_instruct.plan.model_config import resolve_model_config, shape_of
+from open_instruct.settings import DataSettings, RunSettings
 
 FIRST_ROWS = 3
 
@@ -27,10 +32,6 @@ def _splits(names: list[str], splits: list[str]) -> list[str]:
 def check_local_dataset(name: str, split: str, dataset_format: str, stage: str = "dpo") -> int:
     """Rows of a local dataset; its first rows must parse: preference pairs in ``dataset_format`` (``auto``:
     detected), or for SFT conversations (``messages``, or a preference row's chosen side)."""
-    from open_instruct.data.formats import RowError, detect_format, normalize
-    from open_instruct.data.sft import conversation
-    from open_instruct.data.sources import iter_rows
-
     rows = 0
     for row, location in iter_rows(name, split):
         if rows < FIRST_ROWS:
@@ -70,19 +71,19 @@ def _amount(amount: str, rows: int) -> int:
     return min(rows, int(value)) if "." not in amount else int(math.floor(rows * value))
 
 
-def check_datasets(args: TrainArguments, notes: list[str], stage: str = "dpo") -> int | None:
+def check_datasets(
+    data: DataSettings, notes: list[str], stage: str = "dpo", dry_run_num_pairs: int | None = None
+) -> int | None:
     """Training examples the mix yields (None when a Hub dataset's size cannot be read and no stand-in is given)."""
-    from open_instruct.data.sources import is_data_file
-
     total: int | None = 0
-    names, amounts = args.mixer_list[0::2], args.mixer_list[1::2]
-    pairs = list(zip(names, amounts, _splits(names, args.mixer_list_splits)))
-    evals = args.eval_mixer_list[0::2]
-    pairs += [(n, None, s) for n, s in zip(evals, _splits(evals, args.eval_mixer_list_splits))]
+    names, amounts = data.mixer_list[0::2], data.mixer_list[1::2]
+    pairs = list(zip(names, amounts, _splits(names, data.mixer_list_splits)))
+    evals = data.eval_mixer_list[0::2]
+    pairs += [(n, None, s) for n, s in zip(evals, _splits(evals, data.eval_mixer_list_splits))]
     for name, amount, split in pairs:
         path = Path(name).expanduser()
         if path.exists() or is_data_file(path):
-            rows = check_local_dataset(name, split, args.dataset_format, stage)
+            rows = check_local_dataset(name, split, data.dataset_format, stage)
             if amount is not None and total is not None:
                 total += _amount(amount, rows)
         else:
@@ -91,36 +92,36 @@ def check_datasets(args: TrainArguments, notes: list[str], stage: str = "dpo") -
             if amount is not None and total is not None:
                 # A row count is what the mix takes (assuming the dataset has that many); a fraction is unknown.
                 total = total + int(amount) if "." not in amount else None
-    if args.dry_run_num_pairs:
-        total = args.dry_run_num_pairs
+    if dry_run_num_pairs:
+        total = dry_run_num_pairs
     if total is not None:
-        total = int(total * (1 - args.eval_fraction))
-        if args.max_train_samples:
-            total = min(total, args.max_train_samples)
+        total = int(total * (1 - data.eval_fraction))
+        if data.max_train_samples:
+            total = min(total, data.max_train_samples)
     return total
 
 
-def check_output(args: TrainArguments, notes: list[str]) -> None:
+def check_output(output_dir: str, notes: list[str]) -> None:
     """The output folder can be created and written; a checkpoint in it means the run resumes."""
-    out = Path(args.output_dir).expanduser()
+    out = Path(output_dir).expanduser()
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(f"--output_dir {args.output_dir}: cannot write under {existing}")
+        raise UserError(f"--output_dir {output_dir}: cannot write under {existing}")
     steps = sorted(out.glob("step_*")) if out.is_dir() else []
     notes.append(f"output {out}: " + (f"resumes from {steps[-1].name}" if steps else "new run"))
 
 
-def check_hub_and_tracking(args: TrainArguments, notes: list[str]) -> None:
+def check_hub_and_tracking(push_to_hub: bool, with_tracking: bool, notes: list[str]) -> None:
     """A push needs a token; wandb tracking needs wandb and a login (or offline mode)."""
-    if args.push_to_hub:
+    if push_to_hub:
         from huggingface_hub import get_token
 
         if not get_token():
             raise UserError("--push_to_hub: no Hugging Face token (run `hf auth login` or set HF_TOKEN)")
         notes.append("Hub push: token found")
-    if args.with_tracking:
+    if with_tracking:
         try:
             import wandb  # noqa: F401
         except ImportError as err:
@@ -135,27 +136,53 @@ def check_hub_and_tracking(args: TrainArguments, notes: list[str]) -> None:
         notes.append("tracking: wandb " + ("offline" if offline else "logged in"))
 
 
-def plan_of(args: TrainArguments, stage: str, num_examples: int | None, notes: list[str]) -> build.Plan:
-    config, source = resolve_model_config(args.model_name_or_path or "", args.model_revision)
-    plan = build.build_plan(args, stage, shape_of(config), source, num_examples)
+def plan_of(settings: RunSettings, stage: str, num_examples: int | None, notes: list[str]) -> build.Plan:
+    """The plan of a run (its model's shape read from its ``config.json``), ``notes`` listed as what was checked."""
+    model = settings.model
+    config, source = resolve_model_config(model.model_name_or_path or "", model.model_revision)
+    plan = build.build_plan(
+        stage,
+        shape_of(config),
+        source,
+        num_examples,
+        model=model,
+        batch=settings.batch,
+        reference=settings.reference,
+        engine=settings.engine,
+        optim=settings.optim,
+        plan=settings.plan,
+        max_seq_length=settings.data.max_seq_length,
+    )
     plan.checks.extend(notes)
     return plan
 
 
-def dry_run(args: TrainArguments, stage: str = "dpo") -> build.Plan:
+def with_flags(settings: RunSettings, changes: dict[str, Any]) -> RunSettings:
+    """``settings`` with each changed flag replaced in every concern that holds it (a batch size in several)."""
+    pieces = {}
+    for concern in dataclasses.fields(settings):
+        piece = getattr(settings, concern.name)
+        held = {f.name for f in dataclasses.fields(piece)}
+        pieces[concern.name] = dataclasses.replace(piece, **{k: v for k, v in changes.items() if k in held})
+    unknown = set(changes) - {f.name for piece in pieces.values() for f in dataclasses.fields(piece)}
+    assert not unknown, f"no settings object holds {sorted(unknown)}"
+    return RunSettings(**pieces)
+
+
+def dry_run(settings: RunSettings, stage: str = "dpo") -> build.Plan:
     """Check everything a run needs without loading weights, print its plan; returns the plan."""
-    if args.model_name_or_path is None:
+    if settings.model.model_name_or_path is None:
         raise UserError("--dry_run needs --model_name_or_path (the plan is of a model)")
     notes: list[str] = []
-    num_examples = check_datasets(args, notes, stage)
-    check_output(args, notes)
-    check_hub_and_tracking(args, notes)
-    plan = plan_of(args, stage, num_examples, notes)
+    num_examples = check_datasets(settings.data, notes, stage, settings.plan.dry_run_num_pairs)
+    check_output(settings.checkpoint.output_dir, notes)
+    check_hub_and_tracking(settings.hub.push_to_hub, settings.tracking.with_tracking, notes)
+    plan = plan_of(settings, stage, num_examples, notes)
 
-    def peak_of(changed: TrainArguments) -> float:
-        return plan_of(changed, stage, num_examples, []).peak
+    def peak_of(changes: dict[str, Any]) -> float:
+        return plan_of(with_flags(settings, changes), stage, num_examples, []).peak
 
-    text = report.format_plan(plan, report.suggestions(args, plan, peak_of))
+    text = report.format_plan(plan, report.suggestions(plan, peak_of))
     if int(os.environ.get("RANK", "0")) == 0:
         print(text, flush=True)
     return plan

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-from open_instruct.config import TrainArguments
 from open_instruct.errors import UserError
 from open_instruct.plan import build
 from open_instruct.plan.gpus import GIB, RESERVED_BYTES, USABLE_FRACTION
@@ -101,7 +100,7 @@ def format_plan(plan: build.Plan, suggestions: list[tuple[str, float, bool]]) ->
 
 
 # Flag changes tried when a run does not fit, cheapest first (compute or communication they cost).
-def _candidates(args: TrainArguments, plan: build.Plan) -> list[tuple[str, dict[str, Any]]]:
+def _candidates(plan: build.Plan) -> list[tuple[str, dict[str, Any]]]:
     layout, out = plan.layout, []
     if not plan.workload.gradient_checkpointing:
         out.append(("--gradient_checkpointing (~1/3 more compute)", {"gradient_checkpointing": True}))
@@ -121,16 +120,17 @@ def _candidates(args: TrainArguments, plan: build.Plan) -> list[tuple[str, dict[
             else {"zero_stage": 3, "offload_optimizer": True, "offload_param": True}
         )
         out.append(("--fsdp_offload_params" if fsdp else "--zero_stage 3 --offload_optimizer --offload_param", change))
-    if args.per_device_train_batch_size > 1:
-        half = args.per_device_train_batch_size // 2
-        accumulation = args.gradient_accumulation_steps * args.per_device_train_batch_size // half
+    per_device = plan.recipe["per_device"]
+    if per_device > 1:
+        half = per_device // 2
+        accumulation = plan.recipe["accumulation"] * per_device // half
         out.append(
             (
                 f"--per_device_train_batch_size {half} --gradient_accumulation_steps {accumulation}",
                 {"per_device_train_batch_size": half, "gradient_accumulation_steps": accumulation},
             )
         )
-    if not (args.use_lora or args.use_qlora):
+    if plan.workload.trainable is None:  # not LoRA nor QLoRA already
         out.append(("--use_lora (trains adapters only)", {"use_lora": True}))
     nodes = plan.cluster.nodes
     out.append(
@@ -142,15 +142,16 @@ def _candidates(args: TrainArguments, plan: build.Plan) -> list[tuple[str, dict[
     return out
 
 
-def suggestions(args: TrainArguments, plan: build.Plan, peak_of: Any) -> list[tuple[str, float, bool]]:
-    """(change, new peak, fits) for each candidate when the plan does not fit; fitting ones first, cheapest first."""
+def suggestions(plan: build.Plan, peak_of: Callable[[dict[str, Any]], float]) -> list[tuple[str, float, bool]]:
+    """(change, new peak by ``peak_of(flag changes)``, fits) for each candidate when the plan does not fit; fitting
+    ones first, cheapest first."""
     if plan.fits() is not False:
         return []
     usable = plan.cluster.gpu.usable_bytes
     found = []
-    for words, changes in _candidates(args, plan):
+    for words, changes in _candidates(plan):
         try:
-            peak = peak_of(dataclasses.replace(args, **changes))
+            peak = peak_of(changes)
         except UserError:  # a change the run's other flags refuse (an engine mix, a batch that stops dividing)
             continue
         if peak < plan.peak:

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from open_instruct.config import TrainArguments
 from open_instruct.errors import UserError
+from open_instruct.settings import HubSettings
 
 # What a final checkpoint folder holds besides the model that should not go to the Hub: training state, caches and
 # anything hidden (temporary files).
 IGNORE_PATTERNS = ["step_*", "step_*/**", ".*", "**/.*", "wandb/**", "*.tmp"]
 
 
-def hub_repo_id(args: TrainArguments, whoami: str | None = None) -> str:
+def hub_repo_id(hub: HubSettings, whoami: str | None = None) -> str:
     """``--hf_repo_id`` (``name`` or ``owner/name``, default ``--exp_name``) under ``--hf_entity`` or the token's user."""
-    name = args.hf_repo_id or args.exp_name
+    name = hub.hf_repo_id or hub.exp_name
     if "/" in name:
         return name
-    entity = args.hf_entity or whoami
+    entity = hub.hf_entity or whoami
     if not entity:
         raise UserError(
             "--push_to_hub needs --hf_entity or an owner/name --hf_repo_id (or a token to look up the user)"
@@ -59,10 +59,10 @@ def push_folder(
     return f"{url}/tree/{revision}" if revision else url
 
 
-def resolve_repo_id(args: TrainArguments) -> str:
+def resolve_repo_id(hub: HubSettings) -> str:
     """The target repo, looking up the token's user when no owner is given (call before training: fails early)."""
     whoami = None
-    if "/" not in (args.hf_repo_id or "") and not args.hf_entity:
+    if "/" not in (hub.hf_repo_id or "") and not hub.hf_entity:
         from huggingface_hub import HfApi
 
         try:
@@ -72,11 +72,11 @@ def resolve_repo_id(args: TrainArguments) -> str:
                 f"--push_to_hub: cannot look up the Hub user ({type(err).__name__}); pass --hf_entity "
                 "or an owner/name --hf_repo_id, and set HF_TOKEN"
             ) from None
-    return hub_repo_id(args, whoami)
+    return hub_repo_id(hub, whoami)
 
 
-def push_final_model(output_dir: str | Path, args: TrainArguments, repo_id: str | None = None) -> str:
+def push_final_model(output_dir: str | Path, hub: HubSettings, repo_id: str | None = None) -> str:
     """Upload the final model in ``output_dir`` as the flags say and print its URL."""
-    url = push_folder(output_dir, repo_id or resolve_repo_id(args), args.hf_repo_revision, args.hf_repo_private)
+    url = push_folder(output_dir, repo_id or resolve_repo_id(hub), hub.hf_repo_revision, hub.hf_repo_private)
     print(f"pushed the final model to {url}")
     return url

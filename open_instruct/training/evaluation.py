@@ -26,30 +26,36 @@ import torch
 from open_instruct.config import TrainArguments
 from open_instruct.data.collate import PaddedPairCollator
 from open_instruct.data.mixer import hold_out, reindex
+from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.engine import gather_rows
 from open_instruct.objectives.logprobs import sequence_logprobs
 from open_instruct.objectives.losses import LossFn
 from open_instruct.report.tracking import MetricsLogger
+from open_instruct.settings import DataSettings, ModelSettings
 from open_instruct.training.preemption import EvaluationStopped, signal_name, stop_agreed
 from open_instruct.training.preference import PairObjective, PreferenceSettings
 from open_instruct.training.reference_cache import ReferenceLogps
 
 
 def prepare_eval_records(
-    args: TrainArguments,
-    records: list[dict[str, Any]],
-    prepare: Callable[[TrainArguments, list[str], list[str]], list],
+    data: DataSettings, records: list[dict[str, Any]], prepare: Callable[[DataSettings], list]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """(training records, evaluation records or None) for the run's evaluation settings.
 
-    ``prepare(args, mixer_list, splits)`` tokenizes a mix (preference pairs for DPO, conversations for SFT).
+    ``prepare(data)`` tokenizes the mix ``data.mixer_list`` (conversations for SFT); it is called with the evaluation
+    mix in ``mixer_list`` and ``mixer_list_splits``.
     """
-    if args.eval_mixer_list:
+    if data.eval_mixer_list:
         # --max_train_samples limits the training mix only.
-        eval_args = dataclasses.replace(args, max_train_samples=None)
-        return records, reindex(prepare(eval_args, args.eval_mixer_list, args.eval_mixer_list_splits))
-    if args.eval_fraction > 0:
-        return hold_out(records, args.eval_fraction, args.seed)
+        eval_data = dataclasses.replace(
+            data,
+            mixer_list=data.eval_mixer_list,
+            mixer_list_splits=data.eval_mixer_list_splits,
+            max_train_samples=None,
+        )
+        return records, reindex(prepare(eval_data))
+    if data.eval_fraction > 0:
+        return hold_out(records, data.eval_fraction, data.seed)
     return records, None
 
 
@@ -197,7 +203,6 @@ def main(argv: list[str] | None = None) -> None:
     """Print the held-out preference accuracy of a model on a preference file."""
     from transformers import AutoModelForCausalLM
 
-    from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.model.modeling import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         mixer_list_splits=["test"],
         max_seq_length=ns.max_seq_length,
     )
-    tokenizer = load_tokenizer(args)
-    records = prepare_preference_data(args, tokenizer).records
+    tokenizer = load_tokenizer(ModelSettings.of(args))
+    records = prepare_preference_data(DataSettings.of(args), tokenizer).records
     model = AutoModelForCausalLM.from_pretrained(ns.model_name_or_path)
     accuracy = preference_accuracy(model, records, tokenizer.pad_token_id)
     print(f"{ns.label}: {100 * accuracy:.2f}% of {len(records)} pairs")

@@ -12,22 +12,23 @@ from typing import Any
 import torch
 
 from open_instruct.errors import UserError
+from open_instruct.settings import OptimSettings
 
 # open-instruct passes olmo-core's Muon argument names; torch.optim.Muon calls the momentum coefficient "momentum".
 _MUON_NAMES = {"mu": "momentum"}
 
 
-def check_optimizer_environment(args: Any) -> None:
+def check_optimizer_environment(optim: OptimSettings) -> None:
     """Before any work: bitsandbytes optimizers need CUDA and the package; Muon needs a torch that has it."""
-    if args.use_8bit_optimizer or args.dpo_use_paged_optimizer:
-        flag = "--use_8bit_optimizer" if args.use_8bit_optimizer else "--dpo_use_paged_optimizer"
+    if optim.use_8bit_optimizer or optim.dpo_use_paged_optimizer:
+        flag = "--use_8bit_optimizer" if optim.use_8bit_optimizer else "--dpo_use_paged_optimizer"
         if not torch.cuda.is_available():
             raise UserError(f"{flag} needs a CUDA GPU (bitsandbytes optimizers run on CUDA only); drop it on CPU")
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  # optional: only these optimizers need it
         except ImportError as err:
             raise UserError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from err
-    if args.optimizer_type == "muon" and not hasattr(torch.optim, "Muon"):
+    if optim.optimizer_type == "muon" and not hasattr(torch.optim, "Muon"):
         raise UserError(
             f"--optimizer_type muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}"
         )
@@ -76,29 +77,29 @@ def _construct(kind: Any, params: list, label: str, **options: Any) -> torch.opt
         raise UserError(f"--optimizer_kwargs for {label}: {err}") from err
 
 
-def build_optimizer(args: Any, model: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(optim: OptimSettings, model: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The optimizer for ``params`` (the trainable parameters of ``model``) as the flags ask."""
-    kwargs = dict(args.optimizer_kwargs or {})
-    common = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
-    if args.optimizer_type == "muon":
+    kwargs = dict(optim.optimizer_kwargs or {})
+    common = {"lr": optim.learning_rate, "weight_decay": optim.weight_decay}
+    if optim.optimizer_type == "muon":
         matrices, rest = muon_split(model, params)
         muon_kwargs = {_MUON_NAMES.get(k, k): v for k, v in kwargs.items()}
         optimizers = {"muon": _construct(torch.optim.Muon, matrices, "Muon", **common, **muon_kwargs)}
         if rest:
-            optimizers["adamw"] = torch.optim.AdamW(rest, **adamw_kernel(args, {}), **common)
+            optimizers["adamw"] = torch.optim.AdamW(rest, **adamw_kernel(optim, {}), **common)
         return CombinedOptimizer(optimizers)
-    if args.use_8bit_optimizer or args.dpo_use_paged_optimizer:
-        from bitsandbytes.optim import AdamW as BnbAdamW
+    if optim.use_8bit_optimizer or optim.dpo_use_paged_optimizer:
+        from bitsandbytes.optim import AdamW as BnbAdamW  # optional: only these optimizers need it
 
-        bits = 8 if args.use_8bit_optimizer else 32
+        bits = 8 if optim.use_8bit_optimizer else 32
         return _construct(
-            BnbAdamW, params, "bitsandbytes AdamW", optim_bits=bits, is_paged=args.dpo_use_paged_optimizer,
+            BnbAdamW, params, "bitsandbytes AdamW", optim_bits=bits, is_paged=optim.dpo_use_paged_optimizer,
             **common, **kwargs,
         )  # fmt: skip
-    return _construct(torch.optim.AdamW, params, "AdamW", **adamw_kernel(args, kwargs), **common, **kwargs)
+    return _construct(torch.optim.AdamW, params, "AdamW", **adamw_kernel(optim, kwargs), **common, **kwargs)
 
 
-def adamw_kernel(args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+def adamw_kernel(optim: OptimSettings, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``fused=True`` (one kernel per parameter, CUDA or CPU) unless the flags or ``--optimizer_kwargs`` say otherwise.
 
     On CPU the unfused step builds two parameter-sized temporaries for its denominator: for the 131 MB output layer
@@ -107,5 +108,5 @@ def adamw_kernel(args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """
     if {"fused", "foreach"} & kwargs.keys():  # the user's own choice of kernel
         return {}
-    offloaded = args.offload_optimizer or args.offload_param or args.fsdp_offload_params
-    return {"fused": True} if args.fused_optimizer and not offloaded else {}
+    offloaded = optim.offload_optimizer or optim.offload_param or optim.fsdp_offload_params
+    return {"fused": True} if optim.fused_optimizer and not offloaded else {}

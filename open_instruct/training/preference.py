@@ -15,7 +15,7 @@ from open_instruct.data.sampler import pair_dataloader
 from open_instruct.model.fast_path import needs_padding_mask
 from open_instruct.model.liger import resolve_logprob_impl
 from open_instruct.model.lora import adapters_disabled
-from open_instruct.model.modeling import reference_identity as model_options
+from open_instruct.model.modeling import logprob_model_options
 from open_instruct.model.moe import capture_router_logits
 from open_instruct.model.packing import packed_sequence_logprobs
 from open_instruct.objectives.combination import ld_weighted
@@ -27,6 +27,7 @@ from open_instruct.objectives.logprobs import (
     wpo_token_means,
 )
 from open_instruct.objectives.losses import LossFn, LossOutput, LossSettings, PreferenceLogps
+from open_instruct.settings import BatchSettings, ModelSettings, ReferenceSettings
 from open_instruct.training import reference_cache
 from open_instruct.training.loop import StepFn
 from open_instruct.training.precision import in_run_precision
@@ -233,19 +234,21 @@ def reference_logprobs_of(
     return tables + [None]
 
 
-def run_logprob_fn(args: Any, model: Any, accelerator: Any) -> LogprobFn:
+def run_logprob_fn(batch: BatchSettings, model: Any, accelerator: Any) -> LogprobFn:
     """The run's log-prob function: the implementation this device and model allow (Liger, chunked or full), padded
     or packed as the batch layout says, the decoder in the run's precision on every pass (log-probs stay fp32)."""
-    impl = resolve_logprob_impl(args.use_liger_kernel, model, accelerator.device, accelerator.print)
-    if args.use_weighting and impl == "liger":
+    impl = resolve_logprob_impl(batch.use_liger_kernel, model, accelerator.device, accelerator.print)
+    if batch.use_weighting and impl == "liger":
         accelerator.print("--use_weighting: WPO weights need the logits; log-probs use the chunked path, not Liger")
-    padding_mask = needs_padding_mask(model, args.load_balancing_loss)
-    fn = make_logprob_fn(args.packing, impl, args.logprob_chunk_size, args.use_weighting, padding_mask=padding_mask)
+    padding_mask = needs_padding_mask(model, batch.load_balancing_loss)
+    fn = make_logprob_fn(batch.packing, impl, batch.logprob_chunk_size, batch.use_weighting, padding_mask=padding_mask)
     return in_run_precision(accelerator, fn, report=accelerator.print)
 
 
 def reference_pass(
-    args: Any,
+    reference: ReferenceSettings,
+    batch: BatchSettings,
+    model_settings: ModelSettings,
     accelerator: Any,
     model: Any,
     logprob_fn: LogprobFn,
@@ -256,17 +259,17 @@ def reference_pass(
 
     One no-grad pass of the untouched policy per set, cached on disk by content hash; it must run before any training
     step changes the weights (the evaluation set's too)."""
-    batch = args.reference_batch_size or 2 * args.per_device_train_batch_size
+    rows = reference.reference_batch_size or 2 * batch.per_device_train_batch_size
     loaders = [
-        accelerator.prepare_data_loader(pair_dataloader(r, pad_id, batch, args.seed, args.packing, shuffle=False))
+        accelerator.prepare_data_loader(pair_dataloader(r, pad_id, rows, batch.seed, batch.packing, shuffle=False))
         for r, _ in record_sets
     ]
-    if not args.needs_reference:
+    if not reference.needs_reference:
         return [None] * (len(record_sets) + 1), loaders
     identity = reference_identity(
-        model_fingerprint(args.model_name_or_path, args.model_revision),
-        model_options(args, model),
+        model_fingerprint(model_settings.model_name_or_path, model_settings.model_revision),
+        logprob_model_options(model_settings, model),
         accelerator.mixed_precision,
     )
-    cache = args.reference_logprobs_cache_path
+    cache = reference.reference_logprobs_cache_path
     return reference_logprobs_of(model, accelerator, logprob_fn, record_sets, loaders, cache, identity), loaders

@@ -35,8 +35,9 @@ def preflight(args: TrainArguments, pretraining: bool = False) -> None:
     """Cheap checks of every input path, before any process group, model or dataset is touched: each path is the
     kind of thing its flag needs and the output folder can be written (``config/path_checks.py``)."""
 
-    check_model_options(args)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
-    check_optimizer_environment(args)  # CUDA / bitsandbytes for the 8-bit and paged optimizers
+    cfg = settings_of(args)
+    check_model_options(cfg.model)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
+    check_optimizer_environment(cfg.optim)  # CUDA / bitsandbytes for the 8-bit and paged optimizers
     compat.check_trackers(args)  # --report_to tensorboard needs its package
     check_paths(args, pretraining)
 
@@ -52,7 +53,7 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
         check(args)
         preflight(args)
         if args.dry_run:
-            dry_run(args, stage)
+            dry_run(settings_of(args), stage)
             return
         try:
             with no_empty_output_on_error(args.output_dir):
@@ -86,7 +87,7 @@ def start_run(args: TrainArguments) -> tuple[Any, Path]:
     """(accelerator built by the engine the flags select, output folder); the seed is set."""
     from accelerate.utils import set_seed
 
-    engine = select_engine(args)
+    engine = select_engine(settings_of(args).engine)
     output_dir = Path(args.output_dir)
     trackers = compat.trackers(args.report_to) if args.with_tracking else []
     accelerator = engine.build_accelerator(
@@ -128,7 +129,7 @@ def prepare_training(
     """AdamW on the trainable parameters (LoRA: the adapters), the schedule, and everything under the engine;
     writes ``run_config.json``. ``unit`` names an example in the log line (pairs, conversations)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(args, model, trainable)
+    optimizer = build_optimizer(settings_of(args).optim, model, trainable)
     steps_per_epoch, total_steps = optimizer_steps(
         len(train_loader),
         accelerator.num_processes,

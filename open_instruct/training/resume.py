@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments
 from open_instruct.report.tracking import MetricsLogger
+from open_instruct.settings import BatchSettings, CheckpointSettings, OptimSettings
 from open_instruct.training.checkpointing import TRAINER_STATE, CheckpointPolicy, load_checkpoint, resolve_resume
 from open_instruct.training.loop import FaultTolerance
 from open_instruct.training.nonfinite import NonFiniteGuard, injected_nan_step
@@ -29,38 +29,41 @@ def _test_write_delay() -> tuple[int, float] | None:
     return int(step), float(seconds)
 
 
-def run_signature(args: TrainArguments, num_pairs: int, data_hash: str, total_steps: int, world_size: int) -> dict:
+def run_signature(
+    batch: BatchSettings, optim: OptimSettings, num_pairs: int, data_hash: str, total_steps: int, world_size: int
+) -> dict:
     """What must not change between a run and its resume for the continuation to be exact."""
+    # Checkpoints store this dict and compare it on resume: its keys and values must not change.
     return {
         "data": data_hash,
         "num_pairs": num_pairs,
-        "seed": args.seed,
-        **({"data_loader_seed": args.data_loader_seed} if args.data_loader_seed is not None else {}),
+        "seed": batch.seed,
+        **({"data_loader_seed": batch.data_loader_seed} if batch.data_loader_seed is not None else {}),
         "world_size": world_size,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "per_device_train_batch_size": batch.per_device_train_batch_size,
+        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
         "total_optimizer_steps": total_steps,
-        "learning_rate": args.learning_rate,
-        "lr_scheduler_type": args.lr_scheduler_type,
-        "warmup_ratio": args.warmup_ratio,
-        "warmup_steps": args.warmup_steps,
-        "packing": args.packing,
-        "max_tokens_per_batch": args.max_tokens_per_batch,
-        "group_by_length": args.group_by_length,
+        "learning_rate": optim.learning_rate,
+        "lr_scheduler_type": optim.lr_scheduler_type,
+        "warmup_ratio": optim.warmup_ratio,
+        "warmup_steps": optim.warmup_steps,
+        "packing": batch.packing,
+        "max_tokens_per_batch": batch.max_tokens_per_batch,
+        "group_by_length": batch.group_by_length,
     }
 
 
-def resumed_signature(args: TrainArguments) -> dict[str, Any] | None:
+def resumed_signature(checkpoint: CheckpointSettings) -> dict[str, Any] | None:
     """The run signature of the checkpoint this run will resume from, if any (read before the model is prepared,
     so settings left at their defaults can follow it)."""
-    path, _ = resolve_resume(Path(args.output_dir), args.resume_from_checkpoint)
+    path, _ = resolve_resume(Path(checkpoint.output_dir), checkpoint.resume_from_checkpoint)
     if path is None or not (path / TRAINER_STATE).is_file():
         return None
     return json.loads((path / TRAINER_STATE).read_text()).get("signature")
 
 
 def start_or_resume(
-    args: TrainArguments, accelerator: Any, signature: dict[str, Any], logger: MetricsLogger
+    checkpoint: CheckpointSettings, accelerator: Any, signature: dict[str, Any], logger: MetricsLogger
 ) -> FaultTolerance:
     """Checkpoint policy, guard, and (when a checkpoint applies) the restored state: weights, optimizer, schedule,
     sampler, RNG and counters. Call after the reference pass, which must see the untouched weights."""
@@ -68,19 +71,18 @@ def start_or_resume(
 
     # Training's random streams (dropout) must not depend on whether the reference pass ran or came from the cache:
     # its data iterator draws from the global generator. A resume then restores the checkpoint's streams.
-    set_seed(args.seed)
-    output_dir = Path(args.output_dir)
+    set_seed(checkpoint.seed)
+    output_dir = Path(checkpoint.output_dir)
     policy = None
-    if args.checkpointing_steps:
+    if checkpoint.checkpointing_steps:
         policy = CheckpointPolicy.from_flag(
-            output_dir, args.checkpointing_steps, args.keep_last_n_checkpoints, _test_write_delay()
+            output_dir, checkpoint.checkpointing_steps, checkpoint.keep_last_n_checkpoints, _test_write_delay()
         )
-    faults = FaultTolerance(
-        policy=policy, signature=signature, guard=NonFiniteGuard(args.skip_nonfinite_batches, injected_nan_step())
-    )
+    guard = NonFiniteGuard(checkpoint.skip_nonfinite_batches, injected_nan_step())
+    faults = FaultTolerance(policy=policy, signature=signature, guard=guard)
     # A stop signal saves a checkpoint like a scheduled one (same folder, pruning), with or without a schedule.
-    faults.preemption = policy or CheckpointPolicy(output_dir, keep_last_n=args.keep_last_n_checkpoints)
-    path, notes = resolve_resume(output_dir, args.resume_from_checkpoint)
+    faults.preemption = policy or CheckpointPolicy(output_dir, keep_last_n=checkpoint.keep_last_n_checkpoints)
+    path, notes = resolve_resume(output_dir, checkpoint.resume_from_checkpoint)
     if notes:
         accelerator.print(notes)
     if path is None:

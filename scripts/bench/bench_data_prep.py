@@ -22,10 +22,12 @@ sys.path.insert(0, str(ROOT))
 
 from open_instruct.config import TrainArguments  # noqa: E402
 from open_instruct.data.chat_templates import CHAT_TEMPLATES  # noqa: E402
-from open_instruct.data.mixer import build_mix, parse_mixer_list  # noqa: E402
+from open_instruct.data.mixer import parse_mixer_list  # noqa: E402
 from open_instruct.data.prepare import prepare_preference_data  # noqa: E402
 from open_instruct.data.tokenize import tokenize_pairs  # noqa: E402
+from open_instruct.settings import DataSettings  # noqa: E402
 from tests.data_helpers import HH_SAMPLE, read_hh_rows, train_bpe_tokenizer  # noqa: E402
+from tests.data_oracle import build_mix  # noqa: E402
 
 CPU: list[float] = []  # process CPU seconds of each timed call, in call order (wall time suffers on a busy machine)
 
@@ -73,8 +75,9 @@ def main() -> None:
             max_seq_length=ns.max_seq_length,
             dataset_local_cache_dir=cache_dir,
         )
-        t_cold, cold = _timed(lambda: prepare_preference_data(args, tokenizer))
-        t_warm, warm = _timed(lambda: prepare_preference_data(args, tokenizer))
+        data = DataSettings.of(args)
+        t_cold, cold = _timed(lambda: prepare_preference_data(data, tokenizer))
+        t_warm, warm = _timed(lambda: prepare_preference_data(data, tokenizer))
         assert cold.statistics["cache"]["status"] == "written" and warm.statistics["cache"]["status"] == "loaded"
 
     median = statistics.median

@@ -46,6 +46,10 @@ try:
     from open_instruct.training.reference_cache import dataset_fingerprint
 except ImportError:  # --code_root of a checkout from before the package layout (df0fd5e)
     from open_instruct.reference_cache import dataset_fingerprint
+try:
+    from open_instruct.settings import DataSettings
+except ImportError:  # a checkout from before the settings objects: preparation takes the arguments
+    DataSettings = None
 from transformers import AutoTokenizer
 def mem():
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
@@ -54,7 +58,7 @@ tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 before = mem()
 args = TrainArguments(model_name_or_path="unused", mixer_list=[sys.argv[2], "1.0"], skip_invalid_rows=True,
                     max_seq_length=int(sys.argv[4]), dataset_local_cache_dir=sys.argv[3], per_device_train_batch_size=8)
-data = prepare_preference_data(args, tokenizer)
+data = prepare_preference_data(DataSettings.of(args) if DataSettings else args, tokenizer)
 assert data.statistics["cache"]["status"] == "loaded"
 fingerprint = dataset_fingerprint(data.records)
 loader = pair_dataloader(data.records, tokenizer.pad_token_id, 8, seed=1, group_by_length=True)

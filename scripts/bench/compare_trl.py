@@ -224,6 +224,7 @@ def plain_baselines(model_dir: str, data: str, steps: int, out: Path, profile: b
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.data.sampler import pair_dataloader
     from open_instruct.model.packing import packed_forward_kwargs, prepare_model_for_packing
+    from open_instruct.settings import DataSettings
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = TrainArguments(
@@ -233,7 +234,7 @@ def plain_baselines(model_dir: str, data: str, steps: int, out: Path, profile: b
         seed=1,
         reference_logprobs_cache_path=str(out / "unused"),
     )
-    records = prepare_preference_data(args, tokenizer).records
+    records = prepare_preference_data(DataSettings.of(args), tokenizer).records
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     prepare_model_for_packing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-7)

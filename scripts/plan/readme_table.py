@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from open_instruct.config import validate  # noqa: E402
+from open_instruct.config import settings_of, validate  # noqa: E402
 from open_instruct.config.cli import parse_args  # noqa: E402
 from open_instruct.plan.check import dry_run  # noqa: E402
 
@@ -47,7 +47,7 @@ def plan_row(model: str, nodes: int, engine: str) -> tuple[list[str], object]:
     args = parse_args([f"configs/train_configs/tulu3/dpo_{model}.yaml", *COMMON, *flags])
     validate(args)
     with contextlib.redirect_stdout(io.StringIO()):
-        plan = dry_run(args)
+        plan = dry_run(settings_of(args))
     return flags, plan
 
 

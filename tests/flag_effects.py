@@ -13,7 +13,7 @@ its effect is observed against a baseline run's settings, cheaply:
   resume); the walk checks that the test exists and names the flag.
 - ``RuleOnly(value)``: only its ``FLAG_RULES`` line can be shown here (its effect needs the Hub or several processes).
 - ``Inert(value)``: an open-instruct option with nothing to do here (``CLUSTER_ONLY`` / ``NO_EFFECT_HERE`` in
-  ``config/open_instruct_flags.py``); given, it is named in the one ``note:`` line the parser prints.
+  ``open_instruct/config/open_instruct_flags.py``); given, it is named in the one ``note:`` line the parser prints.
 
 A flag with a ``FLAG_RULES`` entry is also given without what it needs, and its error or note must appear.
 """
@@ -173,7 +173,7 @@ EFFECTS: dict[str, Effect | TestedIn | RuleOnly | Inert] = {
     "dry_run_num_nodes": TestedIn("tests/test_plan.py::test_planning_flags_need_dry_run", ("2",)),
     "dry_run_num_pairs": TestedIn("tests/test_plan.py::test_dry_run_mfu_scales_the_predicted_time", ("100",)),
     "dry_run_mfu": TestedIn("tests/test_plan.py::test_dry_run_mfu_scales_the_predicted_time", ("0.5",)),
-    # --- open-instruct's flags (config/open_instruct_flags.py) ---
+    # --- open-instruct's flags (open_instruct/config/open_instruct_flags.py) ---
     "run_name": TestedIn("tests/test_modern_llm.py::test_documented_dpo_example_runs_as_written"),
     "do_not_randomize_output_dir": TestedIn(
         "tests/test_open_instruct_flags.py::test_output_dir_per_experiment_name_when_asked_as_open_instruct"
