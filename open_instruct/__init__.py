@@ -16,10 +16,10 @@ _EXPORTS = {
     "PreferenceDatasetConfig": "open_instruct.api",
     "SFTDatasetConfig": "open_instruct.api",
     "TextDatasetConfig": "open_instruct.api",
-    "ModelConfig": "open_instruct.model.scratch",
-    "run_training": "open_instruct.pretrain",
-    "run_sft": "open_instruct.finetune",
-    "UserError": "open_instruct.config",
+    "ModelConfig": "open_instruct.api",
+    "run_training": "open_instruct.api",
+    "run_sft": "open_instruct.api",
+    "UserError": "open_instruct.errors",
 }
 
 __all__ = sorted(_EXPORTS)

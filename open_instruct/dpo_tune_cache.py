@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a file: import the package, not this folder's modules by bare name
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -22,11 +23,13 @@ from open_instruct.config import TrainArguments, settings_of, validate
 from open_instruct.data.prepare import prepare_preference_data, save_mixed_pairs, write_statistics
 from open_instruct.data.sampler import pair_dataloader
 from open_instruct.data.statistics import format_summary
-from open_instruct.model.fast_path import choose_batch_layout, computes_in_half
+from open_instruct.model.batch_layout import choose_batch_layout, computes_in_half
 from open_instruct.model.modeling import load_model, load_tokenizer
 from open_instruct.objectives.combination import combined_loss
+from open_instruct.objectives.losses import LossFn
 from open_instruct.report.hub import push_final_model, resolve_repo_id
 from open_instruct.report.tracking import MetricsLogger
+from open_instruct.settings import RunSettings
 from open_instruct.training import preemption, preference, recipe
 from open_instruct.training.evaluation import PreferenceEvaluator
 from open_instruct.training.host_memory import return_freed_memory
@@ -35,6 +38,26 @@ from open_instruct.training.preemption import parse_signals
 from open_instruct.training.recipe import command_line
 from open_instruct.training.reference_cache import dataset_fingerprint
 from open_instruct.training.resume import resumed_signature, run_signature, start_or_resume
+
+
+def settle_batch_layout(args: TrainArguments, cfg: RunSettings, model: Any, accelerator: Any) -> TrainArguments:
+    """The flags with ``--packing`` / ``--group_by_length`` decided: unset, the fastest layout proven equal to padded
+    batches on this device (a resumed run keeps its own); the run log says which and why."""
+    packing, grouping = args.packing, args.group_by_length
+    resumed = resumed_signature(cfg.checkpoint) if packing is None or grouping is None else None
+    half = computes_in_half(model, accelerator.mixed_precision)  # the CUDA packed kernel's precisions
+    layout = choose_batch_layout(model, accelerator.device, packing, grouping, args.separate_forward, resumed, half)
+    accelerator.print(layout.describe())
+    return dataclasses.replace(args, packing=layout.packing, group_by_length=layout.group_by_length)
+
+
+def preference_objective(args: TrainArguments) -> tuple[LossFn, preference.PreferenceSettings]:
+    """The combined preference loss of ``--loss_type`` / ``--loss_weights``, and what each step needs to compute it."""
+    moe_weight = args.load_balancing_weight if args.load_balancing_loss else None
+    settings = preference.PreferenceSettings(
+        args.length_normalized, args.loss_settings(), args.separate_forward, moe_weight
+    )
+    return combined_loss(args.loss_type, args.loss_weights), settings
 
 
 def run(args: TrainArguments) -> Path:
@@ -67,21 +90,15 @@ def run(args: TrainArguments) -> Path:
     # 3. Model, batch layout (packed where proven equal to padded on this device, unless --packing says otherwise),
     #    log-prob function, optimizer, schedule, data loader, under the engine.
     model = load_model(cfg.model, tokenizer, log=accelerator.print)
-    resumed = resumed_signature(cfg.checkpoint) if args.packing is None or args.group_by_length is None else None
-    half = computes_in_half(model, accelerator.mixed_precision)  # the CUDA packed kernel's precisions
-    layout = choose_batch_layout(
-        model, accelerator.device, args.packing, args.group_by_length, args.separate_forward, resumed, half
-    )
-    accelerator.print(layout.describe())
-    args = dataclasses.replace(args, packing=layout.packing, group_by_length=layout.group_by_length)
+    args = settle_batch_layout(args, cfg, model, accelerator)
     cfg = settings_of(args)
     flop_counter = FlopCounter(model)  # before the engine partitions the weights
     logprob_fn = preference.run_logprob_fn(cfg.batch, model, accelerator)
     pad = tokenizer.pad_token_id
-    order_seed = args.seed if args.data_loader_seed is None else args.data_loader_seed
+    batch = cfg.batch
     train_loader = pair_dataloader(
-        data.records, pad, args.per_device_train_batch_size, order_seed, args.packing, args.max_tokens_per_batch,
-        args.group_by_length,
+        data.records, pad, batch.per_device_train_batch_size, batch.order_seed, batch.packing,
+        batch.max_tokens_per_batch, batch.group_by_length,
     )  # fmt: skip
     run = recipe.prepare_training(args, accelerator, model, train_loader, output_dir, "pairs", "dpo")
 
@@ -103,11 +120,7 @@ def run(args: TrainArguments) -> Path:
         cfg.batch, cfg.optim, len(data.records), record_sets[0][1], run.total_steps, accelerator.num_processes
     )
     faults = start_or_resume(cfg.checkpoint, accelerator, signature, logger)
-    loss_fn = combined_loss(args.loss_type, args.loss_weights)
-    moe_weight = args.load_balancing_weight if args.load_balancing_loss else None
-    settings = preference.PreferenceSettings(
-        args.length_normalized, args.loss_settings(), args.separate_forward, moe_weight
-    )
+    loss_fn, settings = preference_objective(args)
     evaluate = None
     if data.eval_records:
         evaluate = PreferenceEvaluator(

@@ -1,4 +1,5 @@
-"""Crash-safe writes: a reader sees the old file or the complete new one, never a partial one."""
+"""Crash-safe writes (a reader sees the old file or the complete new one, never a partial one), and the one rule for
+whether a name given on the command line is a path on this machine or a Hub id."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def move_contents(source: Path, target: Path) -> None:
             shutil.rmtree(destination)
         os.replace(item, destination)
     source.rmdir()
+
+
+def is_local_path(name: str | os.PathLike) -> bool:
+    """Whether ``name`` means a path on this machine rather than a Hub id: it exists, or it is spelled as a path
+    (``./``, ``/``, ``~``), so a missing one is an error, never a Hub download."""
+    return str(name).startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
 def _remove(path: Path) -> None:

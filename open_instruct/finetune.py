@@ -10,50 +10,16 @@ final checkpoint is a Hugging Face folder that ``run_dpo`` / ``dpo_tune_cache`` 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from open_instruct.api import (
-    SFTDatasetConfig,
-    TrainingConfig,
-    arguments_from,
-    dataset_arguments,
-    final_checkpoint,
-    fresh_accelerate_state,
-    source_tokenizer,
-    training_arguments,
-)
 from open_instruct.config import TrainArguments, settings_of, validate
-from open_instruct.data.tokenize import IGNORE_INDEX
+from open_instruct.config.stage_flags import DPO_ONLY
 from open_instruct.errors import UserError
-from open_instruct.objectives.losses import hyperparameter_names
-from open_instruct.training.recipe import command_line, preflight
-
-# Flags that only mean something for a preference loss: passing one to SFT is an error, never ignored.
-DPO_ONLY = (
-    "loss_type",
-    "loss_weights",
-    *hyperparameter_names(),
-    "reference_free",
-    "separate_forward",
-    "cache_logprobs_only",
-    # preference-pair preparation: the prepared-pairs cache and its JSONL copy
-    "dataset_mix_dir",
-    "overwrite_cache",
-    "skip_cache",
-    "data_loader_seed",  # the SFT loader shuffles with --seed
-    "reference_batch_size",
-    "dataset_format",
-    # pair batching (packing, token budget, length grouping) is built for preference pairs only so far
-    "packing",
-    "max_tokens_per_batch",
-    "group_by_length",
-    # SFT has no checkpoint resume yet, so a stop signal keeps its default action
-    "preemption_signals",
-)
+from open_instruct.training.recipe import command_line
+from open_instruct.training.sft import sft_step
 
 
 def check_sft_arguments(args: TrainArguments) -> None:
@@ -63,24 +29,6 @@ def check_sft_arguments(args: TrainArguments) -> None:
     if used:
         raise UserError(f"{', '.join(used)}: preference-loss flag(s), not used by supervised fine-tuning")
     validate(args)
-
-
-def label_tokens(batch: dict[str, torch.Tensor], rows: int) -> int:
-    """Predicted (label) tokens of the first ``rows`` conversations: the first token of each is never a target."""
-    return int((batch["labels"][:rows, 1:] != IGNORE_INDEX).sum())
-
-
-def sft_step(logprob_fn: Any) -> Any:
-    """The trainer's step for SFT: summed NLL of the real conversations' label tokens, scaled by the loop (which
-    divides by the optimizer step's label tokens on all ranks: a per-token mean over the whole step), and the count."""
-    from open_instruct.training.loop import StepFn
-
-    def run(model: Any, batch: dict[str, torch.Tensor], rows: int, scale: float) -> tuple[Any, dict, int]:
-        lp = logprob_fn(model, batch)
-        nll = -lp.sums[:rows].sum()
-        return nll * scale, {"train_loss": nll.detach()}, int(lp.counts[:rows].sum())
-
-    return StepFn(run=run, units=label_tokens)
 
 
 def run(args: TrainArguments) -> Path:
@@ -141,50 +89,6 @@ def run(args: TrainArguments) -> Path:
     recipe.finish_run(accelerator, run.model, tokenizer, output_dir)
     accelerator.end_training()
     return output_dir
-
-
-def run_sft(
-    pretrain_checkpoint: str | os.PathLike,
-    train_config: TrainingConfig | None = None,
-    dataset_config: SFTDatasetConfig | None = None,
-    tokenizer_name: str | None = None,
-    model_config: Any = None,
-    dry_run: bool = False,
-) -> Any:
-    """Supervised fine-tuning from a pretrained checkpoint (HF folder, hub id, or ``.pt``: ours carry their model
-    config and tokenizer, a bare state dict needs ``tokenizer_name`` and ``model_config``); returns the final
-    checkpoint, the output folder or with ``save_format="pt"`` ``sft_final.pt``: a valid ``sft_checkpoint`` for
-    ``run_dpo``. ``dry_run=True``: check and print the plan instead (see ``api.run_dpo``); returns it."""
-    from open_instruct.model.state_dict import is_state_dict_file, state_dict_to_folder
-
-    train = train_config or TrainingConfig()
-    dataset = dataset_config or SFTDatasetConfig()
-    tokenizer_name = tokenizer_name or train.tokenizer_name
-    values = {
-        **training_arguments(train),
-        **dataset_arguments(dataset, train, "SFT"),
-        "model_name_or_path": str(pretrain_checkpoint),
-        "max_seq_length": dataset.max_seq_length,
-    }
-    if tokenizer_name:
-        values["tokenizer_name_or_path"] = tokenizer_name
-    args = arguments_from(values)
-    check_sft_arguments(args)
-    if dry_run or args.dry_run:
-        from open_instruct.api import plan_run
-
-        return plan_run(args, "sft")
-    if is_state_dict_file(str(pretrain_checkpoint)):
-        args.model_name_or_path = str(
-            state_dict_to_folder(
-                str(pretrain_checkpoint), tokenizer_name, model_config, Path(train.output_dir) / "initial_model"
-            )
-        )
-        args.tokenizer_name_or_path = args.model_name_or_path
-    preflight(args)
-    with fresh_accelerate_state():
-        folder = Path(run(args))
-    return final_checkpoint(folder, train, "sft", source_tokenizer(str(pretrain_checkpoint), tokenizer_name))
 
 
 def main(argv: list[str] | None = None) -> None:

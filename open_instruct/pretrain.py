@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,11 @@ if __package__ in (None, ""):  # run as a file: import the package, not this fol
 
 import torch
 
-from open_instruct.api import (
-    TextDatasetConfig,
-    TrainingConfig,
-    arguments_from,
-    dataset_arguments,
-    final_checkpoint,
-    fresh_accelerate_state,
-    training_arguments,
-)
 from open_instruct.config import TrainArguments, settings_of, validate
+from open_instruct.config.stage_flags import DPO_ONLY
 from open_instruct.errors import UserError
-from open_instruct.finetune import DPO_ONLY, sft_step
 from open_instruct.training.recipe import preflight
+from open_instruct.training.sft import sft_step
 
 # Flags that make no sense for a model trained from scratch on raw text: an error, never ignored.
 NOT_FOR_PRETRAINING = (*DPO_ONLY, "chat_template_name", "use_lora", "use_qlora", "model_revision", "add_bos")
@@ -175,58 +166,6 @@ def run(args: TrainArguments, text_column: str = "text") -> Path:
     recipe.finish_run(accelerator, run.model, tokenizer, output_dir)
     accelerator.end_training()
     return output_dir
-
-
-def pretrain_arguments(
-    model_config: Any, train: TrainingConfig, dataset: TextDatasetConfig, tokenizer_name: str | None
-) -> TrainArguments:
-    """Validated TrainArguments for the API's configs; the architecture is written to ``output_dir/model_config``."""
-    from transformers import AutoTokenizer
-
-    from open_instruct.model.scratch import transformers_config, write_config_folder
-
-    values = {**training_arguments(train), **dataset_arguments(dataset, train, "pretraining text")}
-    name = tokenizer_name or train.tokenizer_name
-    if name is None and isinstance(model_config, str | os.PathLike) and Path(model_config).is_dir():
-        name = str(model_config)  # a model folder with its tokenizer
-    if name is None:
-        raise UserError("pretraining needs a tokenizer: set TrainingConfig.tokenizer_name (or tokenizer_name=)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load tokenizer {name!r}: {err}") from err
-    config = transformers_config(model_config, tokenizer)
-    block = dataset.block_size or getattr(config, "max_position_embeddings", None)
-    if block is None:
-        raise UserError("set TextDatasetConfig.block_size: the model config has no max_position_embeddings")
-    folder = write_config_folder(config, Path(train.output_dir) / "model_config")
-    values.update(model_name_or_path=str(folder), tokenizer_name_or_path=name, max_seq_length=block)
-    args = arguments_from(values)
-    check_pretrain_arguments(args)
-    return args
-
-
-def run_training(
-    model_config: Any,
-    train_config: TrainingConfig | None = None,
-    dataset_config: TextDatasetConfig | None = None,
-    tokenizer_name: str | None = None,
-) -> Path:
-    """Pretrain a causal LM from scratch; returns its final checkpoint (the output folder, or ``pretrain_final.pt``
-    with ``save_format="pt"``), ``run_sft``'s ``pretrain_checkpoint``.
-
-    ``model_config``: a :class:`~open_instruct.model.scratch.ModelConfig`, a transformers ``PretrainedConfig``, a dict,
-    or a folder / hub id with ``config.json``. The text: ``dataset_config`` or ``train_config.dataset_name`` (and its
-    ``eval_dataset_name`` / ``eval_fraction`` for the held-out perplexity), tokenized with ``tokenizer_name`` or
-    ``train_config.tokenizer_name``.
-    """
-    train = train_config or TrainingConfig()
-    dataset = dataset_config or TextDatasetConfig()
-    args = pretrain_arguments(model_config, train, dataset, tokenizer_name)
-    preflight(args, pretraining=True)
-    with fresh_accelerate_state():
-        folder = Path(run(args, dataset.text_column))
-    return final_checkpoint(folder, train, "pretrain", args.tokenizer_name_or_path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """What each layer reads of a run's configuration: small frozen settings objects, one per concern.
 
 ``open_instruct.config`` parses the flags and YAML once and builds these (:func:`open_instruct.config.settings_of`);
-the entry scripts, ``api.py`` and the recipe skeleton hand each layer the one it needs, so a function's signature says
+the entry scripts, the API and the recipe skeleton hand each layer the one it needs, so a function's signature says
 what it reads and a test builds a few fields, not the whole flag set. A field has its flag's name, type and meaning
 (the flag's help and default live once, in ``config/arguments.py``); :meth:`Settings.of` reads the fields by name
 from the parsed flags. This module imports nothing from the project: every layer may depend on it.
@@ -9,7 +9,7 @@ from the parsed flags. This module imports nothing from the project: every layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
 S = TypeVar("S", bound="Settings")
@@ -25,18 +25,26 @@ class Settings:
         return cls(**values, **overrides)
 
 
-def checkpoints_every_layer(
-    gradient_checkpointing: bool, activation_memory_budget: float, activation_checkpointing_mode: str | None
-) -> bool:
-    """Whether every decoder layer recomputes its activations in the backward: asked for directly, by a memory budget
-    below 1 (open-instruct's "budget" mode), or by its "selected_modules" mode."""
-    return bool(
-        gradient_checkpointing or activation_memory_budget < 1.0 or activation_checkpointing_mode == "selected_modules"
-    )
+class LayerCheckpointing:
+    """The one rule for activation checkpointing, shared by the settings that hold its three flags."""
+
+    gradient_checkpointing: bool
+    activation_memory_budget: float
+    activation_checkpointing_mode: str
+
+    @property
+    def checkpoints_every_layer(self) -> bool:
+        """Whether every decoder layer recomputes its activations in the backward: asked for directly, by a memory
+        budget below 1 (open-instruct's "budget" mode), or by its "selected_modules" mode."""
+        return bool(
+            self.gradient_checkpointing
+            or self.activation_memory_budget < 1.0
+            or self.activation_checkpointing_mode == "selected_modules"
+        )
 
 
 @dataclass(frozen=True)
-class ModelSettings(Settings):
+class ModelSettings(Settings, LayerCheckpointing):
     """The model and tokenizer to load and how: revision, attention kernel, precision, LoRA, MoE, checkpointing."""
 
     model_name_or_path: str | None
@@ -53,29 +61,22 @@ class ModelSettings(Settings):
     compile_model: bool
     config_name: str | None
     rope_scaling_factor: float | None
-    rope_scaling_beta_fast: float | None
-    rope_scaling_beta_slow: float | None
-    rope_scaling_old_context_len: int | None
+    rope_scaling_beta_fast: float
+    rope_scaling_beta_slow: float
+    rope_scaling_old_context_len: int
     gradient_checkpointing: bool
     activation_memory_budget: float
-    activation_checkpointing_mode: str | None
+    activation_checkpointing_mode: str
     use_liger_kernel: bool
     use_lora: bool
     use_qlora: bool
     lora_rank: int
     lora_alpha: float
     lora_dropout: float
-    lora_target_modules: tuple[str, ...] | list[str]
+    lora_target_modules: list[str]
     merge_lora: bool
     load_balancing_loss: bool
     load_balancing_weight: float
-
-    @property
-    def checkpoints_every_layer(self) -> bool:
-        """Activation checkpointing of every decoder layer (:func:`checkpoints_every_layer`)."""
-        return checkpoints_every_layer(
-            self.gradient_checkpointing, self.activation_memory_budget, self.activation_checkpointing_mode
-        )
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class ReferenceSettings(Settings):
 
 
 @dataclass(frozen=True)
-class EngineSettings(Settings):
+class EngineSettings(Settings, LayerCheckpointing):
     """The distributed engine: DeepSpeed ZeRO or FSDP2 and their options, precision, the collective timeout."""
 
     deepspeed_config: str | None
@@ -149,19 +150,12 @@ class EngineSettings(Settings):
     mixed_precision: str | None
     gradient_checkpointing: bool
     activation_memory_budget: float
-    activation_checkpointing_mode: str | None
+    activation_checkpointing_mode: str
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
     max_grad_norm: float
     timeout: int
     sync_each_batch: bool
-
-    @property
-    def checkpoints_every_layer(self) -> bool:
-        """Activation checkpointing of every decoder layer (:func:`checkpoints_every_layer`)."""
-        return checkpoints_every_layer(
-            self.gradient_checkpointing, self.activation_memory_budget, self.activation_checkpointing_mode
-        )
 
 
 @dataclass(frozen=True)
@@ -171,7 +165,7 @@ class OptimSettings(Settings):
     learning_rate: float
     weight_decay: float
     optimizer_type: str
-    optimizer_kwargs: dict[str, Any] | None
+    optimizer_kwargs: dict | str
     use_8bit_optimizer: bool
     dpo_use_paged_optimizer: bool
     fused_optimizer: bool
@@ -275,3 +269,17 @@ class RunSettings:
     def of(cls, flags: Any) -> RunSettings:
         """Each concern's settings read from the parsed flags."""
         return cls(**{name: concern.of(flags) for name, concern in _CONCERNS.items()})
+
+    def replaced(self, **changes: Any) -> RunSettings:
+        """These settings with each changed flag replaced in every concern that holds it (a batch size sits in
+        several); a flag no concern holds is an error."""
+        held = {name: {f.name for f in fields(piece)} for name, piece in vars(self).items()}  # type: ignore[arg-type]
+        unknown = set(changes) - set().union(*held.values())
+        if unknown:
+            raise KeyError(f"no settings object holds {sorted(unknown)}")
+        return RunSettings(
+            **{
+                name: replace(getattr(self, name), **{k: v for k, v in changes.items() if k in held[name]})
+                for name in held
+            }
+        )

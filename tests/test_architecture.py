@@ -10,12 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "open_instruct"
 
 # The layers, top to bottom; a module imports only from its own layer or below.
-ENTRIES = {"dpo_tune_cache", "dpo", "finetune", "pretrain", "api", "__init__"}
+ENTRY_SCRIPTS = {"dpo_tune_cache", "dpo", "finetune", "pretrain", "evaluate"}
+ENTRIES = {*ENTRY_SCRIPTS, "api", "__init__"}
 BASE = {"settings", "errors", "files", "ranges"}
 COMPONENTS = {"plan", "training", "objectives", "model", "data", "engine", "report"}
 # Where the whole parsed-flags object may still be handled: it is read there and handed down as settings.
-MAY_TAKE_ARGS = {"dpo_tune_cache", "dpo", "finetune", "pretrain", "api", "training.recipe"}
-# Packages a function body may import to defer them (heavy, optional or slow to import).
+MAY_TAKE_ARGS = {*ENTRY_SCRIPTS, "api", "training.recipe"}
 MAX_FUNCTION_LINES = 80
 
 
@@ -55,7 +55,7 @@ def imported(tree: ast.Module, known: set[str]) -> list[tuple[str, ast.AST, bool
 def layer(name: str) -> int:
     """0: entry scripts and the API; 1: the recipe skeleton; 2: config; 3: components; 4: settings, errors, files."""
     top = name.split(".")[0]
-    if name in ENTRIES:
+    if top in ENTRIES:
         return 0
     if name == "training.recipe":
         return 1
@@ -77,6 +77,19 @@ def test_imports_run_down_the_layers() -> None:
         if target in found and layer(target) < layer(name)
     ]
     assert not upward, "imports that run up the layers:\n" + "\n".join(upward)
+
+
+def test_no_entry_script_imports_another() -> None:
+    """An entry script is a recipe of its own: it never imports another entry script or the Python API (the API calls
+    the entries' ``run``)."""
+    found = modules()
+    crossing = [
+        f"{name} -> {target} (line {node.lineno})"
+        for name in sorted(ENTRY_SCRIPTS)
+        for target, node, _ in imported(found[name], set(found))
+        if target.split(".")[0] in ENTRIES - {"__init__"} and target != name
+    ]
+    assert not crossing, "entry scripts importing the entry layer:\n" + "\n".join(crossing)
 
 
 def test_no_import_circle() -> None:
@@ -127,7 +140,7 @@ def test_only_the_entry_layer_takes_the_argument_object() -> None:
     """Below the entries, the API and the recipe skeleton, a function takes settings objects or plain values."""
     offenders = []
     for name, tree in modules().items():
-        if name in MAY_TAKE_ARGS or name.split(".")[0] == "config":
+        if name in MAY_TAKE_ARGS or name.split(".")[0] in ("config", "api"):
             continue
         for fn in _functions(tree):
             for a in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]:

@@ -9,7 +9,7 @@ from test_packing import load, random_records
 from open_instruct.config import TrainArguments
 from open_instruct.config.cli import parse_args
 from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
-from open_instruct.model.fast_path import (
+from open_instruct.model.batch_layout import (
     GPU_PROOF,
     choose_batch_layout,
     computes_in_half,

@@ -147,8 +147,7 @@ def test_readme_flag_rules_table_is_current():
 )
 def test_sft_and_pretraining_configs_refuse_nan_and_inf(cls, name, tiny_model_dir, tmp_path):
     """SFT's and pretraining's own numbers (max_seq_length, block_size, amount, ...) reach the same checker."""
-    from open_instruct.finetune import run_sft
-    from open_instruct.pretrain import pretrain_arguments
+    from open_instruct.api import pretrain_arguments, run_sft
 
     train = TrainingConfig(output_dir=str(tmp_path), micro_batch_size=2, batch_size=2)
     for bad in (math.nan, math.inf):

@@ -114,7 +114,7 @@ def _model(args: TrainArguments):
 def _batches(args: TrainArguments):
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.data.sampler import pair_dataloader
-    from open_instruct.model.fast_path import choose_batch_layout
+    from open_instruct.model.batch_layout import choose_batch_layout
     from open_instruct.model.modeling import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(ModelSettings.of(args))

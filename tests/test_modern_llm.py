@@ -22,11 +22,11 @@ from modern_llm.data.preference_datasets import PreferenceDatasetConfig
 from modern_llm.training.train_dpo import run_dpo, DPOConfig
 from modern_llm.training.train_sft import run_sft
 from modern_llm.training.train_lm import run_training
-import modern_llm, open_instruct.api, open_instruct.finetune, open_instruct.pretrain
+import modern_llm, open_instruct.api
 assert run_dpo is open_instruct.api.run_dpo and DPOConfig is open_instruct.api.DPOConfig
-assert TrainingConfig is open_instruct.api.TrainingConfig and run_sft is open_instruct.finetune.run_sft
+assert TrainingConfig is open_instruct.api.TrainingConfig and run_sft is open_instruct.api.run_sft
 assert PreferenceDatasetConfig is open_instruct.api.PreferenceDatasetConfig
-assert run_training is open_instruct.pretrain.run_training
+assert run_training is open_instruct.api.run_training
 print(modern_llm.__file__, open_instruct.api.__file__)
 """
 

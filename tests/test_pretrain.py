@@ -100,7 +100,7 @@ def _held_out_perplexity(checkpoint, test_file, tokenizer_dir, block: int) -> fl
 @pytest.mark.slow
 def test_pretraining_lowers_held_out_perplexity_fourfold(corpus, tmp_path):
     """Stated margin: 30 steps on the embedded text cut held-out perplexity at least 4-fold (measured ~137 -> ~20)."""
-    from open_instruct.pretrain import run_training
+    from open_instruct.api import run_training
 
     train, test, tokenizer = corpus
     config = TrainingConfig(
@@ -133,7 +133,7 @@ def test_pretraining_resumes_exactly(corpus, tmp_path, capsys):
 
     from safetensors.torch import load_file
 
-    from open_instruct.pretrain import run_training
+    from open_instruct.api import run_training
 
     train, _, tokenizer = corpus
     config = TrainingConfig(

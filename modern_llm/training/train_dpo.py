@@ -1,5 +1,5 @@
-"""DPO stage (``open_instruct.api.run_dpo``)."""
+"""DPO stage: the same names as ``open_instruct`` (one implementation, in :mod:`open_instruct.api`)."""
 
-from open_instruct.training.train_dpo import DPOConfig, PreferenceDatasetConfig, TrainingConfig, run_dpo
+from open_instruct.api import DPOConfig, PreferenceDatasetConfig, TrainingConfig, run_dpo
 
 __all__ = ["DPOConfig", "PreferenceDatasetConfig", "TrainingConfig", "run_dpo"]

@@ -1,5 +1,5 @@
-"""Pretraining stage (``open_instruct.pretrain.run_training``)."""
+"""Pretraining stage: the same names as ``open_instruct`` (one implementation, in :mod:`open_instruct.api`)."""
 
-from open_instruct.training.train_lm import ModelConfig, TextDatasetConfig, TrainingConfig, run_training
+from open_instruct.api import ModelConfig, TextDatasetConfig, TrainingConfig, run_training
 
 __all__ = ["ModelConfig", "TextDatasetConfig", "TrainingConfig", "run_training"]

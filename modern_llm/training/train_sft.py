@@ -1,6 +1,6 @@
-"""SFT stage (``open_instruct.finetune.run_sft``)."""
+"""SFT stage: the same names as ``open_instruct`` (one implementation, in :mod:`open_instruct.api`)."""
 
-from open_instruct.training.train_sft import SFTDatasetConfig, TrainingConfig, run_sft
+from open_instruct.api import SFTDatasetConfig, TrainingConfig, run_sft
 
 InstructionDatasetConfig = SFTDatasetConfig
 

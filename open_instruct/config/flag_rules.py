@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from open_instruct.data.sources import is_data_file
+from open_instruct.errors import say_note
 
 
 @dataclass(frozen=True)
@@ -235,12 +236,6 @@ def rule_problems(args: Any, defaults: Any, say: Callable[[str], None] | None = 
         else:
             say(rule.message(flag, args))
     return problems
-
-
-def say_note(line: str) -> None:
-    """Print a ``note:`` line on stderr, from rank 0 only."""
-    if os.environ.get("RANK", "0") == "0":
-        print(line, file=sys.stderr)
 
 
 def rules_table() -> str:

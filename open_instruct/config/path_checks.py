@@ -16,10 +16,7 @@ from typing import Any
 
 from open_instruct.data.sources import LOCAL_SUFFIXES, check_folder, is_data_file
 from open_instruct.errors import UserError
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+from open_instruct.files import is_local_path
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -61,7 +58,7 @@ def writable_folder(name: str, flag: str) -> None:
 def model_source(name: str | None, flag: str, config_file_ok: bool = False) -> None:
     """A model given as a local path is a folder holding ``config.json`` (with ``config_file_ok``, the pretraining
     recipe's architecture, a ``config.json`` file itself will do)."""
-    if not name or not _looks_local(name):
+    if not name or not is_local_path(name):
         return
     path = Path(name).expanduser()
     if not path.exists():
@@ -78,7 +75,7 @@ def model_source(name: str | None, flag: str, config_file_ok: bool = False) -> N
 
 def tokenizer_source(name: str | None, flag: str) -> None:
     """A tokenizer given as a local path is a folder."""
-    if not name or not _looks_local(name):
+    if not name or not is_local_path(name):
         return
     path = Path(name).expanduser()
     if not path.exists():
@@ -93,7 +90,7 @@ def dataset_source(name: str, split: str, flag: str, text_files: bool = False) -
 
     path = Path(name).expanduser()
     if not path.exists():
-        if is_data_file(path) or name.endswith((".txt", ".txt.gz")) or name.startswith((".", "/", "~")):
+        if is_data_file(path) or name.endswith((".txt", ".txt.gz")) or is_local_path(name):
             raise UserError(f"{flag}: dataset file not found: {name}")
         return  # a hub name
     if path.is_dir():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from open_instruct.errors import UserError
+from open_instruct.files import is_local_path
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".parquet.gz")
 BATCH_ROWS = 1024  # rows converted to Python objects at a time from Arrow sources
@@ -258,7 +259,7 @@ def iter_rows(name: str, split: str) -> Iterator[Located]:
         if not is_data_file(path):
             raise UserError(f"{name}: unsupported file type; use {', '.join(LOCAL_SUFFIXES)} or a folder of them")
         return _iter_file(path)
-    if is_data_file(path) or name.startswith((".", "/", "~")):
+    if is_data_file(path) or is_local_path(name):
         raise UserError(f"dataset file not found: {name}")
     import datasets  # deferred, as in _saved_dataset
 

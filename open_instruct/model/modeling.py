@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import torch
 
 from open_instruct.data.chat_templates import CHAT_TEMPLATES, TOKENIZER_TEMPLATE_NAMES
 from open_instruct.engine import gathered, unwrap_model
-from open_instruct.errors import UserError
+from open_instruct.errors import UserError, say_note
+from open_instruct.files import is_local_path
 from open_instruct.model.lora import LoraSettings, apply_lora, describe
 from open_instruct.model.moe import require_moe
 from open_instruct.model.overrides import compile_decoder_layers, model_config, yarn_parameters
@@ -33,13 +33,9 @@ SLOW_TOKENIZER_NOTE = (
 )
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
-
-
 def check_model_path(name: str | None, what: str = "model") -> None:
     """A local-looking path that does not exist is an error before anything loads."""
-    if name and _looks_local(name) and not Path(name).expanduser().exists():
+    if name and is_local_path(name) and not Path(name).expanduser().exists():
         raise UserError(f"{what} path not found: {name}")
 
 
@@ -124,9 +120,8 @@ def check_model_options(model: ModelSettings) -> None:
 def note_slow_tokenizer(use_slow_tokenizer: bool, tokenizer: Any, name: str) -> None:
     """``--use_slow_tokenizer`` asks ``use_fast=False``; a tokenizer that has only a ``tokenizer.json`` (no slow
     Python version) still loads fast, and the run says so instead of ignoring the flag."""
-    # A note: line as the flag rules print theirs (config/flag_rules.py): on stderr, from rank 0 only.
-    if use_slow_tokenizer and getattr(tokenizer, "is_fast", False) and os.environ.get("RANK", "0") == "0":
-        print(SLOW_TOKENIZER_NOTE.format(name=name), file=sys.stderr)
+    if use_slow_tokenizer and getattr(tokenizer, "is_fast", False):
+        say_note(SLOW_TOKENIZER_NOTE.format(name=name))
 
 
 def load_tokenizer(model: ModelSettings) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from open_instruct.errors import UserError
-from open_instruct.files import atomic_write
+from open_instruct.files import atomic_write, is_local_path
 from open_instruct.model.scratch import transformers_config
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
@@ -26,7 +26,7 @@ PT_FORMAT = "open_instruct.pt_checkpoint/1"
 
 def is_state_dict_file(path: str) -> bool:
     """Whether ``path`` names a single weights file rather than a model folder or hub id."""
-    return Path(path).suffix in STATE_DICT_SUFFIXES and (Path(path).is_file() or path.startswith((".", "/", "~")))
+    return Path(path).suffix in STATE_DICT_SUFFIXES and is_local_path(path)
 
 
 def _config_source(tokenizer_name: str | None, model_config: Any) -> Any:

@@ -109,7 +109,7 @@ def workload_of(
         tokens=tokens,
         reference_tokens=reference_rows * max_seq_length,
         chunk=batch.logprob_chunk_size or auto_chunk_size(shape.vocab),
-        gradient_checkpointing=model.gradient_checkpointing or model.activation_memory_budget < 1.0,
+        gradient_checkpointing=model.checkpoints_every_layer,
         trainable=trainable,
         qlora=model.use_qlora,
         reference_pass=stage == "dpo" and reference.needs_reference,

@@ -8,7 +8,6 @@ resumes), the Hub target (a token) and tracking (wandb installed and logged in, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -157,18 +156,6 @@ def plan_of(settings: RunSettings, stage: str, num_examples: int | None, notes: 
     return plan
 
 
-def with_flags(settings: RunSettings, changes: dict[str, Any]) -> RunSettings:
-    """``settings`` with each changed flag replaced in every concern that holds it (a batch size in several)."""
-    pieces = {}
-    for concern in dataclasses.fields(settings):
-        piece = getattr(settings, concern.name)
-        held = {f.name for f in dataclasses.fields(piece)}
-        pieces[concern.name] = dataclasses.replace(piece, **{k: v for k, v in changes.items() if k in held})
-    unknown = set(changes) - {f.name for piece in pieces.values() for f in dataclasses.fields(piece)}
-    assert not unknown, f"no settings object holds {sorted(unknown)}"
-    return RunSettings(**pieces)
-
-
 def dry_run(settings: RunSettings, stage: str = "dpo") -> build.Plan:
     """Check everything a run needs without loading weights, print its plan; returns the plan."""
     if settings.model.model_name_or_path is None:
@@ -180,7 +167,7 @@ def dry_run(settings: RunSettings, stage: str = "dpo") -> build.Plan:
     plan = plan_of(settings, stage, num_examples, notes)
 
     def peak_of(changes: dict[str, Any]) -> float:
-        return plan_of(with_flags(settings, changes), stage, num_examples, []).peak
+        return plan_of(settings.replaced(**changes), stage, num_examples, []).peak
 
     text = report.format_plan(plan, report.suggestions(plan, peak_of))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from open_instruct.errors import UserError
+from open_instruct.files import is_local_path
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 
@@ -121,7 +122,7 @@ def resolve_model_config(name: str, revision: str | None = None) -> tuple[dict[s
         if not (local / "config.json").is_file():
             raise UserError(f"model folder {name} has no config.json")
         return _read(local / "config.json"), str(local / "config.json")
-    if name.startswith((".", "/", "~")):
+    if is_local_path(name):
         raise UserError(f"model folder not found: {name}")
     shipped = SHIPPED_CONFIGS / name / "config.json"
     if revision is None and shipped.is_file():

@@ -7,14 +7,12 @@ keyed by dataset ``index``, so the padding accelerate adds to even out the last 
 ends with the same numbers.
 
 Offline, :func:`preference_accuracy` measures how often the policy itself prefers the chosen reply (average log-prob
-per reply token), with no reference model, so it is meaningful before training too:
-
-    python -m open_instruct.training.evaluation --model_name_or_path DIR --data test.jsonl
+per reply token), with no reference model, so it is meaningful before training too (``python -m
+open_instruct.evaluate``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Callable
@@ -23,15 +21,13 @@ from typing import Any
 
 import torch
 
-from open_instruct.config import TrainArguments
 from open_instruct.data.collate import PaddedPairCollator
 from open_instruct.data.mixer import hold_out, reindex
-from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.engine import gather_rows
 from open_instruct.objectives.logprobs import sequence_logprobs
 from open_instruct.objectives.losses import LossFn
 from open_instruct.report.tracking import MetricsLogger
-from open_instruct.settings import DataSettings, ModelSettings
+from open_instruct.settings import DataSettings
 from open_instruct.training.preemption import EvaluationStopped, signal_name, stop_agreed
 from open_instruct.training.preference import PairObjective, PreferenceSettings
 from open_instruct.training.reference_cache import ReferenceLogps
@@ -197,32 +193,3 @@ def preference_accuracy(model: Any, records: list[dict[str, Any]], pad_token_id:
         half = batch["index"].shape[0]
         correct += int((lp.means[:half] > lp.means[half:]).sum())
     return correct / max(len(records), 1)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Print the held-out preference accuracy of a model on a preference file."""
-    from transformers import AutoModelForCausalLM
-
-    from open_instruct.model.modeling import load_tokenizer
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True)
-    parser.add_argument("--data", required=True, help="a preference file (any supported format)")
-    parser.add_argument("--max_seq_length", type=int, default=2048)
-    parser.add_argument("--label", default="held-out preference accuracy")
-    ns = parser.parse_args(argv)
-    args = TrainArguments(
-        model_name_or_path=ns.model_name_or_path,
-        mixer_list=[ns.data, "1.0"],
-        mixer_list_splits=["test"],
-        max_seq_length=ns.max_seq_length,
-    )
-    tokenizer = load_tokenizer(ModelSettings.of(args))
-    records = prepare_preference_data(DataSettings.of(args), tokenizer).records
-    model = AutoModelForCausalLM.from_pretrained(ns.model_name_or_path)
-    accuracy = preference_accuracy(model, records, tokenizer.pad_token_id)
-    print(f"{ns.label}: {100 * accuracy:.2f}% of {len(records)} pairs")
-
-
-if __name__ == "__main__":
-    main()

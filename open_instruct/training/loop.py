@@ -2,7 +2,7 @@
 
 The loop knows nothing of the stage: a :class:`StepFn` maps ``(model, micro-batch, real rows, scale)`` to
 ``(loss, metric sums, count)`` (the sums are divided by the summed counts when logged). DPO's is
-:func:`open_instruct.training.preference.preference_step_fn`, SFT's :func:`open_instruct.finetune.sft_step`.
+:func:`open_instruct.training.preference.preference_step_fn`, SFT's :func:`open_instruct.training.sft.sft_step`.
 
 One normalization for every batching mode and world size: the loop reads an optimizer step's micro-batches ahead, asks
 the stage how many units (pairs, label tokens) the real rows of each hold (rows accelerate repeats to even out the
@@ -267,14 +267,8 @@ def train_loop(
             if settings.step_hook is not None:
                 settings.step_hook(step)
             if step % settings.logging_steps == 0 or step == settings.max_train_steps:
-                row, perf = _interval_row(
-                    accelerator, interval, settings, clock, scheduler.get_last_lr()[0], step / steps_per_epoch
-                )
-                last = {"training_step": step, **row, "token_count": clock["tokens"]}
-                last.update({"nonfinite_skipped": faults.guard.skipped, **perf})
-                if interval.grad_norm is not None:
-                    last["grad_norm"] = interval.grad_norm
-                logger.log(last)
+                progress = (step, step / steps_per_epoch, scheduler.get_last_lr()[0])
+                last = _log_interval(accelerator, logger, interval, settings, clock, progress, faults.guard.skipped)
                 interval = StepMetrics()
             end_of_epoch = seen >= len(dataloader)
             position = (epoch + 1, 0) if end_of_epoch else (epoch, seen)
@@ -288,6 +282,26 @@ def train_loop(
     bar.close()
     if evaluate is not None and evaluated_at != step:  # the data ran out before max_train_steps: evaluate the end
         evaluate(step)
+    return last
+
+
+def _log_interval(
+    accelerator: Any,
+    logger: MetricsLogger,
+    interval: StepMetrics,
+    settings: LoopSettings,
+    clock: dict[str, float],
+    progress: tuple[int, float, float],
+    skipped: int,
+) -> dict[str, Any]:
+    """Log the steps since the last logged one (``progress``: optimizer step, epoch, learning rate); returns the row."""
+    step, epoch, lr = progress
+    row, perf = _interval_row(accelerator, interval, settings, clock, lr, epoch)
+    last = {"training_step": step, **row, "token_count": clock["tokens"]}
+    last.update({"nonfinite_skipped": skipped, **perf})
+    if interval.grad_norm is not None:
+        last["grad_norm"] = interval.grad_norm
+    logger.log(last)
     return last
 
 

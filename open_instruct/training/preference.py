@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from open_instruct.data.sampler import pair_dataloader
-from open_instruct.model.fast_path import needs_padding_mask
+from open_instruct.model.batch_layout import needs_padding_mask
 from open_instruct.model.liger import resolve_logprob_impl
 from open_instruct.model.lora import adapters_disabled
 from open_instruct.model.modeling import logprob_model_options
@@ -178,7 +178,7 @@ def make_logprob_fn(
 
     ``padding_mask=False`` leaves the mask out of padded forwards: rows are right-padded, so causal attention alone
     keeps every real token off the padding, and sdpa runs its causal kernel instead of building and keeping an
-    ``[rows, 1, L, L]`` mask per layer (see :func:`open_instruct.model.fast_path.needs_padding_mask`)."""
+    ``[rows, 1, L, L]`` mask per layer (see :func:`open_instruct.model.batch_layout.needs_padding_mask`)."""
 
     def logprob_fn(model: Any, batch: dict[str, torch.Tensor]) -> SequenceLogprobs:
         if packing:

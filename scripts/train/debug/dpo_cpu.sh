@@ -30,9 +30,9 @@ if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 # PLAN=1: the plan only (checks, memory, time); needs $DEMO_DIR/model/config.json and the data, writes nothing.
 if [ "${PLAN:-0}" = 1 ]; then exec "${cmd[@]}" --dry_run; fi
 [ -f "$DEMO_DIR/model/config.json" ] || python -m open_instruct.data.synthetic "$DEMO_DIR"
-python -m open_instruct.training.evaluation --model_name_or_path "$DEMO_DIR/model" --data "$DEMO_DIR/data/test.jsonl" \
+python -m open_instruct.evaluate --model_name_or_path "$DEMO_DIR/model" --data "$DEMO_DIR/data/test.jsonl" \
     --label "held-out preference accuracy before DPO"
 "${cmd[@]}"
-python -m open_instruct.training.evaluation --model_name_or_path "$OUTPUT_DIR" --data "$DEMO_DIR/data/test.jsonl" \
+python -m open_instruct.evaluate --model_name_or_path "$OUTPUT_DIR" --data "$DEMO_DIR/data/test.jsonl" \
     --label "held-out preference accuracy after DPO"
 echo "demo wall time: $(( $(date +%s) - start ))s"

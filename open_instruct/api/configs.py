@@ -1,30 +1,26 @@
-"""The Python API: ``run_dpo`` and its config classes, mapped onto :class:`TrainArguments` and the CLI's engine.
+"""The Python API's config classes and their mapping onto :class:`TrainArguments` (no training here).
 
-    from open_instruct import run_dpo, DPOConfig, TrainingConfig, PreferenceDatasetConfig
-    path = run_dpo("sft_model/", TrainingConfig(output_dir="out", batch_size=32, micro_batch_size=8,
-                                                gradient_accumulation_steps=4, learning_rate=5e-7),
-                   DPOConfig(beta=0.1), PreferenceDatasetConfig("Anthropic/hh-rlhf"))
-
-Every setting lands in one ``TrainArguments`` that goes through the same validation and the same
-``dpo_tune_cache.run`` as ``python -m open_instruct.dpo_tune_cache``: there is no second training loop.
+``TrainingConfig`` (every stage), ``DPOConfig``, and one dataset config per stage (``TextDatasetConfig``,
+``SFTDatasetConfig``, ``PreferenceDatasetConfig``) become the values of one ``TrainArguments``, the object the command
+line builds too; :mod:`open_instruct.api.stages` validates it and runs the stage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from open_instruct.config import TrainArguments, settings_of, validate
+from open_instruct.config import TrainArguments
 from open_instruct.errors import UserError
-from open_instruct.objectives.losses import LossSettings, hyperparameter_names
+from open_instruct.files import is_local_path
+from open_instruct.objectives.losses import LossSettings
 
 # Hub datasets whose row shape needs a dedicated parser (open_instruct.data.formats), by lower-cased hub id.
 HUB_FORMATS = {"anthropic/hh-rlhf": "hh_rlhf", "stanfordnlp/shp": "shp"}
@@ -238,10 +234,6 @@ def dataset_path(source: DatasetSource, folder: Path, name: str) -> str:
     return str(path)
 
 
-def _is_local(name: str) -> bool:
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
-
-
 def dataset_arguments(dataset: Any, train: TrainingConfig, kind: str) -> dict[str, Any]:
     """The TrainArguments data values for a dataset config (preference pairs or SFT conversations)."""
     source = dataset.dataset_name if dataset.dataset_name is not None else train.dataset_name
@@ -267,7 +259,7 @@ def dataset_arguments(dataset: Any, train: TrainingConfig, kind: str) -> dict[st
         values["eval_mixer_list"] = [dataset_path(dataset.eval_dataset_name, folder, "eval"), "1.0"]
         values["eval_mixer_list_splits"] = [dataset.eval_split]
     elif train.eval_every is not None and dataset.eval_fraction == 0:
-        if _is_rows(source) or _is_local(name):
+        if _is_rows(source) or is_local_path(name):
             raise UserError(
                 f"eval_every needs an evaluation set and {name} has no {dataset.eval_split!r} split: "
                 "pass eval_dataset_name= or eval_fraction="
@@ -286,139 +278,9 @@ def preference_arguments(dataset: PreferenceDatasetConfig, train: TrainingConfig
     return values
 
 
-def plan_run(args: TrainArguments, stage: str) -> Any:
-    """The dry run of a stage from Python: checks, printed plan, the plan returned; nothing loaded or written."""
-    from open_instruct.model.state_dict import is_state_dict_file
-    from open_instruct.plan.check import dry_run
-    from open_instruct.training.recipe import preflight
-
-    if is_state_dict_file(args.model_name_or_path or ""):
-        raise UserError("dry_run: a .pt checkpoint holds weights; plan from its model folder or hub id instead")
-    preflight(args)
-    return dry_run(settings_of(args), stage)
-
-
-def dpo_arguments(
-    model: str,
-    train: TrainingConfig,
-    dpo: DPOConfig,
-    dataset: PreferenceDatasetConfig,
-    tokenizer_name: str | None = None,
-) -> TrainArguments:
-    """One validated TrainArguments from the API's configs."""
-    values = training_arguments(train)
-    values.update(preference_arguments(dataset, train))
-    if dpo.max_length < 1 or dpo.max_prompt_length < 1:
-        raise UserError(
-            f"max_length and max_prompt_length must be >= 1, got {dpo.max_length}, {dpo.max_prompt_length}"
-        )
-    values.update({name: getattr(dpo, name) for name in hyperparameter_names()})
-    values.update(
-        model_name_or_path=model,
-        loss_type=dpo.loss_type,
-        loss_weights=dpo.loss_weights,
-        reference_free=dpo.reference_free,
-        max_seq_length=dpo.max_prompt_length + dpo.max_length,
-        max_response_length=dpo.max_length,
-    )
-    if dpo.reference_cache_dir:
-        values["reference_logprobs_cache_path"] = dpo.reference_cache_dir
-    if tokenizer_name:
-        values["tokenizer_name_or_path"] = tokenizer_name
-    args = arguments_from(values)
-    validate(args)
-    return args
-
-
 def arguments_from(values: dict[str, Any]) -> TrainArguments:
     """The arguments the API's configs translate to, not yet validated; a setting of the wrong name is a UserError."""
     try:
         return TrainArguments(**values)
     except TypeError as err:
         raise UserError(f"invalid setting: {err}") from err
-
-
-def source_tokenizer(checkpoint: str, tokenizer_name: str | None) -> str:
-    """The tokenizer a stage starting from ``checkpoint`` uses, by name: the one given, the one a ``.pt`` of ours
-    carries, else the checkpoint's own."""
-    from open_instruct.model.state_dict import carried_tokenizer_name, is_state_dict_file
-
-    if tokenizer_name:
-        return tokenizer_name
-    carried = carried_tokenizer_name(checkpoint) if is_state_dict_file(checkpoint) else None
-    return carried or checkpoint
-
-
-def final_checkpoint(folder: Path, train: TrainingConfig, stage: str, tokenizer_name: str | None) -> Path:
-    """What a stage returns: its output folder, or with ``save_format="pt"`` the ``<stage>_final.pt`` written from it
-    (the next stage's ``pretrain_checkpoint`` / ``sft_checkpoint`` either way)."""
-    if train.save_format != "pt":
-        return folder
-    from open_instruct.model.state_dict import write_pt_checkpoint
-
-    path = folder / f"{stage}_final.pt"
-    if int(os.environ.get("RANK", "0")) == 0:  # launched on several processes: the main one writes it
-        write_pt_checkpoint(folder, path, tokenizer_name)
-    return path
-
-
-@contextlib.contextmanager
-def fresh_accelerate_state() -> Iterator[None]:
-    """Let several runs share one Python process (a notebook, SFT then DPO): accelerate keeps global state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from open_instruct.engine.fsdp2 import restore_process_state
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    try:
-        yield
-    finally:
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
-        restore_process_state()
-
-
-def run_dpo(
-    sft_checkpoint: str | os.PathLike,
-    train_config: TrainingConfig | None = None,
-    dpo_config: DPOConfig | None = None,
-    preference_config: PreferenceDatasetConfig | None = None,
-    tokenizer_name: str | None = None,
-    model_config: Any = None,
-    dry_run: bool = False,
-) -> Any:
-    """DPO from an SFT checkpoint (HF folder, hub id, or ``.pt``); returns the final checkpoint (the output folder, or
-    ``dpo_final.pt`` with ``save_format="pt"``). ``dry_run=True``: check every input and print the plan (memory per
-    GPU, time; see ``--dry_run``) without loading weights or writing anything; returns the
-    :class:`open_instruct.plan.build.Plan`.
-
-    A ``.pt`` written by ``run_sft``/``run_training`` carries its model config and tokenizer. A bare state dict needs a
-    tokenizer (``tokenizer_name`` or ``train_config.tokenizer_name``) and a model config (``model_config``: a folder,
-    hub id or ``PretrainedConfig``; default: the tokenizer's folder).
-    """
-    from open_instruct import dpo_tune_cache
-    from open_instruct.model.state_dict import is_state_dict_file, state_dict_to_folder
-    from open_instruct.training import preemption
-    from open_instruct.training.recipe import preflight
-
-    train = train_config or TrainingConfig()
-    tokenizer_name = tokenizer_name or train.tokenizer_name
-    checkpoint = str(sft_checkpoint)
-    args = dpo_arguments(
-        checkpoint, train, dpo_config or DPOConfig(), preference_config or PreferenceDatasetConfig(), tokenizer_name
-    )
-    if dry_run or args.dry_run:
-        return plan_run(args, "dpo")
-    if is_state_dict_file(checkpoint):
-        args.model_name_or_path = str(
-            state_dict_to_folder(checkpoint, tokenizer_name, model_config, Path(train.output_dir) / "initial_model")
-        )
-        args.tokenizer_name_or_path = args.model_name_or_path
-    preflight(args)
-    with fresh_accelerate_state():
-        try:
-            folder = Path(dpo_tune_cache.run(args))
-        finally:  # the run's stop-signal handlers end with it, also when it raises Preempted
-            preemption.uninstall()
-    return final_checkpoint(folder, train, "dpo", source_tokenizer(checkpoint, tokenizer_name))
