@@ -14,10 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from open_instruct.config import TrainArguments, settings_of, validate
 from open_instruct.config.stage_flags import DPO_ONLY
+from open_instruct.data.prepare import write_statistics
+from open_instruct.data.sft import SFTCollator, prepare_sft_data
 from open_instruct.errors import UserError
+from open_instruct.model.modeling import load_model, load_tokenizer
+from open_instruct.objectives.logprobs import sequence_logprobs
+from open_instruct.report.tracking import MetricsLogger
+from open_instruct.training import recipe
+from open_instruct.training.evaluation import NLLEvaluator, prepare_eval_records
+from open_instruct.training.precision import in_run_precision
 from open_instruct.training.recipe import command_line
 from open_instruct.training.sft import sft_step
 
@@ -34,16 +43,6 @@ def check_sft_arguments(args: TrainArguments) -> None:
 def run(args: TrainArguments) -> Path:
     """Fine-tune one model on chat data; returns the folder holding the final checkpoint."""
     cfg = settings_of(args)  # each layer below gets the settings of its concern
-    from torch.utils.data import DataLoader
-
-    from open_instruct.data.prepare import write_statistics
-    from open_instruct.data.sft import SFTCollator, prepare_sft_data
-    from open_instruct.model.modeling import load_model, load_tokenizer
-    from open_instruct.objectives.logprobs import sequence_logprobs
-    from open_instruct.report.tracking import MetricsLogger
-    from open_instruct.training import recipe
-    from open_instruct.training.evaluation import NLLEvaluator, prepare_eval_records
-    from open_instruct.training.precision import in_run_precision
 
     # 1. Engine, seed, tokenizer, data (every row checked before the model loads).
     accelerator, output_dir = recipe.start_run(args)

@@ -24,11 +24,23 @@ if __package__ in (None, ""):  # run as a file: import the package, not this fol
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
+from torch.utils.data import DataLoader
 
 from open_instruct.config import TrainArguments, settings_of, validate
+from open_instruct.config.cli import exit_on_user_error, parse_args
 from open_instruct.config.stage_flags import DPO_ONLY
+from open_instruct.data.sft import SFTCollator
+from open_instruct.data.text import prepare_text_data
 from open_instruct.errors import UserError
+from open_instruct.files import write_text_atomic
+from open_instruct.model.modeling import note_slow_tokenizer, resolve_attn_implementation
+from open_instruct.objectives.logprobs import sequence_logprobs
+from open_instruct.report.tracking import MetricsLogger
+from open_instruct.training import recipe
+from open_instruct.training.evaluation import NLLEvaluator
+from open_instruct.training.precision import in_run_precision
 from open_instruct.training.recipe import preflight
+from open_instruct.training.resume import run_signature, start_or_resume
 from open_instruct.training.sft import sft_step
 
 # Flags that make no sense for a model trained from scratch on raw text: an error, never ignored.
@@ -53,7 +65,6 @@ def load_text_tokenizer(args: TrainArguments) -> Any:
     from transformers import AutoTokenizer
 
     name = args.tokenizer_name_or_path or args.model_name_or_path
-    from open_instruct.model.modeling import note_slow_tokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -70,8 +81,6 @@ def load_text_tokenizer(args: TrainArguments) -> Any:
 def build_model(args: TrainArguments, tokenizer: Any, log: Any = print) -> Any:
     """Fresh weights (from the run's seed) for the architecture in ``--model_name_or_path``'s config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from open_instruct.model.modeling import resolve_attn_implementation
 
     try:
         config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
@@ -104,18 +113,6 @@ def run(args: TrainArguments, text_column: str = "text") -> Path:
     """Pretrain one model from scratch on raw text; returns the folder holding the final checkpoint."""
     cfg = settings_of(args)  # each layer below gets the settings of its concern
     import json
-
-    from torch.utils.data import DataLoader
-
-    from open_instruct.data.sft import SFTCollator
-    from open_instruct.data.text import prepare_text_data
-    from open_instruct.files import write_text_atomic
-    from open_instruct.objectives.logprobs import sequence_logprobs
-    from open_instruct.report.tracking import MetricsLogger
-    from open_instruct.training import recipe
-    from open_instruct.training.evaluation import NLLEvaluator
-    from open_instruct.training.precision import in_run_precision
-    from open_instruct.training.resume import run_signature, start_or_resume
 
     # 1. Engine, seed, tokenizer, text packed into blocks (every file read before the model is built).
     accelerator, output_dir = recipe.start_run(args)
@@ -170,7 +167,6 @@ def run(args: TrainArguments, text_column: str = "text") -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: one clear line and exit code 2 for bad input."""
-    from open_instruct.config.cli import exit_on_user_error, parse_args
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--text_column", default="text")

@@ -1,6 +1,6 @@
 """Our Liger log-prob path run by Triton's interpreter on CPU; prints one JSON object of measured errors.
 
-Run by tests/test_liger_interpreter.py in a subprocess: ``TRITON_INTERPRET=1`` must be set before Triton is first
+Run by tests/model/test_liger.py in a subprocess: ``TRITON_INTERPRET=1`` must be set before Triton is first
 imported, so it cannot be switched on inside the test process (which has imported Triton already, through the model
 code). Every comparison is fp32 and relative: ||a - b|| / ||b|| per tensor, the largest over all tensors.
 """
@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_helpers
 
 import torch  # noqa: E402
-from model_helpers import padded_rows, rel, tiny_llama  # noqa: E402
 
 from open_instruct.data.tokenize import IGNORE_INDEX  # noqa: E402
 from open_instruct.model.liger import liger_available  # noqa: E402
 from open_instruct.objectives.logprobs import chunked_logprobs, sequence_logprobs  # noqa: E402
+from tests.model_helpers import padded_rows, rel, tiny_llama  # noqa: E402
 
 
 def batch() -> dict[str, torch.Tensor]:

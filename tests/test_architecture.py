@@ -120,12 +120,11 @@ def test_no_import_circle() -> None:
 
 def test_own_modules_imported_at_the_top() -> None:
     """Imports of the package's own modules sit at the top of a module (a function body may defer only a heavy or
-    optional third-party package); the entry layer keeps ``--help`` light and may defer."""
+    optional third-party package)."""
     found = modules()
     nested = [
         f"{name}:{node.lineno} imports {target}"
         for name, tree in found.items()
-        if layer(name) > 0
         for target, node, in_function in imported(tree, set(found))
         if in_function
     ]

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, cli_env, read_metrics
 
 from open_instruct import DPOConfig, PreferenceDatasetConfig, SFTDatasetConfig, TrainingConfig, run_dpo, run_sft
 from open_instruct.data.sft import conversation, tokenize_conversation
 from open_instruct.data.synthetic import build_tokenizer
 from open_instruct.errors import UserError
+from tests.conftest import ROOT, cli_env, read_metrics
 
 
 def test_labels_cover_every_assistant_turn_and_nothing_else():

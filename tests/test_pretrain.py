@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, read_metrics
 
 from open_instruct.api import TrainingConfig
 from open_instruct.data.text import load_documents, pack_blocks
 from open_instruct.errors import UserError
 from open_instruct.model.scratch import ModelConfig
+from tests.conftest import ROOT, cli_env, read_metrics
 
 TINY = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, max_seq_len=32)
 

@@ -1,5 +1,5 @@
-"""TRL's own loss code called directly: ``DPOTrainer._compute_loss`` on a stand-in trainer (tests/test_losses.py,
-tests/test_losses_trl.py). The trainer is a namespace holding only the attributes that method reads."""
+"""TRL's own loss code called directly: ``DPOTrainer._compute_loss`` on a stand-in trainer (tests/objectives/test_losses.py,
+tests/objectives/test_losses_trl.py). The trainer is a namespace holding only the attributes that method reads."""
 
 from __future__ import annotations
 

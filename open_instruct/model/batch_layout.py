@@ -3,9 +3,9 @@
 ``--packing`` is a tri-state: ``true`` (bare ``--packing``, open-instruct's spelling) packs, ``false`` pads, and the
 default (unset, ``None``) takes the fastest layout proven equal to padded batches on this device:
 - CPU (and any non-CUDA device): packed rows with per-sequence attention (``sdpa_varlen``), proven equal to padded
-  batches by tests/test_packing.py; it skips the padding's compute and activations.
+  batches by tests/model/test_packing.py; it skips the padding's compute and activations.
 - CUDA in bf16/fp16: packed rows under ``torch_varlen`` (PyTorch's flash varlen kernel, one call per row), proven
-  equal to padded batches on an H200 by the GPU suite's tests (tests/test_gpu_paths.py) and 1.5x padded batches'
+  equal to padded batches on an H200 by the GPU suite's tests (tests/model/test_gpu_paths.py) and 1.5x padded batches'
   tokens/s there, where ``sdpa_varlen``'s per-sequence calls ran at 0.24x ``torch_varlen`` (BENCHMARKS.md, GPU suite). Packing on CUDA
   (default or ``--packing``) takes ``torch_varlen`` in place of ``sdpa_varlen`` whenever the precision allows.
 - CUDA otherwise (fp32, no ``torch.nn.attention.varlen``, or flash-attention, whose packed path the suite has not
@@ -32,8 +32,8 @@ from open_instruct.model.packed_kernels import (
 )
 from open_instruct.model.packing import VARLEN_SDPA, packed_attention_implementation, prepare_model_for_packing
 
-EQUALITY_PROOF = "tests/test_packing.py"
-GPU_PROOF = "proven equal to padded batches on an H200 (tests/test_gpu_paths.py; BENCHMARKS.md, GPU suite)"
+EQUALITY_PROOF = "tests/model/test_packing.py"
+GPU_PROOF = "proven equal to padded batches on an H200 (tests/model/test_gpu_paths.py; BENCHMARKS.md, GPU suite)"
 
 
 @dataclass(frozen=True)

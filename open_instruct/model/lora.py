@@ -2,7 +2,7 @@
 
 The log-prob code unwraps a ``PeftModel`` to its base model and calls the decoder directly. That still trains the
 adapters: ``peft`` replaces the targeted ``nn.Linear`` modules of the base model in place, so every entry point into the
-base model goes through the LoRA layers (``tests/test_lora.py`` checks it).
+base model goes through the LoRA layers (``tests/model/test_lora.py`` checks it).
 """
 
 from __future__ import annotations

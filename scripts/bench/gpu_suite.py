@@ -172,11 +172,21 @@ def peak_memory_gib() -> float | None:
 
 # ------------------------------------------------------------------------------------------------------ part 1
 def part_tests(out: Path, tiny: bool) -> dict:
-    """``pytest -m gpu`` over tests/test_gpu_paths.py; on CPU (tiny) they are collected and skipped."""
+    """``pytest -m gpu`` over tests/model/test_gpu_paths.py; on CPU (tiny) they are collected and skipped."""
     start = time.perf_counter()
     report = out / "gpu_tests.xml"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "tests/test_gpu_paths.py", f"--junitxml={report}"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "gpu",
+            "-rs",
+            "tests/model/test_gpu_paths.py",
+            f"--junitxml={report}",
+        ],
         cwd=ROOT,
         env=child_env(out),
         capture_output=True,
