@@ -6,6 +6,7 @@ from open_instruct import TextDatasetConfig, SFTDatasetConfig, PreferenceDataset
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 # name -> module; imported on first use so that `import open_instruct.config` (the CLI) stays light.
@@ -28,8 +29,6 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'open_instruct' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 

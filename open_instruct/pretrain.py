@@ -23,6 +23,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: import the package, not this folder's modules by bare name
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import json
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -62,6 +64,7 @@ def check_pretrain_arguments(args: TrainArguments) -> None:
 
 def load_text_tokenizer(args: TrainArguments) -> Any:
     """The tokenizer (no chat template needed: the data is raw text)."""
+    # transformers takes seconds to import: --help, validation and the planner never need it
     from transformers import AutoTokenizer
 
     name = args.tokenizer_name_or_path or args.model_name_or_path
@@ -80,6 +83,7 @@ def load_text_tokenizer(args: TrainArguments) -> Any:
 
 def build_model(args: TrainArguments, tokenizer: Any, log: Any = print) -> Any:
     """Fresh weights (from the run's seed) for the architecture in ``--model_name_or_path``'s config.json."""
+    # transformers takes seconds to import: --help, validation and the planner never need it
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -112,7 +116,6 @@ def blocks_fingerprint(records: list[dict[str, Any]]) -> str:
 def run(args: TrainArguments, text_column: str = "text") -> Path:
     """Pretrain one model from scratch on raw text; returns the folder holding the final checkpoint."""
     cfg = settings_of(args)  # each layer below gets the settings of its concern
-    import json
 
     # 1. Engine, seed, tokenizer, text packed into blocks (every file read before the model is built).
     accelerator, output_dir = recipe.start_run(args)

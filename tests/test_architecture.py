@@ -131,6 +131,20 @@ def test_own_modules_imported_at_the_top() -> None:
     assert not nested, "imports of the package's own modules inside functions:\n" + "\n".join(nested)
 
 
+def test_a_deferred_import_says_why() -> None:
+    """An import inside a function defers a heavy or optional package; a comment on it (or just above) says which."""
+    silent = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().split("\n")
+        for fn in _functions(ast.parse("\n".join(lines))):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    said = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+                    if not said:
+                        silent.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not silent, "imports inside functions without a reason:\n" + "\n".join(silent)
+
+
 def _functions(tree: ast.Module) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
     return [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
 

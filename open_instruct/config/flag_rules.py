@@ -74,6 +74,7 @@ def _deepspeed(args: Any) -> bool:
 
 
 def _transformers_major() -> int:
+    # transformers takes seconds to import: --help, validation and the planner never need it
     import transformers
 
     return int(transformers.__version__.split(".")[0])

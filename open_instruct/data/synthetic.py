@@ -128,7 +128,7 @@ def build_tokenizer() -> Any:
     """A word-level fast tokenizer over the task's vocabulary, with a chat template."""
     # deferred: transformers takes about a second to import; writing the task's data needs no tokenizer
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # as above
 
     vocab = {token: i for i, token in enumerate(SPECIAL + WORDS + NUMBERS + FILLER)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -150,7 +150,7 @@ def write_tiny_model(
 ) -> Path:
     """Save a randomly initialised tiny Llama and the task's tokenizer as a Hugging Face folder."""
     import torch  # deferred, as in build_tokenizer: only writing the model needs them
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # as above
 
     folder = Path(folder)
     tokenizer = build_tokenizer()

@@ -140,7 +140,7 @@ class Engine:
         """accelerate's ``Accelerator`` for this engine; ``trackers`` are accelerate's tracker names (tensorboard
         writes under ``<project_dir>/tensorboard``); ``sync_each_batch`` all-reduces gradients every micro-batch."""
         from accelerate import Accelerator  # heavy: the planner selects engines without building one
-        from accelerate.utils import (
+        from accelerate.utils import (  # as above
             DataLoaderConfiguration,
             GradientAccumulationPlugin,
             InitProcessGroupKwargs,

@@ -166,8 +166,9 @@ class Fsdp2Engine(Engine):
 
     def plugin(self) -> Any:
         """accelerate's FSDP plugin for this layout."""
-        from accelerate.utils import FullyShardedDataParallelPlugin  # heavy: the planner builds no accelerator
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+        # accelerate is heavy and the planner builds no accelerator; torch's FSDP only matters to FSDP2 runs
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy  # as above
 
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
         param_dtype = dtypes.get(self.layout.mixed_precision)
@@ -198,8 +199,9 @@ class Fsdp2Engine(Engine):
         # accelerate marks the process as FSDP in the environment (ACCELERATE_USE_FSDP); a later run in this process
         # (the Python API's next stage) then reads it as the launcher's, so name the version it is.
         os.environ.setdefault("FSDP_VERSION", "2")
-        from accelerate.state import PartialState  # heavy, as in plugin()
-        from accelerate.utils import DistributedType
+        # accelerate is slow to import: --help, validation and the planner never need it
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType  # as above
 
         state = accelerator.state
         if state.distributed_type == DistributedType.MULTI_CPU:

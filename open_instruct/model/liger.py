@@ -36,6 +36,7 @@ def apply_liger_kernels(model: Any) -> None:
     The fused-linear cross-entropy patch of the model's own forward is left off: our log-probs never call the
     model's head through ``forward(labels=...)``, they call :func:`liger_logprobs`.
     """
+    # liger-kernel is optional (CUDA runs with --use_liger_kernel only)
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     _apply_liger_kernel_to_instance(

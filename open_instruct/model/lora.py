@@ -37,6 +37,7 @@ class LoraSettings:
 
 
 def _peft_config(settings: LoraSettings) -> Any:
+    # peft is optional (LoRA runs only)
     from peft import LoraConfig, TaskType
 
     targets: Any = list(settings.target_modules)
@@ -54,6 +55,7 @@ def _peft_config(settings: LoraSettings) -> Any:
 
 def apply_lora(model: Any, settings: LoraSettings) -> Any:
     """The model wrapped as a ``PeftModel``: base weights frozen, adapters on the target modules trainable."""
+    # peft is optional (LoRA runs only)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if settings.quantized:  # fp32 norms/head and input grads for a 4-bit base, as QLoRA prescribes
@@ -70,6 +72,7 @@ def apply_lora(model: Any, settings: LoraSettings) -> Any:
 
 def find_peft_model(model: Any) -> Any | None:
     """The ``PeftModel`` inside DDP / engine wrappers, or None when the model has no adapters."""
+    # peft is optional (LoRA runs only)
     from peft import PeftModel
 
     # isinstance, not hasattr: an engine's wrapper may forward unknown attributes to the module it wraps.
@@ -110,6 +113,7 @@ def merged_model(peft_model: Any, state_dict: dict[str, torch.Tensor]) -> Any:
     Built from the (possibly engine-gathered) full ``state_dict`` on a meta-device skeleton, so the live training model is
     never modified and only one extra copy of the weights exists.
     """
+    # peft is optional (LoRA runs only)
     from peft import get_peft_model
 
     base = peft_model.get_base_model()

@@ -32,6 +32,7 @@ def yarn_parameters(model: ModelSettings) -> dict[str, Any]:
 def model_config(model: ModelSettings, log: Callable[[str], None] = print) -> Any:
     """The config to build the model with when ``--config_name`` or ``--rope_scaling_factor`` asks for one, else
     None (the checkpoint's own config.json)."""
+    # transformers takes seconds to import: --help, validation and the planner never need it
     from transformers import AutoConfig
 
     source = model.model_name_or_path

@@ -35,6 +35,7 @@ def torch_varlen_available() -> bool:
 def _torch_varlen(query, key, value, cu_seq_lens, scaling, longest, dropout) -> torch.Tensor:
     """Causal varlen attention over a packed row: ``query`` ``[1, H, T, D]``, ``key``/``value`` ``[1, Hkv, T, D]``;
     returns ``[1, T, H, D]``. (No dropout: these kernels serve measurements.)"""
+    # newer torch only: callers check torch_varlen_available() first
     from torch.nn.attention.varlen import varlen_attn
 
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
@@ -65,6 +66,7 @@ def document_ids(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
 
 def _flex_packed(query, key, value, cu_seq_lens, scaling, longest, dropout) -> torch.Tensor:
     """FlexAttention with a causal same-sequence mask over a packed row; shapes as :func:`_torch_varlen`."""
+    # only the flex_packed kernel needs it
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     total = query.shape[2]
@@ -85,6 +87,7 @@ flex_packed_attention = packed_attention(FLEX_PACKED, _flex_packed)
 
 def register_packed_kernels() -> None:
     """Make ``torch_varlen`` and ``flex_packed`` valid ``attn_implementation`` names (idempotent)."""
+    # transformers takes seconds to import: --help, validation and the planner never need it
     from transformers import AttentionInterface
 
     AttentionInterface.register(TORCH_VARLEN, torch_varlen_attention)

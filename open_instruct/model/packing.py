@@ -108,6 +108,7 @@ varlen_sdpa_attention = packed_attention(VARLEN_SDPA, _sdpa_per_sequence, sdpa_p
 
 def register_varlen_attention() -> None:
     """Make ``sdpa_varlen`` a valid ``attn_implementation`` for transformers models (idempotent)."""
+    # transformers takes seconds to import: --help, validation and the planner never need it
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)

@@ -54,6 +54,7 @@ class ModelConfig:
 
     def to_transformers(self, tokenizer: Any) -> Any:
         """The ``LlamaConfig`` of this model for ``tokenizer`` (its size, BOS/EOS/pad ids)."""
+        # transformers takes seconds to import: --help, validation and the planner never need it
         from transformers import LlamaConfig
 
         problems = self.problems()
@@ -85,6 +86,7 @@ class ModelConfig:
 def transformers_config(model_config: Any, tokenizer: Any) -> Any:
     """A ``PretrainedConfig`` from a ModelConfig, a PretrainedConfig, a dict (with ``model_type``, or ModelConfig's
     fields), or a folder / hub id with ``config.json``."""
+    # transformers takes seconds to import: --help, validation and the planner never need it
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(model_config, ModelConfig):

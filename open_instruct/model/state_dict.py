@@ -149,7 +149,7 @@ def write_pt_checkpoint(folder: str | Path, path: str | Path, tokenizer_name: st
     """The Hugging Face checkpoint in ``folder`` as one self-describing ``.pt`` file (weights, model config,
     tokenizer files and name), written atomically."""
     import torch  # heavy, as above
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # as above
 
     folder = Path(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)

@@ -370,6 +370,7 @@ def liger_logprobs(
     The kernel never holds more than a chunk of the ``[T, V]`` logits; with ``reduction="none"`` it returns the
     per-token cross-entropy ``-log p`` and back-propagates per-token gradients.
     """
+    # liger-kernel is optional (CUDA runs with --use_liger_kernel only)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     head = unwrap_model(model).get_output_embeddings()

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from open_instruct.engine import select_engine
 from open_instruct.engine.base import StateLayout
 from open_instruct.errors import UserError
@@ -74,7 +76,6 @@ def cluster_of(plan: PlanSettings, env: dict[str, str]) -> Cluster:
 
 
 def _local_gpu_count() -> int:
-    import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 

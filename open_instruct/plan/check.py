@@ -52,8 +52,9 @@ def hub_dataset_reachable(name: str) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     try:
+        # only a Hub call needs huggingface_hub
         from huggingface_hub import HfApi
-        from huggingface_hub.errors import RepositoryNotFoundError
+        from huggingface_hub.errors import RepositoryNotFoundError  # as above
     except ImportError:
         return False
     try:
@@ -115,6 +116,7 @@ def check_output(output_dir: str, notes: list[str]) -> None:
 def check_hub_and_tracking(push_to_hub: bool, with_tracking: bool, notes: list[str]) -> None:
     """A push needs a token; wandb tracking needs wandb and a login (or offline mode)."""
     if push_to_hub:
+        # only a Hub call needs huggingface_hub
         from huggingface_hub import get_token
 
         if not get_token():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 GIB = 1 << 30
 MIB = 1 << 20
 # CUDA context + cuBLAS/NCCL work space on each GPU (about 1 GiB each in practice).
@@ -59,7 +61,6 @@ def gpu_of_cuda_name(cuda_name: str) -> Gpu | None:
 
 def local_gpu() -> Gpu | None:
     """This machine's first GPU when it is in the table (no CUDA context is created beyond the name query)."""
-    import torch
 
     if not torch.cuda.is_available():
         return None

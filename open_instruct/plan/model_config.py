@@ -105,8 +105,13 @@ def _read(path: Path) -> dict[str, Any]:
 def _from_hub(name: str, revision: str | None) -> Path | None:
     """``config.json`` of a hub model from the cache or the Hub; None when neither has it (offline, no such repo)."""
     try:
+        # huggingface_hub is only needed to read a Hub model's config
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (  # as above
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError:
         return None
     try:

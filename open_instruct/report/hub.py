@@ -38,8 +38,9 @@ def push_folder(
     commit_message: str = "DPO final model",
 ) -> str:
     """Create the repo (and branch) if missing, upload ``folder`` minus training leftovers; returns the web URL."""
+    # only a Hub call needs huggingface_hub
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError  # as above
 
     api = HfApi()
     try:
@@ -63,6 +64,7 @@ def resolve_repo_id(hub: HubSettings) -> str:
     """The target repo, looking up the token's user when no owner is given (call before training: fails early)."""
     whoami = None
     if "/" not in (hub.hf_repo_id or "") and not hub.hf_entity:
+        # only a Hub call needs huggingface_hub
         from huggingface_hub import HfApi
 
         try:

@@ -50,9 +50,11 @@ def _series(rows: list[dict], name: str) -> tuple[list[int], list[float]]:
 
 def plot(output_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw loss, accuracy, margin, chosen/rejected rewards, learning rate and chosen log-prob against step."""
+    # matplotlib is slow to import and only the final curves need it
     import matplotlib
 
     matplotlib.use("Agg")
+    # matplotlib is slow to import and only the final curves need it
     import matplotlib.pyplot as plt
 
     rows = read_rows(output_dir)

@@ -21,6 +21,7 @@ TOP_OPS = 30
 @contextmanager
 def profiled_steps(accelerator: Any, output_dir: Path) -> Iterator[Callable[[int], None]]:
     """A profiler around the loop; yields the hook the loop calls after each optimizer step."""
+    # only --profiling needs the profiler
     from torch.profiler import ProfilerActivity, profile, schedule
 
     folder = output_dir / "profile"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,6 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
     """A recipe's command-line entry: parse, ``check(args)``, preflight, ``run(args)`` (with ``--dry_run``: the
     plan of the ``stage`` instead, see :mod:`open_instruct.plan`); bad input is one ``error:`` line and exit code 2;
     a run stopped by a preemption signal (its progress saved) exits with code 75."""
-    import sys
 
     def entry() -> None:
         args = parse_args(argv)
@@ -85,6 +85,7 @@ def no_empty_output_on_error(output_dir: str) -> Iterator[None]:
 
 def start_run(args: TrainArguments) -> tuple[Any, Path]:
     """(accelerator built by the engine the flags select, output folder); the seed is set."""
+    # accelerate is slow to import: --help, validation and the planner never need it
     from accelerate.utils import set_seed
 
     engine = select_engine(settings_of(args).engine)

@@ -265,6 +265,7 @@ def _known_rows(accelerator: Any, path: Path, key: str, rows: int, lock: Builder
                 f"reference log-probs: another run is building {path}; computing here too, without shards"
             )
     if accelerator.num_processes > 1:
+        # accelerate is slow to import: --help, validation and the planner never need it
         from accelerate.utils import broadcast
 
         table = broadcast(table.to(accelerator.device), from_process=0).cpu()

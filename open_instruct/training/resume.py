@@ -67,6 +67,7 @@ def start_or_resume(
 ) -> FaultTolerance:
     """Checkpoint policy, guard, and (when a checkpoint applies) the restored state: weights, optimizer, schedule,
     sampler, RNG and counters. Call after the reference pass, which must see the untouched weights."""
+    # accelerate is slow to import: --help, validation and the planner never need it
     from accelerate.utils import set_seed
 
     # Training's random streams (dropout) must not depend on whether the reference pass ran or came from the cache:

@@ -40,9 +40,10 @@ def _deepspeed_globals() -> list[Any]:
     if "deepspeed" not in sys.modules:
         return []
     try:
+        # deepspeed is optional (ZeRO runs and their checkpoints only)
         from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
+        from deepspeed.runtime.zero.config import ZeroStageEnum  # as above
+        from deepspeed.utils.tensor_fragment import fragment_address  # as above
     except ImportError:  # DeepSpeed not installed: its checkpoints cannot be resumed anyway
         return []
     return [ZeroStageEnum, LossScaler, fragment_address]
