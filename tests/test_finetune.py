@@ -123,6 +123,7 @@ def _finetune_cli(args, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_finetune_cli_trains_and_rejects_dpo_flags(tiny_model_dir, synthetic_data, tmp_path):
     base = [
         "--model_name_or_path",

@@ -35,6 +35,7 @@ def _small_configs(tmp_path, train_file, **train_overrides):
     return train, dpo, PreferenceDatasetConfig(str(train_file), amount=64)
 
 
+@pytest.mark.slow
 def test_run_dpo_and_the_cli_give_the_same_metrics(tiny_model_dir, synthetic_data, tmp_path):
     torch.set_num_threads(1)  # as the CLI subprocess (OMP_NUM_THREADS=1): same kernels, same rounding
     train, dpo, data = _small_configs(tmp_path, synthetic_data[0])

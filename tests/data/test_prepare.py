@@ -161,6 +161,7 @@ def test_statistics_match_an_independent_computation(data_dir, tmp_path, word_to
     assert json.loads(path.read_text())["kept"] == stats["kept"]
 
 
+@pytest.mark.slow
 def test_cache_dataset_only_prepares_and_exits_without_a_model(tiny_model_dir, data_dir, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "prepared"
     result = run_cli(

@@ -50,32 +50,38 @@ def interpreted() -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_product_check_stays_cuda_only(interpreted):
     assert interpreted["liger_available_cpu"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["flce_padded", "flce_chunk_of_3", "rope_and_flce"])
 def test_liger_logprobs_and_grads_match_chunked(interpreted, case):
     errors = interpreted[case]
     assert errors["logprobs"] < TOLERANCE and errors["grads"] < TOLERANCE, errors
 
 
+@pytest.mark.slow
 def test_liger_logprobs_and_grads_match_chunked_in_bf16(interpreted):
     # bf16 operands: log-probs agree (both upcast the same bf16 logits), gradients within bf16 rounding (~1e-2).
     errors = interpreted["flce_bf16_autocast"]
     assert errors["logprobs"] < TOLERANCE and errors["grads"] < 3e-2, errors
 
 
+@pytest.mark.slow
 def test_rope_kernel_ran_inside_the_model(interpreted):
     assert interpreted["rope_patched"] == "liger_kernel.transformers.rope"
     assert interpreted["rope_calls"] == 2  # one per decoder layer of the tiny model
 
 
+@pytest.mark.slow
 def test_no_grad_liger_pass_never_calls_the_fused_kernel(interpreted):
     # The kernel is replaced by None before this pass: calling it would have failed the script.
     assert interpreted["no_grad_liger_matches_chunked"] == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", sorted(INTERPRETER_RUNS | INTERPRETER_CANNOT_RUN))
 def test_each_model_kernel_runs_or_fails_for_the_known_reason(interpreted, kernel):
     status = interpreted["kernels"][kernel]

@@ -116,6 +116,7 @@ def test_attention_choice():
     assert packed_attention_implementation("eager") == VARLEN_SDPA
 
 
+@pytest.mark.slow
 def test_cli_packed_run_matches_padded(tiny_model_dir, synthetic_data, tmp_path):
     """The default (packed on CPU) trains the same model as --packing false: same batches, same losses at every step."""
     train, _ = synthetic_data
@@ -137,6 +138,7 @@ def test_cli_packed_run_matches_padded(tiny_model_dir, synthetic_data, tmp_path)
         assert "perf/mfu_step" not in b  # CPU: no peak to divide by
 
 
+@pytest.mark.slow
 def test_cli_token_budget_too_small(tiny_model_dir, synthetic_data, tmp_path):
     train, _ = synthetic_data
     result = run_cli(

@@ -359,6 +359,7 @@ def test_matches_trl_cpo_loss(trl_name, ours, smoothing):
 # ---- the flags end to end: one short CLI run each ----
 
 
+@pytest.mark.slow
 def test_cli_wpo_with_nll_separate_forward_and_liger_fallback(tiny_model_dir, synthetic_data, tmp_path):
     from tests.conftest import read_metrics, run_cli, small_run_args
 
@@ -373,6 +374,7 @@ def test_cli_wpo_with_nll_separate_forward_and_liger_fallback(tiny_model_dir, sy
     assert rows and all(math.isfinite(r["train_loss"]) and r["nll_loss"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_cli_simpo_skips_the_reference_pass(tiny_model_dir, synthetic_data, tmp_path):
     from tests.conftest import read_metrics, run_cli, small_run_args
 

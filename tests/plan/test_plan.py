@@ -88,6 +88,7 @@ def _measured_vs_planned(model: Path, data: Path, tmp_path: Path, extra: list[st
     assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [["--packing", "false"], ["--packing", "true", "--gradient_checkpointing"]],

@@ -30,6 +30,7 @@ def eval_run(tiny_model_dir, synthetic_data, tmp_path_factory):
     return tmp, first, again
 
 
+@pytest.mark.slow
 def test_eval_metrics_at_every_eval_step_and_the_end(eval_run):
     tmp, first, _ = eval_run
     rows = read_metrics(tmp / "out")
@@ -74,6 +75,7 @@ def _mean_logps(model, records):
     return torch.tensor(chosen), torch.tensor(rejected)
 
 
+@pytest.mark.slow
 def test_final_eval_matches_an_independent_computation(eval_run, tiny_model_dir, synthetic_data):
     from transformers import AutoModelForCausalLM
 
@@ -89,6 +91,7 @@ def test_final_eval_matches_an_independent_computation(eval_run, tiny_model_dir,
     assert final["eval/rewards/accuracy"] == pytest.approx((h > 0).float().mean().item())
 
 
+@pytest.mark.slow
 def test_eval_reference_is_cached_like_the_training_one(eval_run):
     tmp, first, again = eval_run
     assert first.stdout.count("reference log-probs: computing") == 2
@@ -126,6 +129,7 @@ def test_bad_eval_settings_are_clear_errors(values, message):
         validate(args)
 
 
+@pytest.mark.slow
 def test_eval_fraction_through_the_cli(tiny_model_dir, synthetic_data, tmp_path):
     out = tmp_path / "out"
     result = run_cli(

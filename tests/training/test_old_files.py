@@ -29,6 +29,7 @@ def test_old_reference_cache_file_is_named_as_an_older_version():
     assert f"cache format version 2, this version reads {reference_cache.FORMAT_VERSION}" in problem
 
 
+@pytest.mark.slow
 def test_old_cache_is_rebuilt_and_old_checkpoint_resumes_exactly(tmp_path):
     shutil.rmtree(MADE_AT, ignore_errors=True)
     shutil.copytree(FIXTURE, MADE_AT)

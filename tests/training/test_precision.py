@@ -177,6 +177,7 @@ def fp32_losses(tiny_model_dir, synthetic_data, tmp_path_factory) -> list[float]
     return _losses(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags",
     [{"mixed_precision": "bf16"}, {"additional_model_arguments": json.dumps({"torch_dtype": "bfloat16"})}],
@@ -209,6 +210,7 @@ def test_bf16_zero2_and_zero3_on_two_processes_track_fp32(tiny_model_dir, synthe
         _check_run(out, fp32_losses, result.stdout)
 
 
+@pytest.mark.slow
 def test_sft_stage_runs_in_bf16_too(tiny_model_dir, synthetic_data, tmp_path):
     """The SFT recipe builds its log-prob function the same way: its first pass reports bf16 matmuls."""
     args = ["--model_name_or_path", str(tiny_model_dir), "--mixer_list", str(synthetic_data[0]), "16"]

@@ -75,6 +75,7 @@ def test_saved_model_loads_and_changed(trained, tiny_model_dir):
     assert tokenizer.chat_template
 
 
+@pytest.mark.slow
 def test_second_run_reuses_the_reference_cache(trained, tiny_model_dir, synthetic_data, tmp_path):
     out, cache, first = trained
     assert "reference log-probs: computing" in first.stdout
@@ -89,6 +90,7 @@ def test_second_run_reuses_the_reference_cache(trained, tiny_model_dir, syntheti
     assert read_metrics(tmp_path / "again")[0]["train_loss"] == pytest.approx(read_metrics(out)[0]["train_loss"])
 
 
+@pytest.mark.slow
 def test_changed_input_builds_a_new_cache(trained, tiny_model_dir, synthetic_data, tmp_path):
     cache = trained[1]
     before = set(cache.glob("*.pt"))
