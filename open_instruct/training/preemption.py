@@ -12,6 +12,7 @@ reference pass's shards) and raise :class:`Preempted`; the command line turns it
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,6 +34,19 @@ class EvaluationStopped(Exception):
 
 _requested: signal.Signals | None = None
 _installed: dict[signal.Signals, Any] = {}
+
+
+def exit_preempted() -> None:
+    """Exit with :data:`PREEMPTED_EXIT_CODE`, every rank together.
+
+    Every rank raised :class:`Preempted` at the same agreed point, so the barrier cannot wait on a rank that went on.
+    A process that exits with its gloo group still open can die of SIGABRT ("terminate called without an active
+    exception") when a peer closed first; the launcher then reports that instead of 75, and a scheduler that
+    requeues on 75 would drop a run whose progress is saved."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def parse_signals(text: str | None) -> list[signal.Signals]:

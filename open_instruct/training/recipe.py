@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.checkpointing import save_final_model
 from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, train_loop
 from open_instruct.training.optim import build_optimizer, check_optimizer_environment
-from open_instruct.training.preemption import PREEMPTED_EXIT_CODE, Preempted, uninstall
+from open_instruct.training.preemption import Preempted, exit_preempted, uninstall
 from open_instruct.training.profiling import profiled_steps
 from open_instruct.training.schedule import build_scheduler, optimizer_steps
 
@@ -59,7 +58,7 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
             with no_empty_output_on_error(args.output_dir):
                 run(args)
         except Preempted:
-            sys.exit(PREEMPTED_EXIT_CODE)
+            exit_preempted()
         finally:
             uninstall()  # the run's stop-signal handlers end with it, also for a caller in the same process
 
