@@ -22,12 +22,17 @@ $(STAMP): pyproject.toml
 demo: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/train/debug/dpo_cpu.sh
 
+# Two pytest workers (pytest-xdist): most tests run one thread or wait on the processes they launch, so on 2 cores
+# the suite takes about 8 minutes instead of 13 (test by test, not file by file: 9 minutes). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS)
+
 test: install
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The suite without the multi-process and end-to-end tests (marked slow): a quick check while working.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # The 3-wise covering set of option combinations (offload included), its table written to docs/combinations.md.
 test-matrix: install
