@@ -168,8 +168,8 @@ def test_every_rank_exits_75_even_when_one_is_late(tmp_path):
     script = tmp_path / "stop.py"
     script.write_text(_RANKS_EXIT_APART)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     for attempt in range(6):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
         result = subprocess.run(
             [*command, str(free_port()), str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
         )
