@@ -20,7 +20,7 @@ from open_instruct.data.mixer import MixEntry, parse_mixer_list
 from open_instruct.data.sources import source_fingerprint
 from open_instruct.data.statistics import build_statistics, padding_waste_of_lengths, write_statistics
 from open_instruct.data.streaming import MixPlan, TokenizeSettings, plan_mix, tokenize_unique, write_split
-from open_instruct.data.tokenize import template_roles
+from open_instruct.data.tokenize import TOKENIZATION_VERSION, template_roles
 from open_instruct.errors import UserError
 from open_instruct.settings import DataSettings
 
@@ -58,6 +58,7 @@ def _key_inputs(data: DataSettings, tokenizer: Any, train: list[MixEntry], evalu
         "max_response_length": data.max_response_length,
         "add_bos": data.add_bos,
         "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+        "tokenization": TOKENIZATION_VERSION,
     }
 
 

@@ -5,7 +5,9 @@ offsets, so the ids are exactly those the chat template gives for the full conve
 differently at the prompt/reply boundary than it would for the conversation as a whole. A token that straddles the
 boundary (prompt text and reply text in one token) is labelled, so no reply character goes untrained; such pairs are
 counted. BOS: added only with ``add_bos`` and only when the rendered text does not start with it. EOS: a reply that
-already ends with the EOS text loses it, since every template appends its own.
+already ends with the EOS text loses it, since every template appends its own; and the sequence ends at the reply's
+EOS token: what a template adds after it (ChatML's newline after ``<|im_end|>``, as SmolLM and Qwen render) is the
+start of the next turn's layout, not the reply, so it is neither trained on nor kept.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any
 from open_instruct.errors import UserError
 
 IGNORE_INDEX = -100
+# Part of the prepared-data cache key: a cache written by an earlier tokenization is not reused.
+# 2: sequences end at the reply's EOS token (text after it dropped).
+TOKENIZATION_VERSION = 2
 BATCH = 512  # texts per fast-tokenizer call: big enough for its Rust parallelism, small enough for memory
 
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -117,6 +122,15 @@ def _prompt_length(
     return n
 
 
+def _end_at_eos(ids: list[int], n_prompt: int, eos: int | None) -> list[int]:
+    """``ids`` up to and including the last EOS token after the prompt (all of them when the reply has none)."""
+    if eos is not None:
+        for end in range(len(ids) - 1, n_prompt - 1, -1):
+            if ids[end] == eos:
+                return ids[: end + 1]
+    return ids
+
+
 def tokenize_side(
     tokenizer: Any, prompt: list[dict[str, str]], reply: list[dict[str, str]], add_bos: bool
 ) -> tuple[list[int], list[int]]:
@@ -183,7 +197,7 @@ def tokenize_each(
     max_response_length: int | None = None,
 ) -> list[TokenizedPair]:
     """One :class:`TokenizedPair` per normalized pair, in order (the unit both preparation paths share)."""
-    bos = tokenizer.bos_token_id
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     prompts, fulls, stripped_counts = _render_all(tokenizer, pairs)
     full_ids, full_offsets = _encode(tokenizer, fulls)
     prompt_ids = None if full_offsets is not None else _encode(tokenizer, prompts)[0]
@@ -198,6 +212,7 @@ def tokenize_each(
             merged |= offsets is not None and n_prompt < len(offsets) and offsets[n_prompt][0] < len(prompts[p])
             if add_bos and bos is not None and (not ids or ids[0] != bos):
                 ids, n_prompt = [bos] + ids, n_prompt + 1
+            ids = _end_at_eos(ids, n_prompt, eos)
             if n_prompt >= max_seq_length:
                 drop_reason = PROMPT_TOO_LONG
                 break

@@ -211,7 +211,8 @@ def run_ours(model_dir: str, data: str, out: Path, max_steps: int | None, profil
         "reference_s": timings["reference_s"],
         "step_tokens_steady": statistics.fmean(step_tokens[WARMUP_STEPS:]),
     }
-    result.update(plain_baselines(model_dir, data, len(rows), out, profile))
+    if os.environ.get("COMPARE_TRL_BASELINES", "1") == "1":  # real_model_vs_trl.py leaves them out
+        result.update(plain_baselines(model_dir, data, len(rows), out, profile))
     return result
 
 
@@ -498,11 +499,11 @@ def main() -> None:
         write_section(Path(args.write), report, " ".join(["python scripts/bench/compare_trl.py", *sys.argv[1:]]))
 
 
-def write_section(path: Path, report: str, command: str) -> None:
-    """Replace (or append) the '## Speed vs TRL' section of a markdown file, atomically."""
+def write_section(path: Path, report: str, command: str, title: str = "Speed vs TRL") -> None:
+    """Replace (or append) the '## <title>' section of a markdown file, atomically."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"## Speed vs TRL\n\nCommand: `OMP_NUM_THREADS=2 {command}`\n\n{report}"
-    pattern = re.compile(r"## Speed vs TRL\n.*?(?=\n## |\Z)", re.S)
+    section = f"## {title}\n\nCommand: `OMP_NUM_THREADS=2 {command}`\n\n{report}"
+    pattern = re.compile(rf"## {re.escape(title)}\n.*?(?=\n## |\Z)", re.S)
     text = (
         pattern.sub(lambda _: section.rstrip("\n") + "\n", text)
         if pattern.search(text)
