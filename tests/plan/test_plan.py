@@ -16,7 +16,8 @@ from open_instruct.engine.deepspeed import DeepSpeedEngine
 from open_instruct.plan import memory
 from open_instruct.plan.check import plan_of
 from open_instruct.plan.model_config import resolve_model_config, shape_of
-from tests.conftest import ROOT, cli_env, free_port
+from tests.conftest import ROOT, cli_env
+from tests.plan_measure import measured_vs_planned
 
 SCRIPTS = {  # launch script -> the environment it needs for a plan
     "tulu3/dpo_8b.sh": {"NUM_NODES": "4"},
@@ -60,34 +61,6 @@ def long_pairs(tmp_path_factory) -> Path:
     return path
 
 
-def _flags(model: Path, data: Path, out: Path, extra: list[str]) -> list[str]:
-    return [
-        *("--model_name_or_path", str(model), "--mixer_list", str(data), "32", "--max_seq_length", "48"),
-        *("--per_device_train_batch_size", "4", "--max_train_steps", "2", "--learning_rate", "1e-3"),
-        *("--output_dir", str(out), "--dataset_local_cache_dir", str(out / "data_cache"), *extra),
-    ]
-
-
-def _measured_vs_planned(model: Path, data: Path, tmp_path: Path, extra: list[str], nproc: int) -> None:
-    out = tmp_path / "run"
-    out.mkdir()
-    flags = _flags(model, data, out, extra)
-    probe = [str(ROOT / "tests" / "plan_probe.py"), str(out), *flags]
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
-    done = subprocess.run(
-        launcher + probe, env=cli_env(tmp_path / "ref"), cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lengths = json.loads((out / "dataset_statistics.json").read_text())["tokens"]["sequence"]
-    assert lengths["p50"] == lengths["max"] == 48
-    measured = max(sum(json.loads((out / f"peak_rank{r}.json").read_text()).values()) for r in range(nproc))
-    args = parse_args([*flags, "--dry_run", "--dry_run_num_processes", str(nproc)])
-    predicted = plan_of(settings_of(args), "dpo", 32, []).phases[-1].total
-    assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
@@ -95,7 +68,7 @@ def _measured_vs_planned(model: Path, data: Path, tmp_path: Path, extra: list[st
     ids=["padded", "packed-checkpointing"],
 )
 def test_predicted_peak_matches_measured_one_process(tiny_model_dir, long_pairs, tmp_path, extra):
-    _measured_vs_planned(tiny_model_dir, long_pairs, tmp_path, extra, nproc=1)
+    measured_vs_planned(tiny_model_dir, long_pairs, tmp_path, extra, nproc=1)
 
 
 @pytest.mark.slow
@@ -108,7 +81,7 @@ def test_predicted_peak_matches_measured_one_process(tiny_model_dir, long_pairs,
     ids=["zero2-packed", "zero3-padded-checkpointing"],
 )
 def test_predicted_peak_matches_measured_two_processes(tiny_model_dir, long_pairs, tmp_path, extra):
-    _measured_vs_planned(tiny_model_dir, long_pairs, tmp_path, extra, nproc=2)
+    measured_vs_planned(tiny_model_dir, long_pairs, tmp_path, extra, nproc=2)
 
 
 # --- model states against DeepSpeed's estimator ------------------------------------------------------------------

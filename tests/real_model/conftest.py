@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch, python_command, small_run_args
 from tests.data_helpers import read_hh_rows
 
 REAL_MODEL = ROOT / os.environ.get("REAL_MODEL_DIR", "models/SmolLM2-135M-Instruct")
+PAIRS = 6  # the training pairs of the shared runs: 3 optimizer steps of 2 (one per process on 2)
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,71 @@ def write_hh(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def relative_difference(got: dict, want: dict, initial: dict) -> tuple[float, str]:
+    """The largest, over tensors, of |got - want| / |want - initial| (L2 norms): how far one run's trained weights are
+    from another's, as a fraction of the update. Element by element would mislead: Adam divides by the root of each
+    gradient's square, so where a gradient is near zero, float noise in it moves that one weight by up to the
+    learning rate. Returns (the fraction, the tensor where it is largest)."""
+    worst, where = 0.0, ""
+    for name, value in want.items():
+        update = (value - initial[name]).norm().item()
+        off = (got[name] - value).norm().item() / max(update, 1e-12)
+        if off > worst:
+            worst, where = off, name
+    return worst, where
+
+
+def assert_tied_when_loaded(folder: Path) -> dict:
+    """The saved model loads in plain transformers with its output layer tied to its input embeddings, and the file
+    holds no separately trained output layer; returns the loaded state dict."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    stored = load_file(folder / "model.safetensors")
+    if "lm_head.weight" in stored:
+        assert torch.equal(stored["lm_head.weight"], stored["model.embed_tokens.weight"])
+    return {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def run_flags(model: Path, train: Path, out: Path, per_device: int, **extra: str) -> list[str]:
+    """The shared runs' flags: ``PAIRS`` pairs in steps of 2 (``per_device`` on each process), dpo_norm."""
+    values = {
+        "mixer_list": [str(train), str(PAIRS)],
+        "max_seq_length": "256",
+        "per_device_train_batch_size": str(per_device),
+        "learning_rate": "1e-5",
+        "loss_type": "dpo_norm",
+        "beta": "5",
+        "reference_batch_size": "1",  # no padding: every rank's reference sums are the one process's
+        "dataset_local_cache_dir": str(out.parent / f"{out.name}_data"),
+        **extra,
+    }
+    return small_run_args(model, train, out, **values)
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory) -> Path:
+    """The shared runs' training pairs: the first ``PAIRS`` short HH rows."""
+    return write_hh(tmp_path_factory.mktemp("hh") / "train.jsonl", short_hh_rows(PAIRS, max_chars=300))
+
+
+@pytest.fixture(scope="session")
+def one_process(real_model_dir, train_file, tmp_path_factory, worker_id) -> Path:
+    """One process, 2 pairs per step, 3 steps: the output folder. Made once per test session, whichever pytest-xdist
+    worker asks first (the others wait on a file lock and reuse it): the run costs half a minute of CPU."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # the session's folder, above each worker's own
+    out = shared / "real_model_one_process" / "out"
+    with FileLock(str(shared / "real_model_one_process.lock")):
+        if not (out.parent / "DONE").is_file():
+            launch(python_command(run_flags(real_model_dir, train_file, out, 2)), out.parent / "reference")
+            (out.parent / "DONE").write_text("")
+    return out

@@ -1,0 +1,89 @@
+"""Helpers of ``make demo-real`` (scripts/train/debug/dpo_cpu_real.sh):
+
+    python scripts/real_model/demo_tools.py split OUT_DIR [--train 64] [--test 64]
+    python scripts/real_model/demo_tools.py answer MODEL_DIR [--prompt TEXT] [--label TEXT]
+    python scripts/real_model/demo_tools.py rewards OUTPUT_DIR
+
+``split`` writes train.jsonl and test.jsonl from the repository's real HH-RLHF rows (tests/fixtures, MIT; the shorter
+ones, so a CPU trains on them in minutes); ``answer`` prints the model's greedy answer to one question; ``rewards``
+prints the run's reward accuracy on its training pairs in its last epoch, from its metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HH_SAMPLE = ROOT / "tests" / "fixtures" / "hh_rlhf_sample.jsonl.gz"
+QUESTION = "What are some good ways to fall asleep faster?"
+
+
+def split(out: Path, n_train: int, n_test: int, max_chars: int = 600) -> None:
+    rows = []
+    with gzip.open(HH_SAMPLE, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            sides = (row["chosen"], row["rejected"])
+            if max(map(len, sides)) < max_chars and not any(s.rstrip().endswith("Assistant:") for s in sides):
+                rows.append({"chosen": row["chosen"], "rejected": row["rejected"]})
+    if len(rows) < n_train + n_test:
+        raise SystemExit(f"error: only {len(rows)} short HH rows in {HH_SAMPLE}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", rows[:n_train]), ("test", rows[n_train : n_train + n_test])):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    print(f"data: {n_train} training and {n_test} held-out real HH-RLHF pairs in {out}")
+
+
+def answer(model_dir: str, prompt: str, label: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=40, do_sample=False)
+    text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    print(f"{label}: Q: {prompt}\n  A: {text}")
+
+
+def rewards(output_dir: Path) -> None:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last_epoch = max(r["epoch"] for r in rows)
+    last = [r["rewards/accuracy"] for r in rows if r["epoch"] > last_epoch - 1]
+    first = [r["rewards/accuracy"] for r in rows if r["epoch"] <= 1]
+    print(
+        f"training pairs' reward accuracy (chosen's implicit reward above rejected's, per step): first epoch "
+        f"{100 * sum(first) / len(first):.1f}%, last epoch {100 * sum(last) / len(last):.1f}%"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("split")
+    p.add_argument("out", type=Path)
+    p.add_argument("--train", type=int, default=48)
+    p.add_argument("--test", type=int, default=48)
+    p = sub.add_parser("answer")
+    p.add_argument("model")
+    p.add_argument("--prompt", default=QUESTION)
+    p.add_argument("--label", default="greedy answer")
+    p = sub.add_parser("rewards")
+    p.add_argument("output_dir", type=Path)
+    args = parser.parse_args()
+    if args.command == "split":
+        split(args.out, args.train, args.test)
+    elif args.command == "answer":
+        answer(args.model, args.prompt, args.label)
+    else:
+        rewards(args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
