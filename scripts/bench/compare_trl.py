@@ -115,20 +115,26 @@ def hh_tokenizer(vocab_size: int = 8192):
     return tokenizer
 
 
-def build_inputs(work: Path, n_pairs: int, vocab_sizes: list[int]) -> dict:
-    """Write the pairs (our messages jsonl + TRL's conversational jsonl), the tokenizer and one model per vocab."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def write_pairs(work: Path, n_pairs: int) -> tuple[str, str, int]:
+    """The first ``n_pairs`` usable HH pairs, in our messages format and in TRL's conversational format: (our file,
+    TRL's file, pairs written)."""
     work.mkdir(parents=True, exist_ok=True)
     pairs = load_hh_pairs(n_pairs)
-    ours = work / "pairs_messages.jsonl"
-    trl = work / "pairs_trl.jsonl"
+    ours, trl = work / "pairs_messages.jsonl", work / "pairs_trl.jsonl"
     with ours.open("w") as a, trl.open("w") as b:
         for p in pairs:
             a.write(
                 json.dumps({"chosen": p["prompt"] + [p["chosen"]], "rejected": p["prompt"] + [p["rejected"]]}) + "\n"
             )
             b.write(json.dumps({"prompt": p["prompt"], "chosen": [p["chosen"]], "rejected": [p["rejected"]]}) + "\n")
+    return str(ours), str(trl), len(pairs)
+
+
+def build_inputs(work: Path, n_pairs: int, vocab_sizes: list[int]) -> dict:
+    """Write the pairs (our messages jsonl + TRL's conversational jsonl), the tokenizer and one model per vocab."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours, trl, n_written = write_pairs(work, n_pairs)
     tokenizer = hh_tokenizer()
     models_by_vocab = {}
     for vocab in vocab_sizes:
@@ -152,7 +158,7 @@ def build_inputs(work: Path, n_pairs: int, vocab_sizes: list[int]) -> dict:
         LlamaForCausalLM(config).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         models_by_vocab[vocab] = str(folder)
-    return {"ours_data": str(ours), "trl_data": str(trl), "models": models_by_vocab, "pairs": len(pairs)}
+    return {"ours_data": ours, "trl_data": trl, "models": models_by_vocab, "pairs": n_written}
 
 
 # ---------------------------------------------------------------------------------------------------------- ours

@@ -12,7 +12,6 @@ its own subprocess (scripts/bench/compare_trl.py's children), so peak resident m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -27,18 +26,6 @@ import compare_trl  # noqa: E402  (a sibling script: its children run the two tr
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 
 
-def write_pairs(work: Path, n_pairs: int) -> tuple[str, str, int]:
-    """The first ``n_pairs`` usable HH pairs, in our messages format and in TRL's conversational format."""
-    pairs = compare_trl.load_hh_pairs(n_pairs)
-    ours, trl = work / "pairs_messages.jsonl", work / "pairs_trl.jsonl"
-    with ours.open("w") as a, trl.open("w") as b:
-        for p in pairs:
-            a.write(json.dumps({"chosen": p["prompt"] + [p["chosen"]], "rejected": p["prompt"] + [p["rejected"]]}))
-            a.write("\n")
-            b.write(json.dumps({"prompt": p["prompt"], "chosen": [p["chosen"]], "rejected": [p["rejected"]]}) + "\n")
-    return str(ours), str(trl), len(pairs)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -51,7 +38,7 @@ def main() -> None:
     os.environ["COMPARE_TRL_BASELINES"] = "0"  # the plain causal-LM baselines are compare_trl.py's own rows
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_real_"))
-    ours_data, trl_data, pairs = write_pairs(work, args.pairs)
+    ours_data, trl_data, pairs = compare_trl.write_pairs(work, args.pairs)
     print(f"{pairs} HH pairs in {work}; model {args.model}", flush=True)
     ours = compare_trl.spawn("ours", str(args.model), ours_data, work / "ours", None, False, args.threads)
     trl = compare_trl.spawn("trl", str(args.model), trl_data, work / "trl", None, False, args.threads)

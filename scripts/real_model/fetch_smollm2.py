@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument(
         "--gguf", type=Path, default=None, help="An already downloaded GGUF file (skips the registry)."
     )
-    out = parser.parse_args().out.resolve()
     args = parser.parse_args()
+    out = args.out.resolve()
     if (out / MARKER).exists():
         print(f"{out}: already converted")
         return

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,6 +48,39 @@ def write_hh(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def prepared(
+    model_dir: Path, data: Path, cache_dir: Path, max_seq_length: int = 256, add_bos: bool = False
+) -> tuple[Any, list[dict]]:
+    """The tokenizer and the records a run with these flags trains on, from the run's own loading and preparation."""
+    from open_instruct.config import TrainArguments, settings_of
+    from open_instruct.data.prepare import prepare_preference_data
+    from open_instruct.model.modeling import load_tokenizer
+
+    args = TrainArguments(
+        model_name_or_path=str(model_dir),
+        mixer_list=[str(data), "1.0"],
+        max_seq_length=max_seq_length,
+        add_bos=add_bos,
+        dataset_local_cache_dir=str(cache_dir),
+    )
+    cfg = settings_of(args)
+    tokenizer = load_tokenizer(cfg.model)
+    return tokenizer, list(prepare_preference_data(cfg.data, tokenizer).records)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside the block, as the launched runs are (cli_env): a pytest worker shares 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def relative_difference(got: dict, want: dict, initial: dict) -> tuple[float, str]:

@@ -5,16 +5,11 @@ transformers from the records' labels, not by the project's code."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from open_instruct.config import TrainArguments, settings_of
-from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.data.tokenize import IGNORE_INDEX
-from open_instruct.model.modeling import load_tokenizer
-from tests.real_model.conftest import PAIRS, short_hh_rows, write_hh
+from tests.real_model.conftest import PAIRS, one_thread, prepared, short_hh_rows, write_hh
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 HELD_OUT = 24
@@ -27,17 +22,6 @@ FACTS = {
     "Who wrote Romeo and Juliet?": "Shakespeare",
     "What is the chemical symbol for water?": "H2O",
 }
-
-
-def _records(model_dir: Path, data: Path, cache: Path) -> list[dict]:
-    args = TrainArguments(
-        model_name_or_path=str(model_dir),
-        mixer_list=[str(data), "1.0"],
-        max_seq_length=256,
-        dataset_local_cache_dir=str(cache),
-    )
-    cfg = settings_of(args)
-    return list(prepare_preference_data(cfg.data, load_tokenizer(cfg.model)).records)
 
 
 @torch.no_grad()
@@ -71,19 +55,15 @@ def test_dpo_raises_training_rewards_keeps_held_out_accuracy_and_facts(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     held_out = write_hh(tmp_path / "held_out.jsonl", short_hh_rows(HELD_OUT, skip=PAIRS, max_chars=300))
-    train_records = _records(real_model_dir, train_file, tmp_path / "train_cache")
-    held_records = _records(real_model_dir, held_out, tmp_path / "held_cache")
+    _, train_records = prepared(real_model_dir, train_file, tmp_path / "train_cache")
+    _, held_records = prepared(real_model_dir, held_out, tmp_path / "held_cache")
     assert len(train_records) == PAIRS and len(held_records) == HELD_OUT
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         before = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
         after = AutoModelForCausalLM.from_pretrained(one_process, dtype=torch.float32).eval()
         reference, policy = _mean_reply_logps(before, train_records), _mean_reply_logps(after, train_records)
         held_before, held_after = _mean_reply_logps(before, held_records), _mean_reply_logps(after, held_records)
         answers = _answers(after, AutoTokenizer.from_pretrained(one_process))
-    finally:
-        torch.set_num_threads(threads)
 
     # Implicit rewards (dpo_norm: average log-probs) of the training pairs: all zero before, chosen ahead after.
     rewards = policy - reference

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from open_instruct.config import TrainArguments, settings_of
 from open_instruct.data.formats import from_hh_rlhf
-from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.data.tokenize import IGNORE_INDEX
-from open_instruct.model.modeling import load_tokenizer
-from tests.real_model.conftest import short_hh_rows, write_hh
+from tests.real_model.conftest import prepared, short_hh_rows, write_hh
 
 pytestmark = pytest.mark.real_model
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -22,17 +19,8 @@ END = "<|im_end|>"
 def test_labels_cover_the_reply_and_its_end_token_only(real_model_dir, tmp_path, add_bos):
     rows = short_hh_rows(24)
     data = write_hh(tmp_path / "hh.jsonl", rows)
-    args = TrainArguments(
-        model_name_or_path=str(real_model_dir),
-        mixer_list=[str(data), "1.0"],
-        max_seq_length=4096,
-        add_bos=add_bos,
-        dataset_local_cache_dir=str(tmp_path / "data_cache"),
-    )
-    cfg = settings_of(args)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer, records = prepared(real_model_dir, data, tmp_path / "data_cache", 4096, add_bos)
     assert tokenizer.eos_token == tokenizer.pad_token == END  # the case where padding may not hide the end token
-    records = prepare_preference_data(cfg.data, tokenizer).records
     assert len(records) == len(rows)
     eos = tokenizer.eos_token_id
     for row, record in zip(rows, records):

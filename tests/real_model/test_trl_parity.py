@@ -11,12 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from open_instruct.config import TrainArguments, settings_of
-from open_instruct.data.prepare import prepare_preference_data
 from open_instruct.data.tokenize import IGNORE_INDEX
-from open_instruct.model.modeling import load_tokenizer
 from tests.conftest import launch, python_command, read_metrics, small_run_args
-from tests.real_model.conftest import short_hh_rows, write_hh
+from tests.real_model.conftest import one_thread, prepared, short_hh_rows, write_hh
 
 pytestmark = pytest.mark.real_model
 LEARNING_RATE = 1e-5
@@ -119,20 +116,9 @@ def test_three_steps_equal_trls_losses_and_weights(real_model_dir, tmp_path):
     ours = read_metrics(out)
     assert [row["training_step"] for row in ours] == [1, 2, 3]
 
-    arguments = TrainArguments(
-        model_name_or_path=str(real_model_dir),
-        mixer_list=[str(data), "4"],
-        max_seq_length=1024,
-        dataset_local_cache_dir=str(tmp_path / "data_cache"),
-    )
-    cfg = settings_of(arguments)
-    records = prepare_preference_data(cfg.data, load_tokenizer(cfg.model)).records
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trl_losses, trl_weights, trl_norms = _train_trl(real_model_dir, _trl_rows(list(records)), tmp_path / "trl")
-    finally:
-        torch.set_num_threads(threads)
+    _, records = prepared(real_model_dir, data, tmp_path / "data_cache", 1024)
+    with one_thread():
+        trl_losses, trl_weights, trl_norms = _train_trl(real_model_dir, _trl_rows(records), tmp_path / "trl")
 
     assert len(trl_losses) == STEPS
     our_losses = [row["train_loss"] for row in ours]
