@@ -23,15 +23,16 @@ from open_instruct.config import TrainArguments, settings_of, validate
 from open_instruct.data.prepare import prepare_preference_data, save_mixed_pairs, write_statistics
 from open_instruct.data.sampler import pair_dataloader
 from open_instruct.data.statistics import format_summary
-from open_instruct.model.batch_layout import choose_batch_layout, computes_in_half
+from open_instruct.model.batch_layout import choose_batch_layout, computes_in_half, with_prompt_sharing
 from open_instruct.model.modeling import load_model, load_tokenizer
 from open_instruct.objectives.combination import combined_loss
-from open_instruct.objectives.losses import LossFn
+from open_instruct.objectives.losses import LossFn, whole_batch_loss
 from open_instruct.report.hub import push_final_model, resolve_repo_id
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.settings import RunSettings
 from open_instruct.training import preemption, preference, recipe
 from open_instruct.training.evaluation import PreferenceEvaluator
+from open_instruct.training.forward_passes import forward_splitter
 from open_instruct.training.host_memory import return_freed_memory
 from open_instruct.training.perf import FlopCounter, peak_flops
 from open_instruct.training.preemption import parse_signals
@@ -47,8 +48,11 @@ def settle_batch_layout(args: TrainArguments, cfg: RunSettings, model: Any, acce
     resumed = resumed_signature(cfg.checkpoint) if packing is None or grouping is None else None
     half = computes_in_half(model, accelerator.mixed_precision)  # the CUDA packed kernel's precisions
     layout = choose_batch_layout(model, accelerator.device, packing, grouping, args.separate_forward, resumed, half)
+    layout = with_prompt_sharing(layout, accelerator.device, args.share_prompt, args.load_balancing_loss)
     accelerator.print(layout.describe())
-    return dataclasses.replace(args, packing=layout.packing, group_by_length=layout.group_by_length)
+    return dataclasses.replace(
+        args, packing=layout.packing, group_by_length=layout.group_by_length, share_prompt=layout.share_prompt
+    )
 
 
 def preference_objective(args: TrainArguments) -> tuple[LossFn, preference.PreferenceSettings]:
@@ -93,12 +97,14 @@ def run(args: TrainArguments) -> Path:
     args = settle_batch_layout(args, cfg, model, accelerator)
     cfg = settings_of(args)
     flop_counter = FlopCounter(model)  # before the engine partitions the weights
+    whole_batch = whole_batch_loss(args.loss_type, args.load_balancing_loss)
+    split = forward_splitter(args.max_tokens_per_forward, model, accelerator, whole_batch)  # activation memory
     logprob_fn = preference.run_logprob_fn(cfg.batch, model, accelerator)
     pad = tokenizer.pad_token_id
     batch = cfg.batch
     train_loader = pair_dataloader(
         data.records, pad, batch.per_device_train_batch_size, batch.order_seed, batch.packing,
-        batch.max_tokens_per_batch, batch.group_by_length,
+        batch.max_tokens_per_batch, batch.group_by_length, share_prompt=batch.share_prompt,
     )  # fmt: skip
     run = recipe.prepare_training(args, accelerator, model, train_loader, output_dir, "pairs", "dpo")
 
@@ -127,7 +133,7 @@ def run(args: TrainArguments) -> Path:
             accelerator, run.model, ref_loaders[1], len(data.eval_records), references[1], logprob_fn, loss_fn,
             settings, logger,
         )  # fmt: skip
-    step_fn = preference.preference_step_fn(logprob_fn, loss_fn, references[0], settings)
+    step_fn = preference.preference_step_fn(logprob_fn, loss_fn, references[0], settings, split)
     recipe.train(
         args, accelerator, run, step_fn, logger, evaluate, faults, flop_counter, peak_flops(accelerator.device)
     )

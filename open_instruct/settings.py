@@ -110,7 +110,12 @@ class BatchSettings(Settings):
     gradient_accumulation_steps: int
     packing: bool | None
     group_by_length: bool | None
+    share_prompt: bool | None
     max_tokens_per_batch: int | None
+    max_tokens_per_forward: int | None
+    loss_type: list[
+        str
+    ]  # whether a micro-batch may run as several forward passes (objectives.losses.whole_batch_loss)
     separate_forward: bool
     seed: int
     data_loader_seed: int | None

@@ -145,7 +145,9 @@ EFFECTS: dict[str, Effect | TestedIn | RuleOnly | Inert] = {
     ),
     "reference_logprobs_cache_path": _e("run", "OTHER_DIR"),
     "packing": _e("batches", "false"),
+    "share_prompt": _e("batches", "false"),
     "max_tokens_per_batch": _e("batches", "40"),
+    "max_tokens_per_forward": TestedIn("tests/training/test_forward_passes.py::test_cli_passes_train_the_same_model"),
     "group_by_length": _e("batches", "true", "--packing false"),
     "reference_batch_size": TestedIn(
         "tests/runs/test_fault_tolerance.py::test_kill_during_reference_pass_leaves_no_cache_file", ("4",)

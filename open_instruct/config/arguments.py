@@ -188,10 +188,23 @@ class TrainArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
         "prints which and why. false: padded rows.",
         aliases=("padding_free",),
     )
+    share_prompt: bool | None = _f(
+        None,
+        "Packed rows hold each pair's common prefix (its prompt) once, the rejected reply masked off the chosen one: "
+        "the same log-probs and gradients from fewer tokens. Unset: on for packed rows under sdpa_varlen off CUDA; "
+        "false: every sequence whole.",
+    )
     max_tokens_per_batch: int | None = _f(
         None,
         "Token budget per micro-batch (packed: real tokens; padded: rows x longest): micro-batches hold as many "
         "pairs as fit, instead of --per_device_train_batch_size pairs.",
+        valid=POS,
+    )
+    max_tokens_per_forward: int | None = _f(
+        None,
+        "Token budget of one forward/backward pass: a micro-batch above it runs as several passes over groups of its "
+        "pairs, gradients added before the optimizer step (the same step, less activation memory; a pair is never "
+        "cut). Unset: off CUDA, the tokens of 512 MiB of activations (the run prints how many); on CUDA, no limit.",
         valid=POS,
     )
     group_by_length: bool | None = _f(
@@ -351,6 +364,8 @@ def _consistency_problems(args: TrainArguments) -> list[str]:
         parse_signals(args.preemption_signals)
     except ValueError as err:
         problems.append(f"--preemption_signals: {err}")
+    if args.share_prompt and (args.packing is False or args.separate_forward):
+        problems.append("--share_prompt needs packed rows; it does not apply to --packing false or --separate_forward")
     if args.packing and args.separate_forward:
         problems.append("--separate_forward splits padded rows; it does not apply to --packing (one row per batch)")
     return problems

@@ -21,7 +21,9 @@ DPO_ONLY = (
     "dataset_format",
     # pair batching (packing, token budget, length grouping) is built for preference pairs only so far
     "packing",
+    "share_prompt",
     "max_tokens_per_batch",
+    "max_tokens_per_forward",
     "group_by_length",
     # SFT has no checkpoint resume yet, so a stop signal keeps its default action
     "preemption_signals",

@@ -3,6 +3,8 @@
 Padded batches hold chosen and rejected padded to one common length so they can run as one concatenated forward:
 ``input_ids``/``attention_mask``/``labels`` have shape ``[2B, L]``, rows ``0..B-1`` chosen and ``B..2B-1`` rejected.
 Packed batches (``--packing``) hold the same ``2B`` sequences end to end in one row ``[1, T]`` without padding.
+Prompt-sharing packed batches (``--share_prompt``) hold each pair once: the tokens its chosen and rejected sequences
+begin with in common (the prompt), then the rest of the chosen, then the rest of the rejected.
 """
 
 from __future__ import annotations
@@ -68,4 +70,73 @@ class PackedPairCollator:
             "max_length": lengths.max(),
             "attention_mask": torch.ones(1, int(lengths.sum()), dtype=torch.long),
             "index": torch.tensor([r["index"] for r in records], dtype=torch.long),
+        }
+
+
+def shared_prefix_length(chosen: list[int], rejected: list[int]) -> int:
+    """How many tokens both sequences begin with, leaving each at least one token of its own."""
+    limit = min(len(chosen), len(rejected)) - 1
+    n = 0
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def _targets(labels: list[int], start: int, position: Any) -> tuple[list[int], list[int]]:
+    """(predicting positions, target tokens) of a sequence's labels: token ``t`` is predicted at ``position(t - 1)``."""
+    where = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+    return [start + position(t - 1) for t in where], [labels[t] for t in where]
+
+
+class SharedPromptPairCollator:
+    """Lays each pair of a batch out once in one row: the prefix its two sequences share (``P`` tokens, the prompt),
+    the chosen sequence's remaining ``C - P`` tokens, then the rejected sequence's remaining ``R - P``.
+
+    Under causal attention a token's hidden state depends only on the tokens before it, so the shared prefix's states
+    are those of both sequences: computing them once is exact, and it is most of a pair's tokens when prompts are long
+    (the rejected rest attends to the prefix and itself, never to the chosen rest; :mod:`open_instruct.model.packing`).
+
+    Returns ``input_ids``/``position_ids`` ``[1, T]`` (each rest's positions continue its prefix's), ``cu_seq_lens``
+    ``[B + 1]`` int32 (one segment per pair), ``max_length``, ``prompt_lens`` and ``chosen_lens`` ``[B]`` (``P``, and
+    ``C``: where the rejected rest starts in the segment), ``attention_mask`` ones ``[1, T]`` (token counting only),
+    ``index`` ``[B]``, and the label tokens: ``targets`` ``[N]``, the row positions that predict them
+    ``target_positions`` ``[N]`` and their sequence ``target_seq`` ``[N]`` (chosen ``i`` is ``i``, rejected ``i`` is
+    ``B + i``), chosen sequences first, each in order.
+    """
+
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, positions, lengths, prompts, chosen_lens = [], [], [], [], []
+        targets: dict[str, tuple[list[int], list[int], list[int]]] = {"chosen": ([], [], []), "rejected": ([], [], [])}
+        pairs = len(records)
+        for i, r in enumerate(records):
+            chosen, rejected = r["chosen_input_ids"], r["rejected_input_ids"]
+            start, p, c = len(ids), shared_prefix_length(chosen, rejected), len(chosen)
+            ids.extend(chosen)
+            ids.extend(rejected[p:])
+            positions.extend(range(c))
+            positions.extend(range(p, len(rejected)))
+            lengths.append(c + len(rejected) - p)
+            prompts.append(p)
+            chosen_lens.append(c)
+            for side, seq, where in (
+                ("chosen", i, lambda u: u),
+                ("rejected", pairs + i, lambda u, p=p, c=c: u if u < p else c + u - p),
+            ):
+                at, tokens = _targets(r[f"{side}_labels"], start, where)
+                targets[side][0].extend(at)
+                targets[side][1].extend(tokens)
+                targets[side][2].extend([seq] * len(at))
+        segments = torch.tensor(lengths, dtype=torch.long)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long).unsqueeze(0),
+            "position_ids": torch.tensor(positions, dtype=torch.long).unsqueeze(0),
+            "cu_seq_lens": torch.cat([torch.zeros(1, dtype=torch.long), segments.cumsum(0)]).to(torch.int32),
+            "max_length": segments.max(),
+            "prompt_lens": torch.tensor(prompts, dtype=torch.long),
+            "chosen_lens": torch.tensor(chosen_lens, dtype=torch.long),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "index": torch.tensor([r["index"] for r in records], dtype=torch.long),
+            "target_positions": torch.tensor(targets["chosen"][0] + targets["rejected"][0], dtype=torch.long),
+            "targets": torch.tensor(targets["chosen"][1] + targets["rejected"][1], dtype=torch.long),
+            "target_seq": torch.tensor(targets["chosen"][2] + targets["rejected"][2], dtype=torch.long),
         }

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator
+from open_instruct.data.collate import PackedPairCollator, PaddedPairCollator, SharedPromptPairCollator
 from open_instruct.errors import UserError
 
 
@@ -146,9 +146,13 @@ def pair_dataloader(
     max_tokens: int | None = None,
     group_by_length: bool = False,
     shuffle: bool = True,
+    share_prompt: bool = False,
 ) -> Any:
-    """The DataLoader for ``records``: padded or packed batches, plain, length-grouped or token-budget order."""
-    collate = PackedPairCollator() if packing else PaddedPairCollator(pad_token_id)
+    """The DataLoader for ``records``: padded or packed batches (``share_prompt``: each pair's common prefix once),
+    plain, length-grouped or token-budget order."""
+    collate = PaddedPairCollator(pad_token_id)
+    if packing:
+        collate = SharedPromptPairCollator() if share_prompt else PackedPairCollator()
     if max_tokens is None and not group_by_length:
         # The plain order stays accelerate's seedable shuffle, identical to runs without these flags.
         return DataLoader(records, batch_size=batch_size, shuffle=shuffle, collate_fn=collate)

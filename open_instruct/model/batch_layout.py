@@ -13,6 +13,10 @@ default (unset, ``None``) takes the fastest layout proven equal to padded batche
 - padded wherever packing cannot apply: ``--separate_forward`` (it splits padded rows) or a model whose attention does
   not go through transformers' attention interface (its attention would ignore the packed boundaries).
 ``--group_by_length`` is a tri-state too: unset, it is on exactly when the default chose padded batches.
+``--share_prompt`` as well: unset, packed rows under ``sdpa_varlen`` off CUDA hold each pair's common prefix once
+(proven equal to padded batches, gradients included, by tests/model/test_prompt_sharing.py); on CUDA it is opt-in
+until the GPU suite has measured it. It needs packed rows under ``sdpa_varlen`` (the kernel with the pair mask) and
+is refused with the MoE load-balancing loss, which would count each prompt's router choices once instead of twice.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 
 from open_instruct.engine import unwrap_model
+from open_instruct.errors import UserError
 from open_instruct.model.packed_kernels import (
     HALF_PRECISIONS,
     TORCH_VARLEN,
@@ -33,22 +38,27 @@ from open_instruct.model.packed_kernels import (
 from open_instruct.model.packing import VARLEN_SDPA, packed_attention_implementation, prepare_model_for_packing
 
 EQUALITY_PROOF = "tests/model/test_packing.py"
+SHARING_PROOF = "tests/model/test_prompt_sharing.py"
 GPU_PROOF = "proven equal to padded batches on an H200 (tests/model/test_gpu_paths.py; BENCHMARKS.md, GPU suite)"
 
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """The chosen layout: ``packing``, ``group_by_length`` (padded only), the attention it runs and why."""
+    """The chosen layout: ``packing``, ``group_by_length`` (padded only), the attention it runs and why, and whether
+    packed rows hold each pair's common prefix once (``share_prompt``)."""
 
     packing: bool
     group_by_length: bool
     attention: str
     reason: str
+    share_prompt: bool = False
+    sharing_reason: str = ""
 
     def describe(self) -> str:
         """The one line the run prints."""
         if self.packing:
-            return f"batching: packed rows, attention {self.attention} ({self.reason})"
+            shared = f"; each pair's prompt once ({self.sharing_reason})" if self.share_prompt else ""
+            return f"batching: packed rows, attention {self.attention} ({self.reason}){shared}"
         grouped = ", grouped by length" if self.group_by_length else ""
         return f"batching: padded rows{grouped}, attention {self.attention} ({self.reason})"
 
@@ -92,6 +102,32 @@ def _pack(model: Any, device: torch.device, half_precision: bool) -> str:
     if varlen_kernel_fits(model, device, half_precision):
         return _use_torch_varlen(model)
     return prepare_model_for_packing(model)
+
+
+def share_prompt_blocker(layout: BatchLayout, load_balancing: bool) -> str | None:
+    """Why this layout cannot hold each pair's prompt once, or None."""
+    if not layout.packing:
+        return "it needs packed rows (--packing)"
+    if layout.attention != VARLEN_SDPA:
+        return f"attention {layout.attention} has no prompt-sharing path ({VARLEN_SDPA} has)"
+    if load_balancing:
+        return "the MoE load-balancing loss would count each prompt's router choices once instead of twice"
+    return None
+
+
+def with_prompt_sharing(
+    layout: BatchLayout, device: torch.device, share_prompt: bool | None, load_balancing: bool = False
+) -> BatchLayout:
+    """``layout`` with ``--share_prompt`` resolved: given, it is kept or refused; unset, on where proven (off CUDA)."""
+    if share_prompt is False:
+        return layout
+    blocker = share_prompt_blocker(layout, load_balancing)
+    if share_prompt and blocker:
+        raise UserError(f"--share_prompt: {blocker}")
+    if blocker or (share_prompt is None and device.type == "cuda"):
+        return layout
+    why = "--share_prompt" if share_prompt else f"default off CUDA: proven equal to padded batches ({SHARING_PROOF})"
+    return dataclasses.replace(layout, share_prompt=True, sharing_reason=why)
 
 
 def choose_batch_layout(

@@ -9,6 +9,11 @@ sequence, and the boundaries travel as ``cu_seq_lens`` (cumulative lengths ``[S 
 
 Log-probs come from the same :func:`open_instruct.objectives.logprobs.sequence_logprobs` as the padded path; only the final
 per-token values are summed per sequence instead of per row.
+
+A prompt-sharing row (:class:`open_instruct.data.collate.SharedPromptPairCollator`) holds one segment per pair: the
+shared prompt, the chosen rest, the rejected rest. ``sdpa_varlen`` runs each segment as one SDPA call under a mask
+that is causal except that the rejected rest does not see the chosen rest; every query then sees exactly the keys it
+would see in its own sequence, at the same positions, so the hidden states are those of the unshared layout.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 
 from open_instruct.data.tokenize import IGNORE_INDEX
 from open_instruct.engine import unwrap_model
-from open_instruct.objectives.logprobs import SequenceLogprobs, sequence_logprobs
+from open_instruct.objectives.logprobs import LabelTokens, SequenceLogprobs, sequence_logprobs
 
 VARLEN_SDPA = "sdpa_varlen"
 # Every attention implementation built by :func:`packed_attention`: each honours packed boundaries, so packing keeps it.
@@ -35,13 +40,17 @@ AttentionFn = Callable[..., tuple[torch.Tensor, None]]
 
 
 def packed_attention(
-    name: str, kernel: PackedKernel, unpacked: Callable[..., torch.Tensor] | None = None
+    name: str,
+    kernel: PackedKernel,
+    unpacked: Callable[..., torch.Tensor] | None = None,
+    shared: Callable[..., torch.Tensor] | None = None,
 ) -> AttentionFn:
     """``kernel`` behind transformers' attention-function signature, for ``attn_implementation=name``.
 
     A packed batch (``cu_seq_lens_q`` given) must be one row; any other batch goes to ``unpacked(query, key, value,
-    attention_mask, dropout, scaling)`` (``[B, T, H, D]`` out), or is refused when there is none. Dropout applies in
-    training mode only."""
+    attention_mask, dropout, scaling)`` (``[B, T, H, D]`` out), or is refused when there is none. A prompt-sharing
+    row (``prompt_lens`` given) goes to ``shared(query, key, value, cu_seq_lens, prompt_lens, chosen_lens, scaling,
+    dropout)``, or is refused when there is none. Dropout applies in training mode only."""
 
     def attention(
         module: torch.nn.Module,
@@ -53,9 +62,15 @@ def packed_attention(
         scaling: float | None = None,
         cu_seq_lens_q: torch.Tensor | None = None,
         max_length_q: int | None = None,
+        prompt_lens: torch.Tensor | None = None,
+        chosen_lens: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         dropout = dropout if module.training else 0.0
+        if prompt_lens is not None:
+            if shared is None:
+                raise ValueError(f"{name} attention cannot run a prompt-sharing row")
+            return shared(query, key, value, cu_seq_lens_q, prompt_lens, chosen_lens, scaling, dropout), None
         if cu_seq_lens_q is None:
             if unpacked is None:
                 raise ValueError(f"{name} attention needs a packed batch (cu_seq_lens_q)")
@@ -101,9 +116,25 @@ def _sdpa_per_sequence(query, key, value, cu_seq_lens, scaling, longest, dropout
     return out.transpose(1, 2).contiguous()
 
 
+def _sdpa_shared_prompt(query, key, value, cu_seq_lens, prompt_lens, chosen_lens, scaling, dropout) -> torch.Tensor:
+    """SDPA on each pair's segment of a prompt-sharing row: causal, except that the rejected rest (from
+    ``chosen_lens``) does not see the chosen rest (from ``prompt_lens``). A boolean mask keeps PyTorch's fused
+    kernel on CPU; the mask is a segment's ``L^2`` booleans, rebuilt per layer (microseconds)."""
+    key, value = _repeat_kv(key, value, query.shape[1])
+    lengths = cu_seq_lens.diff().tolist()
+    pieces = []
+    splits = (query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    for q, k, v, n, p, c in zip(*splits, lengths, prompt_lens.tolist(), chosen_lens.tolist()):
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
+        mask[c:, p:c] = False
+        pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling))
+    out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+    return out.transpose(1, 2).contiguous()
+
+
 # Causal attention per packed sequence, like transformers' attention functions: ``query`` ``[1, H, T, D]``,
 # ``key``/``value`` ``[1, Hkv, T, D]`` in, ``[1, T, H, D]`` out; an unpacked batch runs plain causal SDPA.
-varlen_sdpa_attention = packed_attention(VARLEN_SDPA, _sdpa_per_sequence, sdpa_padded)
+varlen_sdpa_attention = packed_attention(VARLEN_SDPA, _sdpa_per_sequence, sdpa_padded, _sdpa_shared_prompt)
 
 
 def register_varlen_attention() -> None:
@@ -137,13 +168,21 @@ def packed_forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The model keyword arguments that carry a packed batch's boundaries (positions and cumulative lengths)."""
     cu = batch["cu_seq_lens"]
     max_length = int(batch["max_length"]) if "max_length" in batch else int(cu.diff().max())
-    return {
+    kwargs = {
         "position_ids": batch["position_ids"],
         "cu_seq_lens_q": cu,
         "cu_seq_lens_k": cu,
         "max_length_q": max_length,
         "max_length_k": max_length,
     }
+    if shares_prompt(batch):
+        kwargs.update(prompt_lens=batch["prompt_lens"], chosen_lens=batch["chosen_lens"])
+    return kwargs
+
+
+def shares_prompt(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether ``batch`` is a prompt-sharing packed row (one segment per pair)."""
+    return "prompt_lens" in batch
 
 
 def packed_sequence_logprobs(
@@ -155,7 +194,14 @@ def packed_sequence_logprobs(
 ) -> SequenceLogprobs:
     """Per-sequence log-probs ``[S]`` of a packed batch, in the collator's sequence order (chosen, then rejected).
 
-    The row's labels already hide the first token of every sequence, so no target crosses a boundary."""
+    The row's labels already hide the first token of every sequence, so no target crosses a boundary. A
+    prompt-sharing row names the positions that predict each label token itself."""
+    if shares_prompt(batch):
+        tokens = LabelTokens.at_positions(
+            batch["target_positions"], batch["targets"], batch["target_seq"], 2 * batch["index"].shape[0]
+        )
+        kwargs = packed_forward_kwargs(batch)
+        return sequence_logprobs(model, batch["input_ids"], None, tokens, impl, chunk_size, with_sum_sq, **kwargs)
     row = sequence_logprobs(
         model,
         batch["input_ids"],

@@ -14,6 +14,7 @@ Three implementations with one contract (``sequence_logprobs``):
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,19 +82,55 @@ def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> Sequenc
     return SequenceLogprobs(sums=sums, counts=mask.sum(-1), token_logps=token_logps, token_seq=token_seq)
 
 
+@dataclass(frozen=True)
+class LabelTokens:
+    """The label tokens of a batch: ``select(x)`` takes the positions that predict them out of the decoder's output
+    (hidden states or logits, ``[N, L, ...]`` -> ``[T, ...]``); ``targets`` ``[T]`` are the tokens, ``token_seq``
+    ``[T]`` the sequence of each (in sequence order), ``n`` the number of sequences.
+
+    Rows of labels (:meth:`of_labels`) predict each label from the position before it in the same row; a packed row
+    whose sequences share their prompt (:mod:`open_instruct.model.packing`) names the predicting positions itself."""
+
+    select: Callable[[torch.Tensor], torch.Tensor]
+    targets: torch.Tensor
+    token_seq: torch.Tensor
+    n: int
+
+    @classmethod
+    def of_labels(cls, labels: torch.Tensor) -> LabelTokens:
+        """Rows ``[N, L]`` of labels (``IGNORE_INDEX`` where no loss)."""
+        targets, mask = next_token_targets(labels)
+        n = labels.shape[0]
+        token_seq = torch.arange(n, device=labels.device).unsqueeze(1).expand_as(mask)[mask]
+        return cls(lambda x: x[:, :-1][mask], targets[mask], token_seq, n)
+
+    @classmethod
+    def at_positions(cls, positions: torch.Tensor, targets: torch.Tensor, token_seq: torch.Tensor, n: int):
+        """Label tokens predicted by the given ``positions`` ``[T]`` of a single row ``[1, L, ...]``."""
+        return cls(lambda x: x[0, positions], targets, token_seq, n)
+
+    def reduce(self, token_logps: torch.Tensor) -> SequenceLogprobs:
+        """Per-sequence sums and counts ``[n]`` of the label tokens' log-probs ``[T]``."""
+        zeros = torch.zeros(self.n, dtype=token_logps.dtype, device=token_logps.device)
+        sums = zeros.index_add(0, self.token_seq, token_logps)
+        ones = torch.ones_like(self.token_seq)
+        counts = torch.zeros(self.n, dtype=torch.long, device=self.token_seq.device).index_add(0, self.token_seq, ones)
+        return SequenceLogprobs(sums=sums, counts=counts, token_logps=token_logps, token_seq=self.token_seq)
+
+
 def full_logprobs(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | LabelTokens,
     with_sum_sq: bool = False,
     **forward_kwargs: Any,
 ) -> SequenceLogprobs:
     """Reference implementation: the whole ``[N, L, V]`` logits, fp32."""
+    tokens = labels if isinstance(labels, LabelTokens) else LabelTokens.of_labels(labels)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs).logits
-    targets, mask = next_token_targets(labels)
-    selected = logits[:, :-1][mask]
-    out = reduce_token_logps(_token_logps(selected, targets[mask]), mask)
+    selected = tokens.select(logits)
+    out = tokens.reduce(_token_logps(selected, tokens.targets))
     if with_sum_sq:
         out.token_log_sum_sq = _log_sum_sq(selected)
     return out
@@ -186,8 +223,7 @@ def _projected_inside_forward(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    mask: torch.Tensor,
-    targets: torch.Tensor,
+    tokens: LabelTokens,
     chunk_size: int,
     with_sum_sq: bool,
     **forward_kwargs: Any,
@@ -205,7 +241,7 @@ def _projected_inside_forward(
     extra: dict[str, torch.Tensor] = {}
 
     def label_logps(hidden: torch.Tensor) -> torch.Tensor:
-        logps, sum_sq = _project_in_chunks(project, hidden[:, :-1][mask], targets, chunk_size, with_sum_sq)
+        logps, sum_sq = _project_in_chunks(project, tokens.select(hidden), tokens.targets, chunk_size, with_sum_sq)
         if sum_sq is not None:
             extra["sum_sq"] = sum_sq
         return logps
@@ -228,7 +264,7 @@ def chunked_logprobs(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | LabelTokens,
     chunk_size: int | None = None,
     with_sum_sq: bool = False,
     **forward_kwargs: Any,
@@ -236,19 +272,19 @@ def chunked_logprobs(
     """Memory-lean implementation: output projection only at label positions, ``chunk_size`` tokens at a time
     (``None``: :func:`auto_chunk_size` of the vocabulary); ``with_sum_sq`` also returns WPO's per-token
     ``log sum_v p_v^2`` from the same chunk's logits."""
-    targets, mask = next_token_targets(labels)
+    tokens = labels if isinstance(labels, LabelTokens) else LabelTokens.of_labels(labels)
     inner = unwrap_model(model)
     head = inner.get_output_embeddings()
     if chunk_size is None:  # out_features stays the full vocabulary even when an engine partitions the weight
         chunk_size = auto_chunk_size(getattr(head, "out_features", None) or inner.config.vocab_size)
     if hooks_forward(model):
         logps, sum_sq = _projected_inside_forward(
-            model, input_ids, attention_mask, mask, targets[mask], chunk_size, with_sum_sq, **forward_kwargs
+            model, input_ids, attention_mask, tokens, chunk_size, with_sum_sq, **forward_kwargs
         )
     else:
         hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
-        logps, sum_sq = _project_in_chunks(head, hidden[:, :-1][mask], targets[mask], chunk_size, with_sum_sq)
-    out = reduce_token_logps(logps, mask)
+        logps, sum_sq = _project_in_chunks(head, tokens.select(hidden), tokens.targets, chunk_size, with_sum_sq)
+    out = tokens.reduce(logps)
     out.token_log_sum_sq = sum_sq
     return out
 
@@ -260,13 +296,14 @@ def sequence_logprobs(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | LabelTokens,
     impl: str = "chunked",
     chunk_size: int | None = None,
     with_sum_sq: bool = False,
     **forward_kwargs: Any,
 ) -> SequenceLogprobs:
-    """Log-probs of the label tokens of each row of ``input_ids`` ``[N, L]`` with the chosen implementation.
+    """Log-probs of the label tokens of each row of ``input_ids`` ``[N, L]`` with the chosen implementation
+    (``labels``: rows of labels, or the :class:`LabelTokens` of a prompt-sharing packed row).
 
     ``chunked`` and ``liger`` use the full path for models whose logits are transformed after the head (softcapping).
     ``with_sum_sq`` (TRL's WPO weights) needs the logits, so it is served by the chunked or full path, never Liger's.
@@ -285,77 +322,6 @@ def sequence_logprobs(
     return chunked_logprobs(model, input_ids, attention_mask, labels, chunk_size, **forward_kwargs)
 
 
-def concat_logprobs(first: SequenceLogprobs, second: SequenceLogprobs) -> SequenceLogprobs:
-    """Rows of ``first`` then rows of ``second`` as one ``SequenceLogprobs``."""
-    sum_sq = None
-    if first.token_log_sum_sq is not None and second.token_log_sum_sq is not None:
-        sum_sq = torch.cat([first.token_log_sum_sq, second.token_log_sum_sq])
-    return SequenceLogprobs(
-        sums=torch.cat([first.sums, second.sums]),
-        counts=torch.cat([first.counts, second.counts]),
-        token_logps=torch.cat([first.token_logps, second.token_logps]),
-        token_seq=torch.cat([first.token_seq, second.token_seq + first.sums.shape[0]]),
-        token_log_sum_sq=sum_sq,
-    )
-
-
-def token_positions(lp: SequenceLogprobs) -> torch.Tensor:
-    """0-based position ``[T]`` of each label token within its own sequence (tokens of a sequence in order)."""
-    order = torch.argsort(lp.token_seq, stable=True)
-    starts = lp.counts.cumsum(0) - lp.counts
-    positions = torch.empty_like(lp.token_seq)
-    positions[order] = torch.arange(order.shape[0], device=order.device) - starts[lp.token_seq[order]]
-    return positions
-
-
-def shared_and_tail_sums(lp: SequenceLogprobs) -> tuple[torch.Tensor, torch.Tensor]:
-    """LD-DPO's split ``[2B]`` each of a pair batch (rows: chosen then rejected): the sum over each reply's first
-    min(n_c, n_r) label tokens, and over the rest."""
-    half = lp.counts.shape[0] // 2
-    shared_len = torch.minimum(lp.counts[:half], lp.counts[half:]).repeat(2)
-    in_shared = token_positions(lp) < shared_len[lp.token_seq]
-    zeros = torch.zeros_like(lp.sums)
-    shared = zeros.index_add(0, lp.token_seq, lp.token_logps * in_shared)
-    tail = zeros.index_add(0, lp.token_seq, lp.token_logps * ~in_shared)
-    return shared, tail
-
-
-def wpo_token_means(lp: SequenceLogprobs) -> torch.Tensor:
-    """TRL's WPO term ``[N]``, detached: per sequence, the average over label tokens of log p - log sum_v p_v^2."""
-    if lp.token_log_sum_sq is None:
-        raise ValueError("WPO weights need log sum p^2 per token: compute the log-probs with with_sum_sq=True")
-    aligned = (lp.token_logps.detach() - lp.token_log_sum_sq).to(lp.sums.dtype)
-    sums = torch.zeros_like(lp.sums).index_add(0, lp.token_seq, aligned)
-    return (sums / lp.counts.clamp(min=1).to(sums.dtype)).detach()
-
-
-def _half_batch(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-    """Rows ``rows`` of the ``[2B, L]`` tensors, trimmed to their own longest sequence (right padding)."""
-    mask = batch["attention_mask"][rows]
-    length = max(1, int(mask.sum(-1).max())) if mask.numel() else 1
-    return {key: batch[key][rows, :length] for key in ("input_ids", "attention_mask", "labels")}
-
-
-def pair_logprobs(
-    model: Any,
-    batch: dict[str, torch.Tensor],
-    logprob_fn: Any,
-    separate_forward: bool = False,
-) -> SequenceLogprobs:
-    """Log-probs ``[2B]`` (chosen rows, then rejected) of a padded pair batch: one concatenated forward, or two.
-
-    ``separate_forward`` runs the chosen half, then the rejected half, each padded only to its own longest
-    sequence: the transient peak of each forward (attention, MLP, logit chunks) halves and no row is padded to the
-    other half's length; the graphs of both halves are still kept for the one backward.
-    """
-    if not separate_forward:
-        return logprob_fn(model, batch)
-    half = batch["input_ids"].shape[0] // 2
-    chosen = logprob_fn(model, _half_batch(batch, slice(0, half)))
-    rejected = logprob_fn(model, _half_batch(batch, slice(half, None)))
-    return concat_logprobs(chosen, rejected)
-
-
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """The dtype autocast casts matmul inputs to on ``device`` right now, or None when autocast is off."""
     device_type = torch.device(device).type
@@ -363,7 +329,11 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
 
 
 def liger_logprobs(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, **forward_kwargs: Any
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | LabelTokens,
+    **forward_kwargs: Any,
 ) -> SequenceLogprobs:
     """Label-token log-probs via Liger's fused linear cross-entropy on the label positions' hidden states ``[T, H]``.
 
@@ -373,15 +343,15 @@ def liger_logprobs(
     # liger-kernel is optional (CUDA runs with --use_liger_kernel only)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
+    tokens = labels if isinstance(labels, LabelTokens) else LabelTokens.of_labels(labels)
     head = unwrap_model(model).get_output_embeddings()
     if is_partitioned(head.weight):
         # A partitioned head: only the module call gathers it, which the chunked path does.
-        return chunked_logprobs(model, input_ids, attention_mask, labels, **forward_kwargs)
+        return chunked_logprobs(model, input_ids, attention_mask, tokens, **forward_kwargs)
     hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
-    targets, mask = next_token_targets(labels)
-    selected = hidden[:, :-1][mask]  # [T, H]
+    selected = tokens.select(hidden)  # [T, H]
     if selected.shape[0] == 0:
-        return reduce_token_logps(selected.float().sum(-1), mask)
+        return tokens.reduce(selected.float().sum(-1))
     weight, bias = head.weight, head.bias
     dtype = autocast_dtype(selected.device)
     if dtype is not None:  # Triton kernels ignore autocast: cast as autocast would for the head's matmul
@@ -390,10 +360,10 @@ def liger_logprobs(
     nll = liger_fused_linear_cross_entropy(
         selected,
         weight,
-        targets[mask],
+        tokens.targets,
         bias=bias,
         ignore_index=IGNORE_INDEX,
         reduction="none",
         accum_dtype=torch.float32,
     )
-    return reduce_token_logps(-nll.float(), mask)
+    return tokens.reduce(-nll.float())

@@ -144,3 +144,11 @@ def get_loss(name: str) -> tuple[LossFn, bool]:
     """(loss function with the optional RPO NLL term, length-normalized?) for one ``--loss_type``."""
     spec = loss_spec(name)
     return with_nll(spec.fn), spec.length_normalized
+
+
+def whole_batch_loss(loss_types: list[str], load_balancing: bool) -> str | None:
+    """Why the objective must see whole micro-batches (never split into forward passes), or None."""
+    batch_level = [name for name in loss_types if loss_spec(name).batch_level]
+    if batch_level:
+        return f"--loss_type {batch_level[0]} looks at the whole micro-batch"
+    return "--load_balancing_loss looks at the whole micro-batch" if load_balancing else None

@@ -14,6 +14,7 @@ from open_instruct.engine import select_engine
 from open_instruct.engine.base import StateLayout
 from open_instruct.errors import UserError
 from open_instruct.objectives.logprobs import auto_chunk_size
+from open_instruct.objectives.losses import whole_batch_loss
 from open_instruct.plan import memory, timing
 from open_instruct.plan.gpus import GPUS, Gpu, local_gpu
 from open_instruct.plan.model_config import ModelShape
@@ -96,12 +97,20 @@ def workload_of(
     batch: BatchSettings,
     reference: ReferenceSettings,
     max_seq_length: int,
+    pass_tokens: int | None = None,
 ) -> memory.Workload:
-    """Tokens per forward at the worst case the flags allow (every sequence at --max_seq_length)."""
+    """Tokens per forward at the worst case the flags allow (every sequence at --max_seq_length, no prompt shared).
+    ``pass_tokens``: the budget of one forward pass within a micro-batch (training/forward_passes.py), if any."""
     rows_per_example = 2 if stage == "dpo" else 1
     tokens = rows_per_example * batch.per_device_train_batch_size * max_seq_length
     if batch.max_tokens_per_batch:
         tokens = batch.max_tokens_per_batch if packing else max(batch.max_tokens_per_batch, max_seq_length)
+    passes = 1
+    if pass_tokens is not None and stage == "dpo":  # groups of whole pairs of about equal size
+        pair = rows_per_example * max_seq_length
+        pairs = max(1, tokens // pair)
+        passes = min(pairs, math.ceil(tokens / pass_tokens))
+        tokens = math.ceil(pairs / passes) * pair
     reference_rows = rows_per_example * (reference.reference_batch_size or 2 * batch.per_device_train_batch_size)
     trainable = None
     if model.use_lora or model.use_qlora:
@@ -114,7 +123,7 @@ def workload_of(
         trainable=trainable,
         qlora=model.use_qlora,
         reference_pass=stage == "dpo" and reference.needs_reference,
-        accumulation=batch.gradient_accumulation_steps,
+        accumulation=batch.gradient_accumulation_steps * passes,
     )
 
 
@@ -166,11 +175,15 @@ def build_plan(
     selected = planned_engine(engine, cluster, env)
     layout = selected.state_layout(shape.hidden)
     packing = bool(batch.packing) if batch.packing is not None else not _cuda_planned(cluster)
-    work = workload_of(stage, shape, packing, model, batch, reference, max_seq_length)
+    budget = pass_budget(shape, layout, batch, cluster) if stage == "dpo" else None
+    work = workload_of(stage, shape, packing, model, batch, reference, max_seq_length, budget)
     recipe = recipe_of(optim, cluster, num_examples)
     notes = [
         f"batches {'packed (padding-free)' if packing else 'padded'}" + (" (default)" if batch.packing is None else "")
     ]
+    if budget is not None:
+        given = " (default)" if batch.max_tokens_per_forward is None else ""
+        notes.append(f"forward passes of at most {budget} tokens{given}")
     time = None
     if cluster.gpu is not None:
         mfu = plan.dry_run_mfu or timing.MEASURED_MFU.get(cluster.gpu.name, timing.DEFAULT_MFU)
@@ -206,6 +219,13 @@ def build_plan(
         time,
         notes,
     )
+
+
+def pass_budget(shape: ModelShape, layout: StateLayout, batch: BatchSettings, cluster: Cluster) -> int | None:
+    """Tokens per forward pass, as the run resolves ``--max_tokens_per_forward`` (training/forward_passes.py)."""
+    if batch.max_tokens_per_forward is not None or whole_batch_loss(batch.loss_type, batch.load_balancing_loss):
+        return batch.max_tokens_per_forward
+    return None if _cuda_planned(cluster) else memory.default_pass_tokens(shape, layout.compute_bytes)
 
 
 def _cuda_planned(cluster: Cluster) -> bool:

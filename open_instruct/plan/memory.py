@@ -107,6 +107,23 @@ def layer_activation_bytes(shape: ModelShape, c: int) -> float:
     return c * (8 * h + 2 * kv + mlp + norms) + 4 * (shape.heads + 2)
 
 
+# One forward pass's activations off CUDA (``--max_tokens_per_forward`` unset, open_instruct/training/forward_passes.py):
+# 512 MiB is about 400 tokens of SmolLM2-135M in fp32 (1-2 HH pairs with their prompt shared). Measured there, 8 pairs
+# (64 real pairs, 3 steps, 2 threads): one pass per micro-batch peaked at 5,540 MB in 54 s, 802-token passes at
+# 4,404 MB in 60 s, 400-token passes at 3,946 MB in 57 s: the step time does not move beyond its noise.
+DEFAULT_ACTIVATION_BYTES = 1 << 29
+
+
+def activation_bytes_per_token(shape: ModelShape, c: int) -> float:
+    """``d S``: bytes autograd saves per token of one forward with gradients, all decoder layers."""
+    return shape.layers * layer_activation_bytes(shape, c)
+
+
+def default_pass_tokens(shape: ModelShape, c: int) -> int:
+    """Tokens per forward pass whose activations come to ``DEFAULT_ACTIVATION_BYTES`` (the CPU default)."""
+    return max(1, int(DEFAULT_ACTIVATION_BYTES // activation_bytes_per_token(shape, c)))
+
+
 def model_states(shape: ModelShape, layout: StateLayout, work: Workload) -> dict[str, float]:
     """Parameters, gradients, optimizer state, gathered weights and buckets per GPU."""
     p = shape.parameters()

@@ -48,11 +48,17 @@ class StepFn:
     """A stage's step. ``run(model, batch, rows, scale)``: the loss to back-propagate (sum over the first ``rows``
     (real) examples of their per-unit losses, times ``scale``), per-unit metric sums and the unit count of those rows.
     ``units(batch, rows)``: that unit count, read from the batch before the forward (pairs, label tokens).
-    ``tokens(batch, rows)``: the real rows' input tokens (throughput)."""
+    ``tokens(batch, rows)``: the real rows' input tokens (throughput). ``split(batch, rows)``: the forward passes
+    a micro-batch runs as, each ``(pass, its real rows)`` (:mod:`open_instruct.training.forward_passes`); None: one."""
 
     run: Callable[[Any, dict[str, torch.Tensor], int, float], StepOutput]
     units: Callable[[dict[str, torch.Tensor], int], int]
     tokens: Callable[[dict[str, torch.Tensor], int], int] = _all_rows_tokens
+    split: Callable[[dict[str, torch.Tensor], int], list[tuple[dict[str, torch.Tensor], int]]] | None = None
+
+    def passes(self, batch: dict[str, torch.Tensor], rows: int) -> list[tuple[dict[str, torch.Tensor], int]]:
+        """The forward passes of one micro-batch with their real rows."""
+        return [(batch, rows)] if self.split is None else self.split(batch, rows)
 
 
 @dataclass
@@ -251,14 +257,15 @@ def train_loop(
                 restore_rng(pending_rng)
                 pending_rng = None
             rows, scale = _window_rows(accelerator, window, step_fn, settings, epoch, seen)
-            for i, batch in enumerate(window):
-                work = (rows[i], scale, i == len(window) - 1)
+            passes = [p for i, batch in enumerate(window) for p in step_fn.passes(batch, rows[i])]
+            for i, (batch, real) in enumerate(passes):
+                work = (real, scale, i == len(passes) - 1)
                 finite, metrics, count, norm = _micro_step(
                     accelerator, model, optimizer, scheduler, batch, work, step_fn, settings, faults.guard, step
                 )
                 interval.grad_norm = norm if norm is not None else interval.grad_norm
                 if finite:
-                    interval.add(metrics, pairs=count, tokens=step_fn.tokens(batch, rows[i]))
+                    interval.add(metrics, pairs=count, tokens=step_fn.tokens(batch, real))
                     if settings.peak_flops and settings.flops_fn is not None:
                         interval.flops += settings.flops_fn(batch)
             seen += len(window)

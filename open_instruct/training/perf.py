@@ -59,7 +59,8 @@ def training_flops(
 
 
 def batch_sequence_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Real lengths ``[S]`` of the sequences of a padded (``attention_mask``) or packed (``cu_seq_lens``) batch."""
+    """Real lengths ``[S]`` of the sequences of a padded (``attention_mask``) or packed (``cu_seq_lens``) batch (a
+    prompt-sharing row: one segment per pair, counted as causal attention over the whole segment)."""
     if "cu_seq_lens" in batch:
         return batch["cu_seq_lens"].diff()
     return batch["attention_mask"].sum(-1)

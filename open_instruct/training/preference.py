@@ -17,16 +17,11 @@ from open_instruct.model.liger import resolve_logprob_impl
 from open_instruct.model.lora import adapters_disabled
 from open_instruct.model.modeling import logprob_model_options
 from open_instruct.model.moe import capture_router_logits
-from open_instruct.model.packing import packed_sequence_logprobs
+from open_instruct.model.packing import packed_sequence_logprobs, shares_prompt
 from open_instruct.objectives.combination import ld_weighted
-from open_instruct.objectives.logprobs import (
-    SequenceLogprobs,
-    pair_logprobs,
-    sequence_logprobs,
-    shared_and_tail_sums,
-    wpo_token_means,
-)
+from open_instruct.objectives.logprobs import SequenceLogprobs, sequence_logprobs
 from open_instruct.objectives.losses import LossFn, LossOutput, LossSettings, PreferenceLogps
+from open_instruct.objectives.pair_logprobs import pair_logprobs, shared_and_tail_sums, wpo_token_means
 from open_instruct.settings import BatchSettings, ModelSettings, ReferenceSettings
 from open_instruct.training import reference_cache
 from open_instruct.training.loop import StepFn
@@ -150,6 +145,8 @@ def preference_step(
 def pair_tokens(batch: dict[str, torch.Tensor], rows: int) -> int:
     """Input tokens of a pair batch's first ``rows`` pairs (chosen and rejected), padded or packed."""
     half = batch["index"].shape[0]
+    if shares_prompt(batch):  # one segment per pair, its shared prompt counted for both sequences (as unshared)
+        return int(batch["cu_seq_lens"].diff()[:rows].sum() + batch["prompt_lens"][:rows].sum())
     if "cu_seq_lens" in batch:
         lengths = batch["cu_seq_lens"].diff()
         return int(lengths[:rows].sum() + lengths[half : half + rows].sum())
@@ -158,7 +155,11 @@ def pair_tokens(batch: dict[str, torch.Tensor], rows: int) -> int:
 
 
 def preference_step_fn(
-    logprob_fn: LogprobFn, loss_fn: LossFn, reference: ReferenceLogps | None, settings: PreferenceSettings
+    logprob_fn: LogprobFn,
+    loss_fn: LossFn,
+    reference: ReferenceLogps | None,
+    settings: PreferenceSettings,
+    split: Any = None,
 ) -> StepFn:
     """The loop's step for DPO: per-pair losses of the real pairs summed and scaled (the loop divides by the optimizer
     step's pairs on all ranks), per-pair metric sums, pair count. Batch-level losses (``LossSpec.batch_level``) see
@@ -168,7 +169,7 @@ def preference_step_fn(
         loss, metrics = preference_step(model, batch, logprob_fn, loss_fn, reference, settings, rows, scale)
         return loss, metrics, rows
 
-    return StepFn(run=run, units=lambda batch, rows: rows, tokens=pair_tokens)
+    return StepFn(run=run, units=lambda batch, rows: rows, tokens=pair_tokens, split=split)
 
 
 def make_logprob_fn(
@@ -261,7 +262,9 @@ def reference_pass(
     step changes the weights (the evaluation set's too)."""
     rows = reference.reference_batch_size or 2 * batch.per_device_train_batch_size
     loaders = [
-        accelerator.prepare_data_loader(pair_dataloader(r, pad_id, rows, batch.seed, batch.packing, shuffle=False))
+        accelerator.prepare_data_loader(
+            pair_dataloader(r, pad_id, rows, batch.seed, batch.packing, shuffle=False, share_prompt=batch.share_prompt)
+        )
         for r, _ in record_sets
     ]
     if not reference.needs_reference:

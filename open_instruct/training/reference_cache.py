@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from open_instruct.engine import gather_indexed
 from open_instruct.errors import UserError
 from open_instruct.files import atomic_write
-from open_instruct.objectives.logprobs import SequenceLogprobs, shared_and_tail_sums
+from open_instruct.objectives.logprobs import SequenceLogprobs
+from open_instruct.objectives.pair_logprobs import shared_and_tail_sums
 from open_instruct.training.preemption import PREEMPTED_EXIT_CODE, Preempted, agreed, requested, signal_name
 from open_instruct.training.reference_shards import BuilderLock, ShardWriter, parts_dir, read_shards, remove_parts
 

@@ -114,13 +114,14 @@ def _model(args: TrainArguments):
 def _batches(args: TrainArguments):
     from open_instruct.data.prepare import prepare_preference_data
     from open_instruct.data.sampler import pair_dataloader
-    from open_instruct.model.batch_layout import choose_batch_layout
+    from open_instruct.model.batch_layout import choose_batch_layout, with_prompt_sharing
     from open_instruct.model.modeling import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(ModelSettings.of(args))
     records = prepare_preference_data(DataSettings.of(args), tokenizer).records
     model = load_model(ModelSettings.of(args), tokenizer, log=lambda line: None)
     layout = choose_batch_layout(model, torch.device("cpu"), args.packing, args.group_by_length, False, None)
+    layout = with_prompt_sharing(layout, torch.device("cpu"), args.share_prompt)
     loader = pair_dataloader(
         records,
         tokenizer.pad_token_id,
@@ -129,6 +130,7 @@ def _batches(args: TrainArguments):
         layout.packing,
         args.max_tokens_per_batch,
         layout.group_by_length,
+        share_prompt=layout.share_prompt,
     )
     return [
         sorted((k, tuple(v.shape), int(v.sum())) for k, v in batch.items() if torch.is_tensor(v))

@@ -28,19 +28,23 @@ from open_instruct.training.perf import (
 from tests.conftest import read_metrics, run_cli, small_run_args
 
 
+def pair_record(index: int, prompt: list[int], chosen: list[int], rejected: list[int]) -> dict:
+    """A tokenized pair: the prompt (ignored labels) then each reply (its own labels)."""
+    record: dict = {"index": index}
+    for side, reply in (("chosen", chosen), ("rejected", rejected)):
+        record[f"{side}_input_ids"] = prompt + reply
+        record[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + reply
+    return record
+
+
 def random_records(n: int, vocab: int, seed: int) -> list[dict]:
     """Pairs of uneven lengths with a prompt (ignored labels) of 2-6 tokens."""
     rng = random.Random(seed)
-    records = []
-    for i in range(n):
-        record = {"index": i}
-        prompt = [rng.randrange(vocab) for _ in range(rng.randint(2, 6))]
-        for side in ("chosen", "rejected"):
-            reply = [rng.randrange(vocab) for _ in range(rng.randint(1, 25))]
-            record[f"{side}_input_ids"] = prompt + reply
-            record[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + reply
-        records.append(record)
-    return records
+
+    def tokens(low: int, high: int) -> list[int]:
+        return [rng.randrange(vocab) for _ in range(rng.randint(low, high))]
+
+    return [pair_record(i, tokens(2, 6), tokens(1, 25), tokens(1, 25)) for i in range(n)]
 
 
 @pytest.fixture(scope="module")

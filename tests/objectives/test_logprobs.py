@@ -7,13 +7,8 @@ import torch
 
 from open_instruct.data.tokenize import IGNORE_INDEX
 from open_instruct.model.liger import CPU_FALLBACK_MESSAGE, resolve_logprob_impl
-from open_instruct.objectives.logprobs import (
-    chunked_logprobs,
-    full_logprobs,
-    pair_logprobs,
-    sequence_logprobs,
-    supports_chunked,
-)
+from open_instruct.objectives.logprobs import chunked_logprobs, full_logprobs, sequence_logprobs, supports_chunked
+from open_instruct.objectives.pair_logprobs import pair_logprobs
 from tests.model_helpers import VOCAB, tiny_llama
 
 

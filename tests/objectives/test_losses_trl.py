@@ -10,13 +10,9 @@ import pytest
 import torch
 
 from open_instruct.objectives.combination import combination_problems, combined_loss, ld_weighted
-from open_instruct.objectives.logprobs import (
-    chunked_logprobs,
-    reduce_token_logps,
-    shared_and_tail_sums,
-    wpo_token_means,
-)
+from open_instruct.objectives.logprobs import chunked_logprobs, reduce_token_logps
 from open_instruct.objectives.losses import LOSSES, LossSettings, PreferenceLogps, loss_spec
+from open_instruct.objectives.pair_logprobs import shared_and_tail_sums, wpo_token_means
 from open_instruct.training.preference import summed_pair_logps
 from open_instruct.training.reference_cache import ReferenceLogps
 from tests.data_helpers import random_pair_records

@@ -15,9 +15,10 @@ from tests.real_model.conftest import assert_tied_when_loaded, relative_differen
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 COMPARED = ("train_loss", "logps/chosen", "logps/rejected")
-# Bounds for fp32 on 2 CPU processes, where gradient reductions add in a different order from one process (the
-# actual gaps print under -n 0 -s).
-LOSS_ATOL, LOGPS_ATOL, WEIGHTS_REL = 2e-5, 2e-4, 5e-3
+# Bounds for fp32 on 2 CPU processes, where gradient reductions add in a different order from one process, and the
+# micro-batches run in other forward passes (the actual gaps print under -n 0 -s). The largest loss gap measured:
+# 2.4e-5 at LoRA's second step (learning rate 1e-3); a rank's lost gradient moves a step's loss by about 1e-2.
+LOSS_ATOL, LOGPS_ATOL, WEIGHTS_REL = 5e-5, 2e-4, 5e-3
 
 
 def _assert_same_run(got: Path, want: Path, initial: dict, weights: str = "model.safetensors") -> None:

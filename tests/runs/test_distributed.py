@@ -147,7 +147,8 @@ def test_zero2_two_machines_on_loopback(tiny_model_dir, synthetic_data, baseline
 
 @pytest.mark.slow
 def test_zero3_with_accumulation_matches_and_saves_full_model(tiny_model_dir, synthetic_data, baseline, tmp_path):
-    """torchrun, 2 processes, --zero_stage 3, 2 pairs x 2 accumulation steps per process (global batch 8)."""
+    """torchrun, 2 processes, --zero_stage 3, 2 pairs x 2 accumulation steps per process (global batch 8), each
+    micro-batch in up to 2 forward passes."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -160,6 +161,7 @@ def test_zero3_with_accumulation_matches_and_saves_full_model(tiny_model_dir, sy
         gradient_accumulation_steps="2",
         zero_stage="3",
         logprob_chunk_size="8",  # several chunks, a different number per rank: one head gather per call (issue 15)
+        max_tokens_per_forward="40",  # a pair is about 27 tokens (prompt shared): 2 passes per micro-batch
     )
     command = torchrun_command(flags)
     _run("zero3 torchrun", [command], _env(tmp_path / "cache"))
