@@ -22,7 +22,7 @@ from open_instruct.data.chat_templates import TOKENIZER_TEMPLATE_NAMES
 from open_instruct.data.formats import FORMATS
 from open_instruct.errors import UserError
 from open_instruct.objectives.combination import combination_problems
-from open_instruct.objectives.losses import LossSettings, loss_names, loss_spec
+from open_instruct.objectives.losses import LossSettings, loss_names, loss_spec, whole_batch_loss
 from open_instruct.plan.gpus import GPUS
 from open_instruct.ranges import Range, range_problems
 from open_instruct.training.preemption import parse_signals
@@ -364,6 +364,9 @@ def _consistency_problems(args: TrainArguments) -> list[str]:
         parse_signals(args.preemption_signals)
     except ValueError as err:
         problems.append(f"--preemption_signals: {err}")
+    whole_batch = whole_batch_loss(args.loss_type, args.load_balancing_loss) if args.max_tokens_per_forward else None
+    if whole_batch:
+        problems.append(f"--max_tokens_per_forward: {whole_batch}; leave it unset")
     if args.share_prompt and (args.packing is False or args.separate_forward):
         problems.append("--share_prompt needs packed rows; it does not apply to --packing false or --separate_forward")
     if args.packing and args.separate_forward:

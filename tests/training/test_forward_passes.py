@@ -126,3 +126,19 @@ def test_cli_passes_train_the_same_model(tiny_model_dir, synthetic_data, tmp_pat
     for name, weight in runs["one"][1].items():
         update = (weight - initial[name]).norm().item()
         assert (runs["split"][1][name] - weight).norm().item() <= 1e-2 * update + 1e-7, name
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--loss_type", "aot"], "--max_tokens_per_forward: --loss_type aot looks at the whole micro-batch"),
+        (["--load_balancing_loss"], "--max_tokens_per_forward: --load_balancing_loss looks at the whole micro-batch"),
+    ],
+)
+def test_a_budget_for_a_whole_batch_loss_is_refused_before_any_work(flags, message):
+    from open_instruct.config import validate
+    from open_instruct.config.cli import parse_args
+
+    args = parse_args(["--model_name_or_path", "m", "--max_tokens_per_forward", "100", *flags])
+    with pytest.raises(UserError, match=message):
+        validate(args)
