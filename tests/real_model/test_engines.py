@@ -19,6 +19,10 @@ COMPARED = ("train_loss", "logps/chosen", "logps/rejected")
 # micro-batches run in other forward passes (the actual gaps print under -n 0 -s). The largest loss gap measured:
 # 2.4e-5 at LoRA's second step (learning rate 1e-3); a rank's lost gradient moves a step's loss by about 1e-2.
 LOSS_ATOL, LOGPS_ATOL, WEIGHTS_REL = 5e-5, 2e-4, 5e-3
+# LoRA's B starts at zero, and Adam's first steps move each entry by about the learning rate whatever its gradient's
+# size, so an entry whose gradient is near zero takes either sign with the order of the sums: the merged weights
+# measured 1.0e-2 of the update apart in one run, under 5e-3 in others. A rank's lost gradient is of the order of 1.
+LORA_WEIGHTS_REL = 3e-2
 
 
 def _assert_same_run(got: Path, want: Path, initial: dict, weights: str = "model.safetensors") -> None:
@@ -65,6 +69,7 @@ def test_lora_merged_on_two_processes_equals_one(real_model_dir, train_file, tmp
         assert row["train_loss"] == pytest.approx(base["train_loss"], abs=LOSS_ATOL)
     merged_two = assert_tied_when_loaded(two / "merged")
     off, where = relative_difference(merged_two, merged_one, initial)
-    assert off < WEIGHTS_REL, f"{where}: {off:.2g} of the update away from the one-process merge"
+    print(f"LoRA merged: weights {off:.2g} of the update from one process ({where})")
+    assert off < LORA_WEIGHTS_REL, f"{where}: {off:.2g} of the update away from the one-process merge"
     moved = [k for k in initial if not (merged_two[k] == initial[k]).all()]
     assert moved and all("proj" in k for k in moved)  # the adapters merged into the projections, nothing else
