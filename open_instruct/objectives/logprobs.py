@@ -74,10 +74,14 @@ def _log_sum_sq(logits: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
 
 
+def _row_of_each(mask: torch.Tensor) -> torch.Tensor:
+    """The row ``[T]`` of each ``True`` of a ``[N, L]`` mask, in row-major order."""
+    return torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+
+
 def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> SequenceLogprobs:
     """Per-sequence sums and counts ``[N]`` from the label tokens' log-probs ``[T]`` and the label mask ``[N, L-1]``."""
-    n = mask.shape[0]
-    token_seq = torch.arange(n, device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    n, token_seq = mask.shape[0], _row_of_each(mask)
     sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, token_seq, token_logps)
     return SequenceLogprobs(sums=sums, counts=mask.sum(-1), token_logps=token_logps, token_seq=token_seq)
 
@@ -88,7 +92,7 @@ class LabelTokens:
     (hidden states or logits, ``[N, L, ...]`` -> ``[T, ...]``); ``targets`` ``[T]`` are the tokens, ``token_seq``
     ``[T]`` the sequence of each (in sequence order), ``n`` the number of sequences.
 
-    Rows of labels (:meth:`of_labels`) predict each label from the position before it in the same row; a packed row
+    Rows of labels (:meth:`of`) predict each label from the position before it in the same row; a packed row
     whose sequences share their prompt (:mod:`open_instruct.model.packing`) names the predicting positions itself."""
 
     select: Callable[[torch.Tensor], torch.Tensor]
@@ -97,12 +101,12 @@ class LabelTokens:
     n: int
 
     @classmethod
-    def of_labels(cls, labels: torch.Tensor) -> LabelTokens:
-        """Rows ``[N, L]`` of labels (``IGNORE_INDEX`` where no loss)."""
+    def of(cls, labels: torch.Tensor | LabelTokens) -> LabelTokens:
+        """``labels`` as label tokens: rows ``[N, L]`` of labels (``IGNORE_INDEX`` where no loss), or already so."""
+        if isinstance(labels, LabelTokens):
+            return labels
         targets, mask = next_token_targets(labels)
-        n = labels.shape[0]
-        token_seq = torch.arange(n, device=labels.device).unsqueeze(1).expand_as(mask)[mask]
-        return cls(lambda x: x[:, :-1][mask], targets[mask], token_seq, n)
+        return cls(lambda x: x[:, :-1][mask], targets[mask], _row_of_each(mask), labels.shape[0])
 
     @classmethod
     def at_positions(cls, positions: torch.Tensor, targets: torch.Tensor, token_seq: torch.Tensor, n: int):
@@ -127,7 +131,7 @@ def full_logprobs(
     **forward_kwargs: Any,
 ) -> SequenceLogprobs:
     """Reference implementation: the whole ``[N, L, V]`` logits, fp32."""
-    tokens = labels if isinstance(labels, LabelTokens) else LabelTokens.of_labels(labels)
+    tokens = LabelTokens.of(labels)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs).logits
     selected = tokens.select(logits)
     out = tokens.reduce(_token_logps(selected, tokens.targets))
@@ -272,7 +276,7 @@ def chunked_logprobs(
     """Memory-lean implementation: output projection only at label positions, ``chunk_size`` tokens at a time
     (``None``: :func:`auto_chunk_size` of the vocabulary); ``with_sum_sq`` also returns WPO's per-token
     ``log sum_v p_v^2`` from the same chunk's logits."""
-    tokens = labels if isinstance(labels, LabelTokens) else LabelTokens.of_labels(labels)
+    tokens = LabelTokens.of(labels)
     inner = unwrap_model(model)
     head = inner.get_output_embeddings()
     if chunk_size is None:  # out_features stays the full vocabulary even when an engine partitions the weight
@@ -343,7 +347,7 @@ def liger_logprobs(
     # liger-kernel is optional (CUDA runs with --use_liger_kernel only)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    tokens = labels if isinstance(labels, LabelTokens) else LabelTokens.of_labels(labels)
+    tokens = LabelTokens.of(labels)
     head = unwrap_model(model).get_output_embeddings()
     if is_partitioned(head.weight):
         # A partitioned head: only the module call gathers it, which the chunked path does.

@@ -57,8 +57,8 @@ def wpo_token_means(lp: SequenceLogprobs) -> torch.Tensor:
     return (sums / lp.counts.clamp(min=1).to(sums.dtype)).detach()
 
 
-def _half_batch(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-    """Rows ``rows`` of the ``[2B, L]`` tensors, trimmed to their own longest sequence (right padding)."""
+def padded_rows(batch: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows ``rows`` of a padded batch's ``[2B, L]`` tensors, trimmed to their own longest sequence (right padding)."""
     mask = batch["attention_mask"][rows]
     length = max(1, int(mask.sum(-1).max())) if mask.numel() else 1
     return {key: batch[key][rows, :length] for key in ("input_ids", "attention_mask", "labels")}
@@ -79,6 +79,6 @@ def pair_logprobs(
     if not separate_forward:
         return logprob_fn(model, batch)
     half = batch["input_ids"].shape[0] // 2
-    chosen = logprob_fn(model, _half_batch(batch, slice(0, half)))
-    rejected = logprob_fn(model, _half_batch(batch, slice(half, None)))
+    chosen = logprob_fn(model, padded_rows(batch, slice(0, half)))
+    rejected = logprob_fn(model, padded_rows(batch, slice(half, None)))
     return concat_logprobs(chosen, rejected)

@@ -106,7 +106,7 @@ def workload_of(
     if batch.max_tokens_per_batch:
         tokens = batch.max_tokens_per_batch if packing else max(batch.max_tokens_per_batch, max_seq_length)
     passes = 1
-    if pass_tokens is not None and stage == "dpo":  # groups of whole pairs of about equal size
+    if pass_tokens is not None:  # groups of whole pairs of about equal size
         pair = rows_per_example * max_seq_length
         pairs = max(1, tokens // pair)
         passes = min(pairs, math.ceil(tokens / pass_tokens))

@@ -26,6 +26,7 @@ from open_instruct.engine import unwrap_model
 from open_instruct.errors import UserError
 from open_instruct.model.batch_layout import computes_in_half
 from open_instruct.model.packing import shares_prompt
+from open_instruct.objectives.pair_logprobs import padded_rows
 from open_instruct.plan.memory import DEFAULT_ACTIVATION_BYTES, activation_bytes_per_token, default_pass_tokens
 from open_instruct.plan.model_config import shape_of
 
@@ -64,9 +65,7 @@ def partition(costs: list[int], groups: int) -> list[tuple[int, int]]:
 def _take_padded(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
     b, device = batch["index"].shape[0], batch["input_ids"].device
     rows = torch.cat([torch.arange(lo, hi, device=device), torch.arange(b + lo, b + hi, device=device)])
-    length = max(1, int(batch["attention_mask"][rows].sum(-1).max()))  # right padding: trim to the longest row
-    out = {key: batch[key][rows, :length] for key in ("input_ids", "attention_mask", "labels")}
-    return {**out, "index": batch["index"][lo:hi]}
+    return {**padded_rows(batch, rows), "index": batch["index"][lo:hi]}
 
 
 def _take_packed(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:

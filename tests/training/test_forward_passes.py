@@ -47,7 +47,8 @@ def _logprobs(model, batch):
 def test_groups_of_pairs_equal_the_whole_batch(tiny_model_dir, records, collate):
     """Each group's chosen and rejected log-probs and counts are the whole batch's for those pairs, in order."""
     model = load(tiny_model_dir, "sdpa")
-    prepare_model_for_packing(model) if not isinstance(collate, PaddedPairCollator) else None
+    if not isinstance(collate, PaddedPairCollator):
+        prepare_model_for_packing(model)
     batch = collate(records)
     whole = _logprobs(model, batch)
     b = len(records)
