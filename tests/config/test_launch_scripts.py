@@ -122,6 +122,46 @@ def test_global_batch_is_128_on_any_node_count(script: str, nodes: str):
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * processes == 128
 
 
+REPRODUCTIONS = ["tulu3/dpo_8b.sh", "tulu3/dpo_70b.sh", "olmo2/dpo_7b.sh", "olmo2/dpo_13b.sh"]
+
+
+def header_fields(script: str) -> dict[str, str]:
+    """The ``#   name  value`` lines of a reproduction script's header, by name."""
+    fields = {}
+    for line in (ROOT / "scripts" / "train" / script).read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        words = line[1:].split(maxsplit=1)
+        if len(words) == 2 and line.startswith("#   ") and not line.startswith("#    "):
+            fields[words[0]] = words[1]
+    return fields
+
+
+@pytest.mark.parametrize("script", REPRODUCTIONS)
+def test_reproduction_header_states_what_the_command_runs(script: str):
+    """The header's model, data, batch, learning rate, epochs and seed are the ones the printed command passes."""
+    yaml_name, env = DRY_RUN_SCRIPTS[script]
+    launcher, flags = dry_run(script, **env)
+    args = parse_args(flags)
+    launch = dict(zip(launcher[2::2], launcher[3::2], strict=False))
+    header = header_fields(script)
+    assert header["model"].startswith(args.model_name_or_path + ",")
+    assert header["data"].startswith(f"{args.mixer_list[0]}, all of it, {args.max_seq_length} tokens")
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * int(launch["--num_processes"])
+    assert header["batch"].startswith(
+        f"global {global_batch} pairs: {args.per_device_train_batch_size} pair per device"
+    )
+    optimizer = header["optimizer"]
+    lr, schedule = optimizer.split(", ")[:2]
+    assert float(lr.removeprefix("lr ")) == args.learning_rate and schedule == f"{args.lr_scheduler_type} decay"
+    assert (
+        f"warmup ratio {args.warmup_ratio:g}, weight decay {args.weight_decay:g}, {args.num_epochs} epoch" in optimizer
+    )
+    assert optimizer.endswith(f"loss {'+'.join(args.loss_type)}, beta {args.beta:g}")
+    assert header["seed"].split()[0] == str(args.seed)
+    assert "(" in header["seed"], "the header says where the seed comes from"
+
+
 def test_indivisible_global_batch_is_an_error():
     with pytest.raises(AssertionError, match=r"not a multiple of 1 per device x 24 processes"):
         dry_run("tulu3/dpo_8b.sh", NUM_NODES="3", GPUS_PER_NODE="8")
