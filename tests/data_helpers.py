@@ -61,3 +61,53 @@ def random_pair_records(
             record[f"{side}_labels"] = [-100] * len(prompt) + reply
         records.append(record)
     return records
+
+
+GPT2_EOS = "<|endoftext|>"
+
+
+def write_gpt2_style_tokenizer(folder: Path, texts: list[str], vocab_size: int = 1000) -> Path:
+    """A stand-in for the hub's ``gpt2`` tokenizer, built here (no download): byte-level BPE trained on ``texts``,
+    ``<|endoftext|>`` its only special token (BOS, EOS and UNK, as GPT-2's), no pad token and no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[GPT2_EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS
+    )
+    assert not tokenizer.chat_template and tokenizer.pad_token is None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_gpt2_style_model(folder: Path, texts: list[str], vocab_size: int = 1000, seed: int = 0) -> Path:
+    """A randomly initialised tiny Llama (2 layers, width 64) beside the template-less GPT-2-style tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(write_gpt2_style_tokenizer(folder, texts, vocab_size))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -10,6 +10,11 @@ Rules the templates in ``LABEL_RULE_TEMPLATES`` keep (tests check each on a real
 
 from open_instruct.data.open_instruct_templates import OPEN_INSTRUCT_TEMPLATES
 
+HH_RLHF = "hh_rlhf"
+# What a tokenizer without a chat template gets (with a note naming it): the transcript of the preference data the
+# DPO paper used, so a base tokenizer (GPT-2) trains on HH-RLHF's own layout.
+DEFAULT_TEMPLATE = HH_RLHF
+
 # After a turn: EOS, then a newline unless it ends the rendered text (last message, no generation prompt after it).
 _NEWLINE = "('' if loop.last and not add_generation_prompt else '\n')"
 
@@ -24,6 +29,19 @@ _OURS: dict[str, str] = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
+    # Anthropic HH-RLHF's raw transcript, the text the DPO paper (Rafailov et al. 2023) trained on:
+    # "\n\nHuman: ...\n\nAssistant: ...". The generation prompt stops at the colon so that the reply's leading space
+    # joins its first word, as in the transcript (byte-level BPE: " Sure" is one token). A system message leads as
+    # plain text; a reply ends with EOS, so the model learns to stop.
+    HH_RLHF: (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] }}"
+        "{% elif message['role'] == 'user' %}{{ '\n\nHuman: ' + message['content'] }}"
+        "{% elif message['role'] == 'assistant' %}{{ '\n\nAssistant: ' + message['content'] + eos_token }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+    ),
 }
 
 # Every name --chat_template_name takes: open-instruct's table (same names, same text), then ours.
@@ -31,7 +49,7 @@ CHAT_TEMPLATES: dict[str, str] = {**OPEN_INSTRUCT_TEMPLATES, **_OURS}
 
 # The templates that keep the three rules above (tests check each); open-instruct's others render what open-instruct
 # renders, e.g. zephyr's newline after the final EOS, or no EOS at all in the R1 and RL-zero prompts.
-LABEL_RULE_TEMPLATES: tuple[str, ...] = ("tulu", "olmo", "chatml")
+LABEL_RULE_TEMPLATES: tuple[str, ...] = ("tulu", "olmo", "chatml", HH_RLHF)
 
 # Names that keep the tokenizer's own template. open-instruct falls back to the tokenizer's template for any name
 # missing from its table, and its Olmo 3 scripts rely on that with "olmo123"; here that fallback is this explicit

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from open_instruct.data.chat_templates import CHAT_TEMPLATES, TOKENIZER_TEMPLATE_NAMES
+from open_instruct.data.chat_templates import CHAT_TEMPLATES, DEFAULT_TEMPLATE, TOKENIZER_TEMPLATE_NAMES
 from open_instruct.engine import gathered, unwrap_model
 from open_instruct.errors import UserError, say_note
 from open_instruct.files import is_local_path
@@ -28,6 +28,11 @@ from open_instruct.settings import ModelSettings
 
 ATTN_IMPLEMENTATIONS = ("flash_attention_3", "flash_attention_2", "sdpa", "eager", "flex_attention", TORCH_VARLEN)
 EMBEDDING_MULTIPLE = 8
+DEFAULT_TEMPLATE_NOTE = (
+    f"note: tokenizer {{name!r}} has no chat template: using {DEFAULT_TEMPLATE!r}, HH-RLHF's "
+    "'\\n\\nHuman: ...\\n\\nAssistant: ...' transcript (as the DPO paper), each reply ending with EOS; "
+    "--chat_template_name (Python: chat_template_name=) picks another"
+)
 SLOW_TOKENIZER_NOTE = (
     "note: --use_slow_tokenizer has no effect: {name} ships no slow (Python) tokenizer, the fast one is used"
 )
@@ -125,7 +130,7 @@ def note_slow_tokenizer(use_slow_tokenizer: bool, tokenizer: Any, name: str) -> 
 
 
 def load_tokenizer(model: ModelSettings) -> Any:
-    """The tokenizer, with our chat template when one is named and a pad token guaranteed."""
+    """The tokenizer, with our chat template when one is named (``hh_rlhf`` when it has none) and a pad token."""
     from transformers import AutoTokenizer  # heavy: imported when a tokenizer loads, not with the module
 
     name = model.tokenizer_name_or_path or model.model_name_or_path
@@ -143,7 +148,8 @@ def load_tokenizer(model: ModelSettings) -> Any:
     elif model.chat_template_name:
         tokenizer.chat_template = CHAT_TEMPLATES[model.chat_template_name]
     if not tokenizer.chat_template:
-        raise UserError(f"tokenizer {name!r} has no chat template; pass --chat_template_name")
+        tokenizer.chat_template = CHAT_TEMPLATES[DEFAULT_TEMPLATE]
+        say_note(DEFAULT_TEMPLATE_NOTE.format(name=name))
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer
