@@ -58,9 +58,9 @@ class TrainingConfig:
     wandb_entity: str | None = None
     push_to_hub: bool = False
     hf_repo_id: str | None = None
-    save_format: str = (
-        "hf"  # "hf": the final checkpoint is output_dir; "pt": also output_dir/<stage>_final.pt, returned
-    )
+    # None: output_dir (returned) plus output_dir/<stage>_final.pt beside it (not for LoRA: its output is an adapter);
+    # "pt": the same, the .pt returned; "hf": output_dir only.
+    save_format: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # any other TrainArguments flag by name
 
 
@@ -170,13 +170,19 @@ def accumulation_steps(train: TrainingConfig, processes: int) -> int:
     return train.gradient_accumulation_steps
 
 
+def writes_pt(train: TrainingConfig) -> bool:
+    """Whether a stage writes ``<output_dir>/<stage>_final.pt``: by default (a full-weight run) or ``"pt"``."""
+    lora = bool(train.extra.get("use_lora") or train.extra.get("use_qlora"))
+    return train.save_format == "pt" or (train.save_format is None and not lora)
+
+
 def training_arguments(train: TrainingConfig) -> dict[str, Any]:
     """The TrainArguments values a TrainingConfig sets."""
     if train.mixed_precision not in ("no", "bf16", "fp16"):
         raise UserError(f"mixed_precision must be 'bf16', 'fp16' or 'no', got {train.mixed_precision!r}")
     if train.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {train.warmup_steps}")
-    if train.save_format not in ("hf", "pt"):
+    if train.save_format not in (None, "hf", "pt"):
         raise UserError(
             f"save_format must be 'hf' (a Hugging Face folder) or 'pt' (one file), got {train.save_format!r}"
         )

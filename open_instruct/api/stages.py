@@ -29,6 +29,7 @@ from open_instruct.api.configs import (
     dataset_arguments,
     preference_arguments,
     training_arguments,
+    writes_pt,
 )
 from open_instruct.config import TrainArguments, settings_of, validate
 from open_instruct.engine.fsdp2 import restore_process_state
@@ -151,13 +152,19 @@ def source_tokenizer(checkpoint: str, tokenizer_name: str | None) -> str:
 
 def final_checkpoint(folder: Path, train: TrainingConfig, stage: str, tokenizer_name: str | None) -> Path:
     """What a stage returns: its output folder, or with ``save_format="pt"`` the ``<stage>_final.pt`` written from it
-    (the next stage's ``pretrain_checkpoint`` / ``sft_checkpoint`` either way)."""
-    if train.save_format != "pt":
+    (by default written too; the next stage's ``pretrain_checkpoint`` / ``sft_checkpoint`` either way)."""
+    if not writes_pt(train):
         return folder
+    import torch.distributed as dist  # heavy: when a run has ended
+
     path = folder / f"{stage}_final.pt"
-    if int(os.environ.get("RANK", "0")) == 0:  # launched on several processes: the main one writes it
-        write_pt_checkpoint(folder, path, tokenizer_name)
-    return path
+    try:
+        if int(os.environ.get("RANK", "0")) == 0:  # launched on several processes: the main one writes it
+            write_pt_checkpoint(folder, path, tokenizer_name)
+    finally:  # the other processes return once it is there (the next stage in the same script may read it)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    return path if train.save_format == "pt" else folder
 
 
 @contextlib.contextmanager
@@ -181,8 +188,8 @@ def run_training(
     dataset_config: TextDatasetConfig | None = None,
     tokenizer_name: str | None = None,
 ) -> Path:
-    """Pretrain a causal LM from scratch; returns its final checkpoint (the output folder, or ``pretrain_final.pt``
-    with ``save_format="pt"``), ``run_sft``'s ``pretrain_checkpoint``.
+    """Pretrain a causal LM from scratch; returns its final checkpoint (the output folder, or with
+    ``save_format="pt"`` the ``pretrain_final.pt`` written beside it by default), ``run_sft``'s ``pretrain_checkpoint``.
 
     ``model_config``: a :class:`~open_instruct.model.scratch.ModelConfig`, a transformers ``PretrainedConfig``, a dict,
     or a folder / hub id with ``config.json``. The text: ``dataset_config`` or ``train_config.dataset_name`` (and its
@@ -208,8 +215,8 @@ def run_sft(
 ) -> Any:
     """Supervised fine-tuning from a pretrained checkpoint (HF folder, hub id, or ``.pt``: ours carry their model
     config and tokenizer, a bare state dict needs ``tokenizer_name`` and ``model_config``); returns the final
-    checkpoint, the output folder or with ``save_format="pt"`` ``sft_final.pt``: a valid ``sft_checkpoint`` for
-    ``run_dpo``. ``dry_run=True``: check and print the plan instead (see ``run_dpo``); returns it."""
+    checkpoint, the output folder or with ``save_format="pt"`` ``sft_final.pt`` (written in it by default): either is a
+    valid ``sft_checkpoint`` for ``run_dpo``. ``dry_run=True``: check and print the plan instead (see ``run_dpo``); returns it."""
     train = train_config or TrainingConfig()
     tokenizer_name = tokenizer_name or train.tokenizer_name
     checkpoint = str(pretrain_checkpoint)
@@ -233,7 +240,7 @@ def run_dpo(
     dry_run: bool = False,
 ) -> Any:
     """DPO from an SFT checkpoint (HF folder, hub id, or ``.pt``); returns the final checkpoint (the output folder, or
-    ``dpo_final.pt`` with ``save_format="pt"``). ``dry_run=True``: check every input and print the plan (memory per
+    with ``save_format="pt"`` the ``dpo_final.pt`` written in it by default). ``dry_run=True``: check every input and print the plan (memory per
     GPU, time; see ``--dry_run``) without loading weights or writing anything; returns the
     :class:`open_instruct.plan.build.Plan`.
 

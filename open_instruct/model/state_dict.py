@@ -1,5 +1,5 @@
 """``.pt`` checkpoints: a bare state dict as a starting checkpoint, rebuilt into a Hugging Face folder the engine can
-load, and the single-file checkpoint our stages write (``save_format="pt"``: ``sft_final.pt``).
+load, and the single-file checkpoint our API's stages write (by default: ``<output_dir>/sft_final.pt``).
 
 A ``.pt`` our stages write is a dict: ``format`` (:data:`PT_FORMAT`), ``state_dict``, ``model_config`` (the
 transformers config as JSON), ``tokenizer_name`` (what the stage loaded) and ``tokenizer_files`` (the saved

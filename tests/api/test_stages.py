@@ -9,6 +9,8 @@ import torch
 
 from open_instruct import DPOConfig, PreferenceDatasetConfig, TrainingConfig, UserError, run_dpo
 from open_instruct.api import dpo_arguments, preference_arguments
+from open_instruct.api.configs import writes_pt
+from open_instruct.model.state_dict import load_pt_checkpoint
 from tests.conftest import read_metrics, run_cli, small_run_args
 
 LOG_LINE = re.compile(r"^step=\d+ loss=-?\d+\.\d{4} accuracy=\d+\.\d{2}% lr=\d\.\d{3}e[-+]\d{2}$", re.M)
@@ -181,4 +183,16 @@ def test_pt_state_dict_trains_from_the_same_weights(tiny_model_dir, synthetic_da
     ids = torch.tensor([[2, 7, 9, 11, 13]])
     assert torch.equal(rebuilt(input_ids=ids).logits, original(input_ids=ids).logits)
     assert [r["training_step"] for r in read_metrics(path)] == [1, 2]
-    assert AutoModelForCausalLM.from_pretrained(path) is not None
+    final = AutoModelForCausalLM.from_pretrained(path)
+    # By default the stage also writes <output_dir>/dpo_final.pt (renamed into place: no temporary file left).
+    pt_model, _ = load_pt_checkpoint(path / "dpo_final.pt")
+    assert torch.equal(pt_model(input_ids=ids).logits, final(input_ids=ids).logits)
+    assert not [p.name for p in path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "save_format, extra, written",
+    [(None, {}, True), ("pt", {}, True), ("hf", {}, False), (None, {"use_lora": True}, False)],
+)
+def test_final_pt_written_by_default_except_for_adapters(save_format, extra, written):
+    assert writes_pt(TrainingConfig(save_format=save_format, extra=extra)) is written
