@@ -50,7 +50,7 @@ def test_run_dpo_and_the_cli_give_the_same_metrics(tiny_model_dir, synthetic_dat
             tmp_path / "cli_out",
             warmup_ratio=None,
             warmup_steps="0",
-            lr_scheduler_type="linear",
+            lr_scheduler_type="constant",  # the API's default
         ),
         tmp_path / "cli_cache",
     )
