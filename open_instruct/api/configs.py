@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from open_instruct.config import TrainArguments
-from open_instruct.errors import UserError
+from open_instruct.errors import UserError, say_note
 from open_instruct.files import is_local_path
 from open_instruct.objectives.losses import LossSettings
 
@@ -38,9 +38,9 @@ class TrainingConfig:
     eval_fraction: float = 0.0  # likewise: hold out this fraction of the training data instead
     tokenizer_name: str | None = None  # default: the checkpoint's own tokenizer
     output_dir: str = "output/run"
-    batch_size: int = 8  # global: micro_batch_size x gradient_accumulation_steps x world size
+    batch_size: int = 8  # global, on any number of processes: micro_batch_size x accumulation x world size
     micro_batch_size: int = 8  # per device per forward
-    gradient_accumulation_steps: int | None = 1  # None: batch_size / (micro_batch_size x world size)
+    gradient_accumulation_steps: int | None = 1  # batch_size wins: derived as batch_size / (micro x world size)
     learning_rate: float = 5e-7
     max_steps: int | None = None  # default: num_epochs over the data
     num_epochs: int = 1
@@ -147,29 +147,28 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def accumulation_steps(train: TrainingConfig, processes: int) -> int:
-    """``gradient_accumulation_steps`` checked against ``batch_size = micro x accumulation x world size``."""
-    per_step = train.micro_batch_size * processes
-    if train.gradient_accumulation_steps is None:
-        if train.batch_size % per_step:
-            raise UserError(
-                f"batch_size {train.batch_size} is not a multiple of micro_batch_size "
-                f"{train.micro_batch_size} x world size {processes}"
-            )
-        return train.batch_size // per_step
-    expected = per_step * train.gradient_accumulation_steps
-    if expected != train.batch_size:
-        hint = (
-            f"; set gradient_accumulation_steps={train.batch_size // per_step}"
-            if (train.batch_size % per_step == 0)
-            else ""
-        )
+def accumulation_steps(batch: int, micro: int, given: int | None, processes: int) -> tuple[int, str | None]:
+    """(gradient accumulation steps, note) that keep the global ``batch`` = ``micro`` x steps x ``processes``.
+
+    ``batch_size`` is what the run trains on per optimizer step, on any number of processes; ``given`` (the
+    accumulation a one-process example names, or None) yields to it, with a ``note:`` line when it differs. Only a
+    batch that cannot be split evenly into the processes' micro-batches is an error."""
+    for name, value in (("batch_size", batch), ("micro_batch_size", micro), ("gradient_accumulation_steps", given)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    per_step = micro * processes
+    if batch % per_step:
         raise UserError(
-            f"batch_size {train.batch_size} != micro_batch_size {train.micro_batch_size} x "
-            f"gradient_accumulation_steps {train.gradient_accumulation_steps} x world size {processes} "
-            f"= {expected}{hint} (or None to derive it)"
+            f"batch_size {batch} (global) cannot be split evenly into micro_batch_size {micro} x {processes} "
+            f"process(es): make it a multiple of {per_step}"
         )
-    return train.gradient_accumulation_steps
+    steps = batch // per_step
+    if given is None or given == steps:
+        return steps, None
+    return steps, (
+        f"note: gradient_accumulation_steps {given} -> {steps}: keeps the global batch_size {batch} = "
+        f"micro_batch_size {micro} x {steps} x {processes} process(es)"
+    )
 
 
 def writes_pt(train: TrainingConfig) -> bool:
@@ -190,11 +189,16 @@ def training_arguments(train: TrainingConfig) -> dict[str, Any]:
         )
     if train.save_format == "pt" and (train.extra.get("use_lora") or train.extra.get("use_qlora")):
         raise UserError("save_format='pt' writes full weights; a LoRA run saves an adapter (use save_format='hf')")
+    steps, note = accumulation_steps(
+        train.batch_size, train.micro_batch_size, train.gradient_accumulation_steps, world_size()
+    )
+    if note:
+        say_note(note)
     values = {
         "output_dir": str(train.output_dir),
         "seed": train.seed,
         "per_device_train_batch_size": train.micro_batch_size,
-        "gradient_accumulation_steps": accumulation_steps(train, world_size()),
+        "gradient_accumulation_steps": steps,
         "learning_rate": train.learning_rate,
         "max_train_steps": train.max_steps,
         "num_epochs": train.num_epochs,
