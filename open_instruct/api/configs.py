@@ -154,8 +154,8 @@ def accumulation_steps(batch: int, micro: int, given: int | None, processes: int
     accumulation a one-process example names, or None) yields to it, with a ``note:`` line when it differs. Only a
     batch that cannot be split evenly into the processes' micro-batches is an error."""
     for name, value in (("batch_size", batch), ("micro_batch_size", micro), ("gradient_accumulation_steps", given)):
-        if value is not None and value < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserError(f"{name} must be an integer >= 1, got {value!r}")
     per_step = micro * processes
     if batch % per_step:
         raise UserError(

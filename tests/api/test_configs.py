@@ -48,7 +48,7 @@ def test_the_documented_example_on_one_and_on_several_processes():
         accumulation_steps(16, 1, 16, 32)
 
 
-@pytest.mark.parametrize("args", [(0, 1, None, 1), (8, 0, None, 1), (8, 1, 0, 1)])
-def test_non_positive_sizes_are_errors(args):
-    with pytest.raises(UserError, match="must be >= 1"):
+@pytest.mark.parametrize("args", [(0, 1, None, 1), (8, 0, None, 1), (8, 1, 0, 1), (8, 1, 2.0, 1), (8.0, 1, 8, 1)])
+def test_sizes_must_be_positive_integers(args):
+    with pytest.raises(UserError, match="must be an integer >= 1"):
         accumulation_steps(*args)
