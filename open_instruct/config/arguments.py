@@ -119,7 +119,9 @@ class TrainArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
     activation_memory_budget: float = _f(
         1.0, "Below 1.0 turns on gradient checkpointing.", valid=Range(0, 1, low_open=True)
     )
-    use_liger_kernel: bool = _f(False, "Liger fused kernels (CUDA only; falls back to chunked log-probs on CPU).")
+    use_liger_kernel: bool = _f(
+        False, "Liger kernels (CUDA; on CPU only under TRITON_INTERPRET=1); elsewhere a note and chunked log-probs."
+    )
     use_lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
     use_qlora: bool = _f(False, "QLoRA: LoRA on a 4-bit NF4 base model (needs CUDA and bitsandbytes; implies LoRA).")
     lora_rank: int = _f(64, "LoRA rank.", valid=POS)

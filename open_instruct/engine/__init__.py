@@ -14,6 +14,7 @@ from typing import Any
 from open_instruct.engine.base import Engine, unwrap_model
 from open_instruct.engine.deepspeed import DeepSpeedEngine
 from open_instruct.engine.fsdp2 import Fsdp2Engine
+from open_instruct.engine.zero3_head import zero3_partitioned
 from open_instruct.errors import UserError
 from open_instruct.settings import EngineSettings
 
@@ -29,6 +30,7 @@ __all__ = [
     "gather_indexed",
     "gather_rows",
     "gathered",
+    "head_made_whole",
     "hooks_forward",
     "is_partitioned",
     "local_shard",
@@ -81,6 +83,15 @@ def local_shard(param: Any) -> Any:
 def hooks_forward(model: Any) -> bool:
     """Whether an engine hooks ``model``'s own forward (FSDP2's root module): call the model, never its decoder alone."""
     return any(engine_type.hooks_forward(model) for engine_type in ENGINES)
+
+
+def head_made_whole(model: Any) -> str:
+    """Which engine makes ``model``'s output layer whole inside the layer's own forward (for the run log)."""
+    if zero3_partitioned(unwrap_model(model).get_output_embeddings()):
+        return "ZeRO-3 gathers it there"
+    if hooks_forward(model):
+        return "FSDP2 unshards it there"
+    return "its weight is whole on every rank"
 
 
 def is_partitioned(param: Any) -> bool:

@@ -19,6 +19,12 @@ import torch
 import torch.nn.functional as F
 
 
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype autocast casts matmul inputs to on ``device`` right now, or None when autocast is off."""
+    device_type = torch.device(device).type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def plain_linear_head(head: Any) -> bool:
     """Whether ``head`` is exactly ``torch.nn.Linear`` (not an adapter, quantized or partitioned subclass), whose
     output this module may compute from its weight and bias directly."""
@@ -97,6 +103,6 @@ def linear_head_logps(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs ``[T]`` of ``targets`` under ``head(hidden)`` (``hidden`` ``[T, H]``, at least one token), and WPO's
     ``log sum_v p_v^2`` ``[T]`` when asked for. ``dtype``: the dtype autocast runs the head's matmul in right now
-    (``logprobs.autocast_dtype``), or None."""
+    (:func:`autocast_dtype`), or None."""
     logps, sum_sq = _ChunkedHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_size, dtype, with_sum_sq)
     return logps, (sum_sq if with_sum_sq else None)

@@ -7,8 +7,9 @@ Three implementations with one contract (``sequence_logprobs``):
   logits exist at once. A plain ``nn.Linear`` head sums its weight gradient over the chunks in one buffer
   (:mod:`open_instruct.objectives.head_projection`). An output layer that an engine partitions (ZeRO-3) is gathered
   once per call on every rank (:mod:`open_instruct.engine.zero3_head`), never once per chunk. Pure PyTorch.
-- ``liger``: the same label-position hidden states through Liger's fused linear cross-entropy (CUDA only), see
-  :mod:`open_instruct.model.liger`.
+- ``liger``: the same label-position hidden states through Liger's fused linear cross-entropy, run as the output
+  layer's own forward, so that ZeRO-3 gathers and FSDP2 unshards it for the kernel
+  (:mod:`open_instruct.objectives.fused_head`; when it runs: :mod:`open_instruct.model.liger`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from open_instruct.data.tokenize import IGNORE_INDEX
-from open_instruct.engine import hooks_forward, is_partitioned, unwrap_model
+from open_instruct.engine import head_made_whole, hooks_forward, unwrap_model
 from open_instruct.engine.zero3_head import partitioned_head_logps, zero3_partitioned
-from open_instruct.objectives.head_projection import linear_head_logps, plain_linear_head
+from open_instruct.objectives.fused_head import as_head_forward, fused_head_logps
+from open_instruct.objectives.head_projection import autocast_dtype, linear_head_logps, plain_linear_head
 
 # Config fields that change logits after the output projection; the chunked path does not apply them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -236,31 +238,17 @@ def _projected_inside_forward(
 
     For an engine that hooks the model itself (FSDP2): its output layer is gathered, and its gradients reduced, by
     hooks around that layer's call inside the model's forward; a second call after the forward would free the
-    gathered weights under the first call's backward. So for this one forward the output layer computes the label
-    tokens' log-probs from all positions' hidden states (``logits_to_keep=0``) and returns them as its "logits".
+    gathered weights under the first call's backward (:func:`~open_instruct.objectives.fused_head.as_head_forward`).
     """
-    inner = unwrap_model(model)
-    head = inner.get_output_embeddings()
-    project = head.forward
     extra: dict[str, torch.Tensor] = {}
 
-    def label_logps(hidden: torch.Tensor) -> torch.Tensor:
-        logps, sum_sq = _project_in_chunks(project, tokens.select(hidden), tokens.targets, chunk_size, with_sum_sq)
+    def label_logps(forward: Any, hidden: torch.Tensor) -> torch.Tensor:
+        logps, sum_sq = _project_in_chunks(forward, tokens.select(hidden), tokens.targets, chunk_size, with_sum_sq)
         if sum_sq is not None:
             extra["sum_sq"] = sum_sq
         return logps
 
-    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
-        forward_kwargs = {**forward_kwargs, "logits_to_keep": 0}
-    own = head.__dict__.get("forward")  # an instance-level forward (a hook library's) to put back afterwards
-    head.forward = label_logps
-    try:
-        logps = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs).logits
-    finally:
-        if own is None:
-            del head.forward
-        else:
-            head.forward = own
+    logps = as_head_forward(model, input_ids, attention_mask, label_logps, **forward_kwargs)
     return logps, extra.get("sum_sq")
 
 
@@ -326,10 +314,23 @@ def sequence_logprobs(
     return chunked_logprobs(model, input_ids, attention_mask, labels, chunk_size, **forward_kwargs)
 
 
-def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The dtype autocast casts matmul inputs to on ``device`` right now, or None when autocast is off."""
-    device_type = torch.device(device).type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+def logprobs_line(model: Any, impl: str, with_sum_sq: bool = False) -> str:
+    """``logprobs: ...``: the kernel :func:`sequence_logprobs` runs for no-grad and for training passes of ``model``
+    (as prepared by its engine)."""
+    if impl == "full" or not supports_chunked(model):
+        return "logprobs: full logits on every pass (" + (
+            "asked for)" if impl == "full" else "this model transforms its logits after the output layer)"
+        )
+    chunked = "chunked projection of the label positions"
+    if impl == "liger" and with_sum_sq:
+        training = chunked + " (WPO weights need the logits, which Liger's kernel never holds)"
+    elif impl == "liger":
+        training = (
+            f"liger fused linear cross-entropy, run as the output layer's own forward ({head_made_whole(model)})"
+        )
+    else:
+        training = chunked
+    return f"logprobs: no-grad passes (reference, evaluation) {chunked}; training passes {training}"
 
 
 def liger_logprobs(
@@ -339,35 +340,9 @@ def liger_logprobs(
     labels: torch.Tensor | LabelTokens,
     **forward_kwargs: Any,
 ) -> SequenceLogprobs:
-    """Label-token log-probs via Liger's fused linear cross-entropy on the label positions' hidden states ``[T, H]``.
-
-    The kernel never holds more than a chunk of the ``[T, V]`` logits; with ``reduction="none"`` it returns the
-    per-token cross-entropy ``-log p`` and back-propagates per-token gradients.
-    """
-    # liger-kernel is optional (CUDA runs with --use_liger_kernel only)
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
+    """Label-token log-probs via Liger's fused linear cross-entropy, run as the output layer's own forward so that
+    an engine that shards the layer (ZeRO-3, FSDP2) makes it whole for the kernel
+    (:mod:`open_instruct.objectives.fused_head`)."""
     tokens = LabelTokens.of(labels)
-    head = unwrap_model(model).get_output_embeddings()
-    if is_partitioned(head.weight):
-        # A partitioned head: only the module call gathers it, which the chunked path does.
-        return chunked_logprobs(model, input_ids, attention_mask, tokens, **forward_kwargs)
-    hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
-    selected = tokens.select(hidden)  # [T, H]
-    if selected.shape[0] == 0:
-        return tokens.reduce(selected.float().sum(-1))
-    weight, bias = head.weight, head.bias
-    dtype = autocast_dtype(selected.device)
-    if dtype is not None:  # Triton kernels ignore autocast: cast as autocast would for the head's matmul
-        selected, weight = selected.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    nll = liger_fused_linear_cross_entropy(
-        selected,
-        weight,
-        tokens.targets,
-        bias=bias,
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-        accum_dtype=torch.float32,
-    )
-    return tokens.reduce(-nll.float())
+    logps = fused_head_logps(model, input_ids, attention_mask, tokens.select, tokens.targets, **forward_kwargs)
+    return tokens.reduce(logps)

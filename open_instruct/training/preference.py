@@ -19,7 +19,7 @@ from open_instruct.model.modeling import logprob_model_options
 from open_instruct.model.moe import capture_router_logits
 from open_instruct.model.packing import packed_sequence_logprobs, shares_prompt
 from open_instruct.objectives.combination import ld_weighted
-from open_instruct.objectives.logprobs import SequenceLogprobs, sequence_logprobs
+from open_instruct.objectives.logprobs import SequenceLogprobs, logprobs_line, sequence_logprobs
 from open_instruct.objectives.losses import LossFn, LossOutput, LossSettings, PreferenceLogps
 from open_instruct.objectives.pair_logprobs import pair_logprobs, shared_and_tail_sums, wpo_token_means
 from open_instruct.settings import BatchSettings, ModelSettings, ReferenceSettings
@@ -239,11 +239,16 @@ def run_logprob_fn(batch: BatchSettings, model: Any, accelerator: Any) -> Logpro
     """The run's log-prob function: the implementation this device and model allow (Liger, chunked or full), padded
     or packed as the batch layout says, the decoder in the run's precision on every pass (log-probs stay fp32)."""
     impl = resolve_logprob_impl(batch.use_liger_kernel, model, accelerator.device, accelerator.print)
-    if batch.use_weighting and impl == "liger":
-        accelerator.print("--use_weighting: WPO weights need the logits; log-probs use the chunked path, not Liger")
     padding_mask = needs_padding_mask(model, batch.load_balancing_loss)
     fn = make_logprob_fn(batch.packing, impl, batch.logprob_chunk_size, batch.use_weighting, padding_mask=padding_mask)
-    return in_run_precision(accelerator, fn, report=accelerator.print)
+    pending = [accelerator.print]
+
+    def reported(model: Any, rows: dict[str, torch.Tensor]) -> SequenceLogprobs:
+        if pending:  # the first call: the model is prepared by now, so the line names the engine's part
+            pending.pop()(logprobs_line(model, impl, batch.use_weighting))
+        return fn(model, rows)
+
+    return in_run_precision(accelerator, reported, report=accelerator.print)
 
 
 def reference_pass(

@@ -16,8 +16,9 @@ Parts (each writes ``<out>/part_<name>.json``; every invocation ends by writing 
 4. ``report``: tokens/s, MFU (``perf/mfu_step``, and against a bf16 matmul measured here), peak
    ``torch.cuda.max_memory_allocated``, reference pairs/s.
 
-Under ZeRO-3 the Liger row uses Liger's model kernels but the chunked log-probs: a partitioned output layer is only
-gathered by its own module call (open_instruct/objectives/logprobs.py).
+Liger rows run Liger's model kernels and its fused log-probs on every engine: the kernel runs as the output layer's own
+forward, where ZeRO-3 gathers and FSDP2 unshards the layer (open_instruct/objectives/fused_head.py). ZeRO-3 and FSDP2
+each have a chunked twin (the same row without ``--use_liger_kernel``), so the report shows what the kernel changes.
 
 On a short-lived GPU machine: ``scripts/bench/gpu_lease.sh DEST`` runs the parts in order of value, each under a time
 cap, and copies the small results to DEST (the wheels of ``scripts/bench/gpu_wheels.sh download`` carried in .whl/).
@@ -81,6 +82,7 @@ def settings(tiny: bool) -> dict:
         }
     grid = [(4096, "default", True, "zero2"), (4096, "default", True, "fsdp2"), (4096, "padded", True, "zero2")]
     grid += [(4096, "default", False, "zero2"), (4096, "default", True, "zero3"), (8192, "default", True, "zero2")]
+    grid += [(4096, "default", False, "zero3"), (4096, "default", False, "fsdp2")]  # the Liger rows' chunked twins
     return {
         "shape": LLAMA_1B,
         "pairs": 256,

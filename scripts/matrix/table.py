@@ -18,6 +18,17 @@ _RUN = re.compile(r"^(\d+)\. (.*)$")
 _REFUSAL = re.compile(r"^- cell (\d+): `(.*)`$")
 
 
+# Why the Liger cells of the first runs under sharding engines equal the chunked path (kept while those rows stand).
+_LIGER_NOTE = (
+    "Liger cells (`logprobs` liger) of runs 1 to 3 under zero3, zero3_offload, fsdp2 and fsdp2_offload "
+    "were recorded when Liger's fused kernel fell back to the chunked path on a partitioned output layer "
+    "(hence their fp32 differences of 0 under FSDP2). The kernel now runs on every engine, as the output "
+    "layer's own forward, where ZeRO-3 gathers and FSDP2 unshards the layer "
+    "(`open_instruct/objectives/fused_head.py`); `tests/runs/test_liger_engines.py` checks ZeRO-3 and "
+    "FSDP2 against the 1-process chunked run."
+)
+
+
 def _explanation() -> str:
     return (
         "Each cell trains the tiny model a few steps (16 pairs, 2 per device) on 2 processes where its engine has "
@@ -25,7 +36,8 @@ def _explanation() -> str:
         "per-step difference of the training loss, `weights` is ||w - w_ref|| / ||w_ref - w_initial|| of the final "
         "(LoRA: merged) weights. Tolerance per precision: "
         + "; ".join(f"{p} loss {t['loss']:g}, weights {t['weights']:g}" for p, t in options.TOLERANCE.items())
-        + "."
+        + ".\n\n"
+        + _LIGER_NOTE
     )
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from open_instruct.objectives.head_projection import autocast_dtype, plain_linear_head
 from open_instruct.objectives.head_projection import linear_head_logps as _linear_head_logps
-from open_instruct.objectives.head_projection import plain_linear_head
-from open_instruct.objectives.logprobs import autocast_dtype
 
 
 def linear_head_logps(head, hidden, targets, chunk_size, with_sum_sq):

@@ -369,7 +369,7 @@ def test_cli_wpo_with_nll_separate_forward_and_liger_fallback(tiny_model_dir, sy
     )
     result = run_cli(args + ["--separate_forward", "--use_liger_kernel"], tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "falling back to the chunked log-probs" in result.stdout + result.stderr
+    assert "note: --use_liger_kernel: Liger's Triton kernels need a CUDA device" in result.stdout + result.stderr
     rows = read_metrics(out)
     assert rows and all(math.isfinite(r["train_loss"]) and r["nll_loss"] > 0 for r in rows)
 

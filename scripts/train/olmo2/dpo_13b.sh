@@ -8,6 +8,8 @@
 #   batch     global 128 pairs: 1 pair per device (there: 4 nodes x 8 GPUs x accumulation 4); derived here
 #   optimizer lr 8e-7, linear decay, warmup ratio 0.1, weight decay 0, 1 epoch; loss dpo_norm, beta 5
 #   seed      8 (that script)
+#   kernels   Liger (our choice): --use_liger_kernel, the fused log-probs run as the output layer's
+#             own forward (ZeRO-3 gathers it there); without CUDA one note: line and the chunked path, same values
 #   [NUM_NODES=.. NODE_RANK=.. MASTER_ADDR=..] bash scripts/train/olmo2/dpo_13b.sh [extra flags]
 # Same recipe as YAML: configs/train_configs/olmo2/dpo_13b.yaml. DRY_RUN=1 prints the command.
 set -euo pipefail
@@ -37,6 +39,7 @@ launch_dpo \
     --loss_type dpo_norm \
     --beta 5 \
     --gradient_checkpointing \
+    --use_liger_kernel \
     --logging_steps 1 \
     --seed 8 \
     --output_dir "${OUTPUT_DIR:-output/olmo2_13b_dpo}" \

@@ -9,6 +9,8 @@
 #   optimizer lr 2e-7, linear decay, warmup ratio 0.1, weight decay 0, 1 epoch; loss dpo_norm, beta 5
 #   seed      42 (the docs command sets none: open-instruct's default)
 #   engine    ZeRO-3 without offloading (the docs used stage3_offloading on 64 GPUs; 128 GPUs hold it without)
+#   kernels   Liger (our choice): --use_liger_kernel, the fused log-probs run as the output layer's
+#             own forward (ZeRO-3 gathers it there); without CUDA one note: line and the chunked path, same values
 #   NUM_NODES=16 NODE_RANK=<0..15> MASTER_ADDR=<node 0> bash scripts/train/tulu3/dpo_70b.sh [extra flags]
 # Same recipe as YAML: configs/train_configs/tulu3/dpo_70b.yaml. DRY_RUN=1 prints the command.
 set -euo pipefail
@@ -37,6 +39,7 @@ launch_dpo \
     --loss_type dpo_norm \
     --beta 5 \
     --gradient_checkpointing \
+    --use_liger_kernel \
     --logging_steps 1 \
     --seed 42 \
     --output_dir "${OUTPUT_DIR:-output/tulu3_70b_dpo}" \

@@ -8,6 +8,8 @@
 #             (4 on 32 GPUs), so any node count keeps 128
 #   optimizer lr 5e-7, linear decay, warmup ratio 0.1, weight decay 0, 1 epoch; loss dpo_norm, beta 5
 #   seed      8 (open-instruct's scripts/train/tulu3/dpo_8b.sh; the docs command sets none)
+#   kernels   Liger (our choice): --use_liger_kernel, the fused log-probs run as the output layer's
+#             own forward (ZeRO-3 gathers it there); without CUDA one note: line and the chunked path, same values
 #   NUM_NODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0> bash scripts/train/tulu3/dpo_8b.sh [extra flags]
 # Same recipe as YAML: configs/train_configs/tulu3/dpo_8b.yaml. DRY_RUN=1 prints the command.
 set -euo pipefail
@@ -36,6 +38,7 @@ launch_dpo \
     --loss_type dpo_norm \
     --beta 5 \
     --gradient_checkpointing \
+    --use_liger_kernel \
     --logging_steps 1 \
     --seed 8 \
     --output_dir "${OUTPUT_DIR:-output/tulu3_8b_dpo}" \
