@@ -30,7 +30,7 @@ from open_instruct.objectives.losses import LossFn, whole_batch_loss
 from open_instruct.report.hub import push_final_model, resolve_repo_id
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.settings import RunSettings
-from open_instruct.training import preemption, preference, recipe
+from open_instruct.training import hub_checkpoints, preemption, preference, recipe
 from open_instruct.training.evaluation import PreferenceEvaluator
 from open_instruct.training.forward_passes import forward_splitter
 from open_instruct.training.host_memory import return_freed_memory
@@ -73,6 +73,8 @@ def run(args: TrainArguments) -> Path:
     # From here a stop signal finishes the current step or reference batch, saves, and exits with code 75.
     preemption.install(parse_signals(args.preemption_signals), accelerator.print)
     hub_repo = resolve_repo_id(cfg.hub) if args.push_to_hub and accelerator.is_main_process else None
+    with accelerator.main_process_first():  # no local checkpoint: the newest complete one on the Hub, if any
+        hub_checkpoints.fetch_for_resume(cfg.hub, cfg.checkpoint, hub_repo, accelerator.print)
 
     # 2. Tokenizer and data: every row is checked before the model is loaded.
     tokenizer = load_tokenizer(cfg.model)
@@ -134,9 +136,10 @@ def run(args: TrainArguments) -> Path:
             settings, logger,
         )  # fmt: skip
     step_fn = preference.preference_step_fn(logprob_fn, loss_fn, references[0], settings, split)
-    recipe.train(
-        args, accelerator, run, step_fn, logger, evaluate, faults, flop_counter, peak_flops(accelerator.device)
-    )
+    with hub_checkpoints.pushing(faults, cfg.hub, cfg.checkpoint, hub_repo):  # waits for the uploads at the end
+        recipe.train(
+            args, accelerator, run, step_fn, logger, evaluate, faults, flop_counter, peak_flops(accelerator.device)
+        )
 
     # 6. Final checkpoint in Hugging Face format, curves, Hub.
     recipe.finish_run(accelerator, run.model, tokenizer, output_dir, merge_lora=args.merge_lora)
