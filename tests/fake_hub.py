@@ -8,7 +8,8 @@ Reads: ``GET /api/whoami-v2``, ``GET /api/models/{repo}/refs``, ``GET /api/model
 The preupload answer marks every file ``regular``: the real Hub decides upload modes server-side, and inline uploads
 keep Xet/LFS storage (a separate protocol and server) out of this test. Every commit gets an id and its tree is kept,
 so a revision is a branch name or a commit id, as on the Hub. Everything received is recorded. ``fail_commits = N``
-makes the next N commits answer 500 (a Hub hiccup); ``commit_delay`` seconds slow every commit (a slow link).
+makes the next N commits answer 507 (a server error huggingface_hub does not retry itself, so each failure reaches
+the caller at once); ``commit_delay`` seconds slow every commit (a slow link).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class FakeHub:
                 with hub.lock:
                     if hub.fail_commits > 0:
                         hub.fail_commits -= 1
-                        return self._reply(500, {"error": "the fake hub failed this commit on purpose"})
+                        return self._reply(507, {"error": "the fake hub failed this commit on purpose"})
                 if revision not in repo["branches"]:
                     return self._reply(404, {"error": f"revision {revision} not found"}, "RevisionNotFound")
                 lines = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]

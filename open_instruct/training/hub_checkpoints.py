@@ -181,6 +181,16 @@ def pushing(faults: Any, hub: HubSettings, checkpoint: CheckpointSettings, repo_
         pusher.close()
 
 
+def resolve_and_fetch(hub: HubSettings, checkpoint: CheckpointSettings, accelerator: Any) -> str | None:
+    """The ``--push_to_hub`` repo (main process; None elsewhere or without the flag), and, with no local checkpoint,
+    the newest complete one on the Hub in the output folder (the main process first: on a shared disk the others then
+    find it there)."""
+    repo_id = resolve_repo_id(hub) if hub.push_to_hub and accelerator.is_main_process else None
+    with accelerator.main_process_first():
+        fetch_for_resume(hub, checkpoint, repo_id, accelerator.print)
+    return repo_id
+
+
 def download_checkpoint(api: Any, repo_id: str, branch: str, output_dir: Path) -> Path:
     """Branch ``branch`` as ``<output_dir>/<branch>``: downloaded into a hidden folder, renamed into place when whole."""
     # only a Hub call needs huggingface_hub
