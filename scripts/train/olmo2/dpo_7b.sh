@@ -9,6 +9,7 @@
 #   optimizer lr 1e-6, linear decay, warmup ratio 0.1, weight decay 0, 1 epoch; loss dpo_norm, beta 5
 #   seed      42 (that script sets none: open-instruct's default)
 #   [NUM_NODES=.. NODE_RANK=.. MASTER_ADDR=..] bash scripts/train/olmo2/dpo_7b.sh [extra flags]
+# Pushes the final model to the Hub by default (--push_to_hub, needs HF_TOKEN); PUSH_TO_HUB=0 keeps it local.
 # Same recipe as YAML: configs/train_configs/olmo2/dpo_7b.yaml. DRY_RUN=1 prints the command.
 set -euo pipefail
 DEFAULT_GPUS_PER_NODE=8
@@ -16,6 +17,7 @@ DEEPSPEED_CONFIG=configs/ds_configs/stage3_no_offloading_accelerate.conf
 GLOBAL_BATCH_SIZE=128
 PER_DEVICE_BATCH_SIZE=1
 source "$(dirname "$0")/../launch.sh"
+push_to_hub_by_default
 GRAD_ACCUM=$(gradient_accumulation_steps)
 MODEL=${MODEL:-allenai/OLMo-2-1124-7B-SFT}
 
@@ -40,4 +42,4 @@ launch_dpo \
     --logging_steps 1 \
     --seed 42 \
     --output_dir "${OUTPUT_DIR:-output/olmo2_7b_dpo}" \
-    "$@"
+    "${PUSH_FLAGS[@]}" "$@"

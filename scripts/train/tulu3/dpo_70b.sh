@@ -10,6 +10,7 @@
 #   seed      42 (the docs command sets none: open-instruct's default)
 #   engine    ZeRO-3 without offloading (the docs used stage3_offloading on 64 GPUs; 128 GPUs hold it without)
 #   NUM_NODES=16 NODE_RANK=<0..15> MASTER_ADDR=<node 0> bash scripts/train/tulu3/dpo_70b.sh [extra flags]
+# Pushes the final model to the Hub by default (--push_to_hub, needs HF_TOKEN); PUSH_TO_HUB=0 keeps it local.
 # Same recipe as YAML: configs/train_configs/tulu3/dpo_70b.yaml. DRY_RUN=1 prints the command.
 set -euo pipefail
 DEFAULT_GPUS_PER_NODE=8
@@ -17,6 +18,7 @@ DEEPSPEED_CONFIG=configs/ds_configs/stage3_no_offloading_accelerate.conf
 GLOBAL_BATCH_SIZE=128
 PER_DEVICE_BATCH_SIZE=1
 source "$(dirname "$0")/../launch.sh"
+push_to_hub_by_default
 GRAD_ACCUM=$(gradient_accumulation_steps)
 MODEL=${MODEL:-allenai/Llama-3.1-Tulu-3-70B-SFT}
 
@@ -40,4 +42,4 @@ launch_dpo \
     --logging_steps 1 \
     --seed 42 \
     --output_dir "${OUTPUT_DIR:-output/tulu3_70b_dpo}" \
-    "$@"
+    "${PUSH_FLAGS[@]}" "$@"
