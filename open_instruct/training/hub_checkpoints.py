@@ -37,13 +37,17 @@ TRIES = 5
 
 
 def hard_link_snapshot(folder: Path, target: Path) -> Path:
-    """``target`` holding hard links to every file under ``folder`` (same file system: no data is copied)."""
+    """``target`` holding hard links to every file under ``folder`` (same file system: no data is copied; a file
+    system without hard links gets copies, slower but still safe from pruning)."""
     shutil.rmtree(target, ignore_errors=True)
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             link = target / path.relative_to(folder)
             link.parent.mkdir(parents=True, exist_ok=True)
-            os.link(path, link)
+            try:
+                os.link(path, link)
+            except OSError:
+                shutil.copy2(path, link)
     return target
 
 
@@ -116,7 +120,11 @@ class CheckpointPusher:
     def submit(self, checkpoint: Path) -> None:
         """Snapshot ``checkpoint`` and queue its push; returns at once."""
         start = time.perf_counter()
-        self._queue.put(hard_link_snapshot(Path(checkpoint), self.uploads / Path(checkpoint).name))
+        try:
+            self._queue.put(hard_link_snapshot(Path(checkpoint), self.uploads / Path(checkpoint).name))
+        except OSError as err:  # a full disk: the push is lost, the run and its local checkpoint are not
+            self.failed.append(Path(checkpoint).name)
+            print(f"warning: could not stage {checkpoint} for the Hub ({err}); training goes on", file=sys.stderr)
         self.longest_wait = max(self.longest_wait, time.perf_counter() - start)
 
     def _work(self) -> None:
