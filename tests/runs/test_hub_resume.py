@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from open_instruct.training.checkpointing import COMPLETED
-from tests.conftest import ROOT, cli_env, read_metrics, small_run_args
+from tests.conftest import ROOT, cli_env, free_port, read_metrics, small_run_args
 from tests.fake_hub import FakeHub
 
 pytestmark = pytest.mark.slow
@@ -99,3 +99,25 @@ def test_killed_run_resumes_from_the_hub_on_an_empty_disk(dropout_model_dir, syn
     print(summary)
     assert waited_ms < 500  # the step handed the checkpoint over; the upload ran beside training
     assert not (out / ".hub_uploads").exists()
+
+
+def test_an_unreachable_hub_with_no_local_checkpoint_stops_before_any_work(tiny_model_dir, synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    args = small_run_args(
+        tiny_model_dir, synthetic_data[0], out, push_to_hub=True, push_checkpoints_to_hub=True, hf_entity="org"
+    )
+    env = {**cli_env(tmp_path / "cache"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_TOKEN": "hf_fake"}
+    env.pop("HF_HUB_OFFLINE")
+    result = subprocess.run(
+        [sys.executable, "-m", "open_instruct.dpo_tune_cache", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the Hub (org/dpo) cannot be reached" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()  # nothing was trained, nothing left behind
