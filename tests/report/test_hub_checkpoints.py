@@ -158,3 +158,14 @@ def test_an_unreachable_hub_at_resume_is_an_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
     with pytest.raises(UserError, match=r"no local checkpoint in .* and the Hub \(org/run\) cannot be reached"):
         fetch_for_resume(HUB, _settings(tmp_path), None)
+
+
+def test_the_plan_names_the_checkpoint_pushes(monkeypatch):
+    from open_instruct.plan.check import check_hub_and_tracking
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    notes: list[str] = []
+    check_hub_and_tracking(True, False, notes, push_checkpoints=True)
+    assert notes[-1].startswith("Hub checkpoints: each step_N to branch step_N")
+    check_hub_and_tracking(True, False, notes := [], push_checkpoints=False)
+    assert not any(n.startswith("Hub checkpoints") for n in notes)
