@@ -27,10 +27,10 @@ from open_instruct.model.batch_layout import choose_batch_layout, computes_in_ha
 from open_instruct.model.modeling import load_model, load_tokenizer
 from open_instruct.objectives.combination import combined_loss
 from open_instruct.objectives.losses import LossFn, whole_batch_loss
-from open_instruct.report.hub import push_final_model, resolve_repo_id
+from open_instruct.report.hub import push_final_model
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.settings import RunSettings
-from open_instruct.training import preemption, preference, recipe
+from open_instruct.training import hub_checkpoints, preemption, preference, recipe
 from open_instruct.training.evaluation import PreferenceEvaluator
 from open_instruct.training.forward_passes import forward_splitter
 from open_instruct.training.host_memory import return_freed_memory
@@ -72,7 +72,7 @@ def run(args: TrainArguments) -> Path:
     accelerator, output_dir = recipe.start_run(args)
     # From here a stop signal finishes the current step or reference batch, saves, and exits with code 75.
     preemption.install(parse_signals(args.preemption_signals), accelerator.print)
-    hub_repo = resolve_repo_id(cfg.hub) if args.push_to_hub and accelerator.is_main_process else None
+    hub_repo = hub_checkpoints.resolve_and_fetch(cfg.hub, cfg.checkpoint, accelerator)  # before any work
 
     # 2. Tokenizer and data: every row is checked before the model is loaded.
     tokenizer = load_tokenizer(cfg.model)
@@ -119,8 +119,7 @@ def run(args: TrainArguments) -> Path:
         accelerator.end_training()
         return output_dir
 
-    # 5. Training, from the newest complete checkpoint when there is one (after the reference pass: it must see the
-    # untouched weights).
+    # 5. Training, from the newest complete checkpoint if any (after the reference pass: it needs untouched weights).
     logger = MetricsLogger(accelerator, output_dir, use_wandb=args.with_tracking)
     signature = run_signature(
         cfg.batch, cfg.optim, len(data.records), record_sets[0][1], run.total_steps, accelerator.num_processes
@@ -134,9 +133,10 @@ def run(args: TrainArguments) -> Path:
             settings, logger,
         )  # fmt: skip
     step_fn = preference.preference_step_fn(logprob_fn, loss_fn, references[0], settings, split)
-    recipe.train(
-        args, accelerator, run, step_fn, logger, evaluate, faults, flop_counter, peak_flops(accelerator.device)
-    )
+    with hub_checkpoints.pushing(faults, cfg.hub, cfg.checkpoint, hub_repo):  # waits for the uploads at the end
+        recipe.train(
+            args, accelerator, run, step_fn, logger, evaluate, faults, flop_counter, peak_flops(accelerator.device)
+        )
 
     # 6. Final checkpoint in Hugging Face format, curves, Hub.
     recipe.finish_run(accelerator, run.model, tokenizer, output_dir, merge_lora=args.merge_lora)

@@ -220,9 +220,10 @@ class TrackingSettings(Settings):
 
 @dataclass(frozen=True)
 class HubSettings(Settings):
-    """Whether and where the final model goes on the Hugging Face Hub."""
+    """Whether and where the final model (and the step checkpoints) go on the Hugging Face Hub."""
 
     push_to_hub: bool
+    push_checkpoints_to_hub: bool
     exp_name: str
     hf_entity: str | None
     hf_repo_id: str | None

@@ -85,6 +85,9 @@ EFFECTS: dict[str, Effect | TestedIn | RuleOnly | Inert] = {
     ),
     "wandb_entity": RuleOnly(("team",)),
     "push_to_hub": TestedIn("tests/report/test_hub.py::test_push_to_hub_uploads_the_final_model_privately"),
+    "push_checkpoints_to_hub": TestedIn(
+        "tests/runs/test_hub_resume.py::test_killed_run_resumes_from_the_hub_on_an_empty_disk", ("true",)
+    ),
     "hf_entity": TestedIn("tests/report/test_hub.py::test_repo_id_resolution", ("org",)),
     "hf_repo_id": TestedIn("tests/report/test_hub.py::test_repo_id_resolution", ("org/x",)),
     "hf_repo_revision": TestedIn(

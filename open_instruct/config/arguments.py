@@ -89,6 +89,11 @@ class TrainArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
     wandb_project: str = _f("open_instruct_internal", "wandb project.", aliases=("wandb_project_name",))
     wandb_entity: str | None = _f(None, "wandb entity (team or user).")
     push_to_hub: bool = _f(False, "Upload the final model to the Hugging Face Hub.")
+    push_checkpoints_to_hub: bool = _f(
+        False,
+        "Also upload each complete step_N checkpoint, in the background, to branch step_N of the Hub repo (pruned "
+        "like local ones); a run with no local checkpoint resumes from the newest complete one there.",
+    )
     hf_entity: str | None = _f(None, "Hub user or organisation to push to.")
     hf_repo_id: str | None = _f(None, "Hub repo id (default: <hf_entity>/<exp_name>).")
     hf_repo_revision: str | None = _f(None, "Hub branch to push to (created if missing).")

@@ -157,6 +157,9 @@ FLAG_RULES: dict[str, FlagRule] = {
         "note",
         "it names the owner of the pushed repo (open-instruct's Hub dataset cache is not used here)",
     ),
+    "push_checkpoints_to_hub": FlagRule(
+        "--push_to_hub", lambda a: a.push_to_hub, "error", "checkpoints go to the Hub repo --push_to_hub sets up"
+    ),
     "hf_repo_id": FlagRule("--push_to_hub", lambda a: a.push_to_hub, "error", "nothing is uploaded without it"),
     "hf_repo_revision": FlagRule("--push_to_hub", lambda a: a.push_to_hub, "error", "nothing is uploaded without it"),
     "hf_repo_private": FlagRule("--push_to_hub", lambda a: a.push_to_hub, "error", "nothing is uploaded without it"),

@@ -113,7 +113,9 @@ def check_output(output_dir: str, notes: list[str]) -> None:
     notes.append(f"output {out}: " + (f"resumes from {steps[-1].name}" if steps else "new run"))
 
 
-def check_hub_and_tracking(push_to_hub: bool, with_tracking: bool, notes: list[str]) -> None:
+def check_hub_and_tracking(
+    push_to_hub: bool, with_tracking: bool, notes: list[str], push_checkpoints: bool = False
+) -> None:
     """A push needs a token; wandb tracking needs wandb and a login (or offline mode)."""
     if push_to_hub:
         # only a Hub call needs huggingface_hub
@@ -122,6 +124,10 @@ def check_hub_and_tracking(push_to_hub: bool, with_tracking: bool, notes: list[s
         if not get_token():
             raise UserError("--push_to_hub: no Hugging Face token (run `hf auth login` or set HF_TOKEN)")
         notes.append("Hub push: token found")
+        if push_checkpoints:  # the plan stays offline: whether the Hub holds a checkpoint is the run's to find out
+            notes.append(
+                "Hub checkpoints: each step_N to branch step_N; with none local, resumes from the Hub's newest"
+            )
     if with_tracking:
         try:
             import wandb  # noqa: F401
@@ -165,7 +171,8 @@ def dry_run(settings: RunSettings, stage: str = "dpo") -> build.Plan:
     notes: list[str] = []
     num_examples = check_datasets(settings.data, notes, stage, settings.plan.dry_run_num_pairs)
     check_output(settings.checkpoint.output_dir, notes)
-    check_hub_and_tracking(settings.hub.push_to_hub, settings.tracking.with_tracking, notes)
+    hub = settings.hub
+    check_hub_and_tracking(hub.push_to_hub, settings.tracking.with_tracking, notes, hub.push_checkpoints_to_hub)
     plan = plan_of(settings, stage, num_examples, notes)
 
     def peak_of(changes: dict[str, Any]) -> float:

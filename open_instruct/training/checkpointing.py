@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ class CheckpointPolicy:
     keep_last_n: int = 3
     # Tests only: (step, seconds) to wait before that checkpoint's COMPLETED marker, so a kill lands mid-write.
     test_write_delay: tuple[int, float] | None = None
+    # Main process: called with each complete checkpoint's folder (training/hub_checkpoints.py pushes it).
+    on_complete: Callable[[Path], None] | None = None
 
     @classmethod
     def from_flag(
@@ -70,6 +73,12 @@ class CheckpointPolicy:
     def due(self, step: int, end_of_epoch: bool) -> bool:
         """Whether a checkpoint is due after optimizer step ``step``."""
         return bool((self.every_steps and step % self.every_steps == 0) or (self.each_epoch and end_of_epoch))
+
+
+def step_of(name: str) -> int | None:
+    """N of a ``step_N`` folder or branch name; None for any other name."""
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -184,6 +193,8 @@ def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, stat
     _all_written(accelerator, path, error)
     if accelerator.is_main_process:
         prune_checkpoints(policy.output_dir, policy.keep_last_n)
+        if policy.on_complete is not None:
+            policy.on_complete(path)
     accelerator.wait_for_everyone()
     return path
 

@@ -8,6 +8,7 @@
 #   ENGINE         deepspeed (the script's DEEPSPEED_CONFIG) or fsdp2 (configs/accelerate_configs/fsdp2.yaml: FSDP2 per
 #                  decoder layer; add --fsdp_shard_degree GPUS_PER_NODE at the end for HSDP across nodes)
 #   DRY_RUN=1      print the command instead of running it
+#   PUSH_TO_HUB=0  keep the model local: the reproduction scripts push it to the Hub by default (push_to_hub_by_default)
 #   PLAN=1         run the recipe's --dry_run for this cluster instead: check every input, print memory per GPU and
 #                  time (no weights loaded, no GPU touched, nothing written); PLAN_GPU names the GPU (default H100-80GB)
 # The script sets GLOBAL_BATCH_SIZE and PER_DEVICE_BATCH_SIZE; gradient accumulation is derived so the global batch
@@ -36,6 +37,20 @@ gradient_accumulation_steps() {
         return 1
     fi
     echo $((GLOBAL_BATCH_SIZE / per_step))
+}
+
+# push_to_hub_by_default: PUSH_FLAGS=(--push_to_hub) unless PUSH_TO_HUB=0, and one stderr line saying so. A reproduction
+# is for keeping: its model goes to the Hub (owner: --hf_entity or the token's user; the token from HF_TOKEN or
+# `hf auth login`, checked before any work). Debug and CPU scripts do not call this: they stay offline.
+push_to_hub_by_default() {
+    PUSH_FLAGS=()
+    case "${PUSH_TO_HUB:-1}" in
+        0) return 0 ;;
+        1) ;;
+        *) echo "error: PUSH_TO_HUB must be 0 or 1, got '$PUSH_TO_HUB'" >&2; return 2 ;;
+    esac
+    PUSH_FLAGS=(--push_to_hub)
+    echo "note: the final model goes to the Hugging Face Hub (--push_to_hub); PUSH_TO_HUB=0 bash $0 to keep the model local" >&2
 }
 
 # launch_dpo FLAG... : run (or, with DRY_RUN=1, print) the accelerate command with these recipe flags.

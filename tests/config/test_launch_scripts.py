@@ -45,16 +45,24 @@ def recipe_tokens(script: Path) -> list[str]:
     return []
 
 
-def dry_run(script: str, **env: str) -> tuple[list[str], list[str]]:
-    """(launcher arguments, recipe flags) of the command a script prints with DRY_RUN=1."""
-    launcher_vars = ("NUM_NODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "OUTPUT_DIR", "MODEL")
+def run_dry(script: str, **env: str) -> subprocess.CompletedProcess:
+    """A script run with DRY_RUN=1 (it prints its command), the launch variables of this shell left out."""
+    launcher_vars = (
+        *("NUM_NODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "OUTPUT_DIR", "MODEL"),
+        "PUSH_TO_HUB",
+    )
     full_env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     full_env.update({"DRY_RUN": "1", **env})
     out = subprocess.run(
         ["bash", str(ROOT / "scripts" / "train" / script)], env=full_env, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    command = shlex.split(out.stdout)
+    return out
+
+
+def dry_run(script: str, **env: str) -> tuple[list[str], list[str]]:
+    """(launcher arguments, recipe flags) of the command a script prints with DRY_RUN=1."""
+    command = shlex.split(run_dry(script, **env).stdout)
     split = command.index(ENTRY)
     return command[:split], command[split + 1 :]
 
@@ -96,7 +104,9 @@ def test_dry_run_command_parses_and_matches_yaml(script: str):
     from accelerate.commands.launch import launch_command_parser
 
     yaml_name, env = DRY_RUN_SCRIPTS[script]
-    launcher, flags = dry_run(script, **env)
+    # Where the model goes is the launch's choice, not the recipe's: the YAML twin holds what is trained, so the
+    # comparison is with the Hub push off (test_reproductions_push_unless_told_not_to: the push adds one flag only).
+    launcher, flags = dry_run(script, **env, PUSH_TO_HUB="0")
     assert launcher[:2] == ["accelerate", "launch"]
     launch = launch_command_parser().parse_args(launcher[2:] + [ENTRY] + flags)
     args = parse_args(flags)
@@ -160,6 +170,41 @@ def test_reproduction_header_states_what_the_command_runs(script: str):
     assert optimizer.endswith(f"loss {'+'.join(args.loss_type)}, beta {args.beta:g}")
     assert header["seed"].split()[0] == str(args.seed)
     assert "(" in header["seed"], "the header says where the seed comes from"
+
+
+@pytest.mark.parametrize("script", REPRODUCTIONS)
+def test_reproductions_push_unless_told_not_to(script: str):
+    env = DRY_RUN_SCRIPTS[script][1]
+    pushed, local = run_dry(script, **env), run_dry(script, **env, PUSH_TO_HUB="0")
+    pushed_flags, local_flags = (
+        shlex.split(r.stdout)[shlex.split(r.stdout).index(ENTRY) + 1 :] for r in (pushed, local)
+    )
+    assert pushed_flags == [*local_flags, "--push_to_hub"]  # the default adds the push and nothing else
+    assert parse_args(pushed_flags).push_to_hub and not parse_args(local_flags).push_to_hub
+    said = [line for line in pushed.stderr.splitlines() if "PUSH_TO_HUB=0" in line]
+    assert len(said) == 1 and said[0].endswith("to keep the model local"), pushed.stderr
+    assert "PUSH_TO_HUB" not in local.stderr
+    assert "PUSH_TO_HUB=0 keeps it local" in (ROOT / "scripts" / "train" / script).read_text()  # the header says so
+
+
+def test_push_to_hub_takes_0_or_1_only():
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "train" / "tulu3/dpo_8b.sh")],
+        env={**os.environ, "DRY_RUN": "1", "PUSH_TO_HUB": "no"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "error: PUSH_TO_HUB must be 0 or 1, got 'no'" in out.stderr and not out.stdout
+
+
+@pytest.mark.parametrize("script", [p for p in SCRIPTS if "debug" in p.parts], ids=lambda p: p.name)
+def test_debug_and_cpu_scripts_stay_offline(script: Path):
+    text = script.read_text()
+    assert "push_to_hub" not in text and "PUSH_FLAGS" not in text
+    if script.name == "dpo.sh":
+        out = run_dry("debug/dpo.sh")
+        assert "--push_to_hub" not in shlex.split(out.stdout) and "PUSH_TO_HUB" not in out.stderr
 
 
 def test_indivisible_global_batch_is_an_error():

@@ -12,6 +12,7 @@
 #   kernels   Liger (our choice): --use_liger_kernel, the fused log-probs run as the output layer's
 #             own forward (ZeRO-3 gathers it there); without CUDA one note: line and the chunked path, same values
 #   NUM_NODES=16 NODE_RANK=<0..15> MASTER_ADDR=<node 0> bash scripts/train/tulu3/dpo_70b.sh [extra flags]
+# Pushes the final model to the Hub by default (--push_to_hub, needs HF_TOKEN); PUSH_TO_HUB=0 keeps it local.
 # Same recipe as YAML: configs/train_configs/tulu3/dpo_70b.yaml. DRY_RUN=1 prints the command.
 set -euo pipefail
 DEFAULT_GPUS_PER_NODE=8
@@ -19,6 +20,7 @@ DEEPSPEED_CONFIG=configs/ds_configs/stage3_no_offloading_accelerate.conf
 GLOBAL_BATCH_SIZE=128
 PER_DEVICE_BATCH_SIZE=1
 source "$(dirname "$0")/../launch.sh"
+push_to_hub_by_default
 GRAD_ACCUM=$(gradient_accumulation_steps)
 MODEL=${MODEL:-allenai/Llama-3.1-Tulu-3-70B-SFT}
 
@@ -43,4 +45,4 @@ launch_dpo \
     --logging_steps 1 \
     --seed 42 \
     --output_dir "${OUTPUT_DIR:-output/tulu3_70b_dpo}" \
-    "$@"
+    "${PUSH_FLAGS[@]}" "$@"
