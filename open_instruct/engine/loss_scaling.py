@@ -88,13 +88,23 @@ class LossScaler:
         """``loss_scale`` (now) and ``overflow_steps`` (skipped so far) for the metrics row."""
         return {"loss_scale": self.scale, "overflow_steps": self.overflow_steps}
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> dict[str, float | int]:
         """Plain numbers (equal on every rank): the checkpoint's ``trainer_state.json`` holds them."""
-        return {"scale": self.scale, "clean_steps": self.clean_steps, "overflow_steps": self.overflow_steps}
+        return {
+            "scale": self.scale,
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+            "clean_steps": self.clean_steps,
+            "overflow_steps": self.overflow_steps,
+        }
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
         """Continue from :meth:`state_dict`."""
         self.scale = float(state["scale"])
+        self.growth_factor = float(state["growth_factor"])
+        self.backoff_factor = float(state["backoff_factor"])
+        self.growth_interval = int(state["growth_interval"])
         self.clean_steps = int(state["clean_steps"])
         self.overflow_steps = int(state["overflow_steps"])
 
