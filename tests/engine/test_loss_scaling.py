@@ -148,3 +148,18 @@ def test_float16_master_weights_refused_without_deepspeed():
     check_fp16_weights({"torch_dtype": "float16"}, deepspeed=True)
     check_fp16_weights({"dtype": "bfloat16"}, deepspeed=False)
     check_fp16_weights({}, deepspeed=False)
+
+
+def test_the_cli_refuses_float16_weights_before_any_work(tmp_path, tiny_model_dir, synthetic_data, capsys):
+    """One ``error:`` line, exit code 2, no output folder: the run never started."""
+    from open_instruct.dpo_tune_cache import main
+    from tests.conftest import small_run_args
+
+    out = tmp_path / "out"
+    argv = small_run_args(tiny_model_dir, synthetic_data[0], out, mixed_precision="fp16",
+                          additional_model_arguments='{"torch_dtype": "float16"}')  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert "--mixed_precision fp16 keeps fp32 master weights" in err and not out.exists()
