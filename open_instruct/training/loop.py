@@ -239,9 +239,7 @@ def train_loop(
     faults = faults or FaultTolerance()
     state = faults.resume_state or TrainerState()
     state.signature = faults.signature
-    faults.guard.skipped = state.nonfinite_skipped
-    if settings.loss_scaler is not None and state.loss_scaler is not None:
-        settings.loss_scaler.load_state_dict(state.loss_scaler)
+    _restore_counters(state, faults, settings)
     pending_rng = faults.resume_rng
     model.train()
     steps_per_epoch = max(1, math.ceil(len(dataloader) / settings.gradient_accumulation_steps))
@@ -301,6 +299,13 @@ def train_loop(
     if evaluate is not None and evaluated_at != step:  # the data ran out before max_train_steps: evaluate the end
         evaluate(step)
     return last
+
+
+def _restore_counters(state: TrainerState, faults: FaultTolerance, settings: LoopSettings) -> None:
+    """The skipped-batch count and fp16's loss scale as the checkpoint being resumed left them."""
+    faults.guard.skipped = state.nonfinite_skipped
+    if settings.loss_scaler is not None and state.loss_scaler is not None:
+        settings.loss_scaler.load_state_dict(state.loss_scaler)
 
 
 def _log_interval(
