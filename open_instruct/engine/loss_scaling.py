@@ -129,8 +129,9 @@ def enable_fp16(accelerator: Any) -> LossScaler | None:
 
 
 def check_fp16_weights(model_options: dict[str, Any], deepspeed: bool) -> None:
-    """Under fp16 (``model_options``: the model's loading options): refuse float16 master weights under fp16 without DeepSpeed: their gradients would be float16 too, and
-    unscaling them loses what the scaling kept (``torch.amp.GradScaler`` refuses them as well)."""
+    """Under fp16, refuse float16 master weights (``model_options``: the model's loading options) without DeepSpeed:
+    their gradients would be float16 too, and unscaling them loses what the scaling kept (``torch.amp.GradScaler``
+    refuses them as well). DeepSpeed keeps its own fp32 master copy of float16 weights."""
     dtype = str(model_options.get("dtype", model_options.get("torch_dtype", ""))).removeprefix("torch.")
     if dtype in ("float16", "half") and not deepspeed:
         raise UserError(
