@@ -163,3 +163,18 @@ def test_the_cli_refuses_float16_weights_before_any_work(tmp_path, tiny_model_di
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert "--mixed_precision fp16 keeps fp32 master weights" in err and not out.exists()
+
+
+def test_deepspeed_fp16_optimizer_state_loads_weights_only(tmp_path):
+    """ZeRO under fp16 pickles its DynamicLossScaler into the optimizer state: a resume must be allowed to read it
+    (and only as data: the weights-only loader rebuilds its fields, it runs no code)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from open_instruct.training.safe_load import load_plain
+
+    scaler = DynamicLossScaler(2.0**12, scale_window=7, min_scale=1, delayed_shift=2, consecutive_hysteresis=False)
+    scaler.cur_iter = 5
+    torch.save({"loss_scaler": scaler}, tmp_path / "optim_states.pt")
+    loaded = load_plain(tmp_path / "optim_states.pt")["loss_scaler"]
+    assert (loaded.cur_scale, loaded.scale_window, loaded.cur_iter) == (2.0**12, 7, 5)
