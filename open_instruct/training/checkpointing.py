@@ -43,6 +43,7 @@ class TrainerState:
     nonfinite_skipped: int = 0
     signature: dict[str, Any] = field(default_factory=dict)
     eval_pending: bool = False  # a stop signal cut the evaluation at ``step`` short: the resume runs it first
+    loss_scaler: dict[str, float | int] | None = None  # fp16's LossScaler.state_dict() (equal on every rank)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from open_instruct.engine.loss_scaling import LossScaler, scale_metrics
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.checkpointing import CheckpointPolicy, TrainerState, restore_rng, save_checkpoint
 from open_instruct.training.nonfinite import NonFiniteGuard
@@ -78,6 +79,7 @@ class LoopSettings:
     sync_each_batch: bool = False  # all-reduce gradients after every micro-batch, not only the step's last
     log_grad_norm: bool = False  # log the gradient norm before clipping as grad_norm
     step_hook: Callable[[int], None] | None = None  # called after each optimizer step (the profiler's step)
+    loss_scaler: LossScaler | None = None  # fp16 without DeepSpeed: scales the loss, skips steps that overflow
 
 
 @dataclass
@@ -199,14 +201,20 @@ def _micro_step(
         loss, metrics, count = step_fn.run(model, batch, rows, scale)
         loss = guard.maybe_inject(loss, step + 1)
         finite = guard.check(accelerator, loss, batch["index"], step + 1)
+        scaler = settings.loss_scaler
         if finite:
-            accelerator.backward(loss)
+            accelerator.backward(loss if scaler is None else scaler.scale_loss(loss))
+        # Unscaled before clipping, as GradScaler; an overflow on any rank skips the step (and its schedule) on all.
+        overflow = scaler is not None and accelerator.sync_gradients and scaler.unscale_(model.parameters())
         if accelerator.sync_gradients and (settings.max_grad_norm > 0 or settings.log_grad_norm):
             # max_norm inf measures without clipping; the returned norm is the one before clipping either way.
             limit = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
             norm = accelerator.clip_grad_norm_(model.parameters(), limit)
-        optimizer.step()
-        scheduler.step()
+        if not overflow:
+            optimizer.step()
+            scheduler.step()
+        if scaler is not None and accelerator.sync_gradients:
+            scaler.update(overflow)
         optimizer.zero_grad()
     return finite, metrics, count, (float(norm) if norm is not None and settings.log_grad_norm else None)
 
@@ -231,7 +239,7 @@ def train_loop(
     faults = faults or FaultTolerance()
     state = faults.resume_state or TrainerState()
     state.signature = faults.signature
-    faults.guard.skipped = state.nonfinite_skipped
+    _restore_counters(state, faults, settings)
     pending_rng = faults.resume_rng
     model.train()
     steps_per_epoch = max(1, math.ceil(len(dataloader) / settings.gradient_accumulation_steps))
@@ -275,7 +283,8 @@ def train_loop(
                 settings.step_hook(step)
             if step % settings.logging_steps == 0 or step == settings.max_train_steps:
                 progress = (step, step / steps_per_epoch, scheduler.get_last_lr()[0])
-                last = _log_interval(accelerator, logger, interval, settings, clock, progress, faults.guard.skipped)
+                skipped = {"nonfinite_skipped": faults.guard.skipped, **scale_metrics(settings.loss_scaler, model)}
+                last = _log_interval(accelerator, logger, interval, settings, clock, progress, skipped)
                 interval = StepMetrics()
             end_of_epoch = seen >= len(dataloader)
             position = (epoch + 1, 0) if end_of_epoch else (epoch, seen)
@@ -292,6 +301,13 @@ def train_loop(
     return last
 
 
+def _restore_counters(state: TrainerState, faults: FaultTolerance, settings: LoopSettings) -> None:
+    """The skipped-batch count and fp16's loss scale as the checkpoint being resumed left them."""
+    faults.guard.skipped = state.nonfinite_skipped
+    if settings.loss_scaler is not None and state.loss_scaler is not None:
+        settings.loss_scaler.load_state_dict(state.loss_scaler)
+
+
 def _log_interval(
     accelerator: Any,
     logger: MetricsLogger,
@@ -299,13 +315,14 @@ def _log_interval(
     settings: LoopSettings,
     clock: dict[str, float],
     progress: tuple[int, float, float],
-    skipped: int,
+    skipped: dict[str, float],
 ) -> dict[str, Any]:
-    """Log the steps since the last logged one (``progress``: optimizer step, epoch, learning rate); returns the row."""
+    """Log the steps since the last logged one (``progress``: optimizer step, epoch, learning rate; ``skipped``:
+    skip counters and fp16's loss scale); returns the row."""
     step, epoch, lr = progress
     row, perf = _interval_row(accelerator, interval, settings, clock, lr, epoch)
     last = {"training_step": step, **row, "token_count": clock["tokens"]}
-    last.update({"nonfinite_skipped": skipped, **perf})
+    last.update({**skipped, **perf})
     if interval.grad_norm is not None:
         last["grad_norm"] = interval.grad_norm
     logger.log(last)
@@ -339,14 +356,14 @@ def _after_step(
     if faults.policy is not None and faults.policy.due(step, end_of_epoch) and not eval_cut:
         # Logging always ran at a checkpoint step when logging_steps divides it; otherwise the interval's sums since
         # the last log are lost on resume, which only affects one logged average.
-        saved = _checkpoint(accelerator, model, faults.policy, faults, step, position, clock)
+        saved = _checkpoint(accelerator, model, faults.policy, faults, step, position, clock, settings.loss_scaler)
         accelerator.print(f"saved checkpoint {saved}")
     if step >= settings.max_train_steps and not eval_cut:  # a stop signal now only has the final save to wait for
         return evaluated, True
     if faults.preemption is not None and (eval_cut or stop_agreed(accelerator)):
         bar.close()
         saved = saved or _checkpoint(
-            accelerator, model, faults.preemption, faults, step, position, clock, eval_pending=eval_cut
+            accelerator, model, faults.preemption, faults, step, position, clock, settings.loss_scaler, eval_cut
         )
         accelerator.print(
             f"preempted by {signal_name()}: saved checkpoint {saved} at optimizer step {step}; "
@@ -365,10 +382,12 @@ def _checkpoint(
     step: int,
     position: tuple[int, int],
     clock: dict[str, float],
+    scaler: LossScaler | None = None,
     eval_pending: bool = False,
 ) -> Any:
     """Save ``step_<step>`` with the loop's position (epoch, micro-batches into it); returns its path."""
     state = TrainerState(step, *position, int(clock["tokens"]), faults.guard.skipped, faults.signature, eval_pending)
+    state.loss_scaler = scaler.state_dict() if scaler is not None else None
     return save_checkpoint(accelerator, model, policy, state)
 
 

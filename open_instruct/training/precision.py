@@ -9,6 +9,9 @@ Where each precision comes from:
   bf16 without autocast; accelerate's ``autocast()`` is a no-op there.
 - FSDP2 with bf16: fp32 sharded weights gathered as bf16 for compute (its ``MixedPrecisionPolicy``), gradients
   reduced in fp32; the autocast above runs too (a no-op on the already-bf16 weights).
+- ``--mixed_precision fp16`` without DeepSpeed (one process, DDP, FSDP2): as bf16 but ``torch.autocast(float16)``,
+  opened by ``engine.loss_scaling.autocast`` (accelerate's own fp16 is off: it does nothing on CPU), with the loss
+  scaled by the loop's ``LossScaler``. DeepSpeed with fp16: float16 weights and its own dynamic loss scaler.
 - A model loaded in bf16 (``--model_dtype``/``torch_dtype``): bf16 weights, bf16 activations.
 In every case the chunk's logits are upcast to fp32 before log-softmax (``objectives.logprobs._token_logps``), so the
 log-probs, the reference cache and the losses are fp32.
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 
 from open_instruct.engine import unwrap_model
+from open_instruct.engine.loss_scaling import autocast
 
 LogprobFn = Callable[[Any, dict[str, torch.Tensor]], Any]
 
@@ -36,7 +40,7 @@ def in_run_precision(accelerator: Any, logprob_fn: LogprobFn, report: Callable[[
     pending = [report] if report is not None else []
 
     def run(model: Any, batch: dict[str, torch.Tensor]) -> Any:
-        with accelerator.autocast():
+        with autocast(accelerator):
             if not pending:
                 return logprob_fn(model, batch)
             with record_activation_dtypes(model) as seen:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,12 @@ from open_instruct.config.cli import exit_on_user_error, parse_args
 from open_instruct.config.path_checks import check_paths
 from open_instruct.data.sampler import real_rows_fn
 from open_instruct.engine import select_engine
+from open_instruct.engine.base import effective_mixed_precision
+from open_instruct.engine.deepspeed import DeepSpeedEngine
+from open_instruct.engine.loss_scaling import check_fp16_weights, enable_fp16, loss_scaler_of
 from open_instruct.errors import UserError
 from open_instruct.files import write_text_atomic
-from open_instruct.model.modeling import check_model_options
+from open_instruct.model.modeling import check_model_options, parse_additional_model_arguments
 from open_instruct.plan.check import dry_run
 from open_instruct.report.plot import write_curves
 from open_instruct.report.tracking import MetricsLogger
@@ -37,6 +41,9 @@ def preflight(args: TrainArguments, pretraining: bool = False) -> None:
 
     cfg = settings_of(args)
     check_model_options(cfg.model)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
+    if effective_mixed_precision(cfg.model.mixed_precision, dict(os.environ)) == "fp16":
+        options = parse_additional_model_arguments(cfg.model.additional_model_arguments)
+        check_fp16_weights(options, deepspeed=isinstance(select_engine(cfg.engine), DeepSpeedEngine))
     check_optimizer_environment(cfg.optim)  # CUDA / bitsandbytes for the 8-bit and paged optimizers
     compat.check_trackers(args)  # --report_to tensorboard needs its package
     check_paths(args, pretraining)
@@ -98,6 +105,7 @@ def start_run(args: TrainArguments) -> tuple[Any, Path]:
         project_dir=str(output_dir),
         sync_each_batch=args.sync_each_batch,
     )
+    enable_fp16(accelerator)  # fp16 autocast and loss scaling where the engine does not do them itself
     accelerator.print(engine.describe())
     set_seed(args.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +195,7 @@ def train(
         real_rows=run.real_rows,
         sync_each_batch=args.sync_each_batch,
         log_grad_norm=args.log_grad_norm,
+        loss_scaler=loss_scaler_of(accelerator),
     )
     profiler = profiled_steps(accelerator, Path(args.output_dir)) if args.profiling else contextlib.nullcontext()
     with profiler as step_hook:

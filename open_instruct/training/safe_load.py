@@ -41,12 +41,13 @@ def _deepspeed_globals() -> list[Any]:
         return []
     try:
         # deepspeed is optional (ZeRO runs and their checkpoints only)
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum  # as above
         from deepspeed.utils.tensor_fragment import fragment_address  # as above
     except ImportError:  # DeepSpeed not installed: its checkpoints cannot be resumed anyway
         return []
-    return [ZeroStageEnum, LossScaler, fragment_address]
+    # DynamicLossScaler: the ZeRO optimizer's state under fp16 (its dynamic loss scale), LossScaler otherwise.
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def allowed_globals() -> list[Any]:
