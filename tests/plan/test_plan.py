@@ -129,9 +129,14 @@ def test_model_states_equal_deepspeeds_estimator(stage, offload, nodes):
 
 
 # --- dry runs of what we ship -------------------------------------------------------------------------------------
+# Written meanwhile by others: git's own store (other git commands), and the prepared-data cache that tests running
+# in parallel in this checkout fill (their runs use the default --dataset_local_cache_dir); the plan gets its own.
+_NOT_OURS = (".git", "local_dataset_cache")
+
+
 def _tree(root: Path) -> set[str]:
-    """Every path under the checkout but git's own store (other git commands may write there meanwhile)."""
-    return {str(p.relative_to(root)) for p in root.rglob("*") if ".git" not in p.relative_to(root).parts[:1]}
+    """Every path under the checkout but what other processes may write there meanwhile."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.relative_to(root).parts[0] not in _NOT_OURS}
 
 
 @pytest.mark.slow
@@ -145,7 +150,14 @@ def test_every_launch_script_plans_offline(script, tmp_path):
     env.update(SCRIPTS[script])
     before = _tree(ROOT)
     done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "train" / script), "--dry_run_num_pairs", "1000"],
+        [
+            "bash",
+            str(ROOT / "scripts" / "train" / script),
+            "--dry_run_num_pairs",
+            "1000",
+            "--dataset_local_cache_dir",
+            str(tmp_path / "data_cache"),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -153,7 +165,8 @@ def test_every_launch_script_plans_offline(script, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "needs " in done.stdout and "GiB of" in done.stdout and "x H100-80GB" in done.stdout
-    assert _tree(ROOT) == before and not (tmp_path / "out").exists() and not (tmp_path / "ref").exists()
+    assert _tree(ROOT) == before
+    assert not any((tmp_path / name).exists() for name in ("out", "ref", "data_cache"))
 
 
 def _demo_folder(root: Path, model_dir: Path, data: Path) -> None:
