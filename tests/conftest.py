@@ -25,6 +25,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+@pytest.fixture(scope="module")
+def dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with attention dropout 0.1 (a copy): equal losses across a resume then also show the random
+    streams resumed exactly."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("dropout") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["attention_dropout"] = 0.1
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> tuple[Path, Path]:
     """(train.jsonl, test.jsonl) of the synthetic preference task: 256 and 64 pairs."""
@@ -76,6 +90,21 @@ def run_python(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -
         timeout=timeout,
         **kwargs,
     )
+
+
+def run_interpreted(script: str, timeout: int) -> dict:
+    """Run ``tests/SCRIPT`` under Triton's interpreter (Liger's kernels on CPU) and return the JSON of its last line."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / script)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:

@@ -19,14 +19,9 @@ Liger kernels we use, and what the interpreter (Triton 3.x) does with them:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_interpreted
 
 pytest.importorskip("liger_kernel")
 pytest.importorskip("triton")
@@ -38,17 +33,7 @@ INTERPRETER_RUNS = {"rope"}
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "liger_interpreted.py")],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_interpreted("liger_interpreted.py", timeout=600)
 
 
 @pytest.mark.slow

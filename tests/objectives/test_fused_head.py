@@ -8,11 +8,6 @@ so those cases run in a subprocess (tests/fused_head_interpreted.py).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -20,7 +15,7 @@ from open_instruct.model import liger
 from open_instruct.model.liger import INTERPRETER_NOTE, resolve_logprob_impl
 from open_instruct.objectives.fused_head import as_head_forward
 from open_instruct.objectives.logprobs import LabelTokens, chunked_logprobs, logprobs_line
-from tests.conftest import ROOT
+from tests.conftest import run_interpreted
 from tests.model_helpers import padded_rows, tiny_llama
 
 # fp32, relative: measured 5.7e-8 (log-probs) and 3.3e-7 (gradients) against the chunked path in 3-token chunks.
@@ -31,17 +26,7 @@ TOLERANCE = 1e-5
 def interpreted() -> dict:
     pytest.importorskip("liger_kernel")
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "fused_head_interpreted.py")],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_interpreted("fused_head_interpreted.py", timeout=300)
 
 
 def test_fused_head_equals_chunked_with_a_weight_whole_only_in_its_forward(interpreted):

@@ -32,17 +32,6 @@ RUN = {
 }
 
 
-@pytest.fixture(scope="module")
-def dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with attention dropout 0.1 (a copy)."""
-    path = tmp_path_factory.mktemp("dropout") / "model"
-    shutil.copytree(tiny_model_dir, path)
-    config = json.loads((path / "config.json").read_text())
-    config["attention_dropout"] = 0.1
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
 def _args(model_dir: Path, synthetic_data, out: Path, **extra) -> list[str]:
     return small_run_args(model_dir, synthetic_data[0], out, **{**RUN, **extra})
 

@@ -3,7 +3,6 @@ Hub: the steps after the resume match an uninterrupted run's."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,17 +20,6 @@ from tests.fake_hub import FakeHub
 pytestmark = pytest.mark.slow
 
 REPO = "org/resumable"
-
-
-@pytest.fixture(scope="module")
-def dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with attention dropout (equal losses then also show the random streams resumed exactly)."""
-    path = tmp_path_factory.mktemp("dropout") / "model"
-    shutil.copytree(tiny_model_dir, path)
-    config = json.loads((path / "config.json").read_text())
-    config["attention_dropout"] = 0.1
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 def _hub_env(cache: Path, hub: FakeHub, **extra: str) -> dict[str, str]:
