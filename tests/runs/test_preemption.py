@@ -17,7 +17,7 @@ from open_instruct.training import reference_cache
 from open_instruct.training.checkpointing import COMPLETED
 from open_instruct.training.preemption import PREEMPTED_EXIT_CODE
 from tests.conftest import ROOT, cli_env, free_port, read_metrics, run_cli, small_run_args, torchrun_command
-from tests.runs.test_fault_tolerance import _args, _assert_same_run, _losses, _popen, dropout_model_dir, uninterrupted  # noqa: F401
+from tests.runs.test_fault_tolerance import _args, _assert_same_run, _losses, _popen, uninterrupted  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
