@@ -33,9 +33,10 @@ demo-real: real-model
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH REAL_MODEL_DIR=$(REAL_MODEL_DIR) bash scripts/train/debug/dpo_cpu_real.sh
 
 # Two pytest workers (pytest-xdist): most tests run one thread or wait on the processes they launch, so on 2 cores
-# the suite takes about 8 minutes instead of 13 (test by test, not file by file: 9 minutes). TEST_WORKERS=0: one process.
+# the suite takes about half the time of one worker. TEST_WORKERS=0: one process. --durations: the 30 slowest tests are
+# printed at the end, so every CI log shows where the time goes.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS)
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30
 
 # The real-model tier (tests/real_model) needs the converted model: fetched first, once.
 test: install real-model
