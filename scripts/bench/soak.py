@@ -14,7 +14,8 @@ python scripts/bench/soak.py [--steps 2000 --checkpoint_every 50 --keep 2 --kill
    newest complete checkpoint), then left to finish. Its final weights must be bit-identical to the uninterrupted
    run's, tensor by tensor, and its ``metrics.jsonl`` loss curve equal row for row: on CPU every kernel is
    deterministic and a checkpoint holds the optimizer, scheduler, data position and every random stream, so a resumed
-   step recomputes exactly what the uninterrupted step computed.
+   step recomputes exactly what the uninterrupted step computed. The model has attention dropout
+   (``--attention_dropout``, default 0.1), so equality also shows the random streams resumed exactly.
 
 Exit status 1 when a check fails (disk above its bound, a checkpoint count above ``--keep + 1``, a mismatch). Timings
 are wall clock on whatever else shares the machine's cores.
@@ -45,19 +46,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", type=int, default=2)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
+    parser.add_argument(
+        "--attention_dropout", type=float, default=0.1, help="> 0: exact resume also shows the random streams restored"
+    )
     parser.add_argument("--poll", type=float, default=0.1, help="seconds between samples")
     parser.add_argument("--workdir", help="keep everything here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args(argv)
 
 
-def prepare(workdir: Path) -> tuple[Path, Path]:
-    """The tiny model and the synthetic preference task (256 pairs) under ``workdir``."""
+def prepare(workdir: Path, attention_dropout: float) -> tuple[Path, Path]:
+    """The tiny model (with that attention dropout) and the synthetic preference task (256 pairs) under ``workdir``."""
     from open_instruct.data.synthetic import write_task, write_tiny_model
 
     model = workdir / "model"
     if not (model / "config.json").exists():
         write_tiny_model(model, seed=0)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "attention_dropout": attention_dropout}))
     train, _ = write_task(workdir / "data", n_train=256, n_test=64, seed=0)
     return model, train
 
@@ -246,7 +252,7 @@ def compare(reference: Path, resumed: Path) -> dict:
 
 def soak(a: argparse.Namespace, workdir: Path) -> dict:
     """Both phases; returns the figures and the checks."""
-    model, train = prepare(workdir)
+    model, train = prepare(workdir, a.attention_dropout)
     for leftover in ("uninterrupted", "killed"):  # a reused --workdir: both runs start afresh
         shutil.rmtree(workdir / leftover, ignore_errors=True)
     env = environment(workdir / "cache")
@@ -258,8 +264,12 @@ def soak(a: argparse.Namespace, workdir: Path) -> dict:
     if run["rc"] != 0:
         sys.exit(f"error: the uninterrupted run failed (exit {run['rc']}); see {workdir / 'uninterrupted.log'}")
     figures = steady_figures(run, a)
-    # at the end the folder holds the final model and ``keep`` checkpoints; a save before pruning adds one more
-    figures["disk_bound_mb"] = (disk_use(reference)[0] + checkpoint_size(reference)) / 2**20
+    # the files outside step folders at the end (the final model: more than at any earlier moment), and keep + 1
+    # checkpoints (a save before pruning); from the run's own sizes, never from how many folders it left
+    steps_total = sum(disk_use(p)[0] for p in reference.glob("step_*") if p.is_dir())
+    figures["disk_bound_mb"] = (
+        disk_use(reference)[0] - steps_total + (a.keep + 1) * checkpoint_size(reference)
+    ) / 2**20
     print(f"killed run: {a.kills} kills -9", flush=True)
     resumed = workdir / "killed"
     attempts = killed_series(command(model, train, resumed, a), resumed, env, workdir / "killed.log", a)
