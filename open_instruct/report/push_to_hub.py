@@ -2,7 +2,7 @@
 without ``--push_to_hub``).
 
 python -m open_instruct.report.push_to_hub --output_dir OUT [--hf_repo_id NAME|OWNER/NAME] [--hf_entity OWNER]
-    [--hf_repo_revision BRANCH] [--hf_repo_private | --no-hf_repo_private] [--push_checkpoints]
+    [--hf_repo_revision BRANCH] [--hf_repo_private true|false] [--push_checkpoints]
 
 The flags mean what they mean for training; each one left out is taken from the run's ``OUT/run_config.json`` (then
 the training defaults), so ``--output_dir`` alone pushes where the run would have. The folder must hold a complete
@@ -128,6 +128,14 @@ def push_output_folder(ns: argparse.Namespace, policy: RetryPolicy | None = None
     return url
 
 
+def _flag_bool(text: str) -> bool:
+    """``true``/``false`` (and 1/0, yes/no), as the training flag reads them."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command's flags (named as for training)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,7 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf_entity", help="the owner when --hf_repo_id has none (default: the run's, else you)")
     parser.add_argument("--exp_name", help="the repo name when --hf_repo_id is not given (default: the run's)")
     parser.add_argument("--hf_repo_revision", help="the branch (default: the run's, else main)")
-    parser.add_argument("--hf_repo_private", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--hf_repo_private",
+        type=_flag_bool,
+        nargs="?",
+        const=True,
+        help="true or false (default: the run's, else true)",
+    )
     parser.add_argument("--push_checkpoints", action="store_true", help="also push each complete step_N folder")
     return parser.parse_args(argv)
 

@@ -82,7 +82,7 @@ def test_a_missing_folder_is_refused(hub, tmp_path, capsys):
 def test_defaults_come_from_the_run_and_checkpoints_go_to_their_branches(hub, out, capsys):
     push_command(["--output_dir", str(out), "--push_checkpoints"], FAST)
     repo = hub.repos["org/tiny"]  # --hf_entity and --exp_name of the run
-    assert repo["private"] is False  # the run's --no-hf_repo_private
+    assert repo["private"] is False  # the run's --hf_repo_private false
     model = repo["branches"]["b1"]  # the run's --hf_repo_revision
     assert model["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert not [name for name in model if name.startswith("step_")]
@@ -92,8 +92,10 @@ def test_defaults_come_from_the_run_and_checkpoints_go_to_their_branches(hub, ou
 
 
 def test_flags_override_the_run(hub, out):
-    push_command(["--output_dir", str(out), "--hf_repo_id", "other/name", "--hf_repo_revision", "b2"], FAST)
+    flags = ["--hf_repo_id", "other/name", "--hf_repo_revision", "b2", "--hf_repo_private", "true"]
+    push_command(["--output_dir", str(out), *flags], FAST)
     assert sorted(hub.repos) == ["other/name"] and "config.json" in hub.repos["other/name"]["branches"]["b2"]
+    assert hub.repos["other/name"]["private"] is True
 
 
 def test_the_command_line_refuses_in_one_line(tmp_path):
