@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from open_instruct.errors import UserError
-from open_instruct.report.hub import resolve_repo_id
+from open_instruct.report.hub import push_later_command, resolve_repo_id
 from open_instruct.report.hub_retry import FIRST_DELAY, HubGaveUp, RetryPolicy, with_retries
 from open_instruct.settings import CheckpointSettings, HubSettings
 from open_instruct.training.checkpointing import COMPLETED, latest_complete_checkpoint, step_of
@@ -116,7 +116,7 @@ class CheckpointPusher:
 
         self.api, self.repo_id, self.keep_last_n = HfApi(), repo_id, keep_last_n
         self.private, self.policy = private, policy or RetryPolicy(first_delay=backoff)
-        self.uploads = Path(output_dir) / UPLOADS
+        self.output_dir, self.uploads = Path(output_dir), Path(output_dir) / UPLOADS
         self.pushed: list[str] = []
         self.failed: list[str] = []
         self.longest_wait = 0.0  # seconds a training step spent in submit(): the snapshot and the hand-over
@@ -166,10 +166,13 @@ class CheckpointPusher:
         self._thread.join()
         with contextlib.suppress(OSError):
             self.uploads.rmdir()
+        failed = ""
+        if self.failed:  # the run's end says how to retry them without retraining
+            later = push_later_command(self.output_dir, self.repo_id)
+            failed = f" ({', '.join(self.failed)}); push the ones still on disk later with: {later} --push_checkpoints"
         line = (
             f"Hub checkpoints: {len(self.pushed)} pushed to {self.repo_id} "
-            f"(branches {', '.join(self.pushed) or 'none'}), {len(self.failed)} failed"
-            f"{' (' + ', '.join(self.failed) + ')' if self.failed else ''}; "
+            f"(branches {', '.join(self.pushed) or 'none'}), {len(self.failed)} failed{failed}; "
             f"longest wait of a training step on an upload: {self.longest_wait * 1000:.1f} ms"
         )
         print(line, flush=True)

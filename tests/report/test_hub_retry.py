@@ -204,8 +204,12 @@ def test_checkpoint_pushes_share_the_policy(hub, tmp_path, capsys):
     time.sleep(0.2)
     hub.fail("create", 403)  # step_4: refused, not retried
     pusher.submit(step.rename(tmp_path / "step_4"))
-    pusher.close()
+    summary = pusher.close()
     assert sleeps == [2.0, 5.0]
     assert pusher.pushed == ["step_2"] and pusher.failed == ["step_4"]
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "step_4" in warnings[0] and "at once: HfHubHTTPError: 403" in warnings[0]
+    hint = (
+        f"push the ones still on disk later with: python -m open_instruct.report.push_to_hub --output_dir {tmp_path}"
+    )
+    assert f"{hint} --hf_repo_id {REPO} --push_checkpoints;" in summary
