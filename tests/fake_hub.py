@@ -10,6 +10,12 @@ keep Xet/LFS storage (a separate protocol and server) out of this test. Every co
 so a revision is a branch name or a commit id, as on the Hub. Everything received is recorded. ``fail_commits = N``
 makes the next N commits answer 507 (a server error huggingface_hub does not retry itself, so each failure reaches
 the caller at once); ``commit_delay`` seconds slow every commit (a slow link).
+
+Faults: ``hub.fail("create" | "commit", *faults)`` queues faults for the next repo creations or commits (calls that
+huggingface_hub makes once, without its own retries), one per call: a status code (an ``HfHubHTTPError`` in the
+client), ``(429, seconds)`` for a rate limit with ``Retry-After``, or ``"disconnect"`` (the connection closed without
+an answer: an ``httpx`` transport error). ``FakeHub(port=P, started=False)`` listens nowhere until :meth:`start`:
+until then every call meets a real connection refused.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ EMPTY_COMMIT = "0" * 40
 class FakeHub:
     """Start with ``with FakeHub() as hub:``; ``hub.endpoint`` is the URL for ``HF_ENDPOINT``."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None, started: bool = True) -> None:
         self.requests: list[dict] = []  # method, path, authorization, json body (when JSON)
         # repo_id -> {"private": bool, "branches": {name: {path: bytes}}, "heads": {name: commit id}}
         self.repos: dict[str, dict] = {}
@@ -36,6 +42,7 @@ class FakeHub:
         self.trees: dict[str, dict[str, bytes]] = {EMPTY_COMMIT: {}}  # commit id -> its files
         self.fail_commits = 0
         self.commit_delay = 0.0
+        self.faults: dict[str, list] = {"create": [], "commit": []}
         self.lock = threading.Lock()
         hub = self
 
@@ -55,6 +62,25 @@ class FakeHub:
             def _reply(self, status: int, body: dict | list, error_code: str | None = None) -> None:
                 headers = {"Content-Type": "application/json", **({"X-Error-Code": error_code} if error_code else {})}
                 self._send(status, json.dumps(body).encode(), headers, self.command != "HEAD")
+
+            def _fault(self, where: str) -> bool:
+                """Answer with the next queued fault for ``where``; False when none is queued."""
+                with hub.lock:
+                    if not hub.faults[where]:
+                        return False
+                    fault = hub.faults[where].pop(0)
+                if fault == "disconnect":
+                    self.close_connection = True  # nothing written: the client sees the server hang up
+                    return True
+                status, wait = fault if isinstance(fault, tuple) else (fault, None)
+                headers = {
+                    "Content-Type": "application/json",
+                    **({"Retry-After": str(wait)} if wait is not None else {}),
+                }
+                self._send(
+                    status, json.dumps({"error": f"the fake hub answers {status} on purpose"}).encode(), headers
+                )
+                return True
 
             def _record(self, raw: bytes = b"") -> tuple[str, dict]:
                 path = unquote(urlparse(self.path).path)
@@ -142,6 +168,8 @@ class FakeHub:
                 raw = self.rfile.read(length)
                 path, record = self._record()
                 if path == "/api/repos/create":
+                    if self._fault("create"):
+                        return
                     body = json.loads(raw)
                     record["json"] = body
                     repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
@@ -176,6 +204,8 @@ class FakeHub:
 
             def _commit(self, repo_id: str, repo: dict, revision: str, raw: bytes) -> None:
                 time.sleep(hub.commit_delay)
+                if self._fault("commit"):
+                    return
                 with hub.lock:
                     if hub.fail_commits > 0:
                         hub.fail_commits -= 1
@@ -201,14 +231,35 @@ class FakeHub:
                     {"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None},
                 )
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.handler = Handler
+        self.server: ThreadingHTTPServer | None = None
+        if port is None:
+            self._listen(0)
+        self.endpoint = f"http://127.0.0.1:{port or self.server.server_address[1]}"
+        self.port, self.started = port, started
+
+    def _listen(self, port: int) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self.handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> FakeHub:
+    def fail(self, where: str, *faults: int | tuple[int, int] | str) -> None:
+        """Queue ``faults`` for the next calls to ``where`` (``create`` or ``commit``), one each."""
+        with self.lock:
+            self.faults[where].extend(faults)
+
+    def start(self) -> None:
+        """Start answering (a hub made with ``started=False`` refuses connections until now)."""
+        if self.server is None:
+            self._listen(self.port)
         self.thread.start()
+
+    def __enter__(self) -> FakeHub:
+        if self.started:
+            self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        if self.server is not None and self.thread.is_alive():
+            self.server.shutdown()
+        if self.server is not None:
+            self.server.server_close()

@@ -4,8 +4,9 @@ branch ``step_N`` of the ``--push_to_hub`` repo, and a run with no local checkpo
 Pushing: the main process hard-links the checkpoint's files under ``<output_dir>/.hub_uploads/step_N`` (instant, no
 copy; pruning or the next save unlinks the originals, never these) and a background thread uploads that snapshot, so a
 training step only waits for the links. A branch gets the files in one commit and the ``COMPLETED`` marker in a second:
-a branch cut short by a kill or a failed upload has no marker and is never resumed from. Each push is tried 5 times
-(backoff 2, 4, 8, 16 s); when all fail, one ``warning:`` line and training goes on. Branches are pruned like local
+a branch cut short by a kill or a failed upload has no marker and is never resumed from. Each push is retried as
+``report/hub_retry.py`` says (the final model's policy); when it fails for good, one ``warning:`` line and training
+goes on. Branches are pruned like local
 folders (``--keep_last_n_checkpoints``). The run waits for pending uploads at its end and prints one summary line.
 
 Resuming: with no complete local checkpoint (and no ``--resume_from_checkpoint``), the newest branch holding the marker
@@ -27,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from open_instruct.errors import UserError
-from open_instruct.report.hub import resolve_repo_id
+from open_instruct.report.hub import push_later_command, resolve_repo_id
+from open_instruct.report.hub_retry import FIRST_DELAY, HubGaveUp, RetryPolicy, with_retries
 from open_instruct.settings import CheckpointSettings, HubSettings
 from open_instruct.training.checkpointing import COMPLETED, latest_complete_checkpoint, step_of
 
 UPLOADS = ".hub_uploads"
 DOWNLOADS = ".hub_downloads"
-TRIES = 5
 
 
 def hard_link_snapshot(folder: Path, target: Path) -> Path:
@@ -102,14 +103,20 @@ class CheckpointPusher:
     the end (waits, prints the summary)."""
 
     def __init__(
-        self, output_dir: str | Path, repo_id: str, keep_last_n: int, private: bool = True, backoff: float = 2.0
+        self,
+        output_dir: str | Path,
+        repo_id: str,
+        keep_last_n: int,
+        private: bool = True,
+        backoff: float = FIRST_DELAY,
+        policy: RetryPolicy | None = None,
     ) -> None:
         # only a Hub call needs huggingface_hub
         from huggingface_hub import HfApi
 
         self.api, self.repo_id, self.keep_last_n = HfApi(), repo_id, keep_last_n
-        self.private, self.backoff = private, backoff
-        self.uploads = Path(output_dir) / UPLOADS
+        self.private, self.policy = private, policy or RetryPolicy(first_delay=backoff)
+        self.output_dir, self.uploads = Path(output_dir), Path(output_dir) / UPLOADS
         self.pushed: list[str] = []
         self.failed: list[str] = []
         self.longest_wait = 0.0  # seconds a training step spent in submit(): the snapshot and the hand-over
@@ -136,21 +143,17 @@ class CheckpointPusher:
 
     def _push_with_retries(self, snapshot: Path) -> None:
         branch = snapshot.name
-        for attempt in range(1, TRIES + 1):
-            try:
-                push_checkpoint(self.api, self.repo_id, snapshot, branch, self.private)
-                break
-            except Exception as err:  # any failure (network, Hub, disk) is retried, then reported, never fatal
-                if attempt == TRIES:
-                    self.failed.append(branch)
-                    print(
-                        f"warning: could not push checkpoint {branch} to the Hub ({self.repo_id}) after {TRIES} tries "
-                        f"({type(err).__name__}: {err}); training goes on, the checkpoint is kept locally",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+        try:
+            with_retries(lambda: push_checkpoint(self.api, self.repo_id, snapshot, branch, self.private), self.policy)
+        except HubGaveUp as err:  # reported, never fatal: the checkpoint is still on the local disk
+            self.failed.append(branch)
+            print(
+                f"warning: could not push checkpoint {branch} to the Hub ({self.repo_id}) {err}; training goes on, "
+                "the checkpoint is kept locally",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         self.pushed.append(branch)
         try:
             prune_branches(self.api, self.repo_id, step_of(branch) or 0, self.keep_last_n)
@@ -163,10 +166,13 @@ class CheckpointPusher:
         self._thread.join()
         with contextlib.suppress(OSError):
             self.uploads.rmdir()
+        failed = ""
+        if self.failed:  # the run's end says how to retry them without retraining
+            later = push_later_command(self.output_dir, self.repo_id)
+            failed = f" ({', '.join(self.failed)}); push the ones still on disk later with: {later} --push_checkpoints"
         line = (
             f"Hub checkpoints: {len(self.pushed)} pushed to {self.repo_id} "
-            f"(branches {', '.join(self.pushed) or 'none'}), {len(self.failed)} failed"
-            f"{' (' + ', '.join(self.failed) + ')' if self.failed else ''}; "
+            f"(branches {', '.join(self.pushed) or 'none'}), {len(self.failed)} failed{failed}; "
             f"longest wait of a training step on an upload: {self.longest_wait * 1000:.1f} ms"
         )
         print(line, flush=True)
