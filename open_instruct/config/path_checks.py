@@ -17,6 +17,7 @@ from typing import Any
 from open_instruct.data.sources import LOCAL_SUFFIXES, check_folder, is_data_file
 from open_instruct.errors import UserError
 from open_instruct.files import is_local_path
+from open_instruct.integrity import check_model_files
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -71,6 +72,7 @@ def model_source(name: str | None, flag: str, config_file_ok: bool = False) -> N
         raise UserError(f"{flag} {name} is neither a file nor a folder")
     if not (path / "config.json").is_file():
         raise UserError(f"{flag} {name} holds no config.json: not a Hugging Face model folder")
+    check_model_files(path, flag)  # a truncated weights file is named now, not as a traceback after setup
 
 
 def tokenizer_source(name: str | None, flag: str) -> None:
