@@ -126,7 +126,7 @@ def load(cache_dir: str | Path, key: str) -> tuple[PairRecords, PairRecords, dic
             if manifest.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {manifest.get('version')}, expected {FORMAT_VERSION}")
             if problem := files_problem(path, manifest.get("files", {})):
-                _warn(f"prepared-data cache {path} is damaged ({problem}); rebuilding it")
+                _warn(f"prepared-data cache {problem}; rebuilding it")
                 return None
             train = _open_split(path, "train", manifest["train"])
             evaluation = _open_split(path, "eval", manifest["eval"]) if "eval" in manifest else PairRecords([])
