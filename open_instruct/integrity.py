@@ -141,6 +141,15 @@ def check_model_files(folder: str | os.PathLike, flag: str) -> None:
     """A model folder's weights are whole: every ``.safetensors`` file matches its header, and the files its manifest
     lists (the final models this trainer writes have one) have their recorded sizes. Raises one UserError line."""
     folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded weights: every shard the index names is there
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{flag}: {index} is unreadable ({type(err).__name__}: {err})") from None
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise UserError(f"{flag}: {folder / missing[0]} is missing (listed in {index.name})")
     for path in sorted(folder.glob("*.safetensors")):
         problem = safetensors_problem(path)
         if problem:

@@ -154,3 +154,15 @@ def test_a_model_folder_with_a_manifest_is_checked_against_it(model_dir):
     (model_dir / "config.json").write_text("{ }")  # a size change the safetensors header cannot see
     with pytest.raises(UserError, match=r"config.json is damaged: 2 bytes recorded, the file has 3"):
         model_source(str(model_dir), "--model_name_or_path")
+
+
+def test_a_shard_the_index_names_must_be_there(model_dir):
+    (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00002.safetensors")
+    weight_map = {"w": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError) as err:
+        model_source(str(model_dir), "--model_name_or_path")
+    assert str(err.value) == (
+        f"--model_name_or_path: {model_dir / 'model-00002-of-00002.safetensors'} is missing "
+        "(listed in model.safetensors.index.json)"
+    )

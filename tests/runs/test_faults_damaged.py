@@ -4,12 +4,14 @@ prepared-data cache (all three at once, in one rerun), an explicitly given damag
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from open_instruct.integrity import MANIFEST, manifest_problem
 from tests.conftest import read_metrics, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
@@ -80,6 +82,8 @@ def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_previous_one
     # the same final loss and the same final weights as the uninterrupted run
     assert read_metrics(out)[-1]["train_loss"] == run["whole"]["loss"]
     assert (out / "model.safetensors").read_bytes() == run["whole"]["model"]
+    # the final model's manifest lists its files as they are (a later push or load can check them)
+    assert manifest_problem(out) == "" and "model.safetensors" in json.loads((out / MANIFEST).read_text())["files"]
 
 
 def test_damaged_caches_are_named_and_rebuilt(runs):
