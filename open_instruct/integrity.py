@@ -173,3 +173,9 @@ def checked_once(root: str | os.PathLike) -> str | None:
     if key not in _verified:
         _verified[key] = manifest_problem(root)
     return _verified[key]
+
+
+def check_resume_folder(path: str | os.PathLike) -> None:
+    """An explicitly given checkpoint is whole (as its manifest recorded it), else one UserError line."""
+    if problem := checked_once(path):
+        raise UserError(f"--resume_from_checkpoint: {problem}; pick an earlier step_N folder")

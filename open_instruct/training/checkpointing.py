@@ -24,7 +24,7 @@ import torch
 from open_instruct.engine import engine_of, local_shard
 from open_instruct.errors import UserError
 from open_instruct.files import move_contents, write_text_atomic
-from open_instruct.integrity import checked_once, record_manifest, record_manifest_shared
+from open_instruct.integrity import check_resume_folder, checked_once, record_manifest, record_manifest_shared
 from open_instruct.model.lora import find_peft_model, save_lora_model
 from open_instruct.training.safe_load import check_distributed_metadata, load_plain, weights_only_loads
 
@@ -125,8 +125,7 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> tuple[Pat
                 f"--resume_from_checkpoint: {path} has no {COMPLETED} marker (a checkpoint cut short); "
                 "pick an earlier step_N folder"
             )
-        if problem := checked_once(path):
-            raise UserError(f"--resume_from_checkpoint: {problem}; pick an earlier step_N folder")
+        check_resume_folder(path)
         return path, f"resuming from {path} (--resume_from_checkpoint)"
     path, incomplete = latest_complete_checkpoint(output_dir)
     notes = [f"ignoring incomplete checkpoint {p} (no {COMPLETED} marker)" for p in incomplete]

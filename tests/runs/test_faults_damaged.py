@@ -104,10 +104,11 @@ def test_an_explicit_damaged_checkpoint_is_an_error(runs):
     _flip(step4 / "scheduler.bin")  # same size: only the checksum tells
     result = run_cli([*run["flags"], "--resume_from_checkpoint", str(step4)], run["reference"])
     assert result.returncode == 2, result.stderr
-    error = result.stderr.strip().splitlines()[-1]
+    error = result.stderr.strip()  # one line, before any data, reference or training work
     assert error.startswith(
         f"error: --resume_from_checkpoint: {step4 / 'scheduler.bin'} is damaged: its contents changed"
     ) and error.endswith("; pick an earlier step_N folder"), result.stderr
+    assert "\n" not in error and "data:" not in result.stdout + result.stderr
 
 
 def test_a_truncated_model_file_is_an_error_before_any_work(tiny_model_dir, synthetic_data, tmp_path):
