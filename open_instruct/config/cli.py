@@ -21,6 +21,7 @@ import yaml
 
 from open_instruct.config import TrainArguments, compat
 from open_instruct.config.open_instruct_flags import OpenInstructFlags
+from open_instruct.config.yaml_shapes import check_shapes
 from open_instruct.errors import UserError
 
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -162,8 +163,9 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of flag names to values")
-    values = _normalize_yaml(raw, str(path))
     hints = typing.get_type_hints(TrainArguments)
+    check_shapes(raw, {k: _base_type(hints[f]) for k, f in _alias_map().items() if k in raw}, text, str(path))
+    values = _normalize_yaml(raw, str(path))
     return {k: _coerce(v, hints[k], k, str(path)) for k, v in values.items()}
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from open_instruct.data.sources import LOCAL_SUFFIXES, check_folder, is_data_file
 from open_instruct.errors import UserError
 from open_instruct.files import is_local_path
+from open_instruct.integrity import check_model_files, check_resume_folder
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -71,6 +72,7 @@ def model_source(name: str | None, flag: str, config_file_ok: bool = False) -> N
         raise UserError(f"{flag} {name} is neither a file nor a folder")
     if not (path / "config.json").is_file():
         raise UserError(f"{flag} {name} holds no config.json: not a Hugging Face model folder")
+    check_model_files(path, flag)  # a truncated weights file is named now, not as a traceback after setup
 
 
 def tokenizer_source(name: str | None, flag: str) -> None:
@@ -123,6 +125,8 @@ def check_paths(args: Any, pretraining: bool = False) -> None:
     tokenizer_source(args.tokenizer_name_or_path, "--tokenizer_name_or_path")
     if args.resume_from_checkpoint and Path(args.resume_from_checkpoint).expanduser().is_file():
         raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is a file; expected a step_N folder")
+    if args.resume_from_checkpoint and Path(args.resume_from_checkpoint).expanduser().is_dir():
+        check_resume_folder(Path(args.resume_from_checkpoint).expanduser())  # damaged: said before any work
     regular_file(getattr(args, "deepspeed_config", None), "--deepspeed_config")
     for flag, values, splits in (
         ("--mixer_list", args.mixer_list, args.mixer_list_splits),

@@ -27,6 +27,7 @@ import numpy as np
 
 from open_instruct.data.pair_table import PairRecords
 from open_instruct.data.streaming import lengths_path
+from open_instruct.integrity import describe, files_problem, folder_files
 
 _DATA_MODULES = (
     "formats",
@@ -124,6 +125,9 @@ def load(cache_dir: str | Path, key: str) -> tuple[PairRecords, PairRecords, dic
             manifest = json.loads(manifest_file.read_text())
             if manifest.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {manifest.get('version')}, expected {FORMAT_VERSION}")
+            if problem := files_problem(path, manifest.get("files", {})):
+                _warn(f"prepared-data cache {problem}; rebuilding it")
+                return None
             train = _open_split(path, "train", manifest["train"])
             evaluation = _open_split(path, "eval", manifest["eval"]) if "eval" in manifest else PairRecords([])
         else:
@@ -147,7 +151,10 @@ def write_entry(cache_dir: str | Path, key: str, build: Callable[[Path], dict[st
     tmp.mkdir()
     try:
         manifest = build(tmp)
-        (tmp / "manifest.json").write_text(json.dumps({"version": FORMAT_VERSION, **manifest}, indent=2))
+        files = describe(tmp, folder_files(tmp))  # sizes and checksums: a damaged file is found and rebuilt
+        (tmp / "manifest.json").write_text(
+            json.dumps({"version": FORMAT_VERSION, **manifest, "files": files}, indent=2)
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,6 +24,7 @@ import torch
 from open_instruct.engine import engine_of, local_shard
 from open_instruct.errors import UserError
 from open_instruct.files import move_contents, write_text_atomic
+from open_instruct.integrity import check_resume_folder, checked_once, record_manifest, record_manifest_shared
 from open_instruct.model.lora import find_peft_model, save_lora_model
 from open_instruct.training.safe_load import check_distributed_metadata, load_plain, weights_only_loads
 
@@ -101,10 +102,12 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_complete_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[Path]]:
-    """(newest complete checkpoint or None, incomplete folders newer than it)."""
+def latest_complete_checkpoint(output_dir: str | Path, before: int | None = None) -> tuple[Path | None, list[Path]]:
+    """(newest complete checkpoint (older than step ``before``) or None, incomplete folders newer than it)."""
     incomplete: list[Path] = []
-    for _, path in reversed(list_checkpoints(output_dir)):
+    for step, path in reversed(list_checkpoints(output_dir)):
+        if before is not None and step >= before:
+            continue
         if is_complete(path):
             return path, incomplete
         incomplete.append(path)
@@ -122,10 +125,16 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> tuple[Pat
                 f"--resume_from_checkpoint: {path} has no {COMPLETED} marker (a checkpoint cut short); "
                 "pick an earlier step_N folder"
             )
+        check_resume_folder(path)
         return path, f"resuming from {path} (--resume_from_checkpoint)"
     path, incomplete = latest_complete_checkpoint(output_dir)
     notes = [f"ignoring incomplete checkpoint {p} (no {COMPLETED} marker)" for p in incomplete]
-    if path is not None:
+    damaged = False
+    while path is not None and (problem := checked_once(path)):  # a file changed after its COMPLETED marker
+        path, damaged = latest_complete_checkpoint(output_dir, before=step_of(path.name))[0], True
+        instead = f"resuming from {path} instead" if path else "no intact checkpoint is left: starting fresh"
+        notes.append(f"warning: checkpoint damaged: {problem}; {instead}")
+    if path is not None and not damaged:
         notes.append(f"resuming from {path} (newest complete checkpoint in --output_dir)")
     return path, "\n".join(notes)
 
@@ -186,7 +195,8 @@ def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, stat
     if policy.test_write_delay and policy.test_write_delay[0] == state.step:
         time.sleep(policy.test_write_delay[1])
     _all_written(accelerator, path, error)  # every rank's files are there: the marker may go in
-    if accelerator.is_main_process:
+    error = record_manifest_shared(accelerator, path, skip=(COMPLETED,))  # sizes and checksums, before the marker
+    if accelerator.is_main_process and error is None:
         try:
             write_text_atomic(path / COMPLETED, f"step {state.step}\n")
         except OSError as err:
@@ -290,6 +300,7 @@ def save_final_model(
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        record_manifest(tmp)  # sizes and checksums: a later push or load can check the files
         move_contents(tmp, output_dir)  # one rename per file: a reader never sees a partial file
     accelerator.wait_for_everyone()
     return output_dir

@@ -115,7 +115,7 @@ def test_each_input_invalidates_the_cache(change, data_dir, tmp_path):
     assert again.statistics["cache"]["status"] == "loaded" and again.records == changed.records
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "one byte changed"])
 def test_a_damaged_entry_is_rebuilt(damage, data_dir, tmp_path, word_tokenizer, capsys):
     settings = _settings(data_dir, tmp_path / "cache")
     first = prepare_preference_data(settings, word_tokenizer)
@@ -125,10 +125,16 @@ def test_a_damaged_entry_is_rebuilt(damage, data_dir, tmp_path, word_tokenizer, 
     train = pathlib.Path(entry) / "train.arrow"
     if damage == "missing":
         train.unlink()
-    else:
+    elif damage == "truncated":
         train.write_bytes(train.read_bytes()[:100])
+    else:  # a token id in the middle of the file: the Arrow file still opens, only the checksum tells
+        data = bytearray(train.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        train.write_bytes(bytes(data))
     second = prepare_preference_data(settings, word_tokenizer)
-    assert "unreadable" in capsys.readouterr().err and list(second.records) == expected
+    err = capsys.readouterr().err
+    assert err.startswith(f"data: prepared-data cache {train} is ") and err.strip().endswith("; rebuilding it"), err
+    assert len(err.strip().splitlines()) == 1 and list(second.records) == expected
     assert second.statistics["cache"]["status"] == "written"
     assert prepare_preference_data(settings, word_tokenizer).statistics["cache"]["status"] == "loaded"
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temporary leftovers
