@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 from pathlib import Path
 
 from open_instruct.errors import UserError
+from open_instruct.integrity import safetensors_problem
 from open_instruct.report.hub import push_final_model, push_later_command, resolve_repo_id
 from open_instruct.report.hub_retry import HubGaveUp, RetryPolicy, with_retries
 from open_instruct.settings import HubSettings
@@ -30,19 +30,12 @@ RUN_CONFIG = "run_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """Why ``path`` is not a whole safetensors file (missing, or shorter than its header says); None when whole."""
+def _weights_file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (missing, or not as long as its header says); None when whole."""
     if not path.is_file():
         return f"{path.name} (missing)"
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError):
-        return f"{path.name} (not a safetensors file)"
-    return None if size >= 8 + length + end else f"{path.name} (truncated: {size} of {8 + length + end} bytes)"
+    problem = safetensors_problem(path)
+    return f"{path.name} ({problem})" if problem else None
 
 
 def weights_problems(folder: Path) -> list[str]:
@@ -50,10 +43,10 @@ def weights_problems(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        return [p for shard in shards if (p := safetensors_problem(folder / shard))]
+        return [p for shard in shards if (p := _weights_file_problem(folder / shard))]
     if (folder / "pytorch_model.bin").is_file():
         return []
-    problem = safetensors_problem(folder / "model.safetensors")
+    problem = _weights_file_problem(folder / "model.safetensors")
     return [problem] if problem else []
 
 
