@@ -36,7 +36,6 @@ from open_instruct.training.preemption import (
     signal_name,
     stop_agreed,
 )
-from open_instruct.training.rank_watch import raise_if_injected
 
 StepOutput = tuple[torch.Tensor, dict[str, torch.Tensor], int]
 
@@ -282,7 +281,6 @@ def train_loop(
             bar.update(1)
             if settings.step_hook is not None:
                 settings.step_hook(step)
-            raise_if_injected(accelerator.process_index, step)  # tests only (OPEN_INSTRUCT_TEST_RAISE_AT_STEP)
             if step % settings.logging_steps == 0 or step == settings.max_train_steps:
                 progress = (step, step / steps_per_epoch, scheduler.get_last_lr()[0])
                 skipped = {"nonfinite_skipped": faults.guard.skipped, **scale_metrics(settings.loss_scaler, model)}

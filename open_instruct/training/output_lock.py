@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from open_instruct.errors import UserError
+from open_instruct.training.preemption import agreed
+from open_instruct.training.processes import gone_here, machine_id
 
 LOCK_NAME = ".run.lock"
 _held: OutputLock | None = None
@@ -40,7 +42,8 @@ class OutputFolderBusy(UserError):
 def holder_details() -> dict[str, Any]:
     """This process as a lock holder: host, pid, start time (UTC), command."""
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "command": " ".join(sys.argv)}
+    host, pid, command = socket.gethostname(), os.getpid(), " ".join(sys.argv)
+    return {"host": host, "pid": pid, "started": started, "command": command, "machine": machine_id()}
 
 
 def describe(holder: dict[str, Any] | None) -> str:
@@ -51,16 +54,8 @@ def describe(holder: dict[str, Any] | None) -> str:
 
 
 def _pid_gone_here(holder: dict[str, Any] | None) -> bool:
-    """Whether the holder ran on this host and its pid no longer exists."""
-    if not holder or holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    """Whether the holder ran on this machine (same pid namespace) and its pid no longer runs."""
+    return bool(holder) and gone_here(holder.get("machine"), holder.get("pid"))
 
 
 class OutputLock:
@@ -107,7 +102,7 @@ class OutputLock:
 
     def _this_process(self, holder: dict[str, Any]) -> bool:
         """A holder that is this very process (an earlier run in it that did not release) is no rival."""
-        return holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
+        return holder.get("machine") == machine_id() and holder.get("pid") == os.getpid()
 
     def _busy(self, holder: dict[str, Any] | None, hint: str) -> OutputFolderBusy:
         return OutputFolderBusy(
@@ -152,8 +147,6 @@ def hold(output_dir: Path, accelerator: Any) -> None:
     """The main process takes the output folder's lock; when it is held, every rank stops (the main process with the
     ``error:`` line, exit code 2; the others quietly with the same code)."""
     global _held
-    from open_instruct.training.preemption import agreed  # torch: a run that trains has it loaded already
-
     release()
     refusal: OutputFolderBusy | None = None
     if accelerator.is_main_process:

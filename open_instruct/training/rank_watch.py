@@ -21,7 +21,7 @@ at a barrier is no death: every rank's thread keeps beating.
 
 Test hook, read here and nowhere else: ``OPEN_INSTRUCT_TEST_RAISE_AT_STEP=RANK:STEP`` raises ``RuntimeError`` on rank
 RANK right after optimizer step STEP; ``RANK:STEP:SIGKILL`` (any signal name) sends that rank the signal there
-instead (:func:`raise_if_injected`, called by the training loop).
+instead (:func:`with_injected_fault`, around the training loop's after-step hook).
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
 
 from open_instruct.errors import UserError
 from open_instruct.training.preemption import Preempted
+from open_instruct.training.processes import gone_here, machine_id
 
 RAISE_ENV = "OPEN_INSTRUCT_TEST_RAISE_AT_STEP"
 DONE = 1 << 40  # added to a heartbeat count by a rank that finished cleanly: its silence from then on is no death
@@ -51,21 +53,6 @@ _current: RankWatch | None = None
 def interval_for(timeout: float) -> float:
     """Seconds between heartbeats: a quarter of the timeout (several beats fit in it), at most 5 s."""
     return max(0.05, min(MAX_INTERVAL, timeout / 4))
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host (a zombie, killed but not yet reaped by its parent, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc (not Linux): existing is all we can tell
-        return True
-    return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
 
 
 class RankWatch:
@@ -85,11 +72,11 @@ class RankWatch:
     ) -> None:
         self.store, self.rank, self.world_size, self.timeout = store, rank, world_size, timeout
         self.prefix, self.clock = prefix, clock
-        self.host = socket.gethostname()
+        self.host, self.machine = socket.gethostname(), machine_id()
         now = clock()
         self.seen: dict[int, tuple[int, float]] = {r: (-1, now) for r in self.watched()}
         self.last_ok = now
-        self.who: dict[int, tuple[str, int]] = {}
+        self.who: dict[int, tuple[str, str, int]] = {}  # rank -> (host, machine, pid) it announced
 
     def watched(self) -> list[int]:
         """The ranks this one watches: all others for the main process, the main process for the rest."""
@@ -101,7 +88,7 @@ class RankWatch:
 
     def announce(self) -> None:
         """First heartbeat, and this rank's host and pid (a peer on the same host can then see it vanish at once)."""
-        self.store.set(self.key(f"who/{self.rank}"), f"{self.host} {os.getpid()}")
+        self.store.set(self.key(f"who/{self.rank}"), f"{os.getpid()} {self.machine} {self.host}")
         self.store.add(self.key(f"beat/{self.rank}"), 1)
 
     def poll(self) -> str | None:
@@ -116,11 +103,14 @@ class RankWatch:
                 if failure is not None:
                     failure = self.publish(failure)
         except Exception as err:  # noqa: BLE001 - any store failure is evidence: the store went with its host
-            host, pid = self.who.get(0, ("", 0))
-            if self.rank != 0 and host == self.host and pid and not pid_alive(pid):
-                return f"1 rank 0 (pid {pid} on {host}, which hosts the store) vanished: killed?"
+            host, machine, pid = self.who.get(0, ("", "", 0))
+            if self.rank != 0 and gone_here(machine, pid):
+                return f"1 rank 0 (pid {pid} on {host}) vanished without an error: killed (kill -9, out of memory?)"
             if now - self.last_ok > self.timeout:
-                return f"1 rank 0 (which hosts the store) is unreachable for {now - self.last_ok:.0f} s: {err}"
+                return (
+                    f"1 rank 0 or its host is gone: the run's store on it (MASTER_ADDR:MASTER_PORT) is unreachable "
+                    f"for {now - self.last_ok:.0f} s ({err})"
+                )
             return None
         self.last_ok = now
         return failure
@@ -159,7 +149,7 @@ class RankWatch:
         if vanished is not None:
             return vanished
         if now - since > self.timeout:
-            host, pid = self.identity(rank)
+            host, _, pid = self.identity(rank)
             where = f" (pid {pid} on {host})" if pid else ""
             return (
                 f"1 rank {rank}{where} sent no heartbeat for {now - since:.0f} s (--rank_failure_timeout "
@@ -169,8 +159,8 @@ class RankWatch:
 
     def vanished(self, rank: int) -> str | None:
         """``"1 rank R ... vanished"`` when ``rank`` ran on this host, its pid is gone, and it did not finish."""
-        host, pid = self.identity(rank)
-        if host != self.host or not pid or pid_alive(pid) or self.store.add(self.key(f"beat/{rank}"), 0) >= DONE:
+        host, machine, pid = self.identity(rank)
+        if not gone_here(machine, pid) or self.store.add(self.key(f"beat/{rank}"), 0) >= DONE:
             return None
         return f"1 rank {rank} (pid {pid} on {host}) vanished without an error: killed (kill -9, out of memory?)"
 
@@ -178,14 +168,14 @@ class RankWatch:
         """The first peer on this host that vanished (what a collective's "connection reset" error really means)."""
         return next(filter(None, (self.vanished(r) for r in range(self.world_size) if r != self.rank)), None)
 
-    def identity(self, rank: int) -> tuple[str, int]:
-        """(host, pid) a peer announced, ("", 0) until it has."""
+    def identity(self, rank: int) -> tuple[str, str, int]:
+        """(host, machine, pid) a peer announced (see ``processes.machine_id``), ("", "", 0) until it has."""
         if rank not in self.who:
             key = self.key(f"who/{rank}")
             if not self.store.check([key]):
-                return "", 0
-            host, pid = self.store.get(key).decode().rsplit(" ", 1)
-            self.who[rank] = (host, int(pid))
+                return "", "", 0
+            pid, machine, host = self.store.get(key).decode().split(" ", 2)
+            self.who[rank] = (host, machine, int(pid))
         return self.who[rank]
 
     def finish(self) -> None:
@@ -222,15 +212,18 @@ def end_process(failure: str, watch: RankWatch, interval: float) -> None:
 def start(timeout: float, log: Callable[[str], Any] = print) -> None:
     """Watch this run's ranks (several processes only; ``timeout`` 0: off). Call once the process group exists."""
     global _generation, _current
-    import torch.distributed as dist  # heavy: only a run that trains imports it
-
     stop()
     _generation += 1
     if timeout <= 0 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
-    store = _store_client(timeout)
+    try:
+        store = _store_client(timeout)
+    except Exception as err:  # noqa: BLE001 - the watch is a safety net: the run goes on without it, and says so
+        store, why = None, f"the run's store is unreachable ({err})"
+    else:
+        why = "no MASTER_ADDR/MASTER_PORT"
     if store is None:
-        log("rank watch: no MASTER_ADDR/MASTER_PORT; a dead rank is noticed only at the collective --timeout")
+        log(f"rank watch: off, {why}; a dead rank is then noticed only at the collective --timeout")
         return
     run_id = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     prefix = f"rank_watch/{run_id}/{_generation}/"  # a torchrun restart, or a later run in this process: fresh keys
@@ -242,13 +235,11 @@ def start(timeout: float, log: Callable[[str], Any] = print) -> None:
 
 def _store_client(timeout: float) -> Any:
     """A client of the run's TCPStore (the one ``env://`` and torchrun use), or None without its address."""
-    from torch.distributed import TCPStore
-
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not host or not port:
         return None
     wait = timedelta(seconds=max(1.0, min(timeout, 30.0)))  # a store that stopped answering counts as gone
-    return TCPStore(host, int(port), is_master=False, timeout=wait, wait_for_workers=False)
+    return dist.TCPStore(host, int(port), is_master=False, timeout=wait, wait_for_workers=False)
 
 
 def stop(finished: bool = True) -> None:
@@ -306,12 +297,20 @@ def _describe(err: BaseException) -> str:
     return text if isinstance(err, UserError) else f"{type(err).__name__}: {text}"
 
 
-def raise_if_injected(rank: int, step: int) -> None:
-    """Tests only: after optimizer step STEP, rank RANK raises (``RANK:STEP``) or sends itself a signal
-    (``RANK:STEP:SIGKILL``: a real kill -9 at a known point) when ``OPEN_INSTRUCT_TEST_RAISE_AT_STEP`` asks."""
+def with_injected_fault(step_hook: Callable[[int], None] | None, rank: int) -> Callable[[int], None] | None:
+    """The loop's after-step hook, plus (tests only, when ``OPEN_INSTRUCT_TEST_RAISE_AT_STEP=RANK:STEP[:SIGNAL]`` names
+    this rank) a fault after optimizer step STEP: ``RuntimeError``, or the signal sent to this process (``SIGKILL``:
+    a real kill -9 at a known point)."""
     parts = os.environ.get(RAISE_ENV, "").strip().split(":")
-    if parts[:2] != [str(rank), str(step)]:
-        return
-    if len(parts) > 2:
-        os.kill(os.getpid(), signal.Signals[parts[2]])
-    raise RuntimeError(f"injected fault on rank {rank} after optimizer step {step} ({RAISE_ENV})")
+    if len(parts) < 2 or parts[0] != str(rank):
+        return step_hook
+
+    def hook(step: int) -> None:
+        if step_hook is not None:
+            step_hook(step)
+        if str(step) == parts[1]:
+            if len(parts) > 2:
+                os.kill(os.getpid(), signal.Signals[parts[2]])
+            raise RuntimeError(f"injected fault on rank {rank} after optimizer step {step} ({RAISE_ENV})")
+
+    return hook

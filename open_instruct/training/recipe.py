@@ -212,7 +212,7 @@ def train(
     )
     profiler = profiled_steps(accelerator, Path(args.output_dir)) if args.profiling else contextlib.nullcontext()
     with profiler as step_hook:
-        settings.step_hook = step_hook
+        settings.step_hook = rank_watch.with_injected_fault(step_hook, accelerator.process_index)  # tests only
         return train_loop(
             accelerator,
             run.model,

@@ -16,6 +16,7 @@ import pytest
 
 from open_instruct.training import output_lock
 from open_instruct.training.output_lock import LOCK_NAME, OutputFolderBusy, OutputLock
+from open_instruct.training.processes import machine_id
 
 
 def _dead_pid() -> int:
@@ -26,7 +27,10 @@ def _dead_pid() -> int:
 
 
 def _holder(pid: int, host: str | None = None) -> str:
-    return json.dumps({"host": host or socket.gethostname(), "pid": pid, "started": "2026-01-02T03:04:05Z"})
+    machine = machine_id() if host is None else f"{host}/boot/ns"
+    return json.dumps(
+        {"host": host or socket.gethostname(), "machine": machine, "pid": pid, "started": "2026-01-02T03:04:05Z"}
+    )
 
 
 def test_a_live_holder_refuses_a_second_lock_naming_itself(tmp_path: Path) -> None:
