@@ -168,6 +168,16 @@ class RankWatch:
         """The first peer on this host that vanished (what a collective's "connection reset" error really means)."""
         return next(filter(None, (self.vanished(r) for r in range(self.world_size) if r != self.rank)), None)
 
+    def cause_elsewhere(self, seconds: float) -> str | None:
+        """Another rank's failure behind this rank's error, waiting up to ``seconds`` for it: a collective fails the
+        moment a dying peer's sockets close, a little before its pid is gone or its own error is published."""
+        deadline = time.monotonic() + seconds
+        while True:
+            found = self.published() or self.vanished_peer()
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.05)
+
     def identity(self, rank: int) -> tuple[str, str, int]:
         """(host, machine, pid) a peer announced (see ``processes.machine_id``), ("", "", 0) until it has."""
         if rank not in self.who:
@@ -274,7 +284,7 @@ def _publish(current: _Thread, err: BaseException) -> None:
     watch, user_error = current.watch, isinstance(err, UserError)
     own = f"{2 if user_error else 1} rank {watch.rank} failed: {_describe(err)}"
     try:
-        failure = None if user_error else watch.vanished_peer()
+        failure = None if user_error else watch.cause_elsewhere(min(2 * current.interval, 3.0))
         standing = watch.publish(failure or own)
     except Exception:  # noqa: BLE001 - the store is gone: this rank's own traceback is all there is to say
         return
