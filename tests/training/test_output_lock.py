@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from open_instruct.training import output_lock
 from open_instruct.training.output_lock import LOCK_NAME, OutputFolderBusy, OutputLock
@@ -114,3 +115,21 @@ def test_hold_refuses_and_release_lets_go(tmp_path: Path) -> None:
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     output_lock.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+class _OtherRank(_Accelerator):
+    """A non-main rank of 2 whose main process found the folder held (the all-reduce of the refusal flag says 1)."""
+
+    is_main_process = False
+    num_processes = 2
+    device = "cpu"
+
+    def reduce(self, tensor, reduction: str):
+        return tensor + torch.ones_like(tensor)
+
+
+def test_the_other_ranks_stop_quietly_with_the_same_code_and_take_no_lock(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        output_lock.hold(tmp_path, _OtherRank())
+    assert stopped.value.code == 2 and not (tmp_path / LOCK_NAME).exists()
+    assert capsys.readouterr().err == ""  # the main process prints the one error line
