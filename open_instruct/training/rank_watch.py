@@ -9,7 +9,8 @@ daemon thread that, every ``interval`` seconds, counts a heartbeat in the run's 
   (:func:`reporting`); the others read it within one interval.
 - The main process watches every rank's heartbeat, the others watch the main process's and the failure record (one
   store read each per interval, however many ranks). A heartbeat that has not moved for ``--rank_failure_timeout``
-  seconds, or a peer whose pid is gone on this host, is a dead rank (a ``kill -9``, the out-of-memory killer).
+  seconds, or a peer whose pid is gone from this machine (``processes.gone_here``), is a dead rank (a ``kill -9``,
+  the out-of-memory killer, a frozen or lost host).
 - The store lives in the main process when ranks are started directly, so store calls that keep failing for the
   timeout mean the main process is gone.
 
@@ -284,7 +285,7 @@ def _publish(current: _Thread, err: BaseException) -> None:
     watch, user_error = current.watch, isinstance(err, UserError)
     own = f"{2 if user_error else 1} rank {watch.rank} failed: {_describe(err)}"
     try:
-        failure = None if user_error else watch.cause_elsewhere(min(2 * current.interval, 3.0))
+        failure = None if user_error else watch.cause_elsewhere(min(2 * current.interval, 1.0))
         standing = watch.publish(failure or own)
     except Exception:  # noqa: BLE001 - the store is gone: this rank's own traceback is all there is to say
         return
