@@ -160,6 +160,7 @@ class EngineSettings(Settings, LayerCheckpointing):
     gradient_accumulation_steps: int
     max_grad_norm: float
     timeout: int
+    rank_failure_timeout: int
     sync_each_batch: bool
 
 

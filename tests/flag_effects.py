@@ -178,6 +178,9 @@ EFFECTS: dict[str, Effect | TestedIn | RuleOnly | Inert] = {
     "fsdp_num_replicas": _e("engine", "1"),
     "fsdp_offload_params": _e("engine", "true"),
     "timeout": RuleOnly(("60",)),
+    "rank_failure_timeout": TestedIn(
+        "tests/runs/test_faults_ranks.py::test_exception_on_one_rank_stops_both_naming_it"
+    ),
     "dry_run": TestedIn("tests/plan/test_plan.py::test_python_api_plans_without_writing"),
     "dry_run_gpu": TestedIn("tests/plan/test_plan.py::test_dry_run_mfu_scales_the_predicted_time", ("H200",)),
     "dry_run_num_processes": TestedIn("tests/plan/test_plan.py::test_dry_run_mfu_scales_the_predicted_time", ("8",)),

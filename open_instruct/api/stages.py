@@ -44,7 +44,7 @@ from open_instruct.model.state_dict import (
 from open_instruct.objectives.losses import hyperparameter_names
 from open_instruct.plan import check as plan_check
 from open_instruct.training import preemption
-from open_instruct.training.recipe import preflight
+from open_instruct.training.recipe import preflight, run_guard
 
 
 def plan_run(args: TrainArguments, stage: str) -> Any:
@@ -175,7 +175,8 @@ def fresh_accelerate_state() -> Iterator[None]:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     try:
-        yield
+        with run_guard():  # a rank's error reaches the others; the output folder's lock is let go
+            yield
     finally:
         AcceleratorState._reset_state()
         GradientState._reset_state()

@@ -281,6 +281,12 @@ class TrainArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
     )
     fsdp_offload_params: bool = _f(False, "FSDP2: keep sharded parameters, gradients and optimizer state on CPU.")
     timeout: int = _f(1800, "Seconds before a collective operation times out.", valid=POS)
+    rank_failure_timeout: int = _f(
+        300,
+        "Seconds a rank may go silent (killed, out of memory, its host gone) before every rank stops, naming it; a "
+        "rank that raises stops the others within seconds. 0: off (a dead rank then waits out --timeout).",
+        valid=NONNEG,
+    )
 
     # --- planning ---------------------------------------------------------------------------------------------
     dry_run: bool = _f(

@@ -27,6 +27,7 @@ from open_instruct.model.modeling import check_model_options, parse_additional_m
 from open_instruct.plan.check import dry_run
 from open_instruct.report.plot import write_curves
 from open_instruct.report.tracking import MetricsLogger
+from open_instruct.training import output_lock, rank_watch
 from open_instruct.training.checkpointing import save_final_model
 from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, train_loop
 from open_instruct.training.optim import build_optimizer, check_optimizer_environment
@@ -62,7 +63,7 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
             dry_run(settings_of(args), stage)
             return
         try:
-            with no_empty_output_on_error(args.output_dir):
+            with no_empty_output_on_error(args.output_dir), run_guard():
                 run(args)
         except Preempted:
             exit_preempted()
@@ -89,6 +90,16 @@ def no_empty_output_on_error(output_dir: str) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def run_guard() -> Iterator[None]:
+    """Around a run: a rank's error reaches the others (``rank_watch``); the output folder's lock is let go."""
+    try:
+        with rank_watch.reporting():
+            yield
+    finally:
+        output_lock.release()
+
+
 def start_run(args: TrainArguments) -> tuple[Any, Path]:
     """(accelerator built by the engine the flags select, output folder); the seed is set."""
     # accelerate is slow to import: --help, validation and the planner never need it
@@ -109,6 +120,8 @@ def start_run(args: TrainArguments) -> tuple[Any, Path]:
     accelerator.print(engine.describe())
     set_seed(args.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
+    output_lock.hold(output_dir, accelerator)  # one run per output folder: refused here, before any expensive work
+    rank_watch.start(args.rank_failure_timeout, accelerator.print)  # a dead rank stops every rank, named
     return accelerator, output_dir
 
 
@@ -199,7 +212,7 @@ def train(
     )
     profiler = profiled_steps(accelerator, Path(args.output_dir)) if args.profiling else contextlib.nullcontext()
     with profiler as step_hook:
-        settings.step_hook = step_hook
+        settings.step_hook = rank_watch.with_injected_fault(step_hook, accelerator.process_index)  # tests only
         return train_loop(
             accelerator,
             run.model,
