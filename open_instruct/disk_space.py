@@ -1,9 +1,10 @@
 """Free space on disk: how much a folder takes and its file system has, write failures told apart, and the one line
 that names the path, the bytes needed and the bytes free.
 
-A full disk shows up in two guises: an ``OSError`` (``ENOSPC`` from Python's, numpy's or pyarrow's writes) and a
-``RuntimeError`` from ``torch.save``'s archive writer (``PytorchStreamWriter failed writing file``, ``unexpected pos``),
-which says nothing about space. :func:`write_failure` turns both into an ``OSError``, so callers catch one kind.
+A full disk shows up in three guises: an ``OSError`` (``ENOSPC`` from Python's, numpy's or pyarrow's writes),
+safetensors' own ``SafetensorError`` (``os error 28``), and a ``RuntimeError`` from ``torch.save``'s archive writer
+(``PytorchStreamWriter failed writing file``, ``unexpected pos``) that says nothing about space. :func:`write_failure`
+turns each into an ``OSError``, so callers handle one kind.
 
 Test hook, read here and nowhere else: ``OPEN_INSTRUCT_TEST_ENOSPC=<text>:<rank>`` makes the writes that call
 :func:`injected_write_fault` with a file whose path contains ``<text>`` raise a real ``OSError(ENOSPC)`` on process
@@ -54,21 +55,17 @@ def human(size: float) -> str:
     return f"{int(size):,} bytes"
 
 
-def room_problem(path: str | os.PathLike, needed: int) -> str:
-    """Empty when the file system of ``path`` has ``needed`` bytes free; else what is short, as a phrase."""
-    free = free_bytes(path)
-    if free >= needed:
-        return ""
-    return f"it needs about {human(needed)} and {human(free)} are free there"
-
-
 def write_failure(err: BaseException) -> OSError | None:
-    """The write error ``err`` stands for (an ``OSError``, or torch.save's ``RuntimeError`` from a short write, which
-    becomes ``EIO``); None for any other error."""
+    """The write error ``err`` stands for: an ``OSError`` itself; a library's own error that says the disk is full
+    (safetensors' ``os error 28``) becomes ``ENOSPC``; torch.save's ``RuntimeError`` from a short write becomes
+    ``EIO``. None for any other error."""
     if isinstance(err, OSError):
         return err
-    if isinstance(err, RuntimeError) and any(text in str(err) for text in _TORCH_WRITE_FAILURES):
-        return OSError(errno.EIO, f"write failed ({str(err).splitlines()[0][:120]})")
+    text = str(err)
+    if "os error 28" in text or os.strerror(errno.ENOSPC) in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if isinstance(err, RuntimeError) and any(pattern in text for pattern in _TORCH_WRITE_FAILURES):
+        return OSError(errno.EIO, f"write failed ({text.splitlines()[0][:120]})")
     return None
 
 

@@ -193,7 +193,7 @@ def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, stat
         torch.save(capture_rng(), rng_file)
         if accelerator.is_main_process:
             write_text_atomic(path / TRAINER_STATE, json.dumps(asdict(state), indent=2))
-    except (OSError, RuntimeError) as err:  # torch.save's short write is a RuntimeError
+    except Exception as err:  # a full disk also arrives as torch's RuntimeError or safetensors' own error
         error = write_failure(err)
         if error is None:
             raise

@@ -125,7 +125,7 @@ class ShardWriter:
         values = torch.cat([v for _, v in self.pending])
         try:
             path = write_shard(self.folder, self.seq, self.key, self.rows, indices, values)
-        except (OSError, RuntimeError) as err:  # torch.save's short write is a RuntimeError
+        except Exception as err:  # a full disk also arrives as torch's RuntimeError
             if write_failure(err) is None:
                 raise
             # Shards only save progress: the pass goes on (raising here, on one rank, would leave the others waiting

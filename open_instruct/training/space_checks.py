@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from open_instruct.disk_space import failure_reason, free_bytes, human, room_problem, tree_bytes
+from open_instruct.disk_space import failure_reason, free_bytes, human, tree_bytes
 from open_instruct.engine import whole_numel
 from open_instruct.errors import UserError
 from open_instruct.training.preemption import agreed
@@ -107,10 +107,11 @@ def reference_bytes(rows: int, columns: int = 6, shards: int = 66) -> int:
 def check_room_for_reference(accelerator: Any, path: Path, rows: int) -> None:
     """Refuse the reference pass before it starts when the main process's cache folder cannot hold its writes."""
     needed = reference_bytes(rows) - tree_bytes(path.with_suffix(".parts"))  # shards already there are paid for
-    problem = room_problem(path.parent, needed) if accelerator.is_main_process else ""
-    if agreed(accelerator, bool(problem))[0]:
+    free = free_bytes(path.parent) if accelerator.is_main_process else needed
+    if agreed(accelerator, free < needed)[0]:
+        where = f"{human(free)} are free there" if free < needed else "the main process has less free"
         raise UserError(
-            f"not enough free space for the reference cache {path}: {problem or 'the main process is short'}; "
+            f"not enough free space for the reference cache {path}: it needs about {human(needed)} and {where}; "
             "free space (or set --reference_logprobs_cache_path elsewhere) and rerun the same command"
         )
 
