@@ -27,7 +27,7 @@ import numpy as np
 
 from open_instruct.data.pair_table import PairRecords
 from open_instruct.data.streaming import lengths_path
-from open_instruct.disk_space import free_bytes, human, tree_bytes
+from open_instruct.disk_space import free_bytes, human, injected_write_fault, tree_bytes
 from open_instruct.errors import UserError
 
 _DATA_MODULES = (
@@ -148,6 +148,7 @@ def write_entry(cache_dir: str | Path, key: str, build: Callable[[Path], dict[st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        injected_write_fault(tmp)
         manifest = build(tmp)
         (tmp / "manifest.json").write_text(json.dumps({"version": FORMAT_VERSION, **manifest}, indent=2))
     except BaseException as err:
