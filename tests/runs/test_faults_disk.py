@@ -9,6 +9,9 @@ open_instruct/disk_space.py); a real full tmpfs is in tests/test_disk_space.py a
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -123,7 +126,13 @@ def test_a_write_failing_on_rank_1_inside_deepspeeds_save_ends_both_ranks_prompt
     )
     env = {**distributed_env(tmp_path / "cache"), "OPEN_INSTRUCT_TEST_ENOSPC": "step_2/pytorch_model/zero_pp_rank_1:1"}
     proc = subprocess.Popen(
-        torchrun_command(flags), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        torchrun_command(flags),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a hang is ended with its workers, not only the launcher
     )
     try:
         deadline = time.monotonic() + 540
@@ -132,7 +141,9 @@ def test_a_write_failing_on_rank_1_inside_deepspeeds_save_ends_both_ranks_prompt
             time.sleep(0.05)
         output, _ = proc.communicate(timeout=45)  # bounded: a hang fails here
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert proc.returncode != 0, output[-3000:]
     lines = {line.split("; it needs")[0] for line in output.splitlines() if line.startswith("error:")}
     assert lines == {f"error: could not write checkpoint {out / 'step_2'}: No space left on device"}, output[-3000:]
