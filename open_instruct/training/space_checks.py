@@ -24,7 +24,7 @@ from open_instruct.errors import UserError
 from open_instruct.training.preemption import agreed
 
 # Beside the tensors: the trainer state, the RNG files, the scheduler and sampler, DeepSpeed's metadata.
-CHECKPOINT_OVERHEAD = 1 << 20
+CHECKPOINT_OVERHEAD = 256 << 10
 
 
 def estimate_checkpoint_bytes(layout: Any, parameters: int, trainable: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 from open_instruct.training.checkpointing import COMPLETED, latest_complete_checkpoint
 from tests.conftest import ROOT, cli_env, distributed_env, read_metrics, small_run_args, torchrun_command
+from tests.test_disk_space import small_tmpfs, unmount
 
 pytestmark = pytest.mark.slow
 
@@ -150,3 +152,40 @@ def test_a_write_failing_on_rank_1_inside_deepspeeds_save_ends_both_ranks_prompt
     step_1 = out / "step_1"
     assert f"it needs about {_size(step_1):,} bytes" in output
     assert not (out / "step_2").exists() and latest_complete_checkpoint(out) == (step_1, [])
+
+
+def test_a_checkpoint_that_cannot_fit_on_a_small_file_system_is_refused_then_resumed(
+    tiny_model_dir, synthetic_data, tmp_path
+):
+    """A real 2.5 MB tmpfs as --output_dir: the tiny model's first checkpoint (about 1.7 MB) fits, a second cannot (the
+    first is pruned only after it): a warning at the start, the refusal before step_2's write, then the same command
+    on the enlarged file system resumes and finishes."""
+    out = small_tmpfs(tmp_path / "out", "2500k")
+    try:
+        args = small_run_args(
+            tiny_model_dir,
+            synthetic_data[0],
+            out,
+            mixer_list=[str(synthetic_data[0]), str(PAIRS)],
+            checkpointing_steps="1",
+            dataset_local_cache_dir=str(tmp_path / "dcache"),
+        )
+        result = _run(args, tmp_path / "refcache")
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert f"warning: {out} has " in result.stdout and "the final model" in result.stdout
+        step_1 = out / "step_1"
+        [line] = _errors(result.stderr)
+        assert line.startswith(
+            f"error: not enough free space to write checkpoint {out / 'step_2'}: it needs about {_size(step_1):,} "
+            "bytes"
+        ), line
+        assert f"the size of step_1, and {shutil.disk_usage(out).free:,} bytes" in line
+        assert not (out / "step_2").exists() and latest_complete_checkpoint(out) == (step_1, [])
+        before = _files(step_1)
+        subprocess.run(["mount", "-o", "remount,size=8m", str(out)], check=True)
+        result = _run(args, tmp_path / "refcache")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"resuming from {step_1}" in result.stdout and (out / "model.safetensors").is_file()
+        assert _files(step_1) == before and (out / "step_2" / COMPLETED).is_file()
+    finally:
+        unmount(out)
