@@ -72,8 +72,11 @@ def write_failure(err: BaseException) -> OSError | None:
 def failure_reason(err: OSError | None, path: str | os.PathLike, needed: int | None) -> str:
     """What went wrong, for the one error line: the error, the bytes needed (when known) and the bytes free now."""
     reason = (err.strerror or str(err)) if err is not None else "a write failed on another process"
+    free = free_bytes(path)
+    if err is not None and err.errno == errno.EIO and needed and free < needed:  # torch.save's short write, disk full
+        reason = f"{os.strerror(errno.ENOSPC)} ({reason})"
     sizes = f"it needs about {human(needed)} and " if needed else ""
-    return f"{reason}; {sizes}{human(free_bytes(path))} are free there"
+    return f"{reason}; {sizes}{human(free)} are free there"
 
 
 def injected_write_fault(path: str | os.PathLike) -> None:

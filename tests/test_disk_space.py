@@ -69,6 +69,9 @@ def test_failure_reason_names_needed_and_free_bytes(tmp_path, monkeypatch):
         "No space left on device; it needs about 5,000 bytes (5.0 kB) and 10 bytes are free there"
     )
     assert failure_reason(None, tmp_path, None) == "a write failed on another process; 10 bytes are free there"
+    short = OSError(errno.EIO, "write failed (unexpected pos)")  # torch.save's short write: space decides the words
+    assert failure_reason(short, tmp_path, 11).startswith("No space left on device (write failed (unexpected pos)); ")
+    assert failure_reason(short, tmp_path, 10).startswith("write failed (unexpected pos); ")
 
 
 def test_a_short_torch_save_on_a_full_file_system_is_a_write_failure(full_disk):
