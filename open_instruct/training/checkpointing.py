@@ -30,7 +30,7 @@ from open_instruct.files import move_contents, write_text_atomic
 from open_instruct.model.lora import find_peft_model, save_lora_model
 from open_instruct.training.preemption import agreed
 from open_instruct.training.safe_load import check_distributed_metadata, load_plain, weights_only_loads
-from open_instruct.training.space_checks import check_room_before_save
+from open_instruct.training.space_checks import check_room_before_save, final_model_written
 
 COMPLETED = "COMPLETED"
 TRAINER_STATE = "trainer_state.json"
@@ -301,11 +301,18 @@ def save_final_model(
         return save_lora_model(accelerator, model, tokenizer, output_dir, merge=merge_lora)
     output_dir = Path(output_dir)
     state_dict = engine_of(accelerator).full_state_dict(accelerator, model)
+    error, needed = None, sum(t.numel() * t.element_size() for t in state_dict.values())
     if accelerator.is_main_process:
         tmp = output_dir / ".final_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        move_contents(tmp, output_dir)  # one rename per file: a reader never sees a partial file
+        try:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            move_contents(tmp, output_dir)  # one rename per file: a reader never sees a partial file
+        except Exception as err:  # a full disk: safetensors' own error, an OSError
+            shutil.rmtree(tmp, ignore_errors=True)
+            if (error := write_failure(err)) is None:
+                raise
+    final_model_written(accelerator, output_dir, error, needed)
     accelerator.wait_for_everyone()
     return output_dir

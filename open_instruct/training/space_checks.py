@@ -126,3 +126,14 @@ def reference_written(accelerator: Any, path: Path, rows: int, error: OSError | 
         f"cannot write the reference cache {path}: {reason}; the pass's shards are kept in "
         f"{path.with_suffix('.parts')}: free space and rerun the same command (it continues from them)"
     )
+
+
+def final_model_written(accelerator: Any, output_dir: Path, error: OSError | None, needed: int) -> None:
+    """Agree across ranks whether the main process wrote the final model; if not (its temporary folder is already
+    gone), raise on every rank one line naming the folder and the bytes."""
+    if not agreed(accelerator, error is not None)[0]:
+        return
+    raise UserError(
+        f"could not write the final model to {output_dir}: {failure_reason(error, output_dir, needed)}; the "
+        "checkpoints there are intact: free space and rerun the same command (it resumes from the newest)"
+    )

@@ -160,3 +160,27 @@ def test_a_shard_that_cannot_be_written_does_not_stop_the_pass(tmp_path, monkeyp
     writer.add(torch.tensor([2, 3]), torch.zeros(2, 6))
     assert len(lines) == 1 and "cannot write a shard" in lines[0] and "No space left" in lines[0]
     assert writer.pending_rows == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_final_model_that_cannot_fit_leaves_no_partial_file_and_one_line(tiny_model_dir, tmp_path):
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from open_instruct.api import fresh_accelerate_state
+    from open_instruct.training.checkpointing import save_final_model
+
+    out = small_tmpfs(tmp_path / "out", "256k")  # the tiny model's weights take about 0.56 MB
+    try:
+        (out / "metrics.jsonl").write_text("{}\n")
+        with fresh_accelerate_state():
+            accelerator = Accelerator(cpu=True)
+            model = accelerator.prepare(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+            needed = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+            with pytest.raises(UserError) as err:
+                save_final_model(accelerator, model, AutoTokenizer.from_pretrained(tiny_model_dir), out)
+        assert str(err.value).startswith(
+            f"could not write the final model to {out}: No space left on device; it needs about {needed:,} bytes"
+        ), str(err.value)
+        assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]  # no partial file, no temporary folder
+    finally:
+        unmount(out)
