@@ -301,7 +301,7 @@ def save_final_model(
         return save_lora_model(accelerator, model, tokenizer, output_dir, merge=merge_lora)
     output_dir = Path(output_dir)
     state_dict = engine_of(accelerator).full_state_dict(accelerator, model)
-    error, needed = None, sum(t.numel() * t.element_size() for t in state_dict.values())
+    error, needed = None, sum(t.numel() * t.element_size() for t in (state_dict or {}).values())
     if accelerator.is_main_process:
         tmp = output_dir / ".final_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
