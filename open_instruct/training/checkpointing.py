@@ -170,9 +170,10 @@ def restore_rng(states: dict[str, Any]) -> None:
 def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, state: TrainerState) -> Path:
     """Write ``step_<state.step>`` on every rank, then the ``COMPLETED`` marker, then prune old checkpoints.
 
-    A write that fails on any rank (a full disk, a lost mount) removes the partial folder, keeps every earlier
-    checkpoint (pruning happens only after a complete one), and stops the run with one line saying which checkpoint
-    a rerun resumes from."""
+    A save that cannot fit (free space below one more checkpoint: training/space_checks.py) is refused before any
+    write. A write that fails on any rank (a full disk, a lost mount) removes the partial folder, keeps every earlier
+    checkpoint (pruning happens only after a complete one), and stops the run with one line naming the bytes and
+    the checkpoint a rerun resumes from."""
     path = checkpoint_dir(policy.output_dir, state.step)
     if not model_is_finite(accelerator, model):
         raise UserError(
