@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from open_instruct.disk_space import injected_write_fault
+
 
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
@@ -18,6 +20,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _remove(tmp)
     try:
+        injected_write_fault(tmp)
         yield tmp
         if tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)  # os.replace cannot replace a non-empty folder

@@ -12,7 +12,7 @@ PACKAGE = ROOT / "open_instruct"
 # The layers, top to bottom; a module imports only from its own layer or below.
 ENTRY_SCRIPTS = {"dpo_tune_cache", "dpo", "finetune", "pretrain", "evaluate"}
 ENTRIES = {*ENTRY_SCRIPTS, "api", "__init__"}
-BASE = {"settings", "errors", "files", "integrity", "ranges"}
+BASE = {"settings", "errors", "files", "integrity", "ranges", "disk_space"}
 COMPONENTS = {"plan", "training", "objectives", "model", "data", "engine", "report"}
 # Where the whole parsed-flags object may still be handled: it is read there and handed down as settings.
 MAY_TAKE_ARGS = {*ENTRY_SCRIPTS, "api", "training.recipe"}

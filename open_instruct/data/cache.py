@@ -27,6 +27,8 @@ import numpy as np
 
 from open_instruct.data.pair_table import PairRecords
 from open_instruct.data.streaming import lengths_path
+from open_instruct.disk_space import free_bytes, human, injected_write_fault, tree_bytes
+from open_instruct.errors import UserError
 from open_instruct.integrity import describe, files_problem, folder_files
 
 _DATA_MODULES = (
@@ -150,13 +152,21 @@ def write_entry(cache_dir: str | Path, key: str, build: Callable[[Path], dict[st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        injected_write_fault(tmp)
         manifest = build(tmp)
         files = describe(tmp, folder_files(tmp))  # sizes and checksums: a damaged file is found and rebuilt
         (tmp / "manifest.json").write_text(
             json.dumps({"version": FORMAT_VERSION, **manifest, "files": files}, indent=2)
         )
-    except BaseException:
+    except BaseException as err:
+        written = tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk, a lost mount: the entry was never there, nothing to repair
+            raise UserError(
+                f"cannot write the prepared-data cache {path}: {err.strerror or err}; it needs more than "
+                f"{human(written)} and {human(free_bytes(path.parent))} are free there; nothing was cached: free "
+                "space (or set --dataset_local_cache_dir elsewhere) and rerun the same command"
+            ) from err
         raise
     old = path.with_name(f".{key}.{os.getpid()}.old")
     if path.exists():

@@ -99,6 +99,11 @@ def is_partitioned(param: Any) -> bool:
     return any(engine_type.local_shard(param) is not None for engine_type in ENGINES)
 
 
+def whole_numel(param: Any) -> int:
+    """Elements of ``param`` as a whole, also where an engine keeps only a shard of it on this rank."""
+    return int(getattr(param, "ds_numel", 0) or param.numel())  # ZeRO-3 keeps the whole size there; DTensor: numel
+
+
 def gathered(params: list) -> Any:
     """A context in which partitioned ``params`` are whole and rank 0's in-place edits reach every shard."""
     for engine_type in ENGINES:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from open_instruct.disk_space import injected_write_fault, write_failure
 from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
 from open_instruct.errors import UserError
 from open_instruct.settings import EngineSettings
@@ -288,6 +289,39 @@ class DeepSpeedEngine(Engine):
             live_elements=int(zero.get("stage3_max_live_parameters", 1_000_000_000)) if stage == 3 else 0,
             kept_gradients=stage >= 2,  # ZeRO-2's grads_in_partition, ZeRO-3's flat gradient partition
         )
+
+    @staticmethod
+    def save_state(accelerator: Any, path: str) -> None:
+        """accelerate's save, with a file write that fails on this rank held back until DeepSpeed's save returns.
+
+        DeepSpeed's ``save_checkpoint`` writes each rank's optimizer shard between two barriers; a rank whose write
+        raised there would skip the last barrier and enter the caller's next collective while the others still wait
+        in it (mismatched collectives: a hang until the timeout). Here the failing rank skips that file, passes every
+        barrier, and raises the write error once the save is over, where every rank agrees on it."""
+        failures: list[OSError] = []
+        writers = [m.checkpoint_engine for m in accelerator._models if hasattr(m, "checkpoint_engine")]
+
+        def held_back(save: Any) -> Any:
+            def write(state_dict: Any, path: str) -> None:
+                try:
+                    injected_write_fault(path)
+                    save(state_dict, path)
+                except Exception as err:  # a full disk also arrives as torch's RuntimeError
+                    if write_failure(err) is None:
+                        raise
+                    failures.append(write_failure(err))
+
+            return write
+
+        for writer in writers:
+            writer.save = held_back(writer.save)
+        try:
+            accelerator.save_state(path)
+        finally:
+            for writer in writers:
+                del writer.save  # the class's method again
+        if failures:
+            raise failures[0]
 
     @staticmethod
     def local_shard(param: Any) -> Any:

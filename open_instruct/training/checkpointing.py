@@ -8,7 +8,9 @@ kill cut in half, and is never resumed from.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import re
 import shutil
@@ -21,12 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from open_instruct.disk_space import failure_reason, injected_write_fault, write_failure
 from open_instruct.engine import engine_of, local_shard
 from open_instruct.errors import UserError
 from open_instruct.files import move_contents, write_text_atomic
 from open_instruct.integrity import check_resume_folder, checked_once, record_manifest, record_manifest_shared
 from open_instruct.model.lora import find_peft_model, save_lora_model
+from open_instruct.training.preemption import agreed
 from open_instruct.training.safe_load import check_distributed_metadata, load_plain, weights_only_loads
+from open_instruct.training.space_checks import check_room_before_save, final_model_written
 
 COMPLETED = "COMPLETED"
 TRAINER_STATE = "trainer_state.json"
@@ -59,6 +64,8 @@ class CheckpointPolicy:
     test_write_delay: tuple[int, float] | None = None
     # Main process: called with each complete checkpoint's folder (training/hub_checkpoints.py pushes it).
     on_complete: Callable[[Path], None] | None = None
+    # Bytes of one checkpoint estimated before the first exists (training/space_checks.py): the check before a save.
+    estimated_bytes: int | None = None
 
     @classmethod
     def from_flag(
@@ -172,9 +179,10 @@ def restore_rng(states: dict[str, Any]) -> None:
 def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, state: TrainerState) -> Path:
     """Write ``step_<state.step>`` on every rank, then the ``COMPLETED`` marker, then prune old checkpoints.
 
-    A write that fails on any rank (a full disk, a lost mount) removes the partial folder, keeps every earlier
-    checkpoint (pruning happens only after a complete one), and stops the run with one line saying which checkpoint
-    a rerun resumes from."""
+    A save that cannot fit (free space below one more checkpoint: training/space_checks.py) is refused before any
+    write. A write that fails on any rank (a full disk, a lost mount) removes the partial folder, keeps every earlier
+    checkpoint (pruning happens only after a complete one), and stops the run with one line naming the bytes and
+    the checkpoint a rerun resumes from."""
     path = checkpoint_dir(policy.output_dir, state.step)
     if not model_is_finite(accelerator, model):
         raise UserError(
@@ -184,24 +192,31 @@ def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, stat
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)  # a leftover from a kill mid-write, or an earlier run's
     accelerator.wait_for_everyone()
+    needed = check_room_before_save(
+        accelerator, path, latest_complete_checkpoint(path.parent)[0], policy.estimated_bytes
+    )
     error = None
     try:
         engine_of(accelerator).save_state(accelerator, str(path))
-        torch.save(capture_rng(), path / f"rng_state_{accelerator.process_index}.pt")
+        rng_file = path / f"rng_state_{accelerator.process_index}.pt"
+        injected_write_fault(rng_file)
+        torch.save(capture_rng(), rng_file)
         if accelerator.is_main_process:
             write_text_atomic(path / TRAINER_STATE, json.dumps(asdict(state), indent=2))
-    except OSError as err:
-        error = err
+    except Exception as err:  # a full disk also arrives as torch's RuntimeError or safetensors' own error
+        error = write_failure(err)
+        if error is None:
+            raise
     if policy.test_write_delay and policy.test_write_delay[0] == state.step:
         time.sleep(policy.test_write_delay[1])
-    _all_written(accelerator, path, error)  # every rank's files are there: the marker may go in
+    _all_written(accelerator, path, error, needed)  # every rank's files are there: the marker may go in
     error = record_manifest_shared(accelerator, path, skip=(COMPLETED,))  # sizes and checksums, before the marker
     if accelerator.is_main_process and error is None:
         try:
             write_text_atomic(path / COMPLETED, f"step {state.step}\n")
         except OSError as err:
             error = err
-    _all_written(accelerator, path, error)
+    _all_written(accelerator, path, error, needed)
     if accelerator.is_main_process:
         prune_checkpoints(policy.output_dir, policy.keep_last_n)
         if policy.on_complete is not None:
@@ -210,11 +225,12 @@ def save_checkpoint(accelerator: Any, model: Any, policy: CheckpointPolicy, stat
     return path
 
 
-def _all_written(accelerator: Any, path: Path, error: OSError | None) -> None:
+def _all_written(accelerator: Any, path: Path, error: OSError | None, needed: int | None = None) -> None:
     """Agree across ranks (a collective, so also a barrier) whether every write succeeded; if one failed, remove the
-    partial checkpoint and raise on every rank, naming the checkpoint a rerun resumes from."""
-    failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), reduction="sum")
-    if float(failed) == 0:
+    partial checkpoint and raise on every rank the same line: the checkpoint, the bytes it needs and has free, and the
+    checkpoint a rerun resumes from."""
+    failed, disk_full = agreed(accelerator, error is not None, error is not None and error.errno == errno.ENOSPC)
+    if not failed:
         return
     if accelerator.is_main_process:
         (path / COMPLETED).unlink(missing_ok=True)
@@ -225,8 +241,9 @@ def _all_written(accelerator: Any, path: Path, error: OSError | None) -> None:
         if previous
         else ("there is no earlier checkpoint")
     )
-    reason = (error.strerror or str(error)) if error is not None else "a write failed on another process"
-    raise UserError(f"could not write checkpoint {path}: {reason}; {kept}")
+    if disk_full:  # every rank says the same: the disk is full, wherever it filled
+        error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    raise UserError(f"could not write checkpoint {path}: {failure_reason(error, path.parent, needed)}; {kept}")
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last_n: int) -> list[Path]:
@@ -295,12 +312,19 @@ def save_final_model(
         return save_lora_model(accelerator, model, tokenizer, output_dir, merge=merge_lora)
     output_dir = Path(output_dir)
     state_dict = engine_of(accelerator).full_state_dict(accelerator, model)
+    error, needed = None, sum(t.numel() * t.element_size() for t in (state_dict or {}).values())
     if accelerator.is_main_process:
         tmp = output_dir / ".final_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        record_manifest(tmp)  # sizes and checksums: a later push or load can check the files
-        move_contents(tmp, output_dir)  # one rename per file: a reader never sees a partial file
+        try:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            record_manifest(tmp)  # sizes and checksums: a later push or load can check the files
+            move_contents(tmp, output_dir)  # one rename per file: a reader never sees a partial file
+        except Exception as err:  # a full disk: safetensors' own error, an OSError
+            shutil.rmtree(tmp, ignore_errors=True)
+            if (error := write_failure(err)) is None:
+                raise
+    final_model_written(accelerator, output_dir, error, needed)
     accelerator.wait_for_everyone()
     return output_dir

@@ -28,12 +28,13 @@ from open_instruct.plan.check import dry_run
 from open_instruct.report.plot import write_curves
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training import output_lock, rank_watch
-from open_instruct.training.checkpointing import save_final_model
+from open_instruct.training.checkpointing import latest_complete_checkpoint, save_final_model
 from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, train_loop
 from open_instruct.training.optim import build_optimizer, check_optimizer_environment
 from open_instruct.training.preemption import Preempted, exit_preempted, uninstall
 from open_instruct.training.profiling import profiled_steps
 from open_instruct.training.schedule import build_scheduler, optimizer_steps
+from open_instruct.training.space_checks import report_room_at_start
 
 
 def preflight(args: TrainArguments, pretraining: bool = False) -> None:
@@ -210,6 +211,8 @@ def train(
         log_grad_norm=args.log_grad_norm,
         loss_scaler=loss_scaler_of(accelerator),
     )
+    layout, output = select_engine(settings_of(args).engine).state_layout(1), Path(args.output_dir)
+    report_room_at_start(accelerator, faults, layout, run.model, output, latest_complete_checkpoint(output)[0])
     profiler = profiled_steps(accelerator, Path(args.output_dir)) if args.profiling else contextlib.nullcontext()
     with profiler as step_hook:
         settings.step_hook = rank_watch.with_injected_fault(step_hook, accelerator.process_index)  # tests only

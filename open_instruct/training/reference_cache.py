@@ -20,12 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from open_instruct.engine import gather_indexed
-from open_instruct.errors import UserError
 from open_instruct.files import atomic_write
 from open_instruct.objectives.logprobs import SequenceLogprobs
 from open_instruct.objectives.pair_logprobs import shared_and_tail_sums
 from open_instruct.training.preemption import PREEMPTED_EXIT_CODE, Preempted, agreed, requested, signal_name
 from open_instruct.training.reference_shards import BuilderLock, ShardWriter, parts_dir, read_shards, remove_parts
+from open_instruct.training.space_checks import check_room_for_reference, reference_written
 
 FORMAT_VERSION = 3  # 2: sizes and sha256 recorded; 3: LD-DPO's shared-length sums (6 columns)
 COLUMNS = 6
@@ -260,7 +260,7 @@ def _known_rows(accelerator: Any, path: Path, key: str, rows: int, lock: Builder
                 table = cached.as_tensor().to(torch.float32)
             else:
                 seq = read_shards(lock.folder, key, table, accelerator.print)
-                writer = ShardWriter(lock.folder, key, rows, seq, every_rows=max(1, rows // 64))
+                writer = ShardWriter(lock.folder, key, rows, seq, max(1, rows // 64), log=accelerator.print)
         else:
             accelerator.print(
                 f"reference log-probs: another run is building {path}; computing here too, without shards"
@@ -289,17 +289,20 @@ def get_reference(
     if problem != "missing":
         accelerator.print(f"warning: reference cache {path} not used: {problem}; rebuilding it")
     accelerator.print(f"reference log-probs: computing ({rows} pairs); cache {path}")
+    check_room_for_reference(accelerator, path, rows)  # before the pass, not after it
     lock = BuilderLock(parts_dir(path))
     try:
         table, writer = _known_rows(accelerator, path, key, rows, lock)
         reference = compute(model, dataloader, accelerator, logprob_fn, rows, table, writer)
+        error = None
         if accelerator.is_main_process:
             try:
                 save(path, key, reference)
             except OSError as err:
-                raise UserError(f"cannot write the reference cache {path}: {err}") from err
-            if writer is not None:
+                error = err
+            if writer is not None and error is None:
                 remove_parts(lock.folder)  # only the lock holder owns the shards
+        reference_written(accelerator, path, rows, error)
     finally:
         lock.release()
     accelerator.wait_for_everyone()

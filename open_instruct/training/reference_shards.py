@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from open_instruct.disk_space import write_failure
 from open_instruct.files import atomic_write
 
 SHARD_VERSION = 1
@@ -101,8 +102,10 @@ def read_shards(folder: Path, key: str, table: torch.Tensor, log: Callable[[str]
 class ShardWriter:
     """Collects arrived rows and writes them as the next shard every ``every_rows`` rows or ``every_s`` seconds."""
 
-    def __init__(self, folder: Path, key: str, rows: int, seq: int, every_rows: int, every_s: float = 60.0) -> None:
-        self.folder, self.key, self.rows, self.seq = folder, key, rows, seq
+    def __init__(
+        self, folder: Path, key: str, rows: int, seq: int, every_rows: int, every_s: float = 60.0, log: Any = print
+    ) -> None:
+        self.folder, self.key, self.rows, self.seq, self.log = folder, key, rows, seq, log
         self.every_rows, self.every_s = every_rows, every_s
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pending_rows, self.last = 0, time.monotonic()
@@ -120,7 +123,19 @@ class ShardWriter:
             return None
         indices = torch.cat([i for i, _ in self.pending])
         values = torch.cat([v for _, v in self.pending])
-        path = write_shard(self.folder, self.seq, self.key, self.rows, indices, values)
+        try:
+            path = write_shard(self.folder, self.seq, self.key, self.rows, indices, values)
+        except Exception as err:  # a full disk also arrives as torch's RuntimeError
+            if write_failure(err) is None:
+                raise
+            # Shards only save progress: the pass goes on (raising here, on one rank, would leave the others waiting
+            # in the next gather); the final write says whether the disk has room.
+            self.log(
+                f"warning: reference pass: cannot write a shard in {self.folder} ({write_failure(err)}); "
+                "going on without saving progress"
+            )
+            self.every_rows, self.every_s = float("inf"), float("inf")
+            path = None
         self.seq, self.pending, self.pending_rows, self.last = self.seq + 1, [], 0, time.monotonic()
         return path
 

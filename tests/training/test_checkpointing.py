@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -146,10 +147,15 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_so(trained, t
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(UserError) as err:
         _save(trained, tmp_path, 4)
-    assert str(err.value) == (
-        f"could not write checkpoint {tmp_path / 'step_4'}: No space left on device; "
-        f"the previous checkpoint {previous} is intact and a rerun resumes from it"
-    )
+    needed = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file())  # the next one is as large
+    assert re.fullmatch(
+        re.escape(
+            f"could not write checkpoint {tmp_path / 'step_4'}: No space left on device; it needs about {needed:,} bytes"
+        )
+        + r" \(.*\) and [\d,]+ bytes.* are free there; "
+        + re.escape(f"the previous checkpoint {previous} is intact and a rerun resumes from it"),
+        str(err.value),
+    ), str(err.value)
     assert not (tmp_path / "step_4").exists()  # the partial folder is gone
     assert _contents(previous) == before and latest_complete_checkpoint(tmp_path) == (previous, [])
 
