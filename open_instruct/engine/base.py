@@ -191,6 +191,8 @@ class Engine:
         accelerator.save_state(path)
 
     @staticmethod
-    def load_state(accelerator: Any, path: str) -> None:
-        """Restore what :meth:`save_state` wrote."""
+    def load_state(accelerator: Any, path: str) -> str | None:
+        """Restore what :meth:`save_state` wrote (by any number of processes); returns what was converted to do so
+        (None: the files load as they are)."""
         accelerator.load_state(path)
+        return None

@@ -294,6 +294,13 @@ class DeepSpeedEngine(Engine):
         return getattr(param, "ds_tensor", None)  # ZeRO-3: this rank's shard
 
     @staticmethod
+    def load_state(accelerator: Any, path: str) -> str | None:
+        """As the base engine's; a checkpoint of another number of ranks goes through a universal checkpoint."""
+        from open_instruct.engine.zero_universal import load_resharded
+
+        return load_resharded(accelerator, path)
+
+    @staticmethod
     def gathered(params: list) -> Any:
         if not any(getattr(p, "ds_id", None) is not None for p in params):
             return Engine.gathered(params)

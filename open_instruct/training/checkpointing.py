@@ -25,6 +25,7 @@ from open_instruct.engine import engine_of, local_shard
 from open_instruct.errors import UserError
 from open_instruct.files import move_contents, write_text_atomic
 from open_instruct.model.lora import find_peft_model, save_lora_model
+from open_instruct.training.reshard import changed_settings, reshard_resumed
 from open_instruct.training.safe_load import check_distributed_metadata, load_plain, weights_only_loads
 
 COMPLETED = "COMPLETED"
@@ -242,7 +243,7 @@ def load_checkpoint(accelerator: Any, path: str | Path, signature: dict[str, Any
     the resumed data iterator exists, so the random streams line up with an uninterrupted run)."""
     path = Path(path)
     state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
-    changed = {k: (state.signature.get(k), v) for k, v in signature.items() if state.signature.get(k) != v}
+    changed = changed_settings(state.signature, signature)
     if changed:
         details = ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in sorted(changed.items()))
         raise UserError(
@@ -254,7 +255,8 @@ def load_checkpoint(accelerator: Any, path: str | Path, signature: dict[str, Any
     rng = load_plain(rng_file) if rng_file.is_file() else None
     check_distributed_metadata(path)
     with weights_only_loads():
-        engine_of(accelerator).load_state(accelerator, str(path))
+        conversion = engine_of(accelerator).load_state(accelerator, str(path))
+    reshard_resumed(accelerator, state, conversion)
     return state, rng
 
 

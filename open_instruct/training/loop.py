@@ -28,6 +28,7 @@ from open_instruct.engine.loss_scaling import LossScaler, scale_metrics
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.checkpointing import CheckpointPolicy, TrainerState, restore_rng, save_checkpoint
 from open_instruct.training.nonfinite import NonFiniteGuard
+from open_instruct.training.pair_record import record_pairs
 from open_instruct.training.perf import mfu
 from open_instruct.training.preemption import (
     PREEMPTED_EXIT_CODE,
@@ -265,6 +266,7 @@ def train_loop(
                 restore_rng(pending_rng)
                 pending_rng = None
             rows, scale = _window_rows(accelerator, window, step_fn, settings, epoch, seen)
+            record_pairs(step + 1, accelerator.process_index, window, rows)  # a test hook; nothing when unset
             passes = [p for i, batch in enumerate(window) for p in step_fn.passes(batch, rows[i])]
             for i, (batch, real) in enumerate(passes):
                 work = (real, scale, i == len(passes) - 1)

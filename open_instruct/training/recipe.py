@@ -32,6 +32,8 @@ from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, tr
 from open_instruct.training.optim import build_optimizer, check_optimizer_environment
 from open_instruct.training.preemption import Preempted, exit_preempted, uninstall
 from open_instruct.training.profiling import profiled_steps
+from open_instruct.training.reshard import keep_global_batch
+from open_instruct.training.resume import resumed_signature
 from open_instruct.training.schedule import build_scheduler, optimizer_steps
 
 
@@ -58,6 +60,7 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
         args = parse_args(argv)
         check(args)
         preflight(args)
+        args = same_global_batch(args)  # a resume on another number of processes keeps the checkpoint's batch
         if args.dry_run:
             dry_run(settings_of(args), stage)
             return
@@ -70,6 +73,15 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
             uninstall()  # the run's stop-signal handlers end with it, also for a caller in the same process
 
     exit_on_user_error(entry)
+
+
+def same_global_batch(args: TrainArguments) -> TrainArguments:
+    """``args`` with the accumulation steps a resume on another world size needs (``training/reshard.py``)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args, note = keep_global_batch(args, resumed_signature(settings_of(args).checkpoint), world_size)
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, flush=True)
+    return args
 
 
 @contextlib.contextmanager
