@@ -49,7 +49,7 @@ def accumulation_for(saved: dict[str, Any], per_device: int, world_size: int) ->
 def _working_values(saved: dict[str, Any]) -> str:
     """Process counts and their accumulation steps that keep the checkpoint's global batch."""
     total = global_micro_batches(saved) or 1
-    pairs = [f"{w} processes x {total // w} accumulation" for w in range(1, total + 1) if total % w == 0]
+    pairs = [f"{_processes(w)} x {total // w} accumulation" for w in range(1, total + 1) if total % w == 0]
     return ", ".join(pairs)
 
 
@@ -69,7 +69,7 @@ def keep_global_batch(args: Any, saved: dict[str, Any] | None, world_size: int) 
     batch = saved["per_device_train_batch_size"] * global_micro_batches(saved)
     if steps is None:
         raise UserError(
-            f"cannot resume the checkpoint in {args.output_dir} on {world_size} processes with "
+            f"cannot resume the checkpoint in {args.output_dir} on {_processes(world_size)} with "
             f"--per_device_train_batch_size {args.per_device_train_batch_size}: its global batch is {batch} "
             f"({saved['per_device_train_batch_size']} per device x {saved['gradient_accumulation_steps']} accumulation "
             f"x {saved['world_size']} processes); use --per_device_train_batch_size "
@@ -77,7 +77,7 @@ def keep_global_batch(args: Any, saved: dict[str, Any] | None, world_size: int) 
         )
     note = (
         f"note: --gradient_accumulation_steps {steps} (not {args.gradient_accumulation_steps}): keeps the checkpoint's "
-        f"global batch of {batch} on {world_size} processes (it was written by {saved['world_size']})"
+        f"global batch of {batch} on {_processes(world_size)} (it was written by {_processes(saved['world_size'])})"
     )
     return dataclasses.replace(args, gradient_accumulation_steps=steps), note
 
@@ -99,7 +99,11 @@ def resume_note(saved_world: int, world_size: int, conversion: str | None) -> st
     if saved_world == world_size:
         return None
     how = conversion or "no conversion needed"
-    return f"note: checkpoint written by {saved_world} processes, resuming on {world_size}: {how}"
+    return f"note: checkpoint written by {_processes(saved_world)}, resuming on {world_size}: {how}"
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
 
 
 def rescale_schedules(accelerator: Any, saved_world: int, world_size: int) -> None:
@@ -127,11 +131,13 @@ def reshard_resumed(accelerator: Any, state: Any, conversion: str | None) -> Non
         return
     state.batches_in_epoch = resumed_position(state.batches_in_epoch, saved_world, world_size)
     rescale_schedules(accelerator, saved_world, world_size)
-    parts = [conversion or "no conversion needed"]
+    parts = [conversion or "the engine's files load on any number of processes, no conversion"]
     if world_size > saved_world:
         # Exact dropout streams across a world-size change are not possible anyway: ranks without a file of their own
         # keep the streams the seed gave them, the same start every rank of a fresh run has.
-        parts.append(f"ranks {saved_world}-{world_size - 1} have no RNG state of their own and keep the seeded streams")
+        one = world_size == saved_world + 1
+        ranks = f"rank {saved_world} has" if one else f"ranks {saved_world}-{world_size - 1} have"
+        parts.append(f"{ranks} no RNG state of its own and keeps the seeded streams" if one else f"{ranks} no RNG state of their own and keep the seeded streams")
     note = resume_note(saved_world, world_size, "; ".join(parts))
     if note and accelerator.is_main_process:
         print(note, flush=True)
