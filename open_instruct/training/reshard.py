@@ -137,7 +137,11 @@ def reshard_resumed(accelerator: Any, state: Any, conversion: str | None) -> Non
         # keep the streams the seed gave them, the same start every rank of a fresh run has.
         one = world_size == saved_world + 1
         ranks = f"rank {saved_world} has" if one else f"ranks {saved_world}-{world_size - 1} have"
-        parts.append(f"{ranks} no RNG state of its own and keeps the seeded streams" if one else f"{ranks} no RNG state of their own and keep the seeded streams")
+        parts.append(
+            f"{ranks} no RNG state of its own and keeps the seeded streams"
+            if one
+            else f"{ranks} no RNG state of their own and keep the seeded streams"
+        )
     note = resume_note(saved_world, world_size, "; ".join(parts))
     if note and accelerator.is_main_process:
         print(note, flush=True)

@@ -17,7 +17,9 @@ from open_instruct.engine import zero_universal
 class _Accelerator:
     def __init__(self, processes: int) -> None:
         self.num_processes, self.is_main_process, self.loaded = processes, True, []
-        self.deepspeed_engine_wrapped = SimpleNamespace(engine=SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False)))
+        self.deepspeed_engine_wrapped = SimpleNamespace(
+            engine=SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False))
+        )
 
     def wait_for_everyone(self) -> None:
         pass

@@ -88,7 +88,9 @@ def test_resume_on_another_world_size_continues_the_run(
     resumed.mkdir()
     shutil.copytree(whole / "step_2", resumed / "step_2")
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in reference[:2]))
-    stdout = _launch(_flags(tiny_model_dir, train, resumed, engine, before), after, launcher, shared_cache, tmp_path / "r")
+    stdout = _launch(
+        _flags(tiny_model_dir, train, resumed, engine, before), after, launcher, shared_cache, tmp_path / "r"
+    )
 
     accumulation = GLOBAL_MICRO_BATCHES // after
     assert f"note: --gradient_accumulation_steps {accumulation} (not {GLOBAL_MICRO_BATCHES // before})" in stdout

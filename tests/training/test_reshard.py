@@ -70,8 +70,10 @@ def test_a_global_batch_that_cannot_be_kept_is_one_error_naming_what_works(per_d
         reshard.keep_global_batch(_args(per_device, 1), _signature(2, 2), world_size=world_size)
     message = str(caught.value)
     assert "\n" not in message and "its global batch is 16 (4 per device x 2 accumulation x 2 processes)" in message
-    assert "--per_device_train_batch_size 4 with 1 process x 4 accumulation, 2 processes x 2 accumulation, " \
+    assert (
+        "--per_device_train_batch_size 4 with 1 process x 4 accumulation, 2 processes x 2 accumulation, "
         "4 processes x 1 accumulation" in message
+    )
 
 
 def test_the_data_position_is_kept_in_global_micro_batches():
