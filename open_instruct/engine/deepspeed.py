@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
+from open_instruct.engine.zero_universal import load_resharded
 from open_instruct.errors import UserError
 from open_instruct.settings import EngineSettings
 
@@ -296,8 +297,6 @@ class DeepSpeedEngine(Engine):
     @staticmethod
     def load_state(accelerator: Any, path: str) -> str | None:
         """As the base engine's; a checkpoint of another number of ranks goes through a universal checkpoint."""
-        from open_instruct.engine.zero_universal import load_resharded
-
         return load_resharded(accelerator, path)
 
     @staticmethod

@@ -162,13 +162,16 @@ def _windows(batches: Any, size: int) -> Any:
 
 
 def _window_rows(
-    accelerator: Any, window: list[dict], step_fn: StepFn, settings: LoopSettings, epoch: int, first: int
+    accelerator: Any, window: list[dict], step_fn: StepFn, settings: LoopSettings, where: tuple[int, int, int]
 ) -> tuple[list[int], float]:
-    """Each micro-batch's real rows, and the loss scale: accumulation steps x ranks / the step's units on all ranks."""
+    """Each micro-batch's real rows, and the loss scale: accumulation steps x ranks / the step's units on all ranks.
+    ``where``: (epoch, this rank's position of the window's first micro-batch, the optimizer step it makes)."""
+    epoch, first, step = where
     rows = [
         batch["index"].shape[0] if settings.real_rows is None else settings.real_rows(epoch, first + i)
         for i, batch in enumerate(window)
     ]
+    record_pairs(step, accelerator.process_index, window, rows)  # a test hook; nothing when unset
     units = torch.tensor(
         [float(sum(step_fn.units(b, r) for b, r in zip(window, rows)))], dtype=torch.float64, device=accelerator.device
     )
@@ -265,8 +268,7 @@ def train_loop(
             if pending_rng is not None:  # saved mid-epoch: after the iterator drew its seed, as the original's had
                 restore_rng(pending_rng)
                 pending_rng = None
-            rows, scale = _window_rows(accelerator, window, step_fn, settings, epoch, seen)
-            record_pairs(step + 1, accelerator.process_index, window, rows)  # a test hook; nothing when unset
+            rows, scale = _window_rows(accelerator, window, step_fn, settings, (epoch, seen, step + 1))
             passes = [p for i, batch in enumerate(window) for p in step_fn.passes(batch, rows[i])]
             for i, (batch, real) in enumerate(passes):
                 work = (real, scale, i == len(passes) - 1)

@@ -10,7 +10,6 @@ compared only through the global batch. Per-device batch size must match: it fix
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from open_instruct.errors import UserError
@@ -53,33 +52,32 @@ def _working_values(saved: dict[str, Any]) -> str:
     return ", ".join(pairs)
 
 
-def keep_global_batch(args: Any, saved: dict[str, Any] | None, world_size: int) -> tuple[Any, str | None]:
-    """``args`` with the accumulation steps that keep the checkpoint's global batch on ``world_size`` processes, and
-    the note saying so (None when nothing changed); raises :class:`UserError` when no accumulation steps can."""
+def kept_accumulation(
+    saved: dict[str, Any] | None, per_device: int, accumulation: int, world_size: int, output_dir: str
+) -> tuple[int, str | None]:
+    """The accumulation steps that keep the checkpoint's global batch on ``world_size`` processes (``saved``: its run
+    signature, None for a fresh run) and the note saying so (None: ``accumulation`` stays); raises
+    :class:`UserError` when no accumulation steps can."""
     if not saved or saved.get("world_size") in (None, world_size):
-        return args, None
-    now = {
-        "world_size": world_size,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-    }
-    if global_micro_batches(saved) == global_micro_batches(now) and not changed_settings(saved, now):
-        return args, None
-    steps = accumulation_for(saved, args.per_device_train_batch_size, world_size)
+        return accumulation, None
+    now = {"world_size": world_size, "per_device_train_batch_size": per_device}
+    if not changed_settings(saved, {**now, "gradient_accumulation_steps": accumulation}):
+        return accumulation, None
+    steps = accumulation_for(saved, per_device, world_size)
     batch = saved["per_device_train_batch_size"] * global_micro_batches(saved)
     if steps is None:
         raise UserError(
-            f"cannot resume the checkpoint in {args.output_dir} on {_processes(world_size)} with "
-            f"--per_device_train_batch_size {args.per_device_train_batch_size}: its global batch is {batch} "
+            f"cannot resume the checkpoint in {output_dir} on {_processes(world_size)} with "
+            f"--per_device_train_batch_size {per_device}: its global batch is {batch} "
             f"({saved['per_device_train_batch_size']} per device x {saved['gradient_accumulation_steps']} accumulation "
             f"x {saved['world_size']} processes); use --per_device_train_batch_size "
             f"{saved['per_device_train_batch_size']} with {_working_values(saved)}, or a new --output_dir"
         )
     note = (
-        f"note: --gradient_accumulation_steps {steps} (not {args.gradient_accumulation_steps}): keeps the checkpoint's "
-        f"global batch of {batch} on {_processes(world_size)} (it was written by {_processes(saved['world_size'])})"
+        f"note: --gradient_accumulation_steps {steps} (not {accumulation}): keeps the checkpoint's global batch of "
+        f"{batch} on {_processes(world_size)} (it was written by {_processes(saved['world_size'])})"
     )
-    return dataclasses.replace(args, gradient_accumulation_steps=steps), note
+    return steps, note
 
 
 def resumed_position(batches_in_epoch: int, saved_world: int, world_size: int) -> int:

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from open_instruct.config import TrainArguments
 from open_instruct.errors import UserError
 from open_instruct.training import reshard
 from open_instruct.training.pair_record import RECORD_ENV, record_pairs
@@ -25,15 +24,8 @@ def _signature(world_size: int, accumulation: int, per_device: int = 4, **other)
     }
 
 
-def _args(per_device: int, accumulation: int) -> TrainArguments:
-    return TrainArguments(
-        model_name_or_path="m",
-        mixer_list=["d", "1.0"],
-        reference_logprobs_cache_path="unused",
-        output_dir="out",
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accumulation,
-    )
+def _kept(saved: dict | None, per_device: int, accumulation: int, world_size: int) -> tuple[int, str | None]:
+    return reshard.kept_accumulation(saved, per_device, accumulation, world_size, "out")
 
 
 def test_world_size_and_accumulation_count_only_through_the_global_batch():
@@ -51,23 +43,21 @@ def test_world_size_and_accumulation_count_only_through_the_global_batch():
 
 
 def test_accumulation_steps_follow_the_checkpoint_when_the_process_count_divides_them():
-    args, note = reshard.keep_global_batch(_args(4, 2), _signature(2, 2), world_size=4)
-    assert args.gradient_accumulation_steps == 1
+    steps, note = _kept(_signature(2, 2), 4, 2, world_size=4)
+    assert steps == 1
     assert note == (
         "note: --gradient_accumulation_steps 1 (not 2): keeps the checkpoint's global batch of 16 on 4 processes "
         "(it was written by 2 processes)"
     )
-    args, note = reshard.keep_global_batch(_args(4, 4), _signature(2, 2), world_size=1)
-    assert (args.gradient_accumulation_steps, note) == (4, None)  # already the same global batch
-    args, note = reshard.keep_global_batch(_args(4, 2), _signature(2, 2), world_size=2)
-    assert (args.gradient_accumulation_steps, note) == (2, None)  # same world size: the signature check decides
-    assert reshard.keep_global_batch(_args(4, 2), None, world_size=3) == (_args(4, 2), None)  # a fresh run
+    assert _kept(_signature(2, 2), 4, 4, world_size=1) == (4, None)  # already the same global batch
+    assert _kept(_signature(2, 2), 4, 3, world_size=2) == (3, None)  # same world size: the signature check decides
+    assert _kept(None, 4, 2, world_size=3) == (2, None)  # a fresh run
 
 
 @pytest.mark.parametrize(("per_device", "world_size"), [(4, 3), (8, 1)])
 def test_a_global_batch_that_cannot_be_kept_is_one_error_naming_what_works(per_device, world_size):
     with pytest.raises(UserError) as caught:
-        reshard.keep_global_batch(_args(per_device, 1), _signature(2, 2), world_size=world_size)
+        _kept(_signature(2, 2), per_device, 1, world_size=world_size)
     message = str(caught.value)
     assert "\n" not in message and "its global batch is 16 (4 per device x 2 accumulation x 2 processes)" in message
     assert (
