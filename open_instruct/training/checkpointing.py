@@ -35,7 +35,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 @dataclass
 class TrainerState:
-    """Where the loop is: enough to continue exactly. ``batches_in_epoch`` counts this rank's micro-batches."""
+    """Where the loop is: enough to continue exactly. ``batches_in_epoch`` counts this rank's micro-batches (a resume
+    on another world size converts it through the global count: ``training/reshard.py``)."""
 
     step: int = 0
     epoch: int = 0
