@@ -140,6 +140,4 @@ def reshard_resumed(accelerator: Any, state: Any, conversion: str | None) -> Non
             if one
             else f"{ranks} no RNG state of their own and keep the seeded streams"
         )
-    note = resume_note(saved_world, world_size, "; ".join(parts))
-    if note and accelerator.is_main_process:
-        print(note, flush=True)
+    accelerator.print(resume_note(saved_world, world_size, "; ".join(parts)))
