@@ -8,9 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from open_instruct.config import validate
 from open_instruct.errors import UserError
 from open_instruct.training import reshard
 from open_instruct.training.pair_record import RECORD_ENV, record_pairs
+from open_instruct.training.recipe import command_line
+from tests.conftest import small_run_args
 
 
 def _signature(world_size: int, accumulation: int, per_device: int = 4, **other) -> dict:
@@ -108,3 +111,44 @@ def test_recorded_pairs_are_the_real_rows_of_each_micro_batch(tmp_path, monkeypa
     record_pairs(3, 1, window, [3, 1])
     lines = (tmp_path / "pairs.rank1").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{"step": 3, "rank": 1, "pairs": [5, 6, 7, 1]}]
+
+
+def _checkpoint(out, signature: dict) -> None:
+    step = out / "step_2"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"step": 2, "signature": signature}))
+    (step / "COMPLETED").write_text("step 2\n")
+
+
+def _entry(out, model, train, per_device: int, accumulation: int) -> list[str]:
+    return small_run_args(
+        model,
+        train,
+        out,
+        per_device_train_batch_size=str(per_device),
+        gradient_accumulation_steps=str(accumulation),
+    )
+
+
+@pytest.mark.parametrize(("world_size", "per_device", "expected"), [("3", 4, None), ("4", 4, 1)])
+def test_the_entry_derives_or_refuses_before_the_run(
+    world_size, per_device, expected, tiny_model_dir, synthetic_data, tmp_path, monkeypatch, capsys
+):
+    """The command line, with the launcher's WORLD_SIZE, on an output folder whose newest checkpoint was written by 2
+    processes at a global batch of 16: the run starts with the derived accumulation steps, or does not start."""
+    out = tmp_path / "out"
+    _checkpoint(out, _signature(2, 2))
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", "0")
+    started = []
+    argv = _entry(out, tiny_model_dir, synthetic_data[0], per_device, 2)
+    if expected is None:
+        with pytest.raises(SystemExit) as caught:
+            command_line(argv, validate, started.append)
+        assert caught.value.code == 2 and started == []
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: cannot resume the checkpoint in {out} on 3 processes")
+    else:
+        command_line(argv, validate, started.append)
+        assert [args.gradient_accumulation_steps for args in started] == [expected]
+        assert "note: --gradient_accumulation_steps 1 (not 2)" in capsys.readouterr().out
