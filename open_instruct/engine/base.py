@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
+from open_instruct.errors import UserError
 from open_instruct.settings import EngineSettings
+
+# accelerate's folder of an FSDP2 training checkpoint's model shards (a distributed checkpoint: engine/fsdp2.py)
+DCP_MODEL = "pytorch_model_fsdp_0"
 
 
 def effective_mixed_precision(mixed_precision: str | None, env: dict[str, str]) -> str:
@@ -191,6 +195,13 @@ class Engine:
         accelerator.save_state(path)
 
     @staticmethod
-    def load_state(accelerator: Any, path: str) -> None:
-        """Restore what :meth:`save_state` wrote."""
+    def load_state(accelerator: Any, path: str) -> str | None:
+        """Restore what :meth:`save_state` wrote (by any number of processes); returns what was converted to do so
+        (None: the files load as they are)."""
+        if (Path(path) / DCP_MODEL).is_dir():
+            raise UserError(
+                f"cannot resume {path} without FSDP2: it is a distributed checkpoint; resume it with --fsdp under "
+                "torchrun or accelerate launch (any number of processes, 1 included)"
+            )
         accelerator.load_state(path)
+        return None

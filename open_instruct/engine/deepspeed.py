@@ -25,6 +25,7 @@ import torch
 
 from open_instruct.disk_space import injected_write_fault, write_failure
 from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
+from open_instruct.engine.zero_universal import load_resharded
 from open_instruct.errors import UserError
 from open_instruct.settings import EngineSettings
 
@@ -326,6 +327,11 @@ class DeepSpeedEngine(Engine):
     @staticmethod
     def local_shard(param: Any) -> Any:
         return getattr(param, "ds_tensor", None)  # ZeRO-3: this rank's shard
+
+    @staticmethod
+    def load_state(accelerator: Any, path: str) -> str | None:
+        """As the base engine's; a checkpoint of another number of ranks goes through a universal checkpoint."""
+        return load_resharded(accelerator, path)
 
     @staticmethod
     def gathered(params: list) -> Any:

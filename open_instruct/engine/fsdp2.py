@@ -14,11 +14,19 @@ from __future__ import annotations
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from open_instruct.engine.base import Engine, StateLayout, compute_bytes, effective_mixed_precision, precision_words
+from open_instruct.engine.base import (
+    DCP_MODEL,
+    Engine,
+    StateLayout,
+    compute_bytes,
+    effective_mixed_precision,
+    precision_words,
+)
 from open_instruct.errors import UserError
 from open_instruct.settings import EngineSettings
 
@@ -163,6 +171,18 @@ class Fsdp2Engine(Engine):
     @staticmethod
     def drives(accelerator: Any) -> bool:
         return bool(getattr(accelerator, "is_fsdp2", False))
+
+    @staticmethod
+    def load_state(accelerator: Any, path: str) -> str | None:
+        """As the base engine's: a distributed checkpoint reshards itself on load, to any number of processes. One
+        written unsharded (one process without a launcher) is refused: its files are not a distributed checkpoint."""
+        if not (Path(path) / DCP_MODEL).is_dir():
+            raise UserError(
+                f"cannot resume {path} under FSDP2: it was written unsharded (one process without a launcher, no "
+                f"{DCP_MODEL}/ folder); resume it the same way, or start a new --output_dir"
+            )
+        accelerator.load_state(path)
+        return None
 
     def plugin(self) -> Any:
         """accelerate's FSDP plugin for this layout."""

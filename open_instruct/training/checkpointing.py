@@ -30,6 +30,7 @@ from open_instruct.files import move_contents, write_text_atomic
 from open_instruct.integrity import check_resume_folder, checked_once, record_manifest, record_manifest_shared
 from open_instruct.model.lora import find_peft_model, save_lora_model
 from open_instruct.training.preemption import agreed
+from open_instruct.training.reshard import changed_settings, reshard_resumed
 from open_instruct.training.safe_load import check_distributed_metadata, load_plain, weights_only_loads
 from open_instruct.training.space_checks import check_room_before_save, final_model_written
 
@@ -40,7 +41,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 @dataclass
 class TrainerState:
-    """Where the loop is: enough to continue exactly. ``batches_in_epoch`` counts this rank's micro-batches."""
+    """Where the loop is: enough to continue exactly. ``batches_in_epoch`` counts this rank's micro-batches (a resume
+    on another world size converts it through the global count: ``training/reshard.py``)."""
 
     step: int = 0
     epoch: int = 0
@@ -269,7 +271,7 @@ def load_checkpoint(accelerator: Any, path: str | Path, signature: dict[str, Any
     the resumed data iterator exists, so the random streams line up with an uninterrupted run)."""
     path = Path(path)
     state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
-    changed = {k: (state.signature.get(k), v) for k, v in signature.items() if state.signature.get(k) != v}
+    changed = changed_settings(state.signature, signature)
     if changed:
         details = ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in sorted(changed.items()))
         raise UserError(
@@ -281,7 +283,8 @@ def load_checkpoint(accelerator: Any, path: str | Path, signature: dict[str, Any
     rng = load_plain(rng_file) if rng_file.is_file() else None
     check_distributed_metadata(path)
     with weights_only_loads():
-        engine_of(accelerator).load_state(accelerator, str(path))
+        conversion = engine_of(accelerator).load_state(accelerator, str(path))
+    reshard_resumed(accelerator, state, conversion)
     return state, rng
 
 

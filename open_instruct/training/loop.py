@@ -28,6 +28,7 @@ from open_instruct.engine.loss_scaling import LossScaler, scale_metrics
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training.checkpointing import CheckpointPolicy, TrainerState, restore_rng, save_checkpoint
 from open_instruct.training.nonfinite import NonFiniteGuard
+from open_instruct.training.pair_record import record_pairs
 from open_instruct.training.perf import mfu
 from open_instruct.training.preemption import (
     PREEMPTED_EXIT_CODE,
@@ -161,13 +162,16 @@ def _windows(batches: Any, size: int) -> Any:
 
 
 def _window_rows(
-    accelerator: Any, window: list[dict], step_fn: StepFn, settings: LoopSettings, epoch: int, first: int
+    accelerator: Any, window: list[dict], step_fn: StepFn, settings: LoopSettings, where: tuple[int, int, int]
 ) -> tuple[list[int], float]:
-    """Each micro-batch's real rows, and the loss scale: accumulation steps x ranks / the step's units on all ranks."""
+    """Each micro-batch's real rows, and the loss scale: accumulation steps x ranks / the step's units on all ranks.
+    ``where``: (epoch, this rank's position of the window's first micro-batch, the optimizer step it makes)."""
+    epoch, first, step = where
     rows = [
         batch["index"].shape[0] if settings.real_rows is None else settings.real_rows(epoch, first + i)
         for i, batch in enumerate(window)
     ]
+    record_pairs(step, accelerator.process_index, window, rows)  # a test hook; nothing when unset
     units = torch.tensor(
         [float(sum(step_fn.units(b, r) for b, r in zip(window, rows)))], dtype=torch.float64, device=accelerator.device
     )
@@ -264,7 +268,7 @@ def train_loop(
             if pending_rng is not None:  # saved mid-epoch: after the iterator drew its seed, as the original's had
                 restore_rng(pending_rng)
                 pending_rng = None
-            rows, scale = _window_rows(accelerator, window, step_fn, settings, epoch, seen)
+            rows, scale = _window_rows(accelerator, window, step_fn, settings, (epoch, seen, step + 1))
             passes = [p for i, batch in enumerate(window) for p in step_fn.passes(batch, rows[i])]
             for i, (batch, real) in enumerate(passes):
                 work = (real, scale, i == len(passes) - 1)

@@ -9,7 +9,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from open_instruct.training.loop import FaultTolerance, LoopSettings, StepFn, tr
 from open_instruct.training.optim import build_optimizer, check_optimizer_environment
 from open_instruct.training.preemption import Preempted, exit_preempted, uninstall
 from open_instruct.training.profiling import profiled_steps
+from open_instruct.training.reshard import kept_accumulation
+from open_instruct.training.resume import resumed_signature
 from open_instruct.training.schedule import build_scheduler, optimizer_steps
 from open_instruct.training.space_checks import report_room_at_start
 
@@ -60,6 +62,7 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
         args = parse_args(argv)
         check(args)
         preflight(args)
+        args = same_global_batch(args)  # a resume on another number of processes keeps the checkpoint's batch
         if args.dry_run:
             dry_run(settings_of(args), stage)
             return
@@ -72,6 +75,19 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
             uninstall()  # the run's stop-signal handlers end with it, also for a caller in the same process
 
     exit_on_user_error(entry)
+
+
+def same_global_batch(args: TrainArguments) -> TrainArguments:
+    """``args`` with the accumulation steps a resume on another world size needs (``training/reshard.py``)."""
+    saved = resumed_signature(settings_of(args).checkpoint)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = args.gradient_accumulation_steps
+    steps, note = kept_accumulation(saved, args.per_device_train_batch_size, accumulation, world_size, args.output_dir)
+    if note is None:
+        return args
+    if os.environ.get("RANK", "0") == "0":
+        print(note, flush=True)
+    return replace(args, gradient_accumulation_steps=steps)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ def _test_write_delay() -> tuple[int, float] | None:
 def run_signature(
     batch: BatchSettings, optim: OptimSettings, num_pairs: int, data_hash: str, total_steps: int, world_size: int
 ) -> dict:
-    """What must not change between a run and its resume for the continuation to be exact."""
+    """What must not change between a run and its resume for the continuation to be exact (world size and
+    accumulation steps only through the global batch they make: ``training/reshard.py``)."""
     # Checkpoints store this dict and compare it on resume: its keys and values must not change.
     return {
         "data": data_hash,

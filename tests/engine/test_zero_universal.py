@@ -1,0 +1,79 @@
+"""The ZeRO conversion for another world size runs once, crash-safe, and a restarted run reuses it (the converter is
+DeepSpeed's; here a stand-in writes its output, so only our folder handling is under test: the real conversion runs
+in tests/runs/test_resume_world_size.py)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from open_instruct.engine import zero_universal
+
+
+class _Accelerator:
+    def __init__(self, processes: int) -> None:
+        self.num_processes, self.is_main_process, self.loaded = processes, True, []
+        self.deepspeed_engine_wrapped = SimpleNamespace(
+            engine=SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False))
+        )
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def load_state(self, path: str) -> None:
+        self.loaded.append((path, self.deepspeed_engine_wrapped.engine._config.load_universal_checkpoint))
+
+
+def _checkpoint(path: Path, ranks: int) -> Path:
+    (path / "pytorch_model").mkdir(parents=True)
+    for rank in range(ranks):
+        (path / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (path / "scheduler.bin").write_bytes(b"schedule")
+    return path
+
+
+@pytest.fixture
+def converter(monkeypatch):
+    calls = []
+
+    def main(args):
+        calls.append(args)
+        Path(args.output_folder).mkdir(parents=True)
+        (Path(args.output_folder) / "zero").write_text("converted")
+
+    module = types.ModuleType("deepspeed.checkpoint.ds_to_universal")
+    module.main = main
+    package = types.ModuleType("deepspeed.checkpoint")
+    package.ds_to_universal = module
+    monkeypatch.setitem(sys.modules, "deepspeed.checkpoint", package)
+    monkeypatch.setitem(sys.modules, "deepspeed.checkpoint.ds_to_universal", module)
+    return calls
+
+
+def test_same_world_size_loads_as_written(tmp_path, converter):
+    accelerator = _Accelerator(2)
+    assert zero_universal.load_resharded(accelerator, str(_checkpoint(tmp_path / "step_2", 2))) is None
+    assert accelerator.loaded == [(str(tmp_path / "step_2"), False)] and converter == []
+
+
+def test_conversion_redoes_a_cut_one_and_a_restart_reuses_a_finished_one(tmp_path, converter):
+    path = _checkpoint(tmp_path / "step_2", 2)
+    (path / "universal.tmp" / "pytorch_model").mkdir(parents=True)  # a kill cut an earlier conversion short
+    (path / "universal.tmp" / "half").write_text("")
+    accelerator = _Accelerator(4)
+    note = zero_universal.load_resharded(accelerator, str(path))
+    assert len(converter) == 1 and converter[0].input_folder == str(path / "pytorch_model")
+    assert "ZeRO partitions of 2 ranks: converted it" in note
+    assert not (path / "universal.tmp").exists()
+    assert sorted(p.name for p in (path / "universal").iterdir()) == ["pytorch_model", "scheduler.bin"]
+    # Loaded from the converted folder with DeepSpeed's universal loading on, and off again afterwards.
+    assert accelerator.loaded == [(str(path / "universal"), True)]
+    assert accelerator.deepspeed_engine_wrapped.engine._config.load_universal_checkpoint is False
+
+    again = _Accelerator(1)
+    assert "reused" in zero_universal.load_resharded(again, str(path))
+    assert len(converter) == 1 and again.loaded == [(str(path / "universal"), True)]
