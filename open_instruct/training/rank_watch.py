@@ -258,10 +258,14 @@ def stop(finished: bool = True) -> None:
     global _current
     if _current is None:
         return
-    _current.stopped.set()
+    current, _current = _current, None
+    current.stopped.set()
+    # The thread may be inside a store call: the store's client is not shared across threads, and a process that
+    # exits while a daemon thread is in C++ can abort ("terminate called without an active exception").
+    if current.thread.is_alive() and current.thread is not threading.current_thread():
+        current.thread.join(timeout=2 * current.interval + 1.0)
     if finished:
-        _current.watch.finish()
-    _current = None
+        current.watch.finish()
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 
+from open_instruct.integrity import record_manifest
 from tests.conftest import read_metrics, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
@@ -35,6 +36,8 @@ def test_resume_restores_the_loss_scale(tiny_model_dir, synthetic_data, tmp_path
     state = json.loads(state_file.read_text())
     state["loss_scaler"].update(scale=2.0**40, clean_steps=5, overflow_steps=7)
     state_file.write_text(json.dumps(state))
+    # A deliberate edit: record it in the checkpoint's manifest, or the resume rightly skips the checkpoint as damaged.
+    record_manifest(resumed / "step_2", skip=("COMPLETED",))
     result = run_cli(args(resumed), cache)
     assert result.returncode == 0, result.stderr[-3000:]
     rows, lr = read_metrics(resumed), {r["training_step"]: r["learning_rate"] for r in read_metrics(full)}
