@@ -79,11 +79,14 @@ def launch(command: list[str], cache_dir: Path, timeout: int = 420) -> subproces
     return result
 
 
-def run_python(args: list[str], cache_dir: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``python ARGS`` (a ``-m`` module or a script) in this checkout under ``cli_env`` and capture its output."""
+def run_python(
+    args: list[str], cache_dir: Path, timeout: int = 600, extra_env: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` (a ``-m`` module or a script) in this checkout under ``cli_env`` (plus ``extra_env``) and
+    capture its output."""
     return subprocess.run(
         [sys.executable, *args],
-        env=cli_env(cache_dir),
+        env={**cli_env(cache_dir), **(extra_env or {})},
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -15,14 +15,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from open_instruct.training.checkpointing import COMPLETED, latest_complete_checkpoint
-from tests.conftest import ROOT, cli_env, distributed_env, read_metrics, small_run_args, torchrun_command
+from tests.conftest import ROOT, distributed_env, read_metrics, run_cli, small_run_args, torchrun_command
 from tests.test_disk_space import small_tmpfs, unmount
 
 pytestmark = pytest.mark.slow
@@ -42,30 +41,24 @@ def _errors(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("error:")]
 
 
+def _flags(tiny_model_dir: Path, synthetic_data, out: Path, dcache: Path, **extra: str) -> list[str]:
+    """A run of PAIRS pairs that checkpoints every step, its prepared data cached in ``dcache``."""
+    train = synthetic_data[0]
+    return small_run_args(
+        tiny_model_dir, train, out, mixer_list=[str(train), str(PAIRS)], checkpointing_steps="1",
+        dataset_local_cache_dir=str(dcache), **extra,
+    )  # fmt: skip
+
+
 def _run(args: list[str], cache: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**cli_env(cache), **({"OPEN_INSTRUCT_TEST_ENOSPC": fault} if fault else {})}
-    return subprocess.run(
-        [sys.executable, "-m", "open_instruct.dpo_tune_cache", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_cli(args, cache, extra_env={"OPEN_INSTRUCT_TEST_ENOSPC": fault} if fault else None)
 
 
 def test_full_disk_in_each_cache_and_a_checkpoint_then_the_same_command_finishes(
     tiny_model_dir, synthetic_data, tmp_path
 ):
     refcache, dcache, out = tmp_path / "refcache", tmp_path / "dcache", tmp_path / "out"
-    args = small_run_args(
-        tiny_model_dir,
-        synthetic_data[0],
-        out,
-        mixer_list=[str(synthetic_data[0]), str(PAIRS)],
-        checkpointing_steps="1",
-        dataset_local_cache_dir=str(dcache),
-    )
+    args = _flags(tiny_model_dir, synthetic_data, out, dcache)
 
     # 1. The prepared-data cache cannot be written: one line, no entry, no temporary folder.
     result = _run(args, refcache, fault="dcache/.:*")
@@ -117,15 +110,8 @@ def test_a_write_failing_on_rank_1_inside_deepspeeds_save_ends_both_ranks_prompt
     barriers together and exit with the one line; before the fix rank 0 waited in DeepSpeed's last barrier while
     rank 1 waited in the next all-reduce, until the collective timeout."""
     out = tmp_path / "out"
-    flags = small_run_args(
-        tiny_model_dir,
-        synthetic_data[0],
-        out,
-        mixer_list=[str(synthetic_data[0]), str(PAIRS)],
-        per_device_train_batch_size="4",
-        zero_stage="2",
-        checkpointing_steps="1",
-        dataset_local_cache_dir=str(tmp_path / "dcache"),
+    flags = _flags(
+        tiny_model_dir, synthetic_data, out, tmp_path / "dcache", per_device_train_batch_size="4", zero_stage="2"
     )
     env = {**distributed_env(tmp_path / "cache"), "OPEN_INSTRUCT_TEST_ENOSPC": "step_2/pytorch_model/zero_pp_rank_1:1"}
     proc = subprocess.Popen(
@@ -163,14 +149,7 @@ def test_a_checkpoint_that_cannot_fit_on_a_small_file_system_is_refused_then_res
     on the enlarged file system resumes and finishes."""
     out = small_tmpfs(tmp_path / "out", "2500k")
     try:
-        args = small_run_args(
-            tiny_model_dir,
-            synthetic_data[0],
-            out,
-            mixer_list=[str(synthetic_data[0]), str(PAIRS)],
-            checkpointing_steps="1",
-            dataset_local_cache_dir=str(tmp_path / "dcache"),
-        )
+        args = _flags(tiny_model_dir, synthetic_data, out, tmp_path / "dcache")
         result = _run(args, tmp_path / "refcache")
         assert result.returncode == 2, result.stderr[-3000:]
         assert f"warning: {out} has " in result.stdout and "the final model" in result.stdout
