@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import socket
@@ -230,6 +231,8 @@ class DeepSpeedEngine(Engine):
         """As the base engine's; run without a launcher, first a one-process group (DeepSpeed needs one)."""
         if single_process_group_env(os.environ):
             self.processes = 1
+        if not torch.cuda.is_available():
+            skip_shm_comm_build()
         return super().build_accelerator(*args, **kwargs)
 
     def accelerator_kwargs(self) -> dict[str, Any]:
@@ -355,6 +358,14 @@ def single_process_group_env(env: Any) -> bool:
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     )
     return True
+
+
+def skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed's process group compiles a shared-memory all-reduce (deepspeed_shm_comm: a minute of C++ on
+    a machine's first ZeRO run, behind a lock every other launch waits on) that only its inference kernels call;
+    training reduces through torch.distributed, so the group is built without it."""
+    # Not `import deepspeed.comm.torch as ...`: deepspeed.comm's namespace holds the torch package under that name.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def zero_stage_of(accelerator: Any) -> int | None:

@@ -141,6 +141,27 @@ def check_fp16_weights(model_options: dict[str, Any], deepspeed: bool) -> None:
         )
 
 
+def cpu_has_fp16() -> bool:
+    """Whether this CPU computes float16 in oneDNN (AVX512-FP16 or AMX-FP16): DeepSpeed's CPU accelerator asks the same
+    question and refuses fp16 where the answer is no."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_fp16_device(deepspeed: bool, cuda: bool) -> None:
+    """Under fp16 with DeepSpeed and no GPU, refuse a CPU without float16 before the launch: DeepSpeed would stop
+    every rank in ``accelerator.prepare``, after the data and the model were loaded. One process and FSDP2 scale the
+    loss themselves (autocast on CPU computes float16 anywhere), so only DeepSpeed is checked."""
+    if deepspeed and not cuda and not cpu_has_fp16():
+        raise UserError(
+            "--mixed_precision fp16 under DeepSpeed (--zero_stage) on CPU: this CPU has no float16 in oneDNN "
+            "(needs AVX512-FP16 or AMX-FP16), so DeepSpeed refuses it; use --mixed_precision bf16, or train fp16 "
+            "on one process or under --fsdp, which scale the loss themselves"
+        )
+
+
 def loss_scaler_of(accelerator: Any) -> LossScaler | None:
     """The scaler :func:`enable_fp16` made for ``accelerator``, if any."""
     return _SCALERS.get(accelerator)

@@ -178,3 +178,26 @@ def test_deepspeed_fp16_optimizer_state_loads_weights_only(tmp_path):
     torch.save({"loss_scaler": scaler}, tmp_path / "optim_states.pt")
     loaded = load_plain(tmp_path / "optim_states.pt")["loss_scaler"]
     assert (loaded.cur_scale, loaded.scale_window, loaded.cur_iter) == (2.0**12, 7, 5)
+
+
+def test_fp16_under_deepspeed_needs_a_gpu_or_a_cpu_with_float16(monkeypatch):
+    """DeepSpeed's CPU accelerator refuses fp16 where oneDNN has none: refused up front, naming the way out; a GPU, or
+    one process / FSDP2 (our own loss scaler), is never refused."""
+    import open_instruct.engine.loss_scaling as loss_scaling
+
+    monkeypatch.setattr(loss_scaling, "cpu_has_fp16", lambda: False)
+    with pytest.raises(UserError, match=r"fp16 under DeepSpeed .* use --mixed_precision bf16"):
+        loss_scaling.check_fp16_device(deepspeed=True, cuda=False)
+    loss_scaling.check_fp16_device(deepspeed=True, cuda=True)
+    loss_scaling.check_fp16_device(deepspeed=False, cuda=False)
+    monkeypatch.setattr(loss_scaling, "cpu_has_fp16", lambda: True)
+    loss_scaling.check_fp16_device(deepspeed=True, cuda=False)
+
+
+def test_cpu_fp16_answer_is_deepspeeds():
+    """Our question is the one DeepSpeed's CPU accelerator asks before it refuses fp16."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    from open_instruct.engine.loss_scaling import cpu_has_fp16
+
+    assert cpu_has_fp16() == bool(CPU_Accelerator().is_fp16_supported())

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from open_instruct.engine.loss_scaling import cpu_has_fp16
 from open_instruct.objectives.logprobs import sequence_logprobs
 from open_instruct.training.evaluation import gather_table
 from open_instruct.training.precision import in_run_precision, record_activation_dtypes
@@ -272,6 +273,12 @@ def test_fp16_training_tracks_fp32(tiny_model_dir, synthetic_data, fp32_run, tmp
     if engine == "single":
         result = run_cli(flags, tmp_path / "cache")
         assert result.returncode == 0, result.stderr[-4000:]
+    elif engine == "zero2" and not cpu_has_fp16():
+        # DeepSpeed's CPU accelerator has fp16 only where oneDNN does (AVX512-FP16/AMX-FP16): refused before the launch.
+        result = run_cli(flags, tmp_path / "cache")
+        assert result.returncode == 2 and not out.exists(), result.stderr[-4000:]
+        assert result.stderr.strip().splitlines()[-1].startswith("error: --mixed_precision fp16 under DeepSpeed")
+        return
     else:
         result = launch(torchrun_command(flags), tmp_path / "cache")
     assert "precision: decoder matmuls float16, log-probs float32" in result.stdout
