@@ -1,8 +1,10 @@
-"""Crash-safe writes (a reader sees the old file or the complete new one, never a partial one), and the one rule for
-whether a name given on the command line is a path on this machine or a Hub id."""
+"""Crash-safe writes (a reader sees the old file or the complete new one, never a partial one), the reader of the
+append-only JSON-lines files a kill may cut short, and the one rule for whether a name given on the command line is a
+path on this machine or a Hub id."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -32,8 +34,21 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     with atomic_write(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """The rows of an append-only JSON-lines file (``metrics.jsonl``, ``samples.jsonl``): none when it is missing, and a
+    line a kill cut short skipped."""
+    path = Path(path)
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def move_contents(source: Path, target: Path) -> None:

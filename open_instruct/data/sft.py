@@ -14,7 +14,7 @@ import torch
 from open_instruct.data.formats import CHAT_ROLES, RowError, check_role, detect_format, normalize
 from open_instruct.data.mixer import MixEntry, parse_mixer_list, sample_indices, target_rows
 from open_instruct.data.sources import load_rows
-from open_instruct.data.tokenize import IGNORE_INDEX, render, template_roles
+from open_instruct.data.tokenize import IGNORE_INDEX, needs_bos, render, template_roles
 from open_instruct.errors import UserError
 from open_instruct.settings import DataSettings
 
@@ -123,7 +123,7 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], add_bos: bool
         for t in range(count(start), count(end)):
             labels[t] = ids[t]
     bos = tokenizer.bos_token_id
-    if add_bos and bos is not None and (not ids or ids[0] != bos):
+    if needs_bos(ids, bos, add_bos):
         ids, labels = [bos] + ids, [IGNORE_INDEX] + labels
     return ids, labels
 

@@ -68,6 +68,12 @@ _PROBES = {
 }
 
 
+def needs_bos(ids: list[int], bos: int | None, add_bos: bool) -> bool:
+    """Whether ``--add_bos`` puts the BOS token in front of ``ids``: asked for, the tokenizer has one, and the chat
+    template did not already start with it."""
+    return add_bos and bos is not None and (not ids or ids[0] != bos)
+
+
 def template_roles(tokenizer: Any) -> frozenset[str]:
     """The message roles this tokenizer's chat template renders: ``user`` and ``assistant`` always; ``system`` and
     ``tool`` when a probe message of that role shows up in the rendered text (a template that drops a role, or
@@ -210,7 +216,7 @@ def tokenize_each(
             offsets = full_offsets[2 * p + s] if full_offsets is not None else None
             n_prompt = _prompt_length(ids, offsets, len(prompts[p]), prompt_ids[p] if prompt_ids else None)
             merged |= offsets is not None and n_prompt < len(offsets) and offsets[n_prompt][0] < len(prompts[p])
-            if add_bos and bos is not None and (not ids or ids[0] != bos):
+            if needs_bos(ids, bos, add_bos):
                 ids, n_prompt = [bos] + ids, n_prompt + 1
             ids = _end_at_eos(ids, n_prompt, eos)
             if n_prompt >= max_seq_length:
