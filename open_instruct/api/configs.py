@@ -30,7 +30,19 @@ DatasetSource = str | os.PathLike | Sequence[dict[str, Any]]
 
 @dataclass
 class TrainingConfig:
-    """Settings shared by the SFT and DPO stages: run, batch, optimiser, schedule, logging, saving."""
+    """Settings shared by the SFT and DPO stages: run, batch, optimiser, schedule, logging, saving.
+
+    Fields by ``--help`` group:
+
+    - Model: tokenizer_name
+    - Data: dataset_name, eval_dataset_name, eval_fraction, eval_every
+    - Batch and schedule: batch_size, micro_batch_size, gradient_accumulation_steps, learning_rate, max_steps,
+      num_epochs, warmup_steps, weight_decay, lr_scheduler_type, max_grad_norm, seed
+    - Engine and precision: mixed_precision
+    - Checkpoints and resume: output_dir, save_every, save_format
+    - Tracking and Hub: run_name, log_every, with_tracking, wandb_project, wandb_entity, push_to_hub, hf_repo_id
+    - Any other flag: extra
+    """
 
     run_name: str = "run"
     dataset_name: str | None = None  # used when the stage's dataset config is not given (pretraining: its text)
@@ -79,7 +91,14 @@ def _loss_hyperparameters() -> type:
 @dataclass
 class DPOConfig(_loss_hyperparameters()):
     """The preference loss and its length budget (plus every ``LossSettings`` hyperparameter: beta, label_smoothing,
-    gamma_beta_ratio, nll_loss_weight, ...)."""
+    gamma_beta_ratio, nll_loss_weight, ...).
+
+    Fields by ``--help`` group:
+
+    - Data: max_length, max_prompt_length
+    - Loss: beta, label_smoothing, gamma_beta_ratio, nll_loss_weight, f_divergence_type, f_alpha_divergence_coef,
+      discopop_tau, ld_alpha, use_weighting, loss_type, loss_weights, reference_free, reference_cache_dir
+    """
 
     max_length: int = 512  # maximum tokens per response
     max_prompt_length: int = 512  # maximum prompt tokens; sequences get max_prompt_length + max_length tokens
@@ -95,6 +114,11 @@ class PreferenceDatasetConfig:
 
     ``Anthropic/hh-rlhf`` and ``stanfordnlp/SHP`` get their own parsers; files and rows may hold any supported shape,
     including ``{prompt, chosen, rejected}`` with strings or messages.
+
+    Fields by ``--help`` group:
+
+    - Data: dataset_name, split, amount, dataset_format, eval_dataset_name, eval_split, eval_fraction,
+      chat_template_name, max_samples, skip_invalid_rows
     """
 
     dataset_name: DatasetSource | None = None
@@ -113,7 +137,13 @@ class PreferenceDatasetConfig:
 class TextDatasetConfig:
     """Raw text for pretraining: ``.txt`` (a document per line), ``.jsonl``/``.json``/parquet or a hub dataset with a
     text column; default: ``TrainingConfig.dataset_name``. Documents are packed into blocks of ``block_size`` tokens
-    (default: the model's context length)."""
+    (default: the model's context length).
+
+    Fields by ``--help`` group:
+
+    - Data: dataset_name, split, amount, text_column, block_size, eval_dataset_name, eval_split, eval_fraction,
+      max_samples, chat_template_name
+    """
 
     dataset_name: DatasetSource | None = None
     split: str = "train"
@@ -129,7 +159,13 @@ class TextDatasetConfig:
 
 @dataclass
 class SFTDatasetConfig:
-    """Chat data for supervised fine-tuning: ``{"messages": [...]}`` rows (preference rows: their chosen side)."""
+    """Chat data for supervised fine-tuning: ``{"messages": [...]}`` rows (preference rows: their chosen side).
+
+    Fields by ``--help`` group:
+
+    - Data: dataset_name, split, amount, max_seq_length, eval_dataset_name, eval_split, eval_fraction,
+      chat_template_name, max_samples
+    """
 
     dataset_name: DatasetSource | None = None
     split: str = "train"
@@ -296,3 +332,7 @@ def arguments_from(values: dict[str, Any]) -> TrainArguments:
         return TrainArguments(**values)
     except TypeError as err:
         raise UserError(f"invalid setting: {err}") from err
+
+
+# The config classes whose docstrings list their fields by --help group (open_instruct.api.config_groups).
+CONFIG_CLASSES = (TrainingConfig, DPOConfig, PreferenceDatasetConfig, SFTDatasetConfig, TextDatasetConfig)

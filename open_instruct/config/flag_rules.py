@@ -2,8 +2,8 @@
 
 A flag is *given* when its value differs from its default. A given flag whose ``applies(args)`` is false either stops
 the run (``error``: one ``error:`` line, exit code 2) or prints one ``note:`` line saying it has no effect and why
-(``note``: used where a shared recipe may carry the flag harmlessly). README's flag-rules table is generated from
-here (``python -m open_instruct.config.flag_rules``) and a test checks it is current.
+(``note``: used where a shared recipe may carry the flag harmlessly). The flag-rules table of docs/flags.md is
+generated from here (``python -m open_instruct.config.flag_rules --write``) and a test checks it is current.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def rule_problems(args: Any, defaults: Any, say: Callable[[str], None] | None = 
 
 
 def rules_table() -> str:
-    """README's table of the rules, in Markdown."""
+    """The table of the rules in docs/flags.md, in Markdown."""
     lines = ["| flag | given | gives | why |", "| --- | --- | --- | --- |"]
     for flag, rule in FLAG_RULES.items():
         lines.append(f"| `--{flag}` | {rule.when} | {rule.kind} | {rule.why} |")
@@ -255,20 +255,21 @@ def rules_table() -> str:
 
 
 START, END = "<!-- flag-rules:start -->", "<!-- flag-rules:end -->"
+FLAGS_PAGE = "docs/flags.md"  # the page that holds the table, from the repository root
 
 
-def with_table(readme: str) -> str:
-    """``readme`` with the text between the flag-rules markers replaced by :func:`rules_table`."""
-    head, _, rest = readme.partition(START)
+def with_table(page: str) -> str:
+    """``page`` with the text between the flag-rules markers replaced by :func:`rules_table`."""
+    head, _, rest = page.partition(START)
     _, _, tail = rest.partition(END)
     return f"{head}{START}\n{rules_table()}\n{END}{tail}"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the table, or with ``--write README.md`` put it between the markers there."""
+    """Print the table, or with ``--write [PAGE]`` put it between the markers of PAGE (default docs/flags.md)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--write"] and len(argv) == 2:
-        path = Path(argv[1])
+    if argv[:1] == ["--write"] and len(argv) <= 2:
+        path = Path(argv[1]) if len(argv) == 2 else Path(__file__).resolve().parents[2] / FLAGS_PAGE
         path.write_text(with_table(path.read_text()))
     else:
         print(rules_table())

@@ -339,13 +339,18 @@ def test_a_single_file_has_no_split_but_its_own_name(tmp_path, world):
 
 @pytest.mark.slow
 def test_zero_stage_without_a_launcher_trains_on_one_process(world, tmp_path):
-    """No torchrun, no accelerate launch: ZeRO-2 still runs (a one-process group), and trains like plain DDP would."""
+    """No torchrun, no accelerate launch: ZeRO-2 still runs (a one-process group), and trains like plain DDP would;
+    on a machine that never ran ZeRO (an empty extensions folder) it compiles no DeepSpeed op (a minute of C++)."""
     from tests.conftest import read_metrics, run_cli
 
     flags = small_run_args(world["model"], world["train"], tmp_path / "z", mixer_list=[str(world["train"]), "16"])
-    zero = run_cli(flags + ["--zero_stage", "2"], tmp_path / "cache")
+    extensions = tmp_path / "torch_extensions"
+    zero = run_cli(
+        flags + ["--zero_stage", "2"], tmp_path / "cache", extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)}
+    )
     assert zero.returncode == 0, zero.stderr[-3000:]
     assert "engine: deepspeed zero-2, 1 process," in zero.stdout
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.iterdir())
     plain = run_cli(
         small_run_args(world["model"], world["train"], tmp_path / "p", mixer_list=[str(world["train"]), "16"]),
         tmp_path / "cache",

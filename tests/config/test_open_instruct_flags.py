@@ -149,7 +149,7 @@ OPEN_INSTRUCT_FLAGS: dict[str, tuple[list[str], object]] = {
 # open-instruct's spellings whose value lands on our field of another name.
 FIELD = {"local_cache_dir": "dataset_local_cache_dir", "tokenizer_name": "tokenizer_name_or_path"}
 
-# open-instruct's defaults of the flags new here (flags we had keep ours; see README "Coming from open-instruct").
+# open-instruct's defaults of the flags new here (flags we had keep ours; see docs/flags.md "Coming from open-instruct").
 OPEN_INSTRUCT_DEFAULTS = {
     "run_name": None, "data_loader_seed": None, "config_name": None, "loss_implementation": "default",
     "rope_scaling_factor": None, "rope_scaling_beta_fast": 32, "rope_scaling_beta_slow": 1,

@@ -9,12 +9,13 @@ import typing
 import pytest
 
 from open_instruct.config import TrainArguments
-from open_instruct.config.cli import _base_type, load_yaml_config
+from open_instruct.config.cli import load_yaml_config
+from open_instruct.config.fields import base_type
 from open_instruct.errors import UserError
 from tests.conftest import run_cli
 
 HINTS = typing.get_type_hints(TrainArguments)
-FLAGS = {f.name: _base_type(HINTS[f.name]) for f in dataclasses.fields(TrainArguments)}
+FLAGS = {f.name: base_type(HINTS[f.name]) for f in dataclasses.fields(TrainArguments)}
 EXPECTED = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}
 HINT = "(quote a value that holds ': ' or starts with '{' or '[')"
 
