@@ -130,6 +130,15 @@ EFFECTS: dict[str, Effect | TestedIn | RuleOnly | Inert] = {
     "eval_steps": TestedIn(
         "tests/training/test_evaluation.py::test_eval_metrics_at_every_eval_step_and_the_end", ("2",)
     ),
+    "sample_prompts": TestedIn(
+        "tests/training/test_samples.py::test_the_start_answer_is_the_untouched_models_greedy_answer"
+    ),
+    "num_sample_prompts": TestedIn(
+        "tests/training/test_samples.py::test_no_samples_and_the_same_losses_with_sampling_off"
+    ),
+    "sample_max_new_tokens": TestedIn(
+        "tests/training/test_samples.py::test_rows_at_start_each_evaluation_and_the_end"
+    ),
     "dataset_format": TestedIn("tests/data/test_formats.py::test_detection_and_explicit_override"),
     "skip_invalid_rows": TestedIn(
         "tests/data/test_formats.py::test_invalid_rows_error_names_dataset_row_and_reason_and_counts_all"

@@ -17,6 +17,7 @@ from open_instruct.config.fields import NONNEG, POS
 from open_instruct.config.fields import flag as _f
 from open_instruct.config.flag_rules import rule_problems
 from open_instruct.config.open_instruct_flags import OpenInstructFlags
+from open_instruct.config.sample_flags import SampleFlags
 from open_instruct.data.chat_templates import CHAT_TEMPLATES as _TEMPLATE_TABLE
 from open_instruct.data.chat_templates import TOKENIZER_TEMPLATE_NAMES
 from open_instruct.data.formats import FORMATS
@@ -64,7 +65,7 @@ def _loss_hyperparameter_flags() -> type:
 
 
 @dataclass
-class TrainArguments(OpenInstructFlags, _loss_hyperparameter_flags()):
+class TrainArguments(OpenInstructFlags, SampleFlags, _loss_hyperparameter_flags()):
     """All settings of one run of any stage (DPO, SFT and pretraining read the ones they use). Defaults follow the
     Tulu 3 DPO recipe (dpo_norm, beta 5); open-instruct's other flags come from
     :class:`~open_instruct.config.open_instruct_flags.OpenInstructFlags`."""

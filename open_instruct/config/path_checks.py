@@ -18,6 +18,7 @@ from open_instruct.data.sources import LOCAL_SUFFIXES, check_folder, is_data_fil
 from open_instruct.errors import UserError
 from open_instruct.files import is_local_path
 from open_instruct.integrity import check_model_files, check_resume_folder
+from open_instruct.report.samples import read_prompt_file
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -128,6 +129,8 @@ def check_paths(args: Any, pretraining: bool = False) -> None:
     if args.resume_from_checkpoint and Path(args.resume_from_checkpoint).expanduser().is_dir():
         check_resume_folder(Path(args.resume_from_checkpoint).expanduser())  # damaged: said before any work
     regular_file(getattr(args, "deepspeed_config", None), "--deepspeed_config")
+    if getattr(args, "sample_prompts", None) and getattr(args, "num_sample_prompts", 0) > 0:
+        read_prompt_file(args.sample_prompts)  # every row checked now: a bad one is named before the model loads
     for flag, values, splits in (
         ("--mixer_list", args.mixer_list, args.mixer_list_splits),
         ("--eval_mixer_list", args.eval_mixer_list, args.eval_mixer_list_splits),
