@@ -28,6 +28,7 @@ from open_instruct.model.modeling import load_model, load_tokenizer
 from open_instruct.objectives.combination import combined_loss
 from open_instruct.objectives.losses import LossFn, whole_batch_loss
 from open_instruct.report.hub import push_final_model
+from open_instruct.report.phases import phase
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.settings import RunSettings
 from open_instruct.training import hub_checkpoints, preemption, preference, recipe
@@ -39,6 +40,7 @@ from open_instruct.training.preemption import parse_signals
 from open_instruct.training.recipe import command_line
 from open_instruct.training.reference_cache import dataset_fingerprint
 from open_instruct.training.resume import resumed_signature, run_signature, start_or_resume
+from open_instruct.training.samples import AnswerSampler, answer_sampler
 
 
 def settle_batch_layout(args: TrainArguments, cfg: RunSettings, model: Any, accelerator: Any) -> TrainArguments:
@@ -64,6 +66,17 @@ def preference_objective(args: TrainArguments) -> tuple[LossFn, preference.Prefe
     return combined_loss(args.loss_type, args.loss_weights), settings
 
 
+def start_sampling(
+    args: TrainArguments, accelerator: Any, model: Any, tokenizer: Any, output_dir: Path, data: Any, faults: Any
+) -> AnswerSampler:
+    """The sample prompts answered greedily with the chat template by the untouched model (a resumed run keeps its
+    first attempt's answers); the sampler answers them again after each evaluation and at the end."""
+    how = (args.sample_prompts, args.num_sample_prompts, args.sample_max_new_tokens, args.add_bos)
+    samples = answer_sampler(accelerator, model, tokenizer, output_dir, how, (data.eval_records, data.records))
+    samples.begin(faults.resume_state)
+    return samples
+
+
 def run(args: TrainArguments) -> Path:
     """Train one DPO model; returns the folder holding the final checkpoint."""
     cfg = settings_of(args)  # each layer below gets the settings of its concern
@@ -76,7 +89,7 @@ def run(args: TrainArguments) -> Path:
 
     # 2. Tokenizer and data: every row is checked before the model is loaded.
     tokenizer = load_tokenizer(cfg.model)
-    with accelerator.main_process_first():  # the main process prepares and caches; the others load its cache
+    with phase("data"), accelerator.main_process_first():  # the main process prepares and caches; others load it
         data = prepare_preference_data(cfg.data, tokenizer)
     accelerator.print(format_summary(data.statistics))
     if accelerator.is_main_process:
@@ -100,8 +113,7 @@ def run(args: TrainArguments) -> Path:
     whole_batch = whole_batch_loss(args.loss_type, args.load_balancing_loss)
     split = forward_splitter(args.max_tokens_per_forward, model, accelerator, whole_batch)  # activation memory
     logprob_fn = preference.run_logprob_fn(cfg.batch, model, accelerator)
-    pad = tokenizer.pad_token_id
-    batch = cfg.batch
+    pad, batch = tokenizer.pad_token_id, cfg.batch
     train_loader = pair_dataloader(
         data.records, pad, batch.per_device_train_batch_size, batch.order_seed, batch.packing,
         batch.max_tokens_per_batch, batch.group_by_length, share_prompt=batch.share_prompt,
@@ -109,9 +121,10 @@ def run(args: TrainArguments) -> Path:
     run = recipe.prepare_training(args, accelerator, model, train_loader, output_dir, "pairs", "dpo")
 
     # 4. Reference log-probs: one no-grad pass of the untouched policy, cached on disk by content hash.
-    references, ref_loaders = preference.reference_pass(
-        cfg.reference, cfg.batch, cfg.model, accelerator, run.model, logprob_fn, pad, record_sets
-    )
+    with phase("reference pass"):
+        references, ref_loaders = preference.reference_pass(
+            cfg.reference, cfg.batch, cfg.model, accelerator, run.model, logprob_fn, pad, record_sets
+        )
     if args.cache_logprobs_only:
         accelerator.print(
             f"--cache_logprobs_only: reference log-probs cached under {args.reference_logprobs_cache_path}"
@@ -125,18 +138,18 @@ def run(args: TrainArguments) -> Path:
         cfg.batch, cfg.optim, len(data.records), record_sets[0][1], run.total_steps, accelerator.num_processes
     )
     faults = start_or_resume(cfg.checkpoint, accelerator, signature, logger)
+    samples = start_sampling(args, accelerator, run.model, tokenizer, output_dir, data, faults)  # answers, before
     loss_fn, settings = preference_objective(args)
-    evaluate = None
-    if data.eval_records:
-        evaluate = PreferenceEvaluator(
-            accelerator, run.model, ref_loaders[1], len(data.eval_records), references[1], logprob_fn, loss_fn,
-            settings, logger,
-        )  # fmt: skip
+    evaluate = samples.around(PreferenceEvaluator(  # then sample answers after each evaluation
+        accelerator, run.model, ref_loaders[1], len(data.eval_records), references[1], logprob_fn, loss_fn,
+        settings, logger,
+    ) if data.eval_records else None)  # fmt: skip
     step_fn = preference.preference_step_fn(logprob_fn, loss_fn, references[0], settings, split)
     with hub_checkpoints.pushing(faults, cfg.hub, cfg.checkpoint, hub_repo):  # waits for the uploads at the end
         recipe.train(
             args, accelerator, run, step_fn, logger, evaluate, faults, flop_counter, peak_flops(accelerator.device)
         )
+    samples.finish(run.total_steps)  # the final answers, beside the first ones in the run summary
 
     # 6. Final checkpoint in Hugging Face format, curves, Hub.
     recipe.finish_run(accelerator, run.model, tokenizer, output_dir, merge_lora=args.merge_lora)

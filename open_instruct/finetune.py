@@ -23,6 +23,7 @@ from open_instruct.data.sft import SFTCollator, prepare_sft_data
 from open_instruct.errors import UserError
 from open_instruct.model.modeling import load_model, load_tokenizer
 from open_instruct.objectives.logprobs import sequence_logprobs
+from open_instruct.report.phases import phase
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training import recipe
 from open_instruct.training.evaluation import NLLEvaluator, prepare_eval_records
@@ -32,11 +33,11 @@ from open_instruct.training.sft import sft_step
 
 
 def check_sft_arguments(args: TrainArguments) -> None:
-    """Reject preference-loss flags, then run the common validation."""
+    """Reject DPO-only flags, then run the common validation."""
     defaults = TrainArguments(reference_logprobs_cache_path="unused")
     used = [f"--{name}" for name in DPO_ONLY if getattr(args, name) != getattr(defaults, name)]
     if used:
-        raise UserError(f"{', '.join(used)}: preference-loss flag(s), not used by supervised fine-tuning")
+        raise UserError(f"{', '.join(used)}: DPO-only flag(s), not used by supervised fine-tuning")
     validate(args)
 
 
@@ -47,10 +48,11 @@ def run(args: TrainArguments) -> Path:
     # 1. Engine, seed, tokenizer, data (every row checked before the model loads).
     accelerator, output_dir = recipe.start_run(args)
     tokenizer = load_tokenizer(cfg.model)
-    records, stats = prepare_sft_data(cfg.data, tokenizer)
-    records, eval_records = prepare_eval_records(
-        cfg.data, records, lambda eval_data: prepare_sft_data(eval_data, tokenizer)[0]
-    )
+    with phase("data"):
+        records, stats = prepare_sft_data(cfg.data, tokenizer)
+        records, eval_records = prepare_eval_records(
+            cfg.data, records, lambda eval_data: prepare_sft_data(eval_data, tokenizer)[0]
+        )
     accelerator.print(
         f"data: {stats['kept']} conversations kept ({stats['label_tokens']} assistant tokens), "
         f"{stats['dropped']} dropped, {stats['truncated']} truncated"

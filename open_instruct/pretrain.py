@@ -30,13 +30,14 @@ from torch.utils.data import DataLoader
 
 from open_instruct.config import TrainArguments, settings_of, validate
 from open_instruct.config.cli import exit_on_user_error, parse_args
-from open_instruct.config.stage_flags import DPO_ONLY
+from open_instruct.config.stage_flags import NOT_FOR_PRETRAINING
 from open_instruct.data.sft import SFTCollator
 from open_instruct.data.text import prepare_text_data
 from open_instruct.errors import UserError
 from open_instruct.files import write_text_atomic
 from open_instruct.model.modeling import note_slow_tokenizer, resolve_attn_implementation
 from open_instruct.objectives.logprobs import sequence_logprobs
+from open_instruct.report.phases import phase, restart_clock
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training import recipe
 from open_instruct.training.evaluation import NLLEvaluator
@@ -44,9 +45,6 @@ from open_instruct.training.precision import in_run_precision
 from open_instruct.training.recipe import preflight
 from open_instruct.training.resume import run_signature, start_or_resume
 from open_instruct.training.sft import sft_step
-
-# Flags that make no sense for a model trained from scratch on raw text: an error, never ignored.
-NOT_FOR_PRETRAINING = (*DPO_ONLY, "chat_template_name", "use_lora", "use_qlora", "model_revision", "add_bos")
 
 
 def check_pretrain_arguments(args: TrainArguments) -> None:
@@ -120,7 +118,8 @@ def run(args: TrainArguments, text_column: str = "text") -> Path:
     # 1. Engine, seed, tokenizer, text packed into blocks (every file read before the model is built).
     accelerator, output_dir = recipe.start_run(args)
     tokenizer = load_text_tokenizer(args)
-    records, eval_records, stats = prepare_text_data(cfg.data, tokenizer, text_column)
+    with phase("data"):
+        records, eval_records, stats = prepare_text_data(cfg.data, tokenizer, text_column)
     accelerator.print(
         f"data: {stats['documents']} documents, {stats['tokens']} tokens -> {stats['blocks']} blocks of "
         f"{stats['block_size']} ({stats['dropped_tail_tokens']} tail tokens dropped)"
@@ -176,10 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
 
     def entry() -> None:
-        args = parse_args(rest)
+        args = parse_args(rest, stage="pretrain")
         check_pretrain_arguments(args)
         preflight(args, pretraining=True)
+        restart_clock()  # the summary's wall time counts from here
         run(args, known.text_column)
+        recipe.summarize(args, "pretrain", argv, recipe.ending_of(args, "pretrain"))
 
     exit_on_user_error(entry)
 

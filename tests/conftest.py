@@ -17,6 +17,49 @@ FIXTURES = ROOT / "tests" / "fixtures"
 HH_SAMPLE = FIXTURES / "hh_rlhf_sample.jsonl.gz"  # real HH-RLHF rows shipped in the repo (MIT, see fixtures/NOTICE)
 
 
+# The slowest tests under `make test` (each 30 s to 3 min with 2 workers), slowest first. They run before the rest,
+# one at a time to whichever worker is free (pyproject's --maxschedchunk=1), so the two workers end together instead
+# of one running a 3-minute test alone at the end. A name here that no longer exists is harmless.
+SLOW_FIRST = (
+    "tests/real_model/test_engines.py::test_lora_merged_on_two_processes_equals_one",
+    "tests/plan/test_plan.py::test_predicted_peak_matches_measured_two_processes",
+    "tests/real_model/test_plan.py::test_zero3_on_two_processes",
+    "tests/runs/test_matrix.py",
+    "tests/real_model/test_trl_parity.py",
+    "tests/plan/test_plan.py::test_predicted_peak_matches_measured_one_process",
+    "tests/model/test_packing.py::test_cli_packed_run_matches_padded",
+    "tests/runs/test_gpu_suite.py",
+    "tests/training/test_loop.py::test_partial_last_step_matches_one_process",
+    "tests/model/test_moe.py::test_moe_cli_run_logs_aux_loss",
+    "tests/real_model/test_engines.py",
+    "tests/real_model/test_dpo_effect.py",
+    "tests/model/test_modeling.py::test_tokenizer_without_pad_token_trains_and_saves_consistent_sizes",
+    "tests/real_model/test_plan.py",
+    "tests/runs/test_preemption.py",
+    "tests/runs/test_faults_soak.py",
+    "tests/runs/test_fault_tolerance.py",
+    "tests/runs/test_liger_engines.py",
+    "tests/runs/test_resume_world_size.py",
+    "tests/runs/test_preemption_reference.py",
+    "tests/training/test_preemption.py",
+    "tests/engine/test_fsdp2.py",
+    "tests/model/test_lora.py",
+    "tests/objectives/test_losses.py::test_cli",
+    "tests/training/test_precision.py",
+    "tests/runs/test_lora_zero3.py",
+    "tests/runs/test_faults_disk.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Known-slow tests first, in ``SLOW_FIRST`` order; the rest keep their order (every worker sorts alike)."""
+
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A freshly initialised tiny Llama + word-level tokenizer with a chat template (read-only: copy to modify)."""
@@ -131,6 +174,8 @@ def small_run_args(model_dir: Path, train_file: Path, output_dir: Path, **overri
         "logging_steps": "1",
         "seed": "1",
         "output_dir": str(output_dir),
+        # sample answers (on by default) cost ~1 s per occasion here; tests/training/test_samples.py turns them on
+        "num_sample_prompts": "0",
     }
     values.update(overrides)
     args: list[str] = []

@@ -141,13 +141,21 @@ def test_finetune_cli_trains_and_rejects_dpo_flags(tiny_model_dir, synthetic_dat
         str(tmp_path / "out"),
     ]
     bad = _finetune_cli(base + ["--beta", "0.2"], tmp_path)
-    assert bad.returncode == 2 and "--beta: preference-loss flag(s), not used by supervised fine-tuning" in bad.stderr
+    assert bad.returncode == 2 and "--beta: DPO-only flag(s), not used by supervised fine-tuning" in bad.stderr
     ok = _finetune_cli(base + ["--eval_fraction", "0.25", "--logging_steps", "1"], tmp_path)
     assert ok.returncode == 0, ok.stderr[-3000:]
     rows = read_metrics(tmp_path / "out")
     assert [r["training_step"] for r in rows if "train_loss" in r] == [1, 2, 3]  # 24 of 32 for training, 8 a step
     assert [r["training_step"] for r in rows if "eval/loss" in r] == [3]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())  # the run summary names the stage's own
+    assert (
+        summary["stage"] == "sft" and summary["steps"] == {"done": 3, "total": 3} and "data" in summary["wall_seconds"]
+    )
+    assert list(summary["eval"]) == ["loss"] and summary["eval"]["loss"]["final"] == rows[-1]["eval/loss"]
+    assert (
+        " -m open_instruct.finetune " in summary["commands"]["resume"] and "--dry_run" in summary["commands"]["plan"]
+    )
 
 
 def test_sft_bad_rows_name_file_and_row(tiny_model_dir, tmp_path):

@@ -210,5 +210,11 @@ def test_pretrain_cli_trains_from_a_config_folder(corpus, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^eval step=3 loss=[\d.]+ perplexity=[\d.]+$", result.stdout, re.M), result.stdout[-2000:]
-    assert [r["training_step"] for r in read_metrics(tmp_path / "out") if "eval/loss" in r] == [0, 3]
+    rows = read_metrics(tmp_path / "out")
+    assert [r["training_step"] for r in rows if "eval/loss" in r] == [0, 3]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    best = min((r["eval/loss"], r["training_step"]) for r in rows if "eval/loss" in r)
+    assert summary["stage"] == "pretrain" and summary["ended"]["status"] == "finished"
+    assert (summary["eval"]["loss"]["best"], summary["eval"]["loss"]["best_step"]) == best
+    assert summary["commands"]["plan"] is None and " -m open_instruct.pretrain " in summary["commands"]["resume"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,10 @@ from open_instruct.model.state_dict import (
 )
 from open_instruct.objectives.losses import hyperparameter_names
 from open_instruct.plan import check as plan_check
+from open_instruct.report.phases import restart_clock
 from open_instruct.training import preemption
-from open_instruct.training.recipe import preflight, run_guard
+from open_instruct.training.preemption import Preempted
+from open_instruct.training.recipe import ending_of, preflight, run_guard, stopped, summarize_call
 
 
 def plan_run(args: TrainArguments, stage: str) -> Any:
@@ -183,6 +185,20 @@ def fresh_accelerate_state() -> Iterator[None]:
         restore_process_state()
 
 
+@contextlib.contextmanager
+def summarized(args: TrainArguments, stage: str, extra_flags: Sequence[str] = ()) -> Iterator[None]:
+    """The run summary of an API run, as the command line prints and writes it: after the final checkpoint, or after a
+    stop signal saved the run (then ``Preempted`` goes on to the caller). Its commands are the command line that
+    trains the same arguments (``extra_flags`` appended)."""
+    restart_clock()  # the summary's wall time counts from here
+    try:
+        yield
+    except Preempted as stop:
+        summarize_call(args, stage, stopped(stop), extra_flags)
+        raise
+    summarize_call(args, stage, ending_of(args, stage), extra_flags)
+
+
 def run_training(
     model_config: Any,
     train_config: TrainingConfig | None = None,
@@ -201,9 +217,11 @@ def run_training(
     dataset = dataset_config or TextDatasetConfig()
     args = pretrain_arguments(model_config, train, dataset, tokenizer_name)
     preflight(args, pretraining=True)
-    with fresh_accelerate_state():
-        folder = Path(pretrain.run(args, dataset.text_column))
-    return final_checkpoint(folder, train, "pretrain", args.tokenizer_name_or_path)
+    column = [] if dataset.text_column == "text" else ["--text_column", dataset.text_column]
+    with summarized(args, "pretrain", column):
+        with fresh_accelerate_state():
+            folder = Path(pretrain.run(args, dataset.text_column))
+        return final_checkpoint(folder, train, "pretrain", args.tokenizer_name_or_path)
 
 
 def run_sft(
@@ -226,9 +244,10 @@ def run_sft(
         return plan_run(args, "sft")
     unpack_checkpoint(args, checkpoint, tokenizer_name, model_config, train.output_dir)
     preflight(args)
-    with fresh_accelerate_state():
-        folder = Path(finetune.run(args))
-    return final_checkpoint(folder, train, "sft", source_tokenizer(checkpoint, tokenizer_name))
+    with summarized(args, "sft"):
+        with fresh_accelerate_state():
+            folder = Path(finetune.run(args))
+        return final_checkpoint(folder, train, "sft", source_tokenizer(checkpoint, tokenizer_name))
 
 
 def run_dpo(
@@ -259,9 +278,10 @@ def run_dpo(
         return plan_run(args, "dpo")
     unpack_checkpoint(args, checkpoint, tokenizer_name, model_config, train.output_dir)
     preflight(args)
-    with fresh_accelerate_state():
-        try:
-            folder = Path(dpo_tune_cache.run(args))
-        finally:  # the run's stop-signal handlers end with it, also when it raises Preempted
-            preemption.uninstall()
-    return final_checkpoint(folder, train, "dpo", source_tokenizer(checkpoint, tokenizer_name))
+    with summarized(args, "dpo"):
+        with fresh_accelerate_state():
+            try:
+                folder = Path(dpo_tune_cache.run(args))
+            finally:  # the run's stop-signal handlers end with it, also when it raises Preempted
+                preemption.uninstall()
+        return final_checkpoint(folder, train, "dpo", source_tokenizer(checkpoint, tokenizer_name))

@@ -7,11 +7,12 @@ Booleans accept ``--flag``, ``--flag true`` and ``--flag false``. Unknown flags 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
-import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from open_instruct.config import TrainArguments, compat
-from open_instruct.config.open_instruct_flags import OpenInstructFlags
+from open_instruct.config import TrainArguments, compat, help_text
+from open_instruct.config.fields import base_type, field_default
 from open_instruct.config.yaml_shapes import check_shapes
 from open_instruct.errors import UserError
 
@@ -38,17 +39,6 @@ def str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _base_type(annotation: Any) -> tuple[Any, bool]:
-    """(element type, is_list) of a field annotation such as ``int | None`` or ``list[str]``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _base_type(inner[0])
-    if origin is list:
-        return typing.get_args(annotation)[0], True
-    return annotation, False
-
-
 def _optional_number(kind: type):
     def parse(text: str):
         if str(text).lower() in ("none", "null"):
@@ -60,8 +50,19 @@ def _optional_number(kind: type):
 
 
 class _Parser(argparse.ArgumentParser):
+    """Errors are a UserError (one line); ``--help`` is :mod:`.help_text`'s grouped text for the parser's stage."""
+
+    stage = "dpo"
+    flags_of: type = TrainArguments
+
     def error(self, message: str) -> typing.NoReturn:
         raise UserError(message)
+
+    def format_usage(self) -> str:
+        return help_text.usage(self.prog)
+
+    def format_help(self) -> str:
+        return help_text.render(self.flags_of, self.prog, self.stage)
 
 
 def _alias_map(cls: type = TrainArguments) -> dict[str, str]:
@@ -74,24 +75,21 @@ def _alias_map(cls: type = TrainArguments) -> dict[str, str]:
     return names
 
 
-def build_parser(cls: type = TrainArguments) -> argparse.ArgumentParser:
-    """An argparse parser with one option per dataclass field (plus its aliases)."""
-    parser = _Parser(prog="dpo_tune_cache", allow_abbrev=False, description=cls.__doc__)
+def build_parser(cls: type = TrainArguments, stage: str = "dpo") -> argparse.ArgumentParser:
+    """An argparse parser with one option per dataclass field (plus its aliases); its help is that of ``stage``."""
+    parser = _Parser(allow_abbrev=False)
+    parser.stage, parser.flags_of = stage, cls
     parser.add_argument("config_file", nargs="?", help="YAML recipe; flags given after it override its values")
     hints = typing.get_type_hints(cls)
-    # open-instruct's flags beyond ours are listed apart in --help (they come first in the dataclass's field order)
-    theirs = {f.name for f in dataclasses.fields(OpenInstructFlags)}
-    compatibility = parser.add_argument_group("open-instruct's other DPO flags (README: Coming from open-instruct)")
     for f in dataclasses.fields(cls):
-        target = compatibility if f.name in theirs else parser
-        kind, is_list = _base_type(hints[f.name])
+        kind, is_list = base_type(hints[f.name])
         names = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
         options: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
         if kind is bool:
             options.update(nargs="?", const=True, type=str_to_bool, metavar="BOOL")
             if f.default is True:  # as Hugging Face's argument parser (open-instruct's): --no_<flag> turns it off
                 negatives = [f"--no_{name[2:]}" for name in names]
-                target.add_argument(*negatives, dest=f.name, action="store_false", default=argparse.SUPPRESS)
+                parser.add_argument(*negatives, dest=f.name, action="store_false", default=argparse.SUPPRESS)
         elif is_list:
             options.update(nargs="+", type=kind)
         elif kind in (int, float):
@@ -100,7 +98,7 @@ def build_parser(cls: type = TrainArguments) -> argparse.ArgumentParser:
             options.update(type=str)
         if "choices" in f.metadata:
             options["choices"] = f.metadata["choices"]
-        target.add_argument(*names, **options)
+        parser.add_argument(*names, **options)
     return parser
 
 
@@ -126,7 +124,7 @@ def _normalize_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
-    kind, is_list = _base_type(annotation)
+    kind, is_list = base_type(annotation)
     try:
         if value is None:
             return None
@@ -164,7 +162,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of flag names to values")
     hints = typing.get_type_hints(TrainArguments)
-    check_shapes(raw, {k: _base_type(hints[f]) for k, f in _alias_map().items() if k in raw}, text, str(path))
+    check_shapes(raw, {k: base_type(hints[f]) for k, f in _alias_map().items() if k in raw}, text, str(path))
     values = _normalize_yaml(raw, str(path))
     return {k: _coerce(v, hints[k], k, str(path)) for k, v in values.items()}
 
@@ -194,9 +192,10 @@ def exit_on_user_error(entry: Callable[[], object]) -> None:
         sys.exit(2)
 
 
-def parse_args(argv: list[str] | None = None) -> TrainArguments:
-    """Parse a YAML recipe (optional) and flags into validated-by-type TrainArguments."""
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, stage: str = "dpo") -> TrainArguments:
+    """Parse a YAML recipe (optional) and flags into validated-by-type TrainArguments (``--help``: that of
+    ``stage``, dpo, sft or pretrain)."""
+    parser = build_parser(stage=stage)
     namespace = parser.parse_args(_attach_negative_numbers(list(sys.argv[1:] if argv is None else argv)))
     values: dict[str, Any] = {}
     if namespace.config_file:
@@ -209,3 +208,37 @@ def parse_args(argv: list[str] | None = None) -> TrainArguments:
     if line and os.environ.get("RANK", "0") == "0":
         print(line)
     return TrainArguments(**values)
+
+
+def command_line_flags(args: TrainArguments, stage: str = "dpo") -> list[str] | None:
+    """The flags that parse back to ``args`` (those that differ from the defaults): the command line of a run the
+    Python API started. None when a value has no command-line spelling (a None where the default is a value, an empty
+    list) or the flags would not parse back to the same arguments."""
+    hints = typing.get_type_hints(TrainArguments)
+    flags: list[str] = []
+    for f in dataclasses.fields(TrainArguments):
+        value = getattr(args, f.name)
+        if value == field_default(f):
+            continue
+        kind, _ = base_type(hints[f.name])
+        if isinstance(value, bool):
+            words = ["true" if value else "false"]
+        elif value is None:
+            if kind not in (int, float):
+                return None
+            words = ["none"]
+        elif isinstance(value, list | tuple):
+            words = [repr(v) if isinstance(v, float) else str(v) for v in value]
+        elif isinstance(value, dict):
+            words = [json.dumps(value)]
+        else:
+            words = [repr(value) if isinstance(value, float) else str(value)]
+        if not words:
+            return None
+        flags += [f"--{f.name}", *words]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # parse_args prints open-instruct's compatibility notes
+            same = parse_args(flags, stage) == args
+    except (UserError, SystemExit, ValueError, TypeError):
+        return None
+    return flags if same else None

@@ -6,11 +6,10 @@ python -m open_instruct.report.plot OUTPUT_DIR [--out curves.png]
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
-from open_instruct.files import atomic_write
+from open_instruct.files import atomic_write, read_jsonl
 
 # (metric, panel title); a panel whose metric was never logged says so instead of drawing an empty axis.
 PANELS = (
@@ -32,11 +31,7 @@ def read_rows(output_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"error: {path} not found")
     rows: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
+    for row in read_jsonl(path):
         if isinstance(row, dict) and "training_step" in row and "train_loss" in row:
             rows[int(row["training_step"])] = row
     return [rows[s] for s in sorted(rows)]

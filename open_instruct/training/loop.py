@@ -132,6 +132,13 @@ def _epoch_loader(accelerator: Any, dataloader: Any, epoch: int, skip: int) -> A
     return accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
 
 
+def _start_clock(tokens_before: int) -> dict[str, float]:
+    """The loop's clock: when this attempt started, when the current logging interval started, the run's token count
+    so far (a resumed run's starts at its checkpoint's) and the count this attempt started from."""
+    now = time.perf_counter()
+    return {"start": now, "interval": now, "tokens": tokens_before, "start_tokens": tokens_before}
+
+
 def _interval_row(
     accelerator: Any, interval: StepMetrics, settings: LoopSettings, clock: dict[str, float], lr: float, epoch: float
 ) -> tuple[dict[str, Any], dict[str, float]]:
@@ -141,7 +148,9 @@ def _interval_row(
     row = {"learning_rate": lr, "epoch": epoch, **averages}
     perf = {
         "perf/tokens_per_second_step": tokens / max(now - clock["interval"], 1e-9),
-        "perf/tokens_per_second_avg": (clock["tokens"] + tokens) / max(now - clock["start"], 1e-9),
+        # this attempt's tokens over this attempt's time (a resumed run's clock starts at its checkpoint's count)
+        "perf/tokens_per_second_avg": (clock["tokens"] + tokens - clock["start_tokens"])
+        / max(now - clock["start"], 1e-9),
     }
     if settings.peak_flops:  # FLOPs summed over ranks, over every rank's peak for the interval
         perf["perf/mfu_step"] = mfu(flops, now - clock["interval"], settings.peak_flops, accelerator.num_processes)
@@ -249,7 +258,7 @@ def train_loop(
     steps_per_epoch = max(1, math.ceil(len(dataloader) / settings.gradient_accumulation_steps))
     step, last, evaluated_at = state.step, {}, -1
     interval = StepMetrics()
-    clock = {"start": time.perf_counter(), "interval": time.perf_counter(), "tokens": state.tokens_total}
+    clock = _start_clock(state.tokens_total)
     quiet = None if accelerator.is_local_main_process else True
     bar = tqdm(total=settings.max_train_steps, initial=step, desc="training", unit="step", disable=quiet)
     if state.eval_pending and evaluate is not None:  # cut short by a stop signal: redo it before the resumed steps
@@ -374,7 +383,7 @@ def _after_step(
             f"exiting with code {PREEMPTED_EXIT_CODE}, rerun the same command to resume"
             + (" (it evaluates this step first: the evaluation was cut short)" if eval_cut else "")
         )
-        raise Preempted(f"stopped at optimizer step {step}, checkpoint {saved}")
+        raise Preempted(f"stopped at optimizer step {step}, checkpoint {saved}", step)
     return evaluated, False
 
 

@@ -25,7 +25,12 @@ DEFAULT_SIGNALS = "SIGTERM,SIGINT,SIGUSR1"
 
 
 class Preempted(Exception):
-    """The run stopped on a preemption signal after saving its progress; rerun the same command to resume."""
+    """The run stopped on a preemption signal after saving its progress; rerun the same command to resume.
+    ``step``: the optimizer step saved (None: stopped before training, in the reference pass)."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class EvaluationStopped(Exception):

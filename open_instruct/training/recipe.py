@@ -8,24 +8,30 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from open_instruct.config import TrainArguments, compat, settings_of
-from open_instruct.config.cli import exit_on_user_error, parse_args
+from open_instruct.config.cli import command_line_flags, exit_on_user_error, parse_args
 from open_instruct.config.path_checks import check_paths
 from open_instruct.data.sampler import real_rows_fn
 from open_instruct.engine import select_engine
 from open_instruct.engine.base import effective_mixed_precision
 from open_instruct.engine.deepspeed import DeepSpeedEngine
-from open_instruct.engine.loss_scaling import check_fp16_weights, enable_fp16, loss_scaler_of
+from open_instruct.engine.loss_scaling import check_fp16_device, check_fp16_weights, enable_fp16, loss_scaler_of
 from open_instruct.errors import UserError
 from open_instruct.files import write_text_atomic
 from open_instruct.model.modeling import check_model_options, parse_additional_model_arguments
 from open_instruct.plan.check import dry_run
+from open_instruct.report.phases import phase, restart_clock
 from open_instruct.report.plot import write_curves
+from open_instruct.report.run_commands import next_commands
+from open_instruct.report.samples import side_by_side
+from open_instruct.report.summary import prepared_data_cache, summarize_run
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training import output_lock, rank_watch
 from open_instruct.training.checkpointing import latest_complete_checkpoint, save_final_model
@@ -47,7 +53,9 @@ def preflight(args: TrainArguments, pretraining: bool = False) -> None:
     check_model_options(cfg.model)  # CUDA / packages for QLoRA and flash-attention, JSON of extra model arguments
     if effective_mixed_precision(cfg.model.mixed_precision, dict(os.environ)) == "fp16":
         options = parse_additional_model_arguments(cfg.model.additional_model_arguments)
-        check_fp16_weights(options, deepspeed=isinstance(select_engine(cfg.engine), DeepSpeedEngine))
+        deepspeed = isinstance(select_engine(cfg.engine), DeepSpeedEngine)
+        check_fp16_weights(options, deepspeed)
+        check_fp16_device(deepspeed, cuda=torch.cuda.is_available())
     check_optimizer_environment(cfg.optim)  # CUDA / bitsandbytes for the 8-bit and paged optimizers
     compat.check_trackers(args)  # --report_to tensorboard needs its package
     check_paths(args, pretraining)
@@ -59,22 +67,105 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
     a run stopped by a preemption signal (its progress saved) exits with code 75."""
 
     def entry() -> None:
-        args = parse_args(argv)
+        args = parse_args(argv, stage)
         check(args)
         preflight(args)
         args = same_global_batch(args)  # a resume on another number of processes keeps the checkpoint's batch
         if args.dry_run:
             dry_run(settings_of(args), stage)
             return
+        restart_clock()  # the summary's wall time counts from here
         try:
             with no_empty_output_on_error(args.output_dir), run_guard():
                 run(args)
-        except Preempted:
-            exit_preempted()
+        except Preempted as stop:
+            try:
+                summarize(args, stage, argv, stopped(stop))
+            finally:
+                exit_preempted()  # code 75 whatever the summary does: schedulers requeue on it
+        else:
+            summarize(args, stage, argv, ending_of(args, stage))
         finally:
             uninstall()  # the run's stop-signal handlers end with it, also for a caller in the same process
 
     exit_on_user_error(entry)
+
+
+STAGE_MODULES = {
+    "dpo": "open_instruct.dpo_tune_cache",
+    "sft": "open_instruct.finetune",
+    "pretrain": "open_instruct.pretrain",
+}
+EARLY_ENDS = {  # flag -> how the summary names a run it ended before training
+    "cache_dataset_only": ("cached_data", "--cache_dataset_only: the prepared data cached"),
+    "cache_logprobs_only": ("cached_logprobs", "--cache_logprobs_only: the reference log-probs cached"),
+}
+
+
+def early_end(args: TrainArguments, stage: str) -> str | None:
+    """The :data:`EARLY_ENDS` flag that ends this run before training, if any (DPO's: the other stages train anyway)."""
+    return next((flag for flag in EARLY_ENDS if stage == "dpo" and getattr(args, flag)), None)
+
+
+def ending_of(args: TrainArguments, stage: str) -> dict[str, Any]:
+    """How a run that returned ended: finished, or as its :func:`early_end` flag says."""
+    flag = early_end(args, stage)
+    if flag is None:
+        return {"status": "finished", "step": None, "detail": ""}
+    status, detail = EARLY_ENDS[flag]
+    return {"status": status, "step": None, "detail": detail}
+
+
+def stopped(stop: Preempted) -> dict[str, Any]:
+    """The summary's ending of a run a stop signal ended, its progress saved."""
+    return {"status": "preempted", "step": stop.step, "detail": str(stop)}
+
+
+def summarize_call(args: TrainArguments, stage: str, ending: dict[str, Any], extra_flags: Sequence[str] = ()) -> None:
+    """:func:`summarize` for a run the Python API started: its commands are those of the command line that runs the
+    same arguments (``extra_flags`` appended), none where the arguments have no command-line spelling."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    flags = command_line_flags(args, stage)
+    summarize(args, stage, None if flags is None else [*flags, *extra_flags], ending, api=True)
+
+
+def summarize(
+    args: TrainArguments, stage: str, argv: list[str] | None, ending: dict[str, Any], api: bool = False
+) -> None:
+    """Print the run's summary and write ``<output_dir>/summary.json``, on the main process (``report/summary.py``);
+    a summary that cannot be written is a warning, never a failed run. ``argv``: the entry's (None: the command
+    line's; with ``api``: there is none)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    output_dir = Path(args.output_dir)
+    early = early_end(args, stage)
+    uses_references = stage == "dpo" and not args.cache_dataset_only and args.needs_reference  # simpo, orpo: none
+    references = args.reference_logprobs_cache_path if uses_references else None
+    context = {
+        "stage": stage,
+        "cwd": os.getcwd(),
+        "commands": next_commands(
+            STAGE_MODULES[stage],
+            argv,
+            output_dir,
+            None if early is None else f"--{early}",
+            plannable=stage != "pretrain",
+            known=not api or argv is not None,
+        ),
+        "caches": {"prepared data": prepared_data_cache(output_dir), "reference log-probs": references},
+    }
+    try:
+        print(summarize_run(output_dir, ending, context, summary_sections(output_dir)), flush=True)
+    except OSError as err:
+        print(f"warning: no run summary in {output_dir}: {err}", flush=True)
+
+
+def summary_sections(output_dir: Path) -> list[tuple[str, str]]:
+    """Extra ``(title, text)`` sections for the run summary, printed after the standard ones and kept in
+    ``summary.json`` under ``sections``: the one place a feature adds its own."""
+    samples = side_by_side(output_dir)  # each sample prompt's answer at the start and at the end
+    return [samples] if samples else []
 
 
 def same_global_batch(args: TrainArguments) -> TrainArguments:
@@ -119,26 +210,27 @@ def run_guard() -> Iterator[None]:
 
 def start_run(args: TrainArguments) -> tuple[Any, Path]:
     """(accelerator built by the engine the flags select, output folder); the seed is set."""
-    # accelerate is slow to import: --help, validation and the planner never need it
-    from accelerate.utils import set_seed
+    with phase("start"):  # the run summary's wall time by phase
+        # accelerate is slow to import: --help, validation and the planner never need it
+        from accelerate.utils import set_seed
 
-    engine = select_engine(settings_of(args).engine)
-    output_dir = Path(args.output_dir)
-    trackers = compat.trackers(args.report_to) if args.with_tracking else []
-    accelerator = engine.build_accelerator(
-        args.gradient_accumulation_steps,
-        args.mixed_precision,
-        trackers,
-        args.timeout,
-        project_dir=str(output_dir),
-        sync_each_batch=args.sync_each_batch,
-    )
-    enable_fp16(accelerator)  # fp16 autocast and loss scaling where the engine does not do them itself
-    accelerator.print(engine.describe())
-    set_seed(args.seed)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    output_lock.hold(output_dir, accelerator)  # one run per output folder: refused here, before any expensive work
-    rank_watch.start(args.rank_failure_timeout, accelerator.print)  # a dead rank stops every rank, named
+        engine = select_engine(settings_of(args).engine)
+        output_dir = Path(args.output_dir)
+        trackers = compat.trackers(args.report_to) if args.with_tracking else []
+        accelerator = engine.build_accelerator(
+            args.gradient_accumulation_steps,
+            args.mixed_precision,
+            trackers,
+            args.timeout,
+            project_dir=str(output_dir),
+            sync_each_batch=args.sync_each_batch,
+        )
+        enable_fp16(accelerator)  # fp16 autocast and loss scaling where the engine does not do them itself
+        accelerator.print(engine.describe())
+        set_seed(args.seed)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        output_lock.hold(output_dir, accelerator)  # one run per output folder: refused here, before any expensive work
+        rank_watch.start(args.rank_failure_timeout, accelerator.print)  # a dead rank stops every rank, named
     return accelerator, output_dir
 
 
@@ -230,7 +322,7 @@ def train(
     layout, output = select_engine(settings_of(args).engine).state_layout(1), Path(args.output_dir)
     report_room_at_start(accelerator, faults, layout, run.model, output, latest_complete_checkpoint(output)[0])
     profiler = profiled_steps(accelerator, Path(args.output_dir)) if args.profiling else contextlib.nullcontext()
-    with profiler as step_hook:
+    with phase("training"), profiler as step_hook:  # the run summary's wall time by phase
         settings.step_hook = rank_watch.with_injected_fault(step_hook, accelerator.process_index)  # tests only
         return train_loop(
             accelerator,
@@ -247,12 +339,13 @@ def train(
 
 
 def finish_run(accelerator: Any, model: Any, tokenizer: Any, output_dir: Path, merge_lora: bool = False) -> Path:
-    """The final model in Hugging Face format, and ``curves.png`` beside ``metrics.jsonl``."""
-
-    save_final_model(accelerator, model, tokenizer, output_dir, merge_lora=merge_lora)
-    accelerator.print(f"saved the final model to {output_dir}")
-    if accelerator.is_main_process:
-        curves = write_curves(output_dir)
-        if curves is not None:
-            accelerator.print(f"training curves: {curves}")
+    """The final model in Hugging Face format, and ``curves.png`` beside ``metrics.jsonl`` (the run summary's "save"
+    phase)."""
+    with phase("save"):
+        save_final_model(accelerator, model, tokenizer, output_dir, merge_lora=merge_lora)
+        accelerator.print(f"saved the final model to {output_dir}")
+        if accelerator.is_main_process:
+            curves = write_curves(output_dir)
+            if curves is not None:
+                accelerator.print(f"training curves: {curves}")
     return output_dir

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
+import shlex
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch
 from open_instruct import DPOConfig, PreferenceDatasetConfig, TrainingConfig, UserError, run_dpo
 from open_instruct.api import dpo_arguments, preference_arguments
 from open_instruct.api.configs import writes_pt
+from open_instruct.config.cli import parse_args
 from open_instruct.model.state_dict import load_pt_checkpoint
 from tests.conftest import read_metrics, run_cli, small_run_args
 
@@ -69,6 +73,19 @@ def test_run_dpo_and_the_cli_give_the_same_metrics(tiny_model_dir, synthetic_dat
             "token_count",
         ):
             assert a[key] == pytest.approx(c[key], rel=1e-4, abs=1e-6), key
+    # the API run sums up as the CLI does (sample answers included: on by default, and the losses above are the
+    # CLI's without them); its resume command is the command line of the run's own arguments
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["ended"]["status"] == "finished" and summary["steps"] == {"done": 8, "total": 8}
+    assert [title.split(",")[0] for title in summary["sections"]] == ["sample answers"]
+    words = shlex.split(summary["commands"]["resume"])
+    assert words[1:3] == ["-m", "open_instruct.dpo_tune_cache"]
+    parsed = dataclasses.asdict(parse_args(words[3:]))
+    recorded = json.loads((path / "run_config.json").read_text())
+    shared = [name for name in recorded if name in parsed]
+    differ = {k for k in shared if parsed[k] != recorded[k]}
+    assert len(shared) > 150 and differ == {"packing", "share_prompt", "group_by_length"}  # recorded as resolved
+    assert all(parsed[k] is None for k in differ)  # "auto" in both runs: resolved the same way at run time
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from open_instruct.config import validate
+from open_instruct.config import TrainArguments, validate
 from open_instruct.config.cli import parse_args
 from open_instruct.errors import UserError
 
@@ -119,3 +121,22 @@ def test_odd_mixer_list_is_an_error():
 def test_model_is_required():
     with pytest.raises(UserError, match="--model_name_or_path is required"):
         validate(parse_args(["--mixer_list", "a.jsonl", "1.0"]))
+
+
+def test_command_line_flags_parse_back_to_the_same_arguments():
+    """An API run's command line (its summary's resume command): only the flags that differ from the defaults, and
+    they parse back to the same arguments; a value with no command-line spelling gives None, never a wrong command."""
+    from open_instruct.config.cli import command_line_flags
+
+    args = parse_args(
+        ["--model_name_or_path", "m", "--mixer_list", "a.jsonl", "0.5", "b", "3", "--learning_rate", "-1e-5"]
+        + ["--gradient_checkpointing", "--use_slow_tokenizer", "false", "--max_train_steps", "7", "--beta", "0.1"]
+        + ["--additional_model_arguments", '{"rope_theta": 5}', "--output_dir", "out dir"]
+    )
+    flags = command_line_flags(args)
+    assert flags is not None and parse_args(flags) == args
+    assert "--use_slow_tokenizer" not in flags and flags[flags.index("--max_train_steps") + 1] == "7"
+    assert command_line_flags(TrainArguments(model_name_or_path="m", reference_logprobs_cache_path="c")) == [
+        "--model_name_or_path", "m", "--reference_logprobs_cache_path", "c"
+    ]  # fmt: skip
+    assert command_line_flags(dataclasses.replace(args, exp_name=None)) is None  # a name flag cannot say None

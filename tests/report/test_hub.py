@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli_env, read_metrics, small_run_args
+from tests.conftest import read_metrics, run_cli, run_python, small_run_args
 from tests.fake_hub import FakeHub
 
 pytestmark = pytest.mark.slow
@@ -63,27 +61,19 @@ def tracked_run(tiny_model_dir, synthetic_data, tmp_path_factory):
         with_tracking=True,
         wandb_project="proj",
         checkpointing_steps="2",
+        num_sample_prompts="2",  # the sample answers' wandb table
+        sample_max_new_tokens="6",
     )
     with FakeHub() as hub:
-        env = cli_env(tmp / "cache")
-        env.pop("HF_HUB_OFFLINE", None)
-        env.update(
-            {
-                "HF_ENDPOINT": hub.endpoint,
-                "HF_TOKEN": TOKEN,
-                "WANDB_MODE": "offline",
-                "WANDB_DIR": str(tmp / "wandb_dir"),
-                "WANDB_SILENT": "true",
-            }
-        )
-        result = subprocess.run(
-            [sys.executable, "-m", "open_instruct.dpo_tune_cache", *args],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        hub_env = {
+            "HF_HUB_OFFLINE": "0",  # cli_env's "1" would keep the push from reaching the fake Hub
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_TOKEN": TOKEN,
+            "WANDB_MODE": "offline",
+            "WANDB_DIR": str(tmp / "wandb_dir"),
+            "WANDB_SILENT": "true",
+        }
+        result = run_cli(args, tmp / "cache", extra_env=hub_env)
     assert result.returncode == 0, result.stderr
     return out, hub, result, tmp / "wandb_dir"
 
@@ -136,17 +126,31 @@ def test_wandb_offline_run_holds_config_and_every_metric(tracked_run):
             assert history[row["training_step"]][key] == pytest.approx(row[key], rel=1e-9), key
 
 
+def test_wandb_offline_run_holds_the_sample_answers_table(tracked_run):
+    """The samples table: every answer of the run (start, then final) as a wandb Table whose rows are samples.jsonl's."""
+    out, _, _, wandb_dir = tracked_run
+    (file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    tables = []
+    for r in read_wandb_records(file):
+        if r.HasField("history"):  # a table arrives as nested items: samples/_type, samples/path, ...
+            fields = {
+                i.nested_key[1]: json.loads(i.value_json) for i in r.history.item if i.nested_key[:1] == ["samples"]
+            }
+            tables += [fields] if fields else []
+    assert tables and all(t["_type"] == "table-file" for t in tables), tables
+    table = json.loads((file.parent / "files" / tables[-1]["path"]).read_text())
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == ["start", "start", "final", "final"] and tables[-1]["nrows"] == len(rows)
+    assert table["columns"] == ["step", "prompt_index", "prompt", "answer", "tokens", "seconds"]
+    assert [row[:4] for row in table["data"]] == [
+        [str(r[k]) for k in ("step", "prompt_index", "prompt", "answer")] for r in rows
+    ]
+
+
 def test_plot_command_writes_a_png(tracked_run, tmp_path):
     out, *_ = tracked_run
     target = tmp_path / "curves.png"
-    result = subprocess.run(
-        [sys.executable, "-m", "open_instruct.report.plot", str(out), "--out", str(target)],
-        env=cli_env(tmp_path),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python(["-m", "open_instruct.report.plot", str(out), "--out", str(target)], tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     data = target.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -178,8 +182,6 @@ def test_repo_id_resolution(flags, expected, monkeypatch):
 
 
 def test_push_without_owner_or_token_fails_before_training(tiny_model_dir, synthetic_data, tmp_path):
-    from tests.conftest import run_cli
-
     out = tmp_path / "run"
     env_args = small_run_args(tiny_model_dir, synthetic_data[0], out, push_to_hub=True)
     result = run_cli(env_args, tmp_path / "cache")  # HF_HUB_OFFLINE=1: the user lookup cannot succeed
