@@ -29,6 +29,7 @@ def _flags(model: Path, data: Path, out: Path, extra: list[str], pairs: int, max
         ),
         *("--per_device_train_batch_size", "4", "--max_train_steps", "2", "--learning_rate", "1e-3"),
         *("--output_dir", str(out), "--dataset_local_cache_dir", str(out / "data_cache"), *extra),
+        *("--num_sample_prompts", "0"),  # the plan models training; sample answers are generation
     ]
 
 

@@ -157,6 +157,7 @@ def run_ours(model_dir: str, data: str, out: Path, length: int, batch: int, step
         max_train_steps=steps,
         output_dir=str(out / "run"),
         reference_logprobs_cache_path=str(out / "refcache"),
+        num_sample_prompts=0,  # TRL samples nothing: time the training alone
         dataset_local_cache_dir=str(out / "dscache"),
     )
     validate(args)

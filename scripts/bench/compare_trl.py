@@ -196,6 +196,7 @@ def run_ours(model_dir: str, data: str, out: Path, max_steps: int | None, profil
         max_train_steps=max_steps,
         output_dir=str(out / "run"),
         reference_logprobs_cache_path=str(out / "refcache"),
+        num_sample_prompts=0,  # TRL samples nothing: time the training alone
         reference_batch_size=16,
     )
     validate(args)

@@ -85,6 +85,7 @@ def command(model: Path, train: Path, out: Path, a: argparse.Namespace) -> list[
         "checkpointing_steps": a.checkpoint_every,
         "keep_last_n_checkpoints": a.keep,
         "output_dir": out,
+        "num_sample_prompts": 0,  # the soak checks resumes; sample answers would only add time
     }
     argv = [sys.executable, "-m", "open_instruct.dpo_tune_cache"]
     for key, value in flags.items():

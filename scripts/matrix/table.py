@@ -119,5 +119,5 @@ def render(cells: list[Cell], rows: dict[str, dict], runs: list[str]) -> str:
         if row["error"]:
             refusals.append(f"- cell {i}: `{row['error']}`")
     if refusals:
-        lines += ["", "Refused combinations (documented in README):", "", *refusals]
+        lines += ["", "Refused combinations (documented in docs/engines.md):", "", *refusals]
     return "\n".join(lines) + "\n"

@@ -1,12 +1,11 @@
 """Helpers of ``make demo-real`` (scripts/train/debug/dpo_cpu_real.sh):
 
     python scripts/real_model/demo_tools.py split OUT_DIR [--train 64] [--test 64]
-    python scripts/real_model/demo_tools.py answer MODEL_DIR [--prompt TEXT] [--label TEXT]
     python scripts/real_model/demo_tools.py rewards OUTPUT_DIR
 
 ``split`` writes train.jsonl and test.jsonl from the repository's real HH-RLHF rows (tests/fixtures, MIT; the shorter
-ones, so a CPU trains on them in minutes); ``answer`` prints the model's greedy answer to one question; ``rewards``
-prints the run's reward accuracy on its training pairs in its last epoch, from its metrics.jsonl.
+ones, so a CPU trains on them in minutes) and prompts.txt, the question the run answers before and after DPO
+(``--sample_prompts``: the run summary shows both answers); ``rewards`` prints the run's reward accuracy on its training pairs in its last epoch, from its metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -34,22 +33,10 @@ def split(out: Path, n_train: int, n_test: int, max_chars: int = 600) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", rows[:n_train]), ("test", rows[n_train : n_train + n_test])):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    print(f"data: {n_train} training and {n_test} held-out real HH-RLHF pairs in {out}")
-
-
-def answer(model_dir: str, prompt: str, label: str) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
-    with torch.no_grad():
-        generated = model.generate(ids, max_new_tokens=40, do_sample=False)
-    text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True).strip()
-    print(f"{label}: Q: {prompt}\n  A: {text}")
+    (out / "prompts.txt").write_text(QUESTION + "\n")
+    print(
+        f"data: {n_train} training and {n_test} held-out real HH-RLHF pairs in {out}, a sample prompt in prompts.txt"
+    )
 
 
 def rewards(output_dir: Path) -> None:
@@ -70,17 +57,11 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--train", type=int, default=48)
     p.add_argument("--test", type=int, default=48)
-    p = sub.add_parser("answer")
-    p.add_argument("model")
-    p.add_argument("--prompt", default=QUESTION)
-    p.add_argument("--label", default="greedy answer")
     p = sub.add_parser("rewards")
     p.add_argument("output_dir", type=Path)
     args = parser.parse_args()
     if args.command == "split":
         split(args.out, args.train, args.test)
-    elif args.command == "answer":
-        answer(args.model, args.prompt, args.label)
     else:
         rewards(args.output_dir)
 

@@ -305,19 +305,19 @@ def test_pretraining_refuses_dry_run_instead_of_ignoring_it():
         check_pretrain_arguments(args)
 
 
-def test_readme_plan_table_is_what_the_script_prints(monkeypatch, capsys):
+def test_planning_page_table_is_what_the_script_prints(monkeypatch, capsys):
     import importlib.util
 
     monkeypatch.chdir(ROOT)  # the script changes to the repository root
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "scripts" / "plan" / "readme_table.py")
+    spec = importlib.util.spec_from_file_location("plan_table", ROOT / "scripts" / "plan" / "plan_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| Tulu 3")]
     assert len(rows) == 18
-    readme = (ROOT / "README.md").read_text()
-    assert all(row in readme for row in rows)
+    page = (ROOT / "docs" / "planning.md").read_text()
+    assert all(row in page for row in rows)
 
 
 def test_dry_run_mfu_scales_the_predicted_time(monkeypatch, tmp_path):

@@ -113,7 +113,7 @@ def test_table_of_the_earlier_format_reads_as_one_run(tmp_path):
         + " | ".join(options.AXES)
         + " | result | loss diff "
         "| weights |\n|---|\n| 0 | " + " | ".join(cell.values()) + " | pass (refused) |  |  |\n\nRefused combinations "
-        "(documented in README):\n\n- cell 0: `error: no`\n"
+        "(documented in docs/engines.md):\n\n- cell 0: `error: no`\n"
     )
     runs, rows = table.read(path)
     assert runs == ["`python scripts/matrix/run.py --strength 3` (1 of the 1 cells); launches took single 3s"]

@@ -28,15 +28,15 @@ cmd=(python open_instruct/dpo_tune_cache.py
     --seed 1
     --output_dir "$OUTPUT_DIR"
     --dataset_local_cache_dir "$DEMO_DIR/dataset_cache"
+    --sample_prompts "$DEMO_DIR/data/prompts.txt"
+    --sample_max_new_tokens 40
     "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 python scripts/real_model/demo_tools.py split "$DEMO_DIR/data"
 python -m open_instruct.evaluate --model_name_or_path "$MODEL" --data "$DEMO_DIR/data/test.jsonl" \
     --label "held-out preference accuracy before DPO"
-python scripts/real_model/demo_tools.py answer "$MODEL" --label "before DPO"
 "${cmd[@]}"
 python -m open_instruct.evaluate --model_name_or_path "$OUTPUT_DIR" --data "$DEMO_DIR/data/test.jsonl" \
     --label "held-out preference accuracy after DPO"
 python scripts/real_model/demo_tools.py rewards "$OUTPUT_DIR"
-python scripts/real_model/demo_tools.py answer "$OUTPUT_DIR" --label "after DPO"
 echo "demo wall time: $(( $(date +%s) - start ))s"

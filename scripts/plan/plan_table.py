@@ -1,8 +1,8 @@
-"""The README's plan table: Tulu 3 8B and 70B DPO at 2k tokens on 1, 4 and 16 nodes of 8 H100-80GB, ZeRO-2 vs ZeRO-3
+"""The plan table of docs/planning.md: Tulu 3 8B and 70B DPO at 2k tokens on 1, 4 and 16 nodes of 8 H100-80GB, ZeRO-2 vs ZeRO-3
 vs ZeRO-3 with the optimizer offloaded, each row the plan ``--dry_run`` prints for that command (offline: the model
 configs shipped under configs/models/, the Tulu 3 8B preference mixture's 272,898 pairs given as its size).
 
-    python scripts/plan/readme_table.py > table.md
+    python scripts/plan/plan_table.py > table.md
 """
 
 from __future__ import annotations
