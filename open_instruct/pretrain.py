@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from open_instruct.errors import UserError
 from open_instruct.files import write_text_atomic
 from open_instruct.model.modeling import note_slow_tokenizer, resolve_attn_implementation
 from open_instruct.objectives.logprobs import sequence_logprobs
-from open_instruct.report.phases import phase, restart_clock
+from open_instruct.report.phases import phase
 from open_instruct.report.tracking import MetricsLogger
 from open_instruct.training import recipe
 from open_instruct.training.evaluation import NLLEvaluator
@@ -178,9 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         args = parse_args(rest, stage="pretrain")
         check_pretrain_arguments(args)
         preflight(args, pretraining=True)
-        restart_clock()  # the summary's wall time counts from here
-        run(args, known.text_column)
-        recipe.summarize(args, "pretrain", argv, recipe.ending_of(args, "pretrain"))
+        with recipe.summarized(args, "pretrain", partial(recipe.summarize, args, "pretrain", argv)):
+            run(args, known.text_column)
 
     exit_on_user_error(entry)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,8 @@ from open_instruct.model.state_dict import (
 )
 from open_instruct.objectives.losses import hyperparameter_names
 from open_instruct.plan import check as plan_check
-from open_instruct.report.phases import restart_clock
 from open_instruct.training import preemption
-from open_instruct.training.preemption import Preempted
-from open_instruct.training.recipe import ending_of, preflight, run_guard, stopped, summarize_call
+from open_instruct.training.recipe import preflight, run_guard, summarize_call, summarized
 
 
 def plan_run(args: TrainArguments, stage: str) -> Any:
@@ -185,18 +184,13 @@ def fresh_accelerate_state() -> Iterator[None]:
         restore_process_state()
 
 
-@contextlib.contextmanager
-def summarized(args: TrainArguments, stage: str, extra_flags: Sequence[str] = ()) -> Iterator[None]:
+def call_summarized(
+    args: TrainArguments, stage: str, extra_flags: Sequence[str] = ()
+) -> contextlib.AbstractContextManager[None]:
     """The run summary of an API run, as the command line prints and writes it: after the final checkpoint, or after a
     stop signal saved the run (then ``Preempted`` goes on to the caller). Its commands are the command line that
     trains the same arguments (``extra_flags`` appended)."""
-    restart_clock()  # the summary's wall time counts from here
-    try:
-        yield
-    except Preempted as stop:
-        summarize_call(args, stage, stopped(stop), extra_flags)
-        raise
-    summarize_call(args, stage, ending_of(args, stage), extra_flags)
+    return summarized(args, stage, partial(summarize_call, args, stage, extra_flags=extra_flags))
 
 
 def run_training(
@@ -218,7 +212,7 @@ def run_training(
     args = pretrain_arguments(model_config, train, dataset, tokenizer_name)
     preflight(args, pretraining=True)
     column = [] if dataset.text_column == "text" else ["--text_column", dataset.text_column]
-    with summarized(args, "pretrain", column):
+    with call_summarized(args, "pretrain", column):
         with fresh_accelerate_state():
             folder = Path(pretrain.run(args, dataset.text_column))
         return final_checkpoint(folder, train, "pretrain", args.tokenizer_name_or_path)
@@ -244,7 +238,7 @@ def run_sft(
         return plan_run(args, "sft")
     unpack_checkpoint(args, checkpoint, tokenizer_name, model_config, train.output_dir)
     preflight(args)
-    with summarized(args, "sft"):
+    with call_summarized(args, "sft"):
         with fresh_accelerate_state():
             folder = Path(finetune.run(args))
         return final_checkpoint(folder, train, "sft", source_tokenizer(checkpoint, tokenizer_name))
@@ -278,7 +272,7 @@ def run_dpo(
         return plan_run(args, "dpo")
     unpack_checkpoint(args, checkpoint, tokenizer_name, model_config, train.output_dir)
     preflight(args)
-    with summarized(args, "dpo"):
+    with call_summarized(args, "dpo"):
         with fresh_accelerate_state():
             try:
                 folder = Path(dpo_tune_cache.run(args))

@@ -148,8 +148,6 @@ def _value(value: Any) -> str:
         return re.sub(r"e([+-])0+(\d)", r"e\1\2", f"{value:g}").replace("e+", "e")
     if isinstance(value, list):
         return " ".join(_value(v) for v in value)
-    if isinstance(value, dict):
-        return str(value)
     return str(value)
 
 

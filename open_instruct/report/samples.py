@@ -71,12 +71,17 @@ def read_prompt_file(path: str | Path) -> list[list[dict[str, str]]]:
     return chats
 
 
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    """The rows as JSON lines, non-ASCII text kept as written (the file is UTF-8)."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def append_rows(output_dir: str | Path, rows: list[dict[str, Any]]) -> None:
     """One occasion's rows appended with a single write and flush (a kill leaves at most one cut line, skipped)."""
     if not rows:
         return
     with (Path(output_dir) / SAMPLES_FILE).open("a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        handle.write(_jsonl(rows))
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -91,7 +96,7 @@ def keep_rows(output_dir: str | Path, keep: Any) -> list[dict[str, Any]]:
     path = Path(output_dir) / SAMPLES_FILE
     rows = [row for row in read_rows(output_dir) if keep(row)]
     if path.is_file():
-        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text_atomic(path, _jsonl(rows))
     return rows
 
 

@@ -8,8 +8,9 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +75,12 @@ def command_line(argv: list[str] | None, check: Any, run: Any, stage: str = "dpo
         if args.dry_run:
             dry_run(settings_of(args), stage)
             return
-        restart_clock()  # the summary's wall time counts from here
+        report = partial(summarize, args, stage, argv)
         try:
-            with no_empty_output_on_error(args.output_dir), run_guard():
+            with summarized(args, stage, report), no_empty_output_on_error(args.output_dir), run_guard():
                 run(args)
-        except Preempted as stop:
-            try:
-                summarize(args, stage, argv, stopped(stop))
-            finally:
-                exit_preempted()  # code 75 whatever the summary does: schedulers requeue on it
-        else:
-            summarize(args, stage, argv, ending_of(args, stage))
+        except Preempted:
+            exit_preempted()
         finally:
             uninstall()  # the run's stop-signal handlers end with it, also for a caller in the same process
 
@@ -119,6 +115,23 @@ def ending_of(args: TrainArguments, stage: str) -> dict[str, Any]:
 def stopped(stop: Preempted) -> dict[str, Any]:
     """The summary's ending of a run a stop signal ended, its progress saved."""
     return {"status": "preempted", "step": stop.step, "detail": str(stop)}
+
+
+@contextlib.contextmanager
+def summarized(args: TrainArguments, stage: str, report: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Time the block for the run summary (its wall time counts from here), then ``report(ending)``: after a run
+    that returned (finished, or ended early) or one a stop signal ended with its progress saved. ``Preempted`` goes
+    on whatever the report does: its exit code 75 is what schedulers requeue on. The command line, the Python API
+    and pretraining's entry all sum up a run through here."""
+    restart_clock()
+    try:
+        yield
+    except Preempted as stop:
+        try:
+            report(stopped(stop))
+        finally:
+            raise stop
+    report(ending_of(args, stage))
 
 
 def summarize_call(args: TrainArguments, stage: str, ending: dict[str, Any], extra_flags: Sequence[str] = ()) -> None:

@@ -34,7 +34,7 @@ def prompts_from_records(records: Sequence[dict[str, Any]], tokenizer: Any, n: i
     """The first ``n`` pairs' prompts: the chosen side's ids before its first label (the templated prompt with the
     generation prompt, exactly as training reads it)."""
     prompts = []
-    for record in list(records[: min(n, len(records))]):
+    for record in records[:n]:
         labels = list(record["chosen_labels"])
         length = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
         ids = [int(t) for t in record["chosen_input_ids"][:length]]

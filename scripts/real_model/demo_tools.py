@@ -5,7 +5,8 @@
 
 ``split`` writes train.jsonl and test.jsonl from the repository's real HH-RLHF rows (tests/fixtures, MIT; the shorter
 ones, so a CPU trains on them in minutes) and prompts.txt, the question the run answers before and after DPO
-(``--sample_prompts``: the run summary shows both answers); ``rewards`` prints the run's reward accuracy on its training pairs in its last epoch, from its metrics.jsonl.
+(``--sample_prompts``: the run summary shows both answers); ``rewards`` prints the run's reward accuracy on its
+training pairs in its last epoch, from its metrics.jsonl.
 """
 
 from __future__ import annotations
