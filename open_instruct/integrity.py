@@ -162,14 +162,30 @@ def check_model_files(folder: str | os.PathLike, flag: str) -> None:
 _verified: dict[tuple, str | None] = {}
 
 
+def _stamp(root: Path) -> tuple:
+    """(name, size, time) of the manifest and of each file it lists: what :func:`manifest_problem` reads. The folder's
+    other files do not count: on a resume on another number of processes the main process writes DeepSpeed's
+    universal checkpoint into the same folder (files appearing and vanishing) while the other ranks check it."""
+    try:
+        names = list(json.loads((root / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []  # no manifest, or one manifest_problem names as unreadable
+    stamp = []
+    for name in (MANIFEST, *names):
+        try:
+            info = (root / name).stat()
+        except OSError:
+            stamp.append((name, None, None))  # missing: manifest_problem says so
+        else:
+            stamp.append((name, info.st_size, info.st_mtime_ns))
+    return tuple(stamp)
+
+
 def checked_once(root: str | os.PathLike) -> str | None:
-    """:func:`manifest_problem` (full), remembered while no file's size or time changes: a run that asks twice (every
-    process asks before and after setup) hashes once."""
+    """:func:`manifest_problem` (full), remembered while no listed file's size or time changes: a run that asks twice
+    (every process asks before and after setup) hashes once."""
     root = Path(root)
-    stamp = tuple(
-        (p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()
-    )
-    key = (str(root.resolve()), stamp)
+    key = (str(root.resolve()), _stamp(root))
     if key not in _verified:
         _verified[key] = manifest_problem(root)
     return _verified[key]

@@ -4,15 +4,25 @@ checkpoint resume falling back past a damaged checkpoint, and the header-only ch
 from __future__ import annotations
 
 import json
+import os
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from open_instruct import integrity
 from open_instruct.config.path_checks import model_source
 from open_instruct.errors import UserError
-from open_instruct.integrity import MANIFEST, file_crc32, manifest_problem, record_manifest, safetensors_problem
+from open_instruct.integrity import (
+    MANIFEST,
+    checked_once,
+    file_crc32,
+    manifest_problem,
+    record_manifest,
+    safetensors_problem,
+)
 from open_instruct.training.checkpointing import COMPLETED, CheckpointPolicy, TrainerState, resolve_resume
 
 
@@ -165,4 +175,38 @@ def test_a_shard_the_index_names_must_be_there(model_dir):
     assert str(err.value) == (
         f"--model_name_or_path: {model_dir / 'model-00002-of-00002.safetensors'} is missing "
         "(listed in model.safetensors.index.json)"
+    )
+
+
+def test_a_checkpoint_is_hashed_once_while_its_listed_files_stay_and_again_when_one_changes(tmp_path, monkeypatch):
+    root = tmp_path / "step_2"
+    _folder(root)
+    record_manifest(root)
+    hashed = []
+    monkeypatch.setattr(integrity, "file_crc32", lambda path: hashed.append(path) or file_crc32(path))
+    assert checked_once(root) == "" and len(hashed) == 2
+    assert checked_once(root) == "" and len(hashed) == 2  # asked again: remembered
+    _flip(root / "a.bin")
+    os.utime(root / "a.bin", ns=(1, 1))  # a changed time, whatever the file system's time resolution
+    assert "a.bin is damaged: its contents changed" in checked_once(root)
+
+
+def test_files_beside_the_listed_ones_that_come_and_go_do_not_disturb_the_check(tmp_path, monkeypatch):
+    """Rank 0 converts a ZeRO checkpoint to DeepSpeed's universal one inside the checkpoint folder while the other
+    ranks check that folder: a file it lists and then removes must not stop them (it once did, FileNotFoundError)."""
+    root = _checkpoint(tmp_path, 2)
+    (root / "universal.tmp").mkdir()
+    (root / "universal.tmp" / "exp_avg.pt").write_bytes(b"x" * 10)
+    real_stat, seen = Path.stat, set()
+
+    def vanishing(self, *args, **kwargs):  # the converter's file is there when first looked at, gone the next time
+        if "universal.tmp" in self.parts and self in seen:
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        seen.add(self)
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", vanishing)
+    assert resolve_resume(tmp_path, None) == (
+        root,
+        f"resuming from {root} (newest complete checkpoint in --output_dir)",
     )
