@@ -95,6 +95,17 @@ def manifest_problem(root: str | os.PathLike, full: bool = True) -> str | None:
     return files_problem(root, files, full)
 
 
+def recorded_bytes(root: str | os.PathLike) -> int | None:
+    """Bytes of ``root`` as it was written: the sizes its manifest records plus the manifest's own (None: no readable
+    manifest). Files added later (a resume's universal checkpoint inside a ZeRO checkpoint) do not count."""
+    path = Path(root) / MANIFEST
+    try:
+        files = json.loads(path.read_text())["files"]
+        return path.stat().st_size + sum(int(entry["size"]) for entry in files.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def files_problem(root: str | os.PathLike, files: dict[str, dict[str, Any]], full: bool = True) -> str:
     """ "" when each of ``files`` (``{name: {"size", "crc32"}}``) under ``root`` has its recorded size (and, with
     ``full``, checksum); else one phrase naming the first damaged file."""
@@ -164,8 +175,8 @@ _verified: dict[tuple, str | None] = {}
 
 def _stamp(root: Path) -> tuple:
     """(name, size, time) of the manifest and of each file it lists: what :func:`manifest_problem` reads. The folder's
-    other files do not count: on a resume on another number of processes the main process writes DeepSpeed's
-    universal checkpoint into the same folder (files appearing and vanishing) while the other ranks check it."""
+    other files do not count: on a resume on another number of processes the main process adds DeepSpeed's
+    universal checkpoint to the folder, which must not make the next check hash the whole folder again."""
     try:
         names = list(json.loads((root / MANIFEST).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):

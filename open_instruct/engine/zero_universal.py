@@ -58,6 +58,9 @@ def load_resharded(accelerator: Any, path: str) -> str | None:
         accelerator.load_state(path)
         return None
     converted = (folder / UNIVERSAL).is_dir()
+    # Every rank has finished reading the folder (its manifest, its metadata) before the main process writes into it:
+    # files of universal.tmp appearing and vanishing under another rank's directory walk ended a run.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process and not converted:
         _convert(folder)
     accelerator.wait_for_everyone()

@@ -21,6 +21,7 @@ from typing import Any
 from open_instruct.disk_space import failure_reason, free_bytes, human, tree_bytes
 from open_instruct.engine import whole_numel
 from open_instruct.errors import UserError
+from open_instruct.integrity import recorded_bytes
 from open_instruct.training.preemption import agreed
 
 # Beside the tensors: the trainer state, the RNG files, the scheduler and sampler, DeepSpeed's metadata.
@@ -51,9 +52,10 @@ def parameter_counts(model: Any) -> tuple[int, int]:
 
 def checkpoint_bytes_needed(previous: Path | None, estimate: int | None) -> tuple[int | None, str]:
     """(bytes the next checkpoint needs, where the figure comes from): the size of ``previous`` (the newest complete
-    checkpoint), else ``estimate`` (None: nothing known)."""
+    checkpoint) as its manifest recorded it, else as found on disk, else ``estimate`` (None: nothing known)."""
     if previous is not None:
-        return tree_bytes(previous), f"the size of {previous.name}"
+        written = recorded_bytes(previous)
+        return (tree_bytes(previous) if written is None else written), f"the size of {previous.name}"
     return estimate, "estimated from the parameter count and optimizer"
 
 

@@ -16,13 +16,13 @@ from open_instruct.engine import zero_universal
 
 class _Accelerator:
     def __init__(self, processes: int) -> None:
-        self.num_processes, self.is_main_process, self.loaded = processes, True, []
+        self.num_processes, self.is_main_process, self.loaded, self.events = processes, True, [], []
         self.deepspeed_engine_wrapped = SimpleNamespace(
             engine=SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False))
         )
 
     def wait_for_everyone(self) -> None:
-        pass
+        self.events.append("barrier")
 
     def load_state(self, path: str) -> None:
         self.loaded.append((path, self.deepspeed_engine_wrapped.engine._config.load_universal_checkpoint))
@@ -77,3 +77,21 @@ def test_conversion_redoes_a_cut_one_and_a_restart_reuses_a_finished_one(tmp_pat
     again = _Accelerator(1)
     assert "reused" in zero_universal.load_resharded(again, str(path))
     assert len(converter) == 1 and again.loaded == [(str(path / "universal"), True)]
+
+
+def test_every_rank_has_read_the_folder_before_the_main_process_converts_into_it(tmp_path, converter, monkeypatch):
+    """The other ranks walk the checkpoint folder (manifest, distributed metadata) before loading; the conversion
+    writes universal.tmp into that folder, so it may start only after a barrier every rank reaches first."""
+    path = _checkpoint(tmp_path / "step_2", 2)
+    accelerator = _Accelerator(1)
+    convert = zero_universal._convert
+    monkeypatch.setattr(
+        zero_universal, "_convert", lambda folder: (accelerator.events.append("convert"), convert(folder))
+    )
+    zero_universal.load_resharded(accelerator, str(path))
+    assert accelerator.events == ["barrier", "convert", "barrier"]
+
+    other = _Accelerator(1)  # a rank that is not the main process converts nothing but meets both barriers
+    other.is_main_process = False
+    zero_universal.load_resharded(other, str(path))
+    assert other.events == ["barrier", "barrier"] and other.loaded == [(str(path / "universal"), True)]

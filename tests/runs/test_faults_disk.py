@@ -30,7 +30,8 @@ PAIRS = 16  # 8 per step: 2 optimizer steps, a checkpoint after each
 
 
 def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    """What a checkpoint's save wrote before its one-line COMPLETED marker."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "COMPLETED")
 
 
 def _files(folder: Path) -> dict:

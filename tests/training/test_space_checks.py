@@ -58,7 +58,8 @@ def _files(folder: Path) -> dict:
 def test_a_save_that_cannot_fit_is_refused_before_any_write(trained, tmp_path, monkeypatch):
     previous = _save(trained, tmp_path, 2)
     before = _files(previous)
-    needed = sum(len(b) for b in before.values())  # the next checkpoint is as large as the last complete one
+    # The next checkpoint is as large as the last complete one (all it wrote before its one-line marker).
+    needed = sum(len(b) for name, b in before.items() if name != Path(COMPLETED))
     monkeypatch.setattr(space_checks, "free_bytes", lambda path: needed - 1)
     with pytest.raises(UserError) as err:
         _save(trained, tmp_path, 4)
@@ -71,6 +72,21 @@ def test_a_save_that_cannot_fit_is_refused_before_any_write(trained, tmp_path, m
     assert not (tmp_path / "step_4").exists() and _files(previous) == before
     monkeypatch.setattr(space_checks, "free_bytes", lambda path: needed)  # just enough: the save goes ahead
     assert (_save(trained, tmp_path, 4) / COMPLETED).is_file()
+
+
+def test_files_added_after_the_save_do_not_count(trained, tmp_path, monkeypatch):
+    """A resume on another number of ZeRO processes leaves DeepSpeed's universal checkpoint inside the checkpoint it
+    resumed from: the next save needs the room of what training wrote, not of that conversion."""
+    previous = _save(trained, tmp_path, 2)
+    needed = sum(len(b) for name, b in _files(previous).items() if name != Path(COMPLETED))
+    (previous / "universal").mkdir()
+    (previous / "universal" / "weights.pt").write_bytes(bytes(50_000))
+    monkeypatch.setattr(space_checks, "free_bytes", lambda path: needed)
+    assert (_save(trained, tmp_path, 4) / COMPLETED).is_file()
+    (tmp_path / "step_4" / "MANIFEST.json").unlink()  # no manifest (an older checkpoint): the size found on disk
+    assert space_checks.checkpoint_bytes_needed(tmp_path / "step_4", None)[0] == sum(
+        len(b) for b in _files(tmp_path / "step_4").values()
+    )
 
 
 def test_the_first_checkpoint_is_checked_against_the_estimate(trained, tmp_path):
