@@ -82,15 +82,24 @@ def record_manifest_shared(accelerator: Any, root: str | os.PathLike, skip: tupl
     return error
 
 
+def listed_files(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "crc32"}}`` as ``root``'s manifest lists them. Raises ``FileNotFoundError`` (no manifest),
+    another ``OSError`` or ``ValueError``/``KeyError``/``TypeError`` (an unreadable one)."""
+    return json.loads((Path(root) / MANIFEST).read_text())["files"]
+
+
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)  # what reading a damaged manifest raises
+
+
 def manifest_problem(root: str | os.PathLike, full: bool = True) -> str | None:
     """None when ``root`` has no manifest; "" when every listed file has its recorded size (and, with ``full``, its
     checksum); else one phrase naming the first damaged file and what is wrong with it."""
     root = Path(root)
     try:
-        files = json.loads((root / MANIFEST).read_text())["files"]
+        files = listed_files(root)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except _UNREADABLE as err:
         return f"{root / MANIFEST} is unreadable ({type(err).__name__})"
     return files_problem(root, files, full)
 
@@ -98,11 +107,10 @@ def manifest_problem(root: str | os.PathLike, full: bool = True) -> str | None:
 def recorded_bytes(root: str | os.PathLike) -> int | None:
     """Bytes of ``root`` as it was written: the sizes its manifest records plus the manifest's own (None: no readable
     manifest). Files added later (a resume's universal checkpoint inside a ZeRO checkpoint) do not count."""
-    path = Path(root) / MANIFEST
     try:
-        files = json.loads(path.read_text())["files"]
-        return path.stat().st_size + sum(int(entry["size"]) for entry in files.values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        files = listed_files(root)
+        return (Path(root) / MANIFEST).stat().st_size + sum(int(entry["size"]) for entry in files.values())
+    except _UNREADABLE:
         return None
 
 
@@ -178,8 +186,8 @@ def _stamp(root: Path) -> tuple:
     other files do not count: on a resume on another number of processes the main process adds DeepSpeed's
     universal checkpoint to the folder, which must not make the next check hash the whole folder again."""
     try:
-        names = list(json.loads((root / MANIFEST).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+        names = list(listed_files(root))
+    except _UNREADABLE:
         names = []  # no manifest, or one manifest_problem names as unreadable
     stamp = []
     for name in (MANIFEST, *names):
