@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from open_instruct.files import atomic_write, read_jsonl
+from open_instruct.report.tracking import METRICS_FILE
 
 # (metric, panel title); a panel whose metric was never logged says so instead of drawing an empty axis.
 PANELS = (
@@ -27,7 +28,7 @@ CURVES = "curves.png"  # written beside metrics.jsonl
 
 def read_rows(output_dir: str | Path) -> list[dict]:
     """Training rows of metrics.jsonl (one per logged step; the last one wins if a step repeats)."""
-    path = Path(output_dir) / "metrics.jsonl"
+    path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         raise SystemExit(f"error: {path} not found")
     rows: dict[int, dict] = {}
@@ -54,7 +55,7 @@ def plot(output_dir: str | Path, out: str | Path | None = None) -> Path:
 
     rows = read_rows(output_dir)
     if not rows:
-        raise SystemExit(f"error: no training rows in {Path(output_dir) / 'metrics.jsonl'}")
+        raise SystemExit(f"error: no training rows in {Path(output_dir) / METRICS_FILE}")
     out = Path(out) if out else Path(output_dir) / CURVES
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     # Fixed margins: matplotlib's constrained layout measured every tick label first, half of the plot's 1.2 s.

@@ -20,6 +20,7 @@ from typing import Any
 
 from open_instruct.files import read_jsonl, write_text_atomic
 from open_instruct.report.phases import phase_seconds
+from open_instruct.report.tracking import METRICS_FILE
 
 SUMMARY_NAME = "summary.json"
 TRAIN_LOSS = "train_loss"
@@ -31,7 +32,7 @@ NO_PEAK = "no peak FLOP/s known for this device (CPU, or a GPU missing from open
 
 def read_rows(output_dir: Path) -> list[dict[str, Any]]:
     """The rows of ``metrics.jsonl`` (none when absent; a line a kill cut short is skipped)."""
-    return read_jsonl(output_dir / "metrics.jsonl")
+    return read_jsonl(output_dir / METRICS_FILE)
 
 
 def throughput(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -79,13 +80,11 @@ def metrics_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def folder_entries(output_dir: Path, skip: Sequence[str] = ()) -> list[dict[str, Any]]:
+def folder_entries(output_dir: Path) -> list[dict[str, Any]]:
     """Each entry of the output folder: ``{"path", "bytes"}`` for a file, plus ``"files"`` (its count) for a
     folder (a checkpoint ``step_N``, ``profile/``), whose bytes are those of every file below it."""
     entries = []
     for path in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
-        if path.name in skip:
-            continue
         if path.is_dir():
             files = [p for p in path.rglob("*") if p.is_file()]
             entries.append({"path": path.name, "bytes": sum(p.stat().st_size for p in files), "files": len(files)})

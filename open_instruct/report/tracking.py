@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+METRICS_FILE = "metrics.jsonl"  # in the output folder: every logged row, read back by the plot and the run summary
+
 
 def console_line(metrics: dict[str, Any]) -> str:
     """``step=100 loss=0.4523 accuracy=72.50% lr=5.000e-06`` (fields missing from ``metrics`` are left out)."""
@@ -42,7 +44,7 @@ class MetricsLogger:
 
     def __init__(self, accelerator: Any, output_dir: str | Path, use_wandb: bool) -> None:
         self.accelerator = accelerator
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self.use_wandb = use_wandb
 
     def log(self, metrics: dict[str, Any], console: bool = True) -> None:
